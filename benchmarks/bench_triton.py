@@ -1,0 +1,158 @@
+"""Benchmark the Triton bitmatmul kernels against cuBLAS bf16 and torch._int_mm on one CUDA GPU.
+
+    PYTHONPATH=src python benchmarks/bench_triton.py [--out DIR] [--models 4b,emoji] [--ms 1,16,1024,2048,4096]
+
+For every GEMM shape of bonsai-4b and bonsai-emoji and every M it times, in one run with
+triton.testing.do_bench (median; do_bench clears L2 before each repetition, so weights are read
+from memory every time): torch.matmul in bf16 (cuBLAS), torch._int_mm in int8 (GEMM only, no
+activation quantization), our W1A16, and our W1A8 (including its activation quantization kernel).
+It first checks every kernel's relative error against a float64 reference. Prints a table last;
+with --out, writes the full results as JSON and the table as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+from bonsai.kernels import PackedWeight, pack_signs
+from bonsai.kernels.triton import quantize_rows, w1a8, w1a16
+
+SHAPES = {  # model -> [(K, N)]: qkv, attention out, MLP up, MLP down
+    "4b": [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072)],
+    "emoji": [(384, 1152), (384, 384), (384, 1536), (1536, 384)],
+}
+
+
+def random_weight(n: int, k: int, full: bool, device: str) -> PackedWeight:
+    """Random signs and positive scales; `full` adds group scales, column scales, row offset and rank 32."""
+    extra = {}
+    if full:
+        g = 128
+        extra = dict(group_size=g, group_scale=(torch.rand(n, -(-k // g), device=device) + 0.5).half(),
+                     col_scale=torch.rand(k, device=device) + 0.5, row_offset=torch.randn(n, device=device) * 0.01,
+                     lowrank_u=(torch.randn(n, 32, device=device) * 0.02).bfloat16(),
+                     lowrank_v=(torch.randn(32, k, device=device) * 0.02).bfloat16())
+    signs = pack_signs(torch.randn(n, k, device=device))
+    return PackedWeight(signs, k, (torch.rand(n, device=device) + 0.5) / k**0.5, **extra)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y = y.double()
+    if not torch.isfinite(y).all():
+        return float("nan")
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+def check_errors(device: str) -> list[dict]:
+    """Relative error vs float64 of every path, on a 4B shape and an odd one, plain and full weights."""
+    rows = []
+    for m, k, n in [(1024, 3072, 3072), (77, 3000, 1000), (5, 3072, 9216)]:
+        for full in (False, True):
+            w = random_weight(n, k, full, device)
+            wd = w.dequantize(torch.float64)
+            for dtype in (torch.bfloat16, torch.float16):
+                x = torch.randn(m, k, device=device).to(dtype)
+                ref = x.double() @ wd.T
+                row = {"M": m, "K": k, "N": n, "full": full, "dtype": str(dtype).split(".")[-1],
+                       "cublas": rel_err(x @ w.dequantize(dtype).T, ref)}
+                for name, fn in (("w1a16", w1a16), ("w1a8", w1a8)):
+                    try:
+                        row[name] = rel_err(fn(x, w), ref)
+                    except Exception as err:  # report and go on: one failing path must not hide the others
+                        row[name] = f"error: {type(err).__name__}: {str(err)[:300]}"
+                rows.append(row)
+    return rows
+
+
+def bench(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def time_shape(k: int, n: int, m: int, device: str) -> dict:
+    w = random_weight(n, k, False, device)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w_bf16 = w.dequantize(torch.bfloat16)
+    row = {"K": k, "N": n, "M": m}
+    row["bf16"] = bench(lambda: torch.matmul(x, w_bf16.t()))
+    q, _, _ = quantize_rows(x, None)
+    w_int8 = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
+    try:
+        row["int8"] = bench(lambda: torch._int_mm(q, w_int8.t()))
+    except RuntimeError as err:  # _int_mm rejects some shapes (e.g. M <= 16)
+        row["int8"], row["int8_error"] = None, str(err).splitlines()[0]
+    row["w1a16"] = bench(lambda: w1a16(x, w))
+    row["w1a8"] = bench(lambda: w1a8(x, w))
+    row["quant"] = bench(lambda: quantize_rows(x, None))
+    for key in ("bf16", "int8", "w1a16", "w1a8"):
+        if row[key] is not None:
+            row[f"{key}_tflops"] = 2 * m * n * k / (row[key] * 1e-3) / 1e12
+    return row
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "uncommitted"
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'K->N':>12} {'M':>5} | {'bf16 us':>8} {'TF/s':>5} | {'int8 us':>8} | "
+             f"{'w1a16 us':>8} {'TF/s':>5} {'x bf16':>6} | {'w1a8 us':>8} {'TF/s':>5} {'x bf16':>6} | {'quant us':>8}"]
+    for r in rows:
+        int8 = f"{r['int8'] * 1e3:8.1f}" if r["int8"] is not None else f"{'n/a':>8}"
+        lines.append(
+            f"{r['K']:>5}->{r['N']:<6} {r['M']:>5} | {r['bf16'] * 1e3:8.1f} {r['bf16_tflops']:5.0f} | {int8} | "
+            f"{r['w1a16'] * 1e3:8.1f} {r['w1a16_tflops']:5.0f} {r['bf16'] / r['w1a16']:6.2f} | "
+            f"{r['w1a8'] * 1e3:8.1f} {r['w1a8_tflops']:5.0f} {r['bf16'] / r['w1a8']:6.2f} | {r['quant'] * 1e3:8.1f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="folder for results.json and table.txt")
+    parser.add_argument("--models", default="4b,emoji")
+    parser.add_argument("--ms", default="1,16,1024,2048,4096")
+    parser.add_argument("--skip-check", action="store_true")
+    args = parser.parse_args()
+    device = "cuda"
+    torch.manual_seed(0)
+    meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "commit": commit(), "torch": torch.__version__, "triton": triton.__version__}
+    print(json.dumps(meta), flush=True)
+    errors = [] if args.skip_check else check_errors(device)
+    for e in errors:
+        print(json.dumps(e), flush=True)
+    rows = []
+    for model in args.models.split(","):
+        for k, n in SHAPES[model]:
+            for m in (int(s) for s in args.ms.split(",")):
+                try:
+                    rows.append(time_shape(k, n, m, device))
+                except Exception as err:  # report and go on with the other shapes
+                    print(json.dumps({"K": k, "N": n, "M": m, "error": f"{type(err).__name__}: {str(err)[:500]}"}))
+                    continue
+                print(json.dumps(rows[-1]), flush=True)
+    text = table(rows)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps({"meta": meta, "errors": errors, "rows": rows}, indent=1))
+        (args.out / "table.txt").write_text(text + "\n")
+    print(json.dumps(meta))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

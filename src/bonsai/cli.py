@@ -1,0 +1,39 @@
+"""The `bonsai` command line: a thin layer that parses, calls the library and presents.
+
+Subcommands live beside the code they drive and are imported only when used, so that
+`bonsai --help` and every command start fast."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:attribute" of a click command or group
+SUBCOMMANDS: dict[str, str] = {
+    "generate": "bonsai.cli_generate:generate",
+    "info": "bonsai.format.cli:info",
+    "models": "bonsai.hub.cli:models",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = SUBCOMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bonsai")
+def main() -> None:
+    """Bonsai: local text-to-image generation with 1-bit diffusion models."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""`bonsai generate`: prompt -> PNG files."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import click
+
+SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    m = SIZE.match(value.strip().lower())
+    if not m:
+        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT, e.g. 64x64")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.ClickException(f"cannot create output directory {path}: {e.strerror}; choose another with -o") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise click.ClickException(f"output directory {path} is not writable; choose another with -o")
+    return path
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--negative", "negative_prompt", default="", help="What the image should not show.")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
+@click.option("--cfg", type=float, default=None, help="Classifier-free guidance scale (default: the model's).")
+@click.option("--seed", type=int, default=None, help="Seed of the first image; image i uses seed + i. Random if unset.")
+@click.option("--size", callback=_size, default=None, metavar="WxH", help="Image size, e.g. 64x64 (default: the model's).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Images to generate.")
+@click.option("--sampler", type=click.Choice(["euler", "heun", "dpmpp_2m"]), default=None, help="Sampler (default: the model's).")
+@click.option("--model", default="bonsai-emoji", show_default=True, help="Model name (see `bonsai models list`) or checkpoint path.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"), show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, model, device, output, quiet) -> None:
+    """Generate images for PROMPT and write them as PNGs (with their parameters embedded)."""
+    from tqdm import tqdm
+
+    from .format import CheckpointError
+    from .hub import ModelNotFound
+    from .images import next_free_paths, save_png
+    from .pipeline import InvalidRequest, Pipeline
+
+    out_dir = _writable_dir(output)
+    start = time.perf_counter()
+    try:
+        pipe = Pipeline.from_pretrained(model, device=device)
+        width, height = size if size else (None, None)
+        bar = tqdm(total=steps or pipe.defaults.steps, desc="denoising", unit="step", disable=quiet)
+
+        def progress(step: int, total: int, _x0) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        result = pipe.generate(
+            prompt, batch=batch, callback=progress, negative_prompt=negative_prompt, steps=steps, cfg=cfg,
+            seed=seed, width=width, height=height, sampler=sampler,
+        )
+        bar.close()
+    except (InvalidRequest, CheckpointError, ModelNotFound) as e:
+        raise click.ClickException(str(e)) from None
+    paths = next_free_paths(out_dir, [p.seed for p in result.params])
+    for image, path in zip(result.images, paths):
+        save_png(image, path)
+        click.echo(str(path))
+    if not quiet:
+        click.echo(f"{len(paths)} image(s) in {time.perf_counter() - start:.1f} s on {pipe.device}", err=True)

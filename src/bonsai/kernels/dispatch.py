@@ -1,0 +1,93 @@
+"""One entry point for every 1-bit layer: bitmatmul(x, weight).
+
+Kernels register themselves per device type, fastest first. The first registered kernel whose
+`supports(x, weight)` says yes runs; the reference path is always last and always works.
+`BONSAI_KERNEL=<name>` (or `set_kernel(name)`) forces one kernel, for comparisons.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .packed import PackedWeight
+from .reference import bitmatmul_reference
+
+log = logging.getLogger(__name__)
+
+KernelFn = Callable[[torch.Tensor, PackedWeight], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    device_types: tuple[str, ...]  # e.g. ("cuda",), ("cpu",)
+    fn: KernelFn
+    supports: Callable[[torch.Tensor, PackedWeight], bool] = lambda x, w: True
+
+
+REFERENCE = Kernel("reference", ("cpu", "cuda", "mps"), bitmatmul_reference)
+_registry: list[Kernel] = []
+_forced: str | None = None
+# Modules that register fast kernels when imported; a missing optional build is not an error.
+_PLUGINS = ("bonsai.kernels.cpu", "bonsai.kernels.triton")
+_plugins_loaded = False
+
+
+def register_kernel(kernel: Kernel) -> None:
+    """Add a kernel ahead of the reference path (later registrations win over earlier ones)."""
+    _registry.insert(0, kernel)
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for module in _PLUGINS:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            log.debug("kernel plugin %s not available: %s", module, err)
+
+
+def available_kernels() -> list[str]:
+    _load_plugins()
+    return [k.name for k in _registry] + [REFERENCE.name]
+
+
+def set_kernel(name: str | None) -> None:
+    """Force one kernel by name (None: automatic choice; BONSAI_KERNEL applies when unset)."""
+    if name is not None and name not in available_kernels():
+        raise ValueError(f"unknown kernel {name!r}; available: {', '.join(available_kernels())}")
+    global _forced
+    _forced = name
+
+
+def select_kernel(x: torch.Tensor, weight: PackedWeight) -> Kernel:
+    _load_plugins()
+    forced = _forced or os.environ.get("BONSAI_KERNEL") or None
+    candidates = _registry + [REFERENCE]
+    if forced is not None and forced != "auto":
+        for kernel in candidates:
+            if kernel.name == forced:
+                if x.device.type not in kernel.device_types:
+                    raise RuntimeError(f"kernel {forced!r} does not run on {x.device.type}")
+                return kernel
+        raise ValueError(f"BONSAI_KERNEL={forced!r} is not a kernel; available: {', '.join(available_kernels())}")
+    for kernel in candidates:
+        if x.device.type in kernel.device_types and kernel.supports(x, weight):
+            return kernel
+    return REFERENCE
+
+
+def bitmatmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """y = x @ W.T for x [..., K] and a packed 1-bit W [N, K]; returns [..., N] in x.dtype."""
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(f"bitmatmul: x has K={x.shape[-1]}, weight expects K={weight.in_features}")
+    return select_kernel(x, weight).fn(x, weight)

@@ -1,0 +1,186 @@
+"""Triton kernels for y = x @ W.T with a packed 1-bit W (see packed.py for the formula).
+
+Both GEMMs read the K-major signs of layout.py, a [BLOCK_K/8, BLOCK_N] byte tile per step, and
+expand it to a [BLOCK_K, BLOCK_N] operand in registers: the unpacked weight never touches
+global memory.
+
+- w1a16_kernel: x in bf16/fp16; each sign becomes the bit pattern of +-1 (or of +-group_scale)
+  by flipping the sign bit of a constant, so no integer-to-float conversion is needed.
+  tl.dot accumulates in fp32; row scale, offset, low rank and bias are applied in the epilogue.
+- w1a8_kernel: x quantized per token to int8 (quantize_rows_kernel, col_scale folded in first);
+  signs expand to {0, 1} int8 and the int8 dot accumulates in int32. With s = 2b - 1,
+  sum_k q_k s_k = 2 sum_k q_k b_k - sum_k q_k, so the row sums of q finish the +-1 product.
+  Group scales are applied per group, which needs BLOCK_K to divide the group size.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (row block, column block), grouped along M so neighbours share weight tiles in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _sign_bits01(v, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """uint8 [BLOCK_K/8, BLOCK_N] -> int32 [BLOCK_K, BLOCK_N]: 1 where the sign is +1, else 0."""
+    shifts = tl.arange(0, 8)
+    bits = (v.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & 1
+    return tl.reshape(bits, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _sign_mask15(v, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """uint8 [BLOCK_K/8, BLOCK_N] -> int32 [BLOCK_K, BLOCK_N]: 0x8000 where the sign is -1, else 0."""
+    shifts = 15 - tl.arange(0, 8)
+    flipped = v.to(tl.int32) ^ 0xFF
+    bits = (flipped[:, None, :] << shifts[None, :, None]) & 0x8000
+    return tl.reshape(bits, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
+              HAS_OFFSET: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc [BM, BN] fp32 (binary part without row scale) -> out = full formula, stored in out's dtype."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = acc * tl.load(rs_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_OFFSET:
+        xsum = tl.load(xsum_ptr + offs_m, mask=mask_m, other=0.0)
+        acc += xsum[:, None] * tl.load(ro_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if RANK > 0:
+        offs_r = tl.arange(0, RANK)
+        xv = tl.load(xv_ptr + offs_m[:, None] * RANK + offs_r[None, :], mask=mask_m[:, None], other=0.0)
+        ut = tl.load(ut_ptr + offs_r[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+        acc = tl.dot(xv, ut, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def w1a16_kernel(x_ptr, wt_ptr, out_ptr, rs_ptr, cs_ptr, gsb_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
+                 M, N, K, M_BUCKET,
+                 ONE_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_COL: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                 RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """x [M, K] bf16/fp16, wt uint8 [ceil(K/8), N] -> out [M, N] in x's dtype. M_BUCKET only keys the autotuner."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_q = tl.arange(0, BLOCK_K // 8)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    kb = tl.cdiv(K, 8)
+    x_ptrs = x_ptr + offs_m[:, None] * K + offs_k[None, :]
+    w_ptrs = wt_ptr + offs_q[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            v = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+        else:
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+            v = tl.load(w_ptrs, mask=(offs_q[:, None] < kb - k0 // 8) & mask_n[None, :], other=0)
+        if HAS_COL:
+            cs = tl.load(cs_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0)
+            a = (a.to(tl.float32) * cs[None, :]).to(x_ptr.dtype.element_ty)
+        if GROUP == 0:
+            base = ONE_BITS
+        elif GROUP % BLOCK_K == 0:
+            base = tl.load(gsb_ptr + (k0 // GROUP) * N + offs_n, mask=mask_n, other=0).to(tl.int32)[None, :]
+        else:
+            kk = k0 + offs_k
+            gs_ptrs = gsb_ptr + (kk // GROUP)[:, None] * N + offs_n[None, :]
+            base = tl.load(gs_ptrs, mask=(kk < K)[:, None] & mask_n[None, :], other=0).to(tl.int32)
+        bits = _sign_mask15(v, BLOCK_K, BLOCK_N) ^ base
+        b = bits.to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+        acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += (BLOCK_K // 8) * N
+    _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
+              HAS_OFFSET, RANK, HAS_BIAS)
+
+
+@triton.jit
+def _load_int8_step(q_ptr, wt_ptr, offs_m, offs_n, k0, M, N, K,
+                    EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The int8 activation tile [BM, BK] and {0,1} int8 sign tile [BK, BN] at column k0."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_q = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    q_ptrs = q_ptr + offs_m[:, None] * K + offs_k[None, :]
+    w_ptrs = wt_ptr + offs_q[:, None] * N + offs_n[None, :]
+    if EVEN_K:
+        a = tl.load(q_ptrs, mask=mask_m[:, None], other=0)
+        v = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+    else:
+        a = tl.load(q_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0)
+        v = tl.load(w_ptrs, mask=(offs_q[:, None] < tl.cdiv(K, 8)) & mask_n[None, :], other=0)
+    return a, _sign_bits01(v, BLOCK_K, BLOCK_N).to(tl.int8)
+
+
+@triton.jit
+def w1a8_kernel(q_ptr, xs_ptr, qsum_ptr, wt_ptr, out_ptr, rs_ptr, gs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
+                M, N, K, M_BUCKET,
+                GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                EVEN_K: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """q int8 [M, K] with per-row scale xs f32 [M] and row sums qsum int32 [M] -> out [M, N]."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GROUP == 0:
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            a, b = _load_int8_step(q_ptr, wt_ptr, offs_m, offs_n, k0, M, N, K, EVEN_K, BLOCK_K, BLOCK_N)
+            acc_i = tl.dot(a, b, acc_i)
+        qsum = tl.load(qsum_ptr + offs_m, mask=offs_m < M, other=0)
+        acc = (2 * acc_i - qsum[:, None]).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g0 in range(0, K, GROUP):
+            acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            qsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for k0 in range(g0, g0 + GROUP, BLOCK_K):
+                a, b = _load_int8_step(q_ptr, wt_ptr, offs_m, offs_n, k0, M, N, K, False, BLOCK_K, BLOCK_N)
+                qsum += tl.sum(a.to(tl.int32), axis=1)
+                acc_i = tl.dot(a, b, acc_i)
+            gs = tl.load(gs_ptr + (g0 // GROUP) * N + offs_n, mask=offs_n < N, other=0.0)
+            acc += (2 * acc_i - qsum[:, None]).to(tl.float32) * gs[None, :]
+    acc = acc * tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
+              HAS_OFFSET, RANK, HAS_BIAS)
+
+
+@triton.jit
+def quantize_rows_kernel(x_ptr, cs_ptr, q_ptr, xs_ptr, qsum_ptr, K,
+                         HAS_COL: tl.constexpr, BLOCK: tl.constexpr):
+    """One row per program: q = round(x * col_scale / s) in int8 with s = max|x * col_scale| / 127."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_COL:
+        x = x * tl.load(cs_ptr + offs, mask=mask, other=0.0)
+    amax = tl.max(tl.abs(x), axis=0)
+    scale = tl.maximum(amax, 1e-30) / 127.0
+    q = tl.minimum(tl.maximum(tl.floor(x / scale + 0.5), -127.0), 127.0)
+    tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
+    tl.store(xs_ptr + row, scale)
+    tl.store(qsum_ptr + row, tl.sum(q, axis=0).to(tl.int32))

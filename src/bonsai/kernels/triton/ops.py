@@ -1,0 +1,219 @@
+"""Launchers for the Triton bitmatmul kernels: w1a16(x, weight) and w1a8(x, weight).
+
+On CUDA the tile shape is autotuned per (M bucket, N, K) from the config lists below: one list
+for M <= 16 (memory-bound: few rows, narrow N tiles so that every SM streams weights), one for
+mid M and one for large M (compute-bound: big tiles). Passing `config` runs one fixed tile
+shape instead, which is how the tests run the kernels under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.testing
+
+from ..packed import PackedWeight
+from . import kernels
+from .layout import layout_of
+
+SMALL_M = 16
+MID_M = 256
+# +1.0 as a bit pattern, per activation dtype (W1A16 flips bit 15 for -1).
+_ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+
+def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M range.
+_W1A16_TILES = {
+    "small": [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4)],
+    "mid": [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3)],
+    "large": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4)],
+}
+_W1A8_TILES = {
+    "small": [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4)],
+    "mid": [(64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 3)],
+    "large": [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4)],
+}
+
+
+def _m_range(m_bucket: int) -> str:
+    return "small" if m_bucket <= SMALL_M else "mid" if m_bucket <= MID_M else "large"
+
+
+def m_bucket(m: int) -> int:
+    """The autotuner's M key: M rounded up to a power of two (<= 16 all share one bucket)."""
+    return SMALL_M if m <= SMALL_M else min(triton.next_power_of_2(m), 8192)
+
+
+def _fit_group(block_k: int, group: int) -> int:
+    """Largest BLOCK_K <= block_k that divides the group size (W1A8 applies group scales per group)."""
+    if group:
+        while group % block_k:
+            block_k //= 2
+    return block_k
+
+
+def _prune(tiles: dict[str, list], per_group: bool, configs: list[triton.Config], named_args: dict,
+           **kwargs) -> list[triton.Config]:
+    """Keep the tiles of this M range; for W1A8 (per_group) shrink BLOCK_K to divide the group size."""
+    args = {**named_args, **kwargs}
+    wanted = {tuple(t) for t in tiles[_m_range(args["M_BUCKET"])]}
+    group = args["GROUP"] if per_group else 0
+    kept = []
+    for c in configs:
+        kw = c.kwargs
+        if (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages) in wanted:
+            kw = {**kw, "BLOCK_K": _fit_group(kw["BLOCK_K"], group)}
+            kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return kept
+
+
+def _bench(fn, quantiles):
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _autotuned(kernel, tiles: dict[str, list], per_group: bool):
+    all_tiles = sorted({t for ts in tiles.values() for t in ts})
+    even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(kernel)
+    prune = lambda c, n, **kw: _prune(tiles, per_group, c, n, **kw)  # noqa: E731
+    return triton.autotune(configs=_configs(all_tiles), key=["M_BUCKET", "N", "K", "GROUP"],
+                           prune_configs_by={"early_config_prune": prune}, do_bench=_bench)(even_k)
+
+
+_w1a16_tuned = _autotuned(kernels.w1a16_kernel, _W1A16_TILES, per_group=False)
+_w1a8_tuned = _autotuned(kernels.w1a8_kernel, _W1A8_TILES, per_group=True)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, config: TileConfig | None) -> None:
+    if config is None and not _interpreting():
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        tuned[grid](*args, **consts)
+        return
+    config = config or TileConfig(SMALL_M, 32, 64)
+    block_k = _fit_group(config.block_k, consts.get("GROUP", 0) if kernel is kernels.w1a8_kernel else 0)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    kernel[grid](*args, **consts, EVEN_K=k % block_k == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                 BLOCK_K=block_k, GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+@dataclass(frozen=True)
+class _Operands:
+    """x flattened to [M, K] (contiguous, its own dtype), plus the epilogue inputs shared by both kernels."""
+
+    x2: torch.Tensor
+    out: torch.Tensor
+    xsum: torch.Tensor | None  # float32 [M]: sum_k x[m, k], for the row offset
+    xv: torch.Tensor | None  # bfloat16 [M, R]: x @ lowrank_v.T
+    bias: torch.Tensor | None
+
+
+def _operands(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> _Operands:
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(f"x has K={x.shape[-1]}, weight expects K={weight.in_features}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"Triton bitmatmul takes bf16/fp16/fp32 activations, got {x.dtype}")
+    if bias is not None and bias.shape != (weight.out_features,):
+        raise ValueError(f"bias: expected shape ({weight.out_features},), got {tuple(bias.shape)}")
+    x2 = x.reshape(-1, weight.in_features).contiguous()
+    out = torch.empty(x2.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
+    xsum = x2.float().sum(-1) if weight.row_offset is not None else None
+    layout = layout_of(weight)
+    xv = x2.to(torch.bfloat16) @ layout.lowrank_v.t() if layout.lowrank_v is not None else None
+    return _Operands(x2, out, xsum, xv, None if bias is None else bias.contiguous())
+
+
+def _epilogue_args(weight: PackedWeight, ops: _Operands) -> tuple:
+    layout = layout_of(weight)
+    dummy = weight.row_scale  # any tensor: pointers of absent terms are never read
+    return (weight.row_scale, _or(weight.row_offset, dummy), _or(ops.xsum, dummy), _or(ops.xv, dummy),
+            _or(layout.lowrank_u_t, dummy), _or(ops.bias, dummy))
+
+
+def _epilogue_consts(weight: PackedWeight, ops: _Operands) -> dict:
+    return {"HAS_OFFSET": weight.row_offset is not None, "RANK": 0 if ops.xv is None else ops.xv.shape[1],
+            "HAS_BIAS": ops.bias is not None}
+
+
+def _or(t: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    return default if t is None else t
+
+
+def _finish(x: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tensor:
+    return out.reshape(*x.shape[:-1], n)
+
+
+def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
+          config: TileConfig | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for x [..., K] bf16/fp16/fp32 (fp32 is computed in bf16); returns x.dtype."""
+    ops = _operands(x, weight, bias)
+    layout = layout_of(weight)
+    xc = ops.x2.to(torch.bfloat16) if ops.x2.dtype == torch.float32 else ops.x2
+    m, k = xc.shape
+    n = weight.out_features
+    if layout.group_bits_bf16 is None:
+        gsb = weight.signs
+    else:
+        gsb = layout.group_bits_bf16 if xc.dtype == torch.bfloat16 else layout.group_bits_f16
+    cs = _or(weight.col_scale, weight.row_scale)
+    r_s, ro, xsum, xv, ut, bias_t = _epilogue_args(weight, ops)
+    args = (xc, layout.signs_t, ops.out, r_s, cs, gsb, ro, xsum, xv, ut, bias_t, m, n, k, m_bucket(m))
+    consts = {"ONE_BITS": _ONE_BITS[xc.dtype], "GROUP": weight.group_size,
+              "HAS_COL": weight.col_scale is not None, **_epilogue_consts(weight, ops)}
+    _launch(_w1a16_tuned, kernels.w1a16_kernel, args, consts, m, n, k, config)
+    return _finish(x, ops.out, n)
+
+
+def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """x2 [M, K] -> (q int8 [M, K], scale f32 [M], row sums of q int32 [M]); col_scale f32 [K] folded in first."""
+    m, k = x2.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x2.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x2.device)
+    qsum = torch.empty(m, dtype=torch.int32, device=x2.device)
+    block = triton.next_power_of_2(k)
+    kernels.quantize_rows_kernel[(m,)](x2, _or(col_scale, scale), q, scale, qsum, k, HAS_COL=col_scale is not None,
+                                       BLOCK=block, num_warps=min(16, max(1, block // 512)))
+    return q, scale, qsum
+
+
+def w1a8_supports_group(group_size: int) -> bool:
+    return group_size == 0 or group_size % 32 == 0
+
+
+def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
+         config: TileConfig | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) with x quantized per token to int8 (col_scale folded in); returns x.dtype."""
+    if not w1a8_supports_group(weight.group_size):
+        raise ValueError(f"triton-w1a8 needs group_size 0 or a multiple of 32, got {weight.group_size}; "
+                         "use triton-w1a16")
+    ops = _operands(x, weight, bias)
+    layout = layout_of(weight)
+    m, k = ops.x2.shape
+    n = weight.out_features
+    q, xs, qsum = quantize_rows(ops.x2, weight.col_scale)
+    gs = _or(layout.group_scale_t, weight.row_scale)
+    r_s, ro, xsum, xv, ut, bias_t = _epilogue_args(weight, ops)
+    args = (q, xs, qsum, layout.signs_t, ops.out, r_s, gs, ro, xsum, xv, ut, bias_t, m, n, k, m_bucket(m))
+    consts = {"GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
+    _launch(_w1a8_tuned, kernels.w1a8_kernel, args, consts, m, n, k, config)
+    return _finish(x, ops.out, n)

@@ -1,0 +1,7 @@
+"""Architectures (the Bonsai DiT family) and checkpoint I/O for them."""
+
+from .dit import DiT, DiTConfig
+from .io import build_skeleton, load_model, save_model
+from .registry import ARCHITECTURES, build_architecture, register_architecture
+
+__all__ = ["ARCHITECTURES", "DiT", "DiTConfig", "build_architecture", "build_skeleton", "load_model", "register_architecture", "save_model"]

@@ -1,0 +1,26 @@
+"""Architectures a checkpoint can name, and how to build each from its config dict."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .dit import DiT, DiTConfig
+
+# architecture name -> builder(config dict) -> module (float skeleton; 1-bit layers are swapped in after)
+ARCHITECTURES: dict[str, Callable[[dict], nn.Module]] = {
+    "dit": lambda cfg: DiT(DiTConfig.from_dict(cfg)),
+}
+
+
+def register_architecture(name: str, builder: Callable[[dict], nn.Module]) -> None:
+    ARCHITECTURES[name] = builder
+
+
+def build_architecture(name: str, config: dict) -> nn.Module:
+    try:
+        builder = ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; this Bonsai knows: {', '.join(sorted(ARCHITECTURES))}") from None
+    return builder(config)

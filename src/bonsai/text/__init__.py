@@ -1,0 +1,5 @@
+"""Text encoders."""
+
+from .minilm import TextEncoder
+
+__all__ = ["TextEncoder"]

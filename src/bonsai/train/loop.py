@@ -1,0 +1,154 @@
+"""One training loop for teacher training and distillation: AdamW, warmup, bf16 autocast on
+CUDA, EMA, JSON-lines logs, periodic checkpoints that make a run resumable, and DDP when
+launched by torchrun (each rank draws its own batches; rank 0 logs and saves)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 3e-4
+    warmup: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0: no EMA copy
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    sample_every: int = 0  # 0: never
+    max_seconds: float = 0.0  # stop early (and checkpoint) after this wall time; 0: no limit
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+    progress = min(1.0, step / max(1, cfg.steps))
+    return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))  # cosine to 10%
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    ema: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+
+
+def _state_path(out_dir: Path) -> Path:
+    return out_dir / "state.pt"
+
+
+def save_state(state: TrainState, out_dir: Path) -> None:
+    """Resumable state (model, EMA, optimizer, step), written atomically. Read back with weights_only=True."""
+    payload = {
+        "model": state.model.state_dict(),
+        "ema": None if state.ema is None else state.ema.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "step": state.step,
+    }
+    tmp = _state_path(out_dir).with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, _state_path(out_dir))
+
+
+def load_state(state: TrainState, out_dir: Path) -> bool:
+    path = _state_path(out_dir)
+    if not path.exists():
+        return False
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state.model.load_state_dict(payload["model"])
+    if state.ema is not None and payload["ema"] is not None:
+        state.ema.load_state_dict(payload["ema"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.step = int(payload["step"])
+    return True
+
+
+@torch.no_grad()
+def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def train(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor],
+    batches: Iterator[object],
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    on_sample: Callable[[nn.Module, int], None] | None = None,
+) -> TrainState:
+    """Train `model` (already on its device) on `loss_fn(model, batch)`; resumes from out_dir/state.pt.
+
+    Returns the final state; state.ema (or state.model) is what to ship."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
+    state = TrainState(model, ema, opt)
+    if load_state(state, out) and rank() == 0:
+        print(f"resumed from {_state_path(out)} at step {state.step}", flush=True)
+    net = model
+    if world_size() > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    log = open(out / "log.jsonl", "a") if rank() == 0 else None
+    start, seen, t0 = time.perf_counter(), 0, time.perf_counter()
+    while state.step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(state.step, cfg)
+        batch = next(batches)
+        with autocast:
+            loss = loss_fn(net, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            _update_ema(ema, model, cfg.ema_decay)
+        state.step += 1
+        seen += 1
+        if log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
+            rate = seen / (time.perf_counter() - t0)
+            record = {"step": state.step, "loss": float(loss), "grad_norm": float(grad_norm), "lr": _lr_at(state.step, cfg), "steps_per_s": rate}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(json.dumps(record), flush=True)
+            seen, t0 = 0, time.perf_counter()
+        out_of_time = cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds
+        if rank() == 0 and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or out_of_time):
+            save_state(state, out)
+        if rank() == 0 and on_sample is not None and cfg.sample_every and state.step % cfg.sample_every == 0:
+            on_sample(ema if ema is not None else model, state.step)
+        if out_of_time:
+            break
+    if log is not None:
+        log.close()
+    return state
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
