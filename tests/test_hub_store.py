@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from bonsai.cli import main
 from bonsai.format import LayerSpec, flatten_layer, save_checkpoint
-from bonsai.hub import BUILTIN_NAME, HubError, InvalidCheckpoint, ModelNotFound, Store
+from bonsai.hub import BUILTIN_NAME, HubError, InvalidCheckpoint, ModelNotFound, Store, resolve
 from bonsai.hub import catalog, store as store_module
 from bonsai.kernels import PackedWeight, pack_signs
 
@@ -168,7 +168,7 @@ def test_info_shows_entry_and_summary(home, tmp_path):
     result = run("info", "shown")
     assert result.exit_code == 0, result.output
     assert f"sha256          {entry.sha256}" in result.output
-    assert "architecture    dit" in result.output and "1 1-bit layers" in result.output
+    assert "architecture    dit" in result.output and "bits/weight" in result.output  # entry, then summary
     doc = json.loads(run("info", "--json", entry.ref).output)
     assert doc["entry"]["sha256"] == entry.sha256 and doc["checkpoint"]["parameters_1bit"] == 72
 
@@ -185,3 +185,10 @@ def test_catalog_is_validated_and_written_atomically(home, tmp_path):
         catalog.load(home / "catalog.json")
     result = run("list")
     assert result.exit_code == 1 and "catalog.json" in result.output
+
+
+def test_module_resolve_uses_bonsai_home(home, tmp_path):
+    entry = Store.default().add(tiny_checkpoint(tmp_path / "p.safetensors", 12, name="piped"), "test")
+    assert resolve("piped") == home / "models" / entry.file
+    with pytest.raises(ModelNotFound, match="no model named 'absent'"):
+        resolve("absent")

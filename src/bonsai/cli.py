@@ -11,9 +11,13 @@ import click
 
 # name -> "module:attribute" of a click command or group
 SUBCOMMANDS: dict[str, str] = {
+    "data": "bonsai.data.cli:data",
     "generate": "bonsai.cli_generate:generate",
     "info": "bonsai.format.cli:info",
     "models": "bonsai.hub.cli:models",
+    "serve": "bonsai.serve.cli:serve",
+    "quantize": "bonsai.convert.cli:quantize",
+    "distill": "bonsai.train.distill_cli:distill",
 }
 
 

@@ -42,9 +42,13 @@ def _writable_dir(path: Path) -> Path:
 @click.option("--sampler", type=click.Choice(["euler", "heun", "dpmpp_2m"]), default=None, help="Sampler (default: the model's).")
 @click.option("--model", default="bonsai-emoji", show_default=True, help="Model name (see `bonsai models list`) or checkpoint path.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--memory", type=click.Choice(["normal", "lean", "offload"]), default="normal", show_default=True,
+              help="lean: one model part on the device at a time, tiled decoding; offload: lean plus denoiser blocks one at a time.")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"), show_default=True)
+@click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of NAME.safetensors LoRAs for <lora:NAME:weight> tags in the prompt.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, model, device, output, quiet) -> None:
+def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, model, device, memory, output, lora_dir, quiet) -> None:
     """Generate images for PROMPT and write them as PNGs (with their parameters embedded)."""
     from tqdm import tqdm
 
@@ -56,19 +60,23 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
     out_dir = _writable_dir(output)
     start = time.perf_counter()
     try:
-        pipe = Pipeline.from_pretrained(model, device=device)
+        pipe = Pipeline.from_pretrained(model, device=device, memory=memory)
+        pipe.lora_dir = None if lora_dir is None else str(lora_dir)
         width, height = size if size else (None, None)
-        bar = tqdm(total=steps or pipe.defaults.steps, desc="denoising", unit="step", disable=quiet)
+        bar = None
 
         def progress(step: int, total: int, _x0) -> None:
-            bar.total = total
+            nonlocal bar
+            if bar is None:  # made at the first step, so a rejected request prints only its error
+                bar = tqdm(total=total, desc="denoising", unit="step", disable=quiet)
             bar.update(step - bar.n)
 
         result = pipe.generate(
             prompt, batch=batch, callback=progress, negative_prompt=negative_prompt, steps=steps, cfg=cfg,
             seed=seed, width=width, height=height, sampler=sampler,
         )
-        bar.close()
+        if bar is not None:
+            bar.close()
     except (InvalidRequest, CheckpointError, ModelNotFound) as e:
         raise click.ClickException(str(e)) from None
     paths = next_free_paths(out_dir, [p.seed for p in result.params])

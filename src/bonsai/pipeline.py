@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -18,12 +19,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .models.offload import on_device, sequential_offload
 from .sampling import SAMPLERS, cfg_velocity, flow_timesteps
 
 MAX_STEPS = 1000
 CFG_RANGE = (0.0, 50.0)
 MAX_SIDE = 4096
 MAX_PROMPT_CHARS = 2000
+# normal: every part stays on the device; lean: one part at a time (text encoder -> denoiser ->
+# tiled decoder), weights kept in CPU memory between uses; offload: lean, and the denoiser's
+# blocks visit the device one at a time (for GPUs smaller than the denoiser).
+MEMORY_MODES = ("normal", "lean", "offload")
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised estimate)
 
@@ -42,6 +48,7 @@ class GenerationParams:
     sampler: str = "euler"
     shift: float = 1.0
     model: str = ""
+    strength: float = 1.0  # img2img: how much of the init image is re-noised (1 = ignore it)
 
     def to_a1111(self) -> str:
         """The A1111 "parameters" text that image browsers and web UIs read back."""
@@ -51,6 +58,7 @@ class GenerationParams:
         lines.append(
             f"Steps: {self.steps}, Sampler: {self.sampler}, CFG scale: {self.cfg:g}, Seed: {self.seed}, "
             f"Size: {self.width}x{self.height}, Model: {self.model}, Schedule shift: {self.shift:g}"
+            + (f", Denoising strength: {self.strength:g}" if self.strength < 1 else "")
         )
         return "\n".join(lines)
 
@@ -80,6 +88,12 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def from_pil(images: list[Image.Image], width: int, height: int) -> torch.Tensor:
+    """RGB images (resized to width x height) -> [B, 3, H, W] in [-1, 1]."""
+    arrays = [np.asarray(im.convert("RGB").resize((width, height), Image.LANCZOS), dtype=np.float32) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+
+
 def to_pil(samples: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> RGB images."""
     arr = ((samples.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -89,18 +103,39 @@ def to_pil(samples: torch.Tensor) -> list[Image.Image]:
 class Pipeline:
     """A denoiser, a text encoder and a decoder, with the defaults its checkpoint recommends."""
 
-    def __init__(self, denoiser: torch.nn.Module, text_encoder: Any, metadata: dict, device: torch.device, name: str = ""):
+    def __init__(
+        self,
+        denoiser: torch.nn.Module,
+        text_encoder: Any,
+        metadata: dict,
+        device: torch.device,
+        name: str = "",
+        decoder: torch.nn.Module | None = None,
+        memory: str = "normal",
+    ):
+        """`decoder` maps denoised latents to images (None: the denoiser works in pixels)."""
+        if memory not in MEMORY_MODES:
+            raise InvalidRequest(f"memory {memory!r} is not one of {', '.join(MEMORY_MODES)}")
         self.denoiser = denoiser
         self.text_encoder = text_encoder
+        self.decoder = decoder
         self.metadata = metadata
         self.device = device
+        self.memory = memory
+        self.lora_dir: str | None = None  # where `<lora:name:weight>` prompt tags find NAME.safetensors
         self.name = name or metadata.get("name", "")
-        config = metadata["config"]
+        config = metadata["config"].get("denoiser", metadata["config"])
         pipe = metadata.get("pipeline", {})
         self.patch_size = config.get("patch_size", 1)
         self.channels = config.get("in_channels", 3)
+        self.latent_factor = getattr(decoder, "factor", 1)  # pixels per latent along a side
+        for part in (denoiser, text_encoder, decoder):
+            if memory == "normal" and isinstance(part, torch.nn.Module):
+                part.to(device)
+        if decoder is not None and hasattr(decoder, "set_tiling"):
+            decoder.set_tiling(memory != "normal")
         d = pipe.get("defaults", {})
-        size = config.get("sample_size", 64)
+        size = config.get("sample_size", 64) * self.latent_factor
         self.defaults = GenerationParams(
             prompt="",
             steps=d.get("steps", 20),
@@ -113,8 +148,11 @@ class Pipeline:
         )
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike[str] = "bonsai-emoji", device: str = "auto") -> "Pipeline":
-        """Load a model by catalog name or file path (see `bonsai models list`)."""
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike[str] = "bonsai-emoji", device: str = "auto", memory: str = "normal"
+    ) -> "Pipeline":
+        """Load a model by catalog name or file path (see `bonsai models list`). The checkpoint's
+        metadata picks the text encoder and the decoder; `memory` is one of MEMORY_MODES."""
         from .hub import resolve
         from .models import load_model
         from .text import TextEncoder
@@ -122,16 +160,21 @@ class Pipeline:
         path = resolve(str(name_or_path))
         dev = pick_device(device)
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-        denoiser, meta = load_model(path, device="cpu", dtype=dtype)
-        text_kind = meta.get("pipeline", {}).get("text_encoder", "minilm")
-        if text_kind != "minilm":
-            raise InvalidRequest(f"{path}: text encoder {text_kind!r} is not supported by this Bonsai")
+        model, meta = load_model(path, device="cpu", dtype=dtype)
+        pipe = meta.get("pipeline", {})
+        text_kind, decoder_kind = pipe.get("text_encoder", "minilm"), pipe.get("decoder", "pixels")
         name = meta.get("name") or os.path.basename(str(path)).removesuffix(".safetensors")
-        return cls(denoiser.to(dev), TextEncoder().to(dev), meta, dev, name)
+        if meta["architecture"] == "bonsai-t2i":  # text encoder and VAE decoder are stored in the checkpoint
+            if (text_kind, decoder_kind) != ("bert", "vae"):
+                raise InvalidRequest(f"{path}: a bonsai-t2i model needs pipeline text_encoder 'bert' and decoder 'vae'")
+            return cls(model.denoiser, model.text_encoder, meta, dev, name, model.decoder, memory)
+        if text_kind != "minilm" or decoder_kind != "pixels":
+            raise InvalidRequest(f"{path}: text encoder {text_kind!r} / decoder {decoder_kind!r} is not supported by this Bonsai")
+        return cls(model, TextEncoder(), meta, dev, name, None, memory)
 
     def check(self, params: GenerationParams, batch: int) -> None:
         """Raise InvalidRequest naming the first bad field."""
-        factor = self.patch_size
+        factor = self.patch_size * self.latent_factor
         if not params.prompt.strip():
             raise InvalidRequest("prompt is empty: describe the image you want")
         if len(params.prompt) > MAX_PROMPT_CHARS or len(params.negative_prompt) > MAX_PROMPT_CHARS:
@@ -149,6 +192,8 @@ class Pipeline:
             raise InvalidRequest(f"sampler {params.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if batch < 1:
             raise InvalidRequest(f"batch must be >= 1, got {batch}")
+        if not 0 < params.strength <= 1:
+            raise InvalidRequest(f"strength must be in (0, 1], got {params.strength:g}")
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         states, mask = self.text_encoder.encode(prompts)
@@ -160,30 +205,91 @@ class Pipeline:
 
     def noise(self, params: GenerationParams, batch: int) -> torch.Tensor:
         """Per-image seeded noise [B, C, H, W], drawn on the CPU so every device gets the same."""
-        shape = (self.channels, params.height, params.width)
+        shape = (self.channels, params.height // self.latent_factor, params.width // self.latent_factor)
         draws = [torch.randn(shape, generator=torch.Generator().manual_seed(params.seed + i)) for i in range(batch)]
         return torch.stack(draws).to(self.device, self._dtype)
 
+    def encode_images(self, images: list[Image.Image], params: GenerationParams) -> torch.Tensor:
+        """Init images -> the model's sample space [B, C, H, W] (pixels in [-1, 1] for pixel-space models)."""
+        if self.decoder is not None:
+            raise InvalidRequest("init images need a pixel-space model: this model's VAE has no encoder")
+        return from_pil(images, params.width, params.height).to(self.device, self._dtype)
+
+    def _use_loras(self, prompt: str) -> str:
+        """Strip `<lora:name:weight>` tags from the prompt and make exactly those LoRAs active."""
+        from .lora import LoRAError, loaded_loras, parse_prompt_loras, use_prompt_loras
+
+        try:
+            text, loras = parse_prompt_loras(prompt)
+            if loras or loaded_loras(self.denoiser):
+                use_prompt_loras(self.denoiser, loras, self.lora_dir)
+        except LoRAError as e:
+            raise InvalidRequest(str(e)) from None
+        return text
+
     @torch.no_grad()
-    def generate(self, prompt: str, batch: int = 1, callback: StepCallback | None = None, **overrides: Any) -> Generation:
-        """Generate `batch` images; unset fields take the model's defaults. seed=None draws one."""
+    def generate(
+        self,
+        prompt: str,
+        batch: int = 1,
+        callback: StepCallback | None = None,
+        init_images: list[Image.Image] | None = None,
+        **overrides: Any,
+    ) -> Generation:
+        """Generate `batch` images; unset fields take the model's defaults. seed=None draws one.
+
+        With `init_images` (one per image, or one for all) and strength < 1 this is img2img: each
+        init image is noised to t = strength and denoised from there."""
         fields_ = {k: v for k, v in overrides.items() if v is not None}
         if "seed" not in fields_:
             fields_["seed"] = secrets.randbelow(2**31)
         params = replace(self.defaults, prompt=prompt, **fields_)
         self.check(params, batch)
+        text = self._use_loras(params.prompt)
 
-        cond = self._encode([params.prompt] * batch)
-        uncond = self._encode([params.negative_prompt] * batch)
+        with self._placed(self.text_encoder):
+            cond = self._encode([text] * batch)
+            uncond = self._encode([params.negative_prompt] * batch)
         model = cfg_velocity(self.denoiser, cond, uncond, params.cfg)
         timesteps = flow_timesteps(params.steps, params.shift)
-        step_cb = None if callback is None else (lambda i, x, x0: callback(i + 1, params.steps, x0))
-        samples = SAMPLERS[params.sampler](model, self.noise(params, batch), timesteps, step_cb)
+        x = self.noise(params, batch)
+        if init_images is not None:
+            init = self.encode_images(init_images if len(init_images) == batch else init_images[:1] * batch, params)
+            timesteps = timesteps[timesteps <= params.strength]
+            if len(timesteps) < 2:
+                raise InvalidRequest(f"strength {params.strength:g} leaves no step of {params.steps}: raise steps or strength")
+            t0 = timesteps[0].item()
+            x = (1 - t0) * init + t0 * x
+        total = len(timesteps) - 1
+        step_cb = None if callback is None else (lambda i, x_, x0: callback(i + 1, total, x0))
+        with self._placed(self.denoiser, offload_blocks=True):
+            samples = SAMPLERS[params.sampler](model, x, timesteps, step_cb)
+        samples = self.decode(samples)
         images = to_pil(samples)
         per_image = [replace(params, seed=params.seed + i) for i in range(batch)]
         for image, p in zip(images, per_image):
             image.info["parameters"] = p.to_a1111()
         return Generation(images, per_image, samples.float().cpu())
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Denoised samples -> images [B, 3, H, W] in [-1, 1] (latents through the decoder)."""
+        if self.decoder is None:
+            return samples
+        with self._placed(self.decoder):
+            return self.decoder(samples.to(self.device))
+
+    @contextmanager
+    def _placed(self, module: Any, offload_blocks: bool = False):
+        """Outside the normal memory mode, `module` occupies the device only inside this block
+        (with offload_blocks in the offload mode, its `blocks` one at a time)."""
+        if self.memory == "normal" or not isinstance(module, torch.nn.Module):
+            yield
+            return
+        blocks = list(getattr(module, "blocks", ())) if offload_blocks and self.memory == "offload" else []
+        with on_device(module, self.device, skip=blocks), sequential_offload(blocks, self.device):
+            yield
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def __call__(self, prompt: str, **kwargs: Any) -> list[Image.Image]:
         return self.generate(prompt, **kwargs).images

@@ -127,24 +127,21 @@ def _transfer(url: str, part: Path, client: httpx.Client, progress: bool) -> Dow
                 part.unlink()
                 return None
             _raise_for_status(response, url)
+            length = response.headers.get("Content-Length")
+            remaining = int(length) if length is not None else None
             if response.status_code == 206:
                 start, total = _parse_content_range(response.headers.get("Content-Range", ""), url)
                 if start != have:
                     part.unlink()
                     raise DownloadError(f"{url}: server resumed at byte {start}, not {have}; retry to start over")
             else:  # 200: the whole file, whether or not a range was asked for
-                have = 0
-                length = response.headers.get("Content-Length")
-                total = int(length) if length is not None else None
-            length = response.headers.get("Content-Length")
-            _check_space(part, int(length) if length is not None else None)
+                have, total = 0, remaining
+            _check_space(part, remaining)
             return _receive(response, part, have, total, progress)
     except httpx.TransportError as exc:
         got = part.stat().st_size if part.exists() else 0
-        raise DownloadError(
-            f"{url}: network error after {got} bytes ({exc.__class__.__name__}: {exc}); "
-            f"the partial download is kept in {part}: run the same command again to resume"
-        ) from exc
+        fix = f"the partial download is kept in {part}: run the same command again to resume" if got else "check the connection and retry"
+        raise DownloadError(f"{url}: network error after {got} bytes ({exc.__class__.__name__}: {exc}); {fix}") from exc
 
 
 def _receive(response: httpx.Response, part: Path, have: int, total: int | None, progress: bool) -> Downloaded:
@@ -159,7 +156,7 @@ def _receive(response: httpx.Response, part: Path, have: int, total: int | None,
                desc=part.name.removesuffix(".part"), disable=not progress, leave=False)
     try:
         with open(part, "ab" if have else "wb") as f:
-            for chunk in response.iter_bytes(CHUNK):
+            for chunk in response.iter_bytes():  # as received: a re-chunking buffer would lose bytes on a drop
                 f.write(chunk)
                 digest.update(chunk)
                 size += len(chunk)

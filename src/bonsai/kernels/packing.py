@@ -37,6 +37,18 @@ def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = to
         raise ValueError(f"unpack_signs expects uint8 [N, ceil(K/8)], got {packed.dtype} {tuple(packed.shape)}")
     if packed.shape[1] != packed_width(in_features):
         raise ValueError(f"packed width {packed.shape[1]} does not match K={in_features}")
-    bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0
-    bits = bits.reshape(packed.shape[0], -1)[:, :in_features]
-    return bits.to(dtype) * 2 - 1
+    # One gather from a 256 x 8 table of signs is far faster than shifting and masking every bit.
+    table = _sign_table(dtype, packed.device)
+    return table[packed.long()].reshape(packed.shape[0], -1)[:, :in_features]
+
+
+_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256, 8]: row b holds the eight signs byte b encodes."""
+    key = (dtype, device)
+    if key not in _TABLES:
+        bits = (torch.arange(256).unsqueeze(-1) & _BIT_WEIGHTS.long()) != 0
+        _TABLES[key] = (bits.to(dtype) * 2 - 1).to(device)
+    return _TABLES[key]

@@ -103,6 +103,8 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     meta = header.metadata
     try:
         model = build_skeleton(meta["architecture"], meta["config"], header.layers)
+    except CheckpointError as e:  # raised for the metadata: name the file instead
+        raise CheckpointError(e.problem, header.path, e.fix) from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config does not build a {meta['architecture']} model ({e})", header.path) from None
     state = model.state_dict(keep_vars=True)

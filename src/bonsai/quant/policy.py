@@ -77,7 +77,8 @@ def quantize_(model: nn.Module, policy: QuantPolicy = QuantPolicy(), form: Liter
 
 def to_inference_(model: nn.Module) -> list[str]:
     """Convert every training-form 1-bit layer of `model` to its packed inference form, in place."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (BitLinearTrain, BitConv2dTrain))]
+    found = [n for n, m in model.named_modules() if isinstance(m, (BitLinearTrain, BitConv2dTrain))]
+    names = [n for n in found if n.rpartition(".")[0] not in found]  # a conv's own .linear converts with it
     for name in names:
         _replace(model, name, model.get_submodule(name).to_inference())
     return names

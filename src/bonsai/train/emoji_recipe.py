@@ -22,10 +22,11 @@ from .distill import distill_loss, evaluate_loss, make_student
 from .flow import drop_text, flow_matching_loss
 from .loop import TrainConfig, train
 
-MODEL_CONFIG = DiTConfig(in_channels=3, patch_size=4, hidden_size=384, depth=8, num_heads=6, sample_size=64)
+MODEL_CONFIG = DiTConfig(in_channels=3, patch_size=4, hidden_size=320, depth=8, num_heads=5, sample_size=64)
 PIPELINE = {"text_encoder": "minilm", "decoder": "pixels", "defaults": {"steps": 20, "cfg": 4.0, "width": 64, "height": 64, "sampler": "euler", "shift": 1.0}}
 LICENSE = "Apache-2.0 (model); training images: Noto Emoji (Apache-2.0) and Twemoji (CC-BY-4.0)"
 CFG_DROPOUT = 0.1
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"  # the empty prompt's token states, for CFG dropout
 # Candidate schemes tried briefly; the best by held-out distillation loss is trained further.
 CANDIDATES: dict[str, BinarizeConfig] = {
     "mean": BinarizeConfig("mean"),
@@ -41,14 +42,13 @@ def load_bundle(root: Path, device: torch.device):
 
     from ..data import load_emoji_dataset
 
-    ds = load_emoji_dataset(root)
-    train_idx = torch.tensor([i for i, s in enumerate(ds.split) if s == "train"])
-    empty = load_file(str(root / "empty.safetensors"))
+    ds = load_emoji_dataset(root).subset("train")
+    empty = load_file(str(root / EMPTY_PROMPT_FILE))
     return (
-        ds.images[train_idx].to(device),
-        ds.states[train_idx].to(device),
-        ds.masks[train_idx].to(device),
-        (empty["states"].to(device), empty["mask"].to(device)),
+        ds.images.to(device),
+        ds.states.float().to(device),
+        ds.mask.to(device),
+        (empty["states"].float().to(device), empty["mask"].to(device)),
     )
 
 
@@ -98,13 +98,13 @@ def run_distill(teacher: DiT, data: Path, out: Path, device: torch.device, batch
         train(student, base_loss, random_batches(images, states, masks, empty, batch_size, seed=2), cfg, out / f"trial-{name}")
         after = evaluate_loss(base_loss, student, held)
         report["trials"][name] = {"ptq_loss": ptq, "distilled_loss": after, "steps": trial_steps}
-        print(f"trial {name}: held-out distill loss PTQ {ptq:.4f} -> {after:.4f}", flush=True)
+        print(f"trial {name}: fixed-batch distill loss PTQ {ptq:.4f} -> {after:.4f}", flush=True)
     best = min(report["trials"], key=lambda k: report["trials"][k]["distilled_loss"])
     report["best"] = best
     student = make_student(teacher, QuantPolicy(CANDIDATES[best]))
     cfg = TrainConfig(steps=steps, lr=2e-4, warmup=100, log_every=100, checkpoint_every=500, max_seconds=seconds)
     state = train(student, base_loss, random_batches(images, states, masks, empty, batch_size, seed=3), cfg, out / "student")
-    report["final"] = {"scheme": best, "steps": state.step, "held_out_loss": evaluate_loss(base_loss, state.model, held)}
+    report["final"] = {"scheme": best, "steps": state.step, "fixed_batch_loss": evaluate_loss(base_loss, state.model, held)}
     (out / "distill.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -158,11 +158,14 @@ def prepare(out: Path) -> None:
     from safetensors.torch import save_file
 
     from ..data.build import build_emoji_dataset
+    from ..data.fetch import package_dirs
     from ..text import TextEncoder
 
-    build_emoji_dataset(out)
-    states, mask = TextEncoder().encode([""])
-    save_file({"states": states[0].half().contiguous(), "mask": mask[0].contiguous()}, str(out / "empty.safetensors"))
+    encoder = TextEncoder()
+    if not (out / "captions.json").is_file():
+        build_emoji_dataset(package_dirs(None), out, encoder.encode)
+    states, mask = encoder.encode([""])
+    save_file({"states": states[0].half().contiguous(), "mask": mask[0].contiguous()}, str(out / EMPTY_PROMPT_FILE))
 
 
 def main() -> None:

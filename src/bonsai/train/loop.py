@@ -40,9 +40,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def _lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Warmup, then cosine decay to 10% over the run; a run bounded by max_seconds decays by
+    whichever of steps or time runs out first."""
     warm = min(1.0, (step + 1) / max(1, cfg.warmup))
-    progress = min(1.0, step / max(1, cfg.steps))
+    progress = min(1.0, max(step / max(1, cfg.steps), elapsed / cfg.max_seconds if cfg.max_seconds else 0.0))
     return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))  # cosine to 10%
 
 
@@ -118,8 +120,9 @@ def train(
     log = open(out / "log.jsonl", "a") if rank() == 0 else None
     start, seen, t0 = time.perf_counter(), 0, time.perf_counter()
     while state.step < cfg.steps:
+        lr = _lr_at(state.step, cfg, time.perf_counter() - start)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(state.step, cfg)
+            group["lr"] = lr
         batch = next(batches)
         with autocast:
             loss = loss_fn(net, batch)
@@ -133,7 +136,7 @@ def train(
         seen += 1
         if log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
             rate = seen / (time.perf_counter() - t0)
-            record = {"step": state.step, "loss": float(loss), "grad_norm": float(grad_norm), "lr": _lr_at(state.step, cfg), "steps_per_s": rate}
+            record = {"step": state.step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "steps_per_s": rate}
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(json.dumps(record), flush=True)

@@ -23,8 +23,8 @@ import triton.language as tl
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Program id -> (row block, column block), grouped along M so neighbours share weight tiles in L2."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit'd helper; plain ops keep the interpreter simple
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
@@ -85,7 +85,7 @@ def w1a16_kernel(x_ptr, wt_ptr, out_ptr, rs_ptr, cs_ptr, gsb_ptr, ro_ptr, xsum_p
     offs_q = tl.arange(0, BLOCK_K // 8)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    kb = tl.cdiv(K, 8)
+    kb = (K + 7) // 8
     x_ptrs = x_ptr + offs_m[:, None] * K + offs_k[None, :]
     w_ptrs = wt_ptr + offs_q[:, None] * N + offs_n[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -131,7 +131,7 @@ def _load_int8_step(q_ptr, wt_ptr, offs_m, offs_n, k0, M, N, K,
         v = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
     else:
         a = tl.load(q_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0)
-        v = tl.load(w_ptrs, mask=(offs_q[:, None] < tl.cdiv(K, 8)) & mask_n[None, :], other=0)
+        v = tl.load(w_ptrs, mask=(offs_q[:, None] < (K + 7) // 8) & mask_n[None, :], other=0)
     return a, _sign_bits01(v, BLOCK_K, BLOCK_N).to(tl.int8)
 
 
@@ -149,7 +149,7 @@ def w1a8_kernel(q_ptr, xs_ptr, qsum_ptr, wt_ptr, out_ptr, rs_ptr, gs_ptr, ro_ptr
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             a, b = _load_int8_step(q_ptr, wt_ptr, offs_m, offs_n, k0, M, N, K, EVEN_K, BLOCK_K, BLOCK_N)
-            acc_i = tl.dot(a, b, acc_i)
+            acc_i = tl.dot(a, b, acc_i, out_dtype=tl.int32)
         qsum = tl.load(qsum_ptr + offs_m, mask=offs_m < M, other=0)
         acc = (2 * acc_i - qsum[:, None]).to(tl.float32)
     else:
@@ -160,7 +160,7 @@ def w1a8_kernel(q_ptr, xs_ptr, qsum_ptr, wt_ptr, out_ptr, rs_ptr, gs_ptr, ro_ptr
             for k0 in range(g0, g0 + GROUP, BLOCK_K):
                 a, b = _load_int8_step(q_ptr, wt_ptr, offs_m, offs_n, k0, M, N, K, False, BLOCK_K, BLOCK_N)
                 qsum += tl.sum(a.to(tl.int32), axis=1)
-                acc_i = tl.dot(a, b, acc_i)
+                acc_i = tl.dot(a, b, acc_i, out_dtype=tl.int32)
             gs = tl.load(gs_ptr + (g0 // GROUP) * N + offs_n, mask=offs_n < N, other=0.0)
             acc += (2 * acc_i - qsum[:, None]).to(tl.float32) * gs[None, :]
     acc = acc * tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]

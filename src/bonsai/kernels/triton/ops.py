@@ -44,12 +44,14 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
 _W1A16_TILES = {
     "small": [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4)],
     "mid": [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3)],
-    "large": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4)],
+    "large": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4),
+              (128, 128, 128, 8, 3), (256, 256, 64, 16, 3)],
 }
 _W1A8_TILES = {
     "small": [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4)],
     "mid": [(64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 3)],
-    "large": [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4)],
+    "large": [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
+              (128, 128, 256, 8, 3), (256, 128, 64, 8, 4), (256, 256, 128, 16, 3)],
 }
 
 
@@ -105,10 +107,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# (kernel name, M bucket, N, K, group size, activation dtype) -> the config the autotuner chose. Later calls
+# launch the kernel with it directly: the autotuner's per-call bookkeeping costs more than a small GEMM.
+_chosen: dict[tuple, triton.Config] = {}
+
+
 def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, config: TileConfig | None) -> None:
     if config is None and not _interpreting():
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        tuned[grid](*args, **consts)
+        key = (kernel.__name__, m_bucket(m), n, k, consts["GROUP"], args[0].dtype)
+        chosen = _chosen.get(key)
+        if chosen is None:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+            tuned[grid](*args, **consts)
+            if getattr(tuned, "best_config", None) is not None:
+                _chosen[key] = tuned.best_config
+            return
+        kw = chosen.kwargs
+        grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]),)
+        kernel[grid](*args, **consts, **kw, EVEN_K=k % kw["BLOCK_K"] == 0, num_warps=chosen.num_warps,
+                     num_stages=chosen.num_stages)
         return
     config = config or TileConfig(SMALL_M, 32, 64)
     block_k = _fit_group(config.block_k, consts.get("GROUP", 0) if kernel is kernels.w1a8_kernel else 0)

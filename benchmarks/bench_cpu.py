@@ -1,0 +1,142 @@
+"""CPU benchmark: the compiled 1-bit kernel (bonsai.kernels.cpu) vs PyTorch fp32 matmul.
+
+For every GEMM shape of bonsai-emoji and bonsai-4b (K -> N, weight [N, K]) and M rows, one run prints
+torch fp32 `F.linear` time and GFLOP/s (2*M*N*K / t), the kernel's time and GOP/s, and the ratio;
+then the weight memory of a packed layer vs fp32. Times are medians of interleaved repeats
+(wall clock, the same thread count for both), so a burst of other load hits both sides alike; the
+load average is printed because a shared machine changes absolute numbers. --cpu-time measures
+one thread's CPU time instead (both sides single-threaded): robust to being descheduled by other
+processes, though not to a busy sibling hyperthread.
+
+    python benchmarks/bench_cpu.py                   # all shapes, M = 1, 64, 256, 1024, 2048
+    python benchmarks/bench_cpu.py --models 4b --m 256 --group-size 128 --isa avx2
+    python benchmarks/bench_cpu.py --cpu-time         # on a machine shared with other work
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bonsai.kernels import PackedWeight, pack_signs
+from bonsai.kernels.cpu import available_isas, bitmatmul_cpu, chosen_isa
+
+SHAPES = {  # (K, N) of each linear layer
+    "emoji": [(384, 1152), (384, 384), (384, 1536), (1536, 384), (384, 768)],
+    "4b": [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072)],
+}
+TIME_BUDGET_S = 1.5  # per (shape, M) and side; at least 2 repeats after a warm-up call
+
+
+def random_packed(n: int, k: int, group_size: int, rank: int) -> PackedWeight:
+    """A packed layer as the default 'mean' scheme stores it (row scale + row offset), plus options."""
+    fields: dict = {"signs": pack_signs(torch.randn(n, k)), "row_scale": torch.rand(n) + 0.5}
+    fields["row_offset"] = torch.randn(n) * 0.01
+    if group_size:
+        fields["group_scale"] = (torch.rand(n, -(-k // group_size)) + 0.5).half()
+    if rank:
+        fields["lowrank_u"] = torch.randn(n, rank).bfloat16()
+        fields["lowrank_v"] = torch.randn(rank, k).bfloat16()
+    return PackedWeight(in_features=k, group_size=group_size, **fields)
+
+
+def packed_bytes(w: PackedWeight) -> int:
+    return sum(t.numel() * t.element_size() for t in w.tensors().values())
+
+
+def interleaved_medians(fns: list, clock=time.perf_counter) -> list[float]:
+    """Median seconds per call of each fn, calls interleaved; repeats sized by a time budget."""
+    first = []
+    for fn in fns:
+        t = clock()
+        fn()  # warm-up (and first estimate)
+        first.append(clock() - t)
+    reps = max(2, min(20, int(TIME_BUDGET_S / max(max(first), 1e-6))))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, bucket in zip(fns, times):
+            t = clock()
+            fn()
+            bucket.append(clock() - t)
+    return [statistics.median(b) for b in times]
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def machine_line() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    model = names[0] if names else platform.processor()
+    commit = git("rev-parse", "--short", "HEAD") or "uncommitted"
+    if git("status", "--porcelain"):
+        commit += " + local changes"
+    return (
+        f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"kernel ISA {chosen_isa()} (available: {', '.join(available_isas())}), "
+        f"{datetime.date.today()}, commit {commit}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--m", nargs="+", type=int, default=[1, 64, 256, 1024, 2048])
+    parser.add_argument("--group-size", type=int, default=0)
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--isa", help="force a kernel path (sets BONSAI_CPU_ISA)")
+    parser.add_argument("--threads", type=int, help="threads for torch and the kernel (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true", help="one thread each, timed by thread CPU time")
+    args = parser.parse_args()
+    if args.cpu_time:
+        args.threads = 1
+        os.environ["BONSAI_CPU_THREADS"] = "1"
+    if args.isa:
+        os.environ["BONSAI_CPU_ISA"] = args.isa
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("BONSAI_CPU_THREADS", str(torch.get_num_threads()))
+
+    print(machine_line())
+    print(f"timing: {'thread CPU time, 1 thread' if args.cpu_time else 'wall clock'}; "
+          f"load average at start: {os.getloadavg()[0]:.2f}; weight: row scale + row offset"
+          f"{f', group size {args.group_size}' if args.group_size else ''}{f', rank {args.rank}' if args.rank else ''}")
+    header = f"{'fp32 ms':>9} {'GFLOP/s':>8} | {'1-bit ms':>9} {'GOP/s':>8} | {'speedup':>7}"
+    print(f"{'model':6} {'K->N':>12} {'M':>5} | {header}")
+    memory = []
+    for model in args.models:
+        for k, n in SHAPES[model]:
+            w = random_packed(n, k, args.group_size, args.rank)
+            w_fp32 = torch.randn(n, k)
+            memory.append((model, k, n, packed_bytes(w), n * k * 4))
+            for m in args.m:
+                x = torch.randn(m, k)
+                ops = 2.0 * m * n * k
+                clock = time.thread_time if args.cpu_time else time.perf_counter
+                t_fp32, t_bit = interleaved_medians([lambda: F.linear(x, w_fp32), lambda: bitmatmul_cpu(x, w)], clock)
+                fp32 = f"{t_fp32 * 1e3:9.3f} {ops / t_fp32 / 1e9:8.1f}"
+                bit = f"{t_bit * 1e3:9.3f} {ops / t_bit / 1e9:8.1f}"
+                print(f"{model:6} {f'{k}->{n}':>12} {m:>5} | {fp32} | {bit} | {t_fp32 / t_bit:6.2f}x", flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    print("\nweight memory of one layer (all stored tensors of the packed layer vs fp32 [N, K]):")
+    for model, k, n, packed, fp32 in memory:
+        ratio = f"{packed / 2**20:8.3f} MiB vs {fp32 / 2**20:8.2f} MiB = 1/{fp32 / packed:.1f}"
+        print(f"{model:6} {f'{k}->{n}':>12}: {ratio}")
+
+
+if __name__ == "__main__":
+    main()

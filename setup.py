@@ -1,0 +1,62 @@
+"""Build hook for the compiled CPU kernel (all package metadata lives in pyproject.toml).
+
+The kernel is a plain C ABI shared library (loaded with ctypes by bonsai.kernels.cpu), so it needs no
+Python or torch headers. It is optional: without a working C++ compiler the install still succeeds
+and Bonsai uses its reference path on CPU (and says so once at run time).
+"""
+
+import os
+import sys
+import tempfile
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+CPU_DIR = "src/bonsai/kernels/cpu"
+SOURCES = [f"{CPU_DIR}/bitmm.cpp", f"{CPU_DIR}/bitmm_x86.cpp", f"{CPU_DIR}/bitmm_neon.cpp"]
+
+
+class BuildCpuKernel(build_ext):
+    def get_export_symbols(self, ext):
+        return []  # not a Python module: no PyInit_ symbol to export
+
+    def _compiles_with(self, flags: list[str]) -> bool:
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, "probe.cpp")
+            with open(source, "w") as f:
+                f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+            try:
+                objects = self.compiler.compile([source], output_dir=tmp, extra_postargs=flags)
+                self.compiler.link_executable(objects, "probe", output_dir=tmp, extra_postargs=flags)
+            except Exception:
+                return False
+        return True
+
+    def build_extensions(self):
+        if self.compiler.compiler_type == "msvc":
+            compile_args, link_args = ["/O2", "/std:c++17", "/openmp"], []
+        else:
+            compile_args = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno"]
+            openmp = ["-fopenmp"] if sys.platform != "darwin" else ["-Xpreprocessor", "-fopenmp", "-lomp"]
+            if self._compiles_with(openmp):
+                compile_args, link_args = compile_args + openmp, openmp
+            else:
+                self.warn("OpenMP not found: the CPU kernel is built single-threaded")
+                link_args = []
+        for ext in self.extensions:
+            ext.extra_compile_args, ext.extra_link_args = compile_args, link_args
+        super().build_extensions()
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "bonsai.kernels.cpu._bitmm",
+            sources=SOURCES,
+            depends=[f"{CPU_DIR}/bitmm.h"],
+            language="c++",
+            optional=True,
+        )
+    ],
+    cmdclass={"build_ext": BuildCpuKernel},
+)

@@ -1,0 +1,209 @@
+"""Where the weights of a model to convert come from, read one tensor at a time.
+
+A source is one of:
+- a diffusers pipeline folder (model_index.json): its unet/ or transformer/ component is used;
+- a diffusers component folder: config.json + diffusion_pytorch_model*.safetensors (sharded or not);
+- a single-file checkpoint in the original (A1111 / ComfyUI) key layout, with `config` naming a
+  diffusers folder or config.json of the same model (the hub is not consulted).
+
+For single files the key layout is translated with diffusers' own conversion functions, run on
+meta tensors: where the translation is a pure renaming (SD 1.x/2.x/XL UNets) the tensors are
+still read one at a time; where it merges or splits tensors (e.g. FLUX fused qkv) the file is
+converted whole, which needs about its size in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .adapters import ADAPTERS, Adapter, UnsupportedModel, adapter_for
+
+WEIGHTS = "diffusion_pytorch_model"
+LDM_UNET_PREFIX = "model.diffusion_model."
+# diffusers' infer_diffusers_model_type -> model class of the denoiser in that checkpoint
+_SINGLE_FILE_CLASSES = {
+    "v1": "UNet2DConditionModel", "v2": "UNet2DConditionModel", "xl_base": "UNet2DConditionModel",
+    "xl_refiner": "UNet2DConditionModel", "xl_inpaint": "UNet2DConditionModel", "inpainting": "UNet2DConditionModel",
+    "inpainting_v2": "UNet2DConditionModel", "playground-v2-5": "UNet2DConditionModel",
+    "sd3": "SD3Transformer2DModel", "sd35_large": "SD3Transformer2DModel", "sd35_medium": "SD3Transformer2DModel",
+    "flux-dev": "FluxTransformer2DModel", "flux-schnell": "FluxTransformer2DModel", "flux-fill": "FluxTransformer2DModel",
+    "flux-depth": "FluxTransformer2DModel",
+    "sana": "SanaTransformer2DModel",
+}
+
+
+class SourceError(ValueError):
+    """A source that cannot be read; the message names the path and what to do."""
+
+
+@dataclass
+class Source:
+    """A model to convert: its adapter, config, and a map from diffusers state-dict keys to
+    (file, key in file). `get` reads one tensor; `tensors` holds pre-converted ones (whole-file path)."""
+
+    adapter: Adapter
+    config: dict
+    path: Path
+    pipeline_dir: Path | None
+    keys: dict[str, tuple[Path, str]]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys or key in self.tensors
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self.tensors:
+            return self.tensors.pop(key)
+        if key not in self.keys:
+            raise SourceError(f"{self.path}: no tensor for '{key}' (the weights do not match the config)")
+        file, name = self.keys[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(os.fspath(file), framework="pt", device="cpu")
+        return self._handles[file].get_tensor(name)
+
+    def source_bytes(self) -> int:
+        """Bytes of the weight files read."""
+        return sum(f.stat().st_size for f in {f for f, _ in self.keys.values()})
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SourceError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path} is not readable JSON ({e})") from None
+
+
+def _component_dir(pipeline_dir: Path) -> Path:
+    index = _read_json(pipeline_dir / "model_index.json")
+    for name, entry in index.items():
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] in ADAPTERS:
+            return pipeline_dir / name
+    classes = sorted({e[1] for e in index.values() if isinstance(e, list) and len(e) == 2 and e[1]})
+    raise UnsupportedModel(
+        f"{pipeline_dir / 'model_index.json'}: no supported denoiser among {', '.join(classes)}; "
+        f"Bonsai converts {', '.join(sorted(ADAPTERS))}"
+    )
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / f"{WEIGHTS}.safetensors.index.json"
+    if index.exists():
+        return sorted({folder / f for f in _read_json(index).get("weight_map", {}).values()})
+    plain = folder / f"{WEIGHTS}.safetensors"
+    if plain.exists():
+        return [plain]
+    variants = sorted(folder.glob(f"{WEIGHTS}*.safetensors"))
+    if variants:
+        return variants[:1]
+    if any(folder.glob(f"{WEIGHTS}*.bin")):
+        raise SourceError(f"{folder}: only .bin (pickle) weights found; Bonsai reads .safetensors only — convert them first")
+    raise SourceError(f"{folder}: no {WEIGHTS}*.safetensors weights found")
+
+
+def _keys_of(files: list[Path]) -> dict[str, tuple[Path, str]]:
+    keys = {}
+    for f in files:
+        try:
+            with safe_open(os.fspath(f), framework="pt", device="cpu") as h:
+                keys.update({k: (f, k) for k in h.keys()})
+        except FileNotFoundError:
+            raise SourceError(f"{f} is missing (listed in the shard index)") from None
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise SourceError(f"{f} is not a readable safetensors file ({e})") from None
+    return keys
+
+
+def _config_of(folder: Path) -> tuple[Adapter, dict]:
+    config = _read_json(folder / "config.json")
+    return adapter_for(str(config.get("_class_name", "")), str(folder / "config.json")), config
+
+
+def open_folder(path: Path) -> Source:
+    pipeline_dir = path if (path / "model_index.json").exists() else None
+    folder = _component_dir(path) if pipeline_dir else path
+    adapter, config = _config_of(folder)
+    return Source(adapter, config, folder, pipeline_dir, _keys_of(_weight_files(folder)))
+
+
+def _meta_checkpoint(file: Path) -> dict[str, torch.Tensor]:
+    """key -> meta tensor of the stored shape and dtype (no data read)."""
+    out = {}
+    with safe_open(os.fspath(file), framework="pt", device="cpu") as h:
+        for k in h.keys():
+            s = h.get_slice(k)
+            out[k] = torch.empty(s.get_shape(), dtype=_DTYPES.get(s.get_dtype(), torch.float32), device="meta")
+    return out
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _config_for_single_file(config: Path | None, file: Path, class_name: str) -> tuple[Path | None, dict]:
+    if config is None:
+        raise SourceError(
+            f"{file}: a single-file {class_name} checkpoint needs its diffusers config: pass --config with a "
+            "diffusers folder (pipeline or component) or config.json of the same model"
+        )
+    if config.is_file():
+        return None, _read_json(config)
+    pipeline_dir = config if (config / "model_index.json").exists() else None
+    folder = _component_dir(config) if pipeline_dir else config
+    return pipeline_dir, _read_json(folder / "config.json")
+
+
+def open_single_file(file: Path, config: Path | None) -> Source:
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    try:
+        meta = _meta_checkpoint(file)
+    except Exception as e:
+        raise SourceError(f"{file} is not a readable safetensors file ({e})") from None
+    bare_unet = not any(k.startswith(LDM_UNET_PREFIX) for k in meta) and any(k.startswith("input_blocks.") for k in meta)
+    if bare_unet:  # a UNet without its pipeline (ComfyUI models/unet): add the prefix the converter expects
+        meta = {LDM_UNET_PREFIX + k: v for k, v in meta.items()}
+    stored = {id(t): k for k, t in meta.items()}
+    model_type = infer_diffusers_model_type(meta)
+    class_name = _SINGLE_FILE_CLASSES.get(model_type)
+    if class_name is None:
+        raise UnsupportedModel(f"{file}: checkpoint type {model_type!r} is not one Bonsai converts")
+    adapter = adapter_for(class_name, str(file))
+    pipeline_dir, cfg = _config_for_single_file(config, file, class_name)
+    if cfg.get("_class_name", class_name) != class_name:
+        raise SourceError(f"{config}: config is for {cfg['_class_name']}, but {file} holds a {class_name}")
+    convert = SINGLE_FILE_LOADABLE_CLASSES[class_name]["checkpoint_mapping_fn"]
+    converted = convert(checkpoint=dict(meta), config=cfg)
+    renamed = {k: stored.get(id(t)) for k, t in converted.items()}
+    if all(v is not None for v in renamed.values()):
+        keys = {k: (file, v.removeprefix(LDM_UNET_PREFIX) if bare_unet else v) for k, v in renamed.items()}
+        return Source(adapter, cfg, file, pipeline_dir, keys)
+    warnings.warn(f"{file}: this layout merges or splits tensors; converting it whole (memory ~ file size)", stacklevel=2)
+    from safetensors.torch import load_file
+
+    full = load_file(os.fspath(file))
+    if bare_unet:
+        full = {LDM_UNET_PREFIX + k: v for k, v in full.items()}
+    return Source(adapter, cfg, file, pipeline_dir, {}, tensors=dict(convert(checkpoint=full, config=cfg)))
+
+
+def open_source(src: str | os.PathLike[str], config: str | os.PathLike[str] | None = None) -> Source:
+    """Open a diffusers folder or a single-file checkpoint for conversion."""
+    path = Path(src)
+    if path.is_dir():
+        return open_folder(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise SourceError(f"{path}: only .safetensors checkpoints are read (no pickle); convert .ckpt/.pt files first")
+        return open_single_file(path, None if config is None else Path(config))
+    raise SourceError(f"{path} does not exist: pass a diffusers model folder or a .safetensors checkpoint")

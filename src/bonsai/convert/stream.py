@@ -1,0 +1,82 @@
+"""Full-precision diffusers model -> 1-bit model, one layer at a time.
+
+The model is built on the meta device from its config; then, module by module, its weights are
+read from the source (one tensor at a time), binarized where the policy says, and assigned. At
+no point does the whole full-precision model exist in memory: the peak is the packed model plus
+one layer in float32.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..quant import QuantPolicy
+from ..quant.layers import binarize_conv, binarize_linear
+from .adapters import Adapter
+from .source import Source, SourceError
+
+
+@dataclass(frozen=True)
+class ConversionStats:
+    parameters: int  # all stored values of the model (parameters and persistent buffers)
+    parameters_1bit: int  # weights now stored at ~1 bit
+    layers_1bit: int
+    source_bytes: int  # bytes of the weight files read
+    fp16_bytes: int  # the same model in fp16
+    peak_rss_bytes: int  # of this process so far
+
+
+def policy_for(adapter: Adapter, policy: QuantPolicy) -> QuantPolicy:
+    """`policy` with the adapter's keep patterns (and the user's extra ones) in place of the generic defaults."""
+    return QuantPolicy(policy.binarize, adapter.keep + tuple(p for p in policy.keep if p not in adapter.keep), policy.min_params, policy.convs)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _load_direct(module: nn.Module, prefix: str, source: Source, dtype: torch.dtype) -> None:
+    """Replace the module's own (not its children's) meta parameters and persistent buffers with source tensors."""
+    for name, param in list(module._parameters.items()):
+        if param is None:
+            continue
+        t = source.get(prefix + name)
+        if tuple(t.shape) != tuple(param.shape):
+            raise SourceError(f"{source.path}: tensor '{prefix + name}' has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}")
+        module._parameters[name] = nn.Parameter(t.to(dtype) if t.is_floating_point() else t, requires_grad=False)
+    for name, buf in list(module._buffers.items()):
+        if buf is None or name in module._non_persistent_buffers_set or prefix + name not in source:
+            continue
+        module._buffers[name] = source.get(prefix + name).to(buf.dtype)
+
+
+def quantize_source(
+    source: Source, policy: QuantPolicy, dtype: torch.dtype = torch.bfloat16, progress: bool = True
+) -> tuple[nn.Module, ConversionStats]:
+    """Build source's model with its 1-bit layers packed; other tensors in `dtype`. Returns (model, stats)."""
+    model = source.adapter.build(source.config)
+    policy = policy_for(source.adapter, policy)
+    targets = {name for name, m in model.named_modules() if name and policy.wants(name, m)}
+    total = sum(t.numel() for t in model.state_dict().values())  # parameters and persistent buffers, as stored
+    modules = [(name, m) for name, m in model.named_modules() if m._parameters or m._buffers]
+    params_1bit = 0
+    for name, module in tqdm(modules, desc="quantizing", unit="layer", disable=not progress):
+        prefix = f"{name}." if name else ""
+        if name not in targets:
+            _load_direct(module, prefix, source, dtype)
+            continue
+        _load_direct(module, prefix, source, torch.float32)
+        params_1bit += module.weight.numel()
+        packed = binarize_linear(module, policy.binarize) if isinstance(module, nn.Linear) else binarize_conv(module, policy.binarize)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, packed)
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise SourceError(f"{source.path}: no weights for {len(leftover)} parameters, e.g. '{leftover[0]}'")
+    stats = ConversionStats(total, params_1bit, len(targets), source.source_bytes(), 2 * total, peak_rss_bytes())
+    return model.eval().requires_grad_(False), stats

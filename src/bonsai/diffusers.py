@@ -1,0 +1,90 @@
+"""Use a Bonsai 1-bit model inside the matching diffusers pipeline.
+
+A converted checkpoint loads back as the diffusers model class it came from (UNet2DConditionModel,
+FluxTransformer2DModel, ...) with BitLinear / BitConv2d layers in place of the binarized ones, so
+it drops into the pipeline as its `unet` or `transformer`:
+
+    # once: bonsai quantize ./stable-diffusion-v1-5 -o sd15-1bit.safetensors
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from bonsai.diffusers import load_bonsai_unet
+
+    unet = load_bonsai_unet("sd15-1bit.safetensors")            # ~1 bit per weight
+    pipe = StableDiffusionPipeline.from_pretrained("./stable-diffusion-v1-5", unet=unet)
+    image = pipe("a bonsai tree on a desk", num_inference_steps=25).images[0]
+    image.save("bonsai.png")
+
+    # FLUX, SD3, PixArt-Sigma, Sana: the same with the transformer
+    from diffusers import FluxPipeline
+    from bonsai.diffusers import load_bonsai_transformer
+
+    transformer = load_bonsai_transformer("flux-dev-1bit.safetensors", dtype=torch.bfloat16)
+    pipe = FluxPipeline.from_pretrained("./FLUX.1-dev", transformer=transformer, torch_dtype=torch.bfloat16)
+    image = pipe("a bonsai tree", num_inference_steps=28, guidance_scale=3.5).images[0]
+
+    # or let the checkpoint find its source pipeline (it records the folder it was converted from)
+    from bonsai.diffusers import load_bonsai_pipeline
+    pipe = load_bonsai_pipeline("sd15-1bit.safetensors")
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convert.adapters import ADAPTERS, PREFIX, UnsupportedModel
+from .format import CheckpointError, read_header
+from .models import load_model
+
+
+def load_bonsai_model(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A converted checkpoint as its diffusers model class (eval mode, 1-bit layers packed)."""
+    architecture = read_header(path).metadata["architecture"]
+    if not architecture.startswith(PREFIX) or architecture.removeprefix(PREFIX) not in ADAPTERS:
+        raise UnsupportedModel(f"{path}: architecture {architecture!r} is not a converted diffusers model")
+    model, _ = load_model(path, device=device, dtype=dtype)
+    return model
+
+
+def _load_kind(path: str | os.PathLike[str], subfolder: str, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    class_name = read_header(path).metadata["architecture"].removeprefix(PREFIX)
+    if class_name in ADAPTERS and ADAPTERS[class_name].subfolder != subfolder:
+        raise UnsupportedModel(f"{path} holds a {class_name}, not a {subfolder}; use load_bonsai_model or the other loader")
+    return load_bonsai_model(path, device, dtype)
+
+
+def load_bonsai_unet(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A converted UNet2DConditionModel (SD 1.x / 2.x / XL): pass it as `unet=` to the pipeline."""
+    return _load_kind(path, "unet", device, dtype)
+
+
+def load_bonsai_transformer(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A converted transformer (SD3, FLUX.1, PixArt-Sigma, Sana): pass it as `transformer=` to the pipeline."""
+    return _load_kind(path, "transformer", device, dtype)
+
+
+def load_bonsai_pipeline(
+    path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32, **kwargs: Any
+):
+    """The diffusers pipeline of `source` (default: the folder the checkpoint was converted from)
+    with the 1-bit denoiser in place (its high-precision layers in `dtype`). `kwargs` go to
+    DiffusionPipeline.from_pretrained (e.g. the dtype of the other components)."""
+    from diffusers import DiffusionPipeline
+
+    pipe_meta = read_header(path).metadata.get("pipeline", {})
+    source = source or pipe_meta.get("diffusers_source")
+    if not source:
+        raise CheckpointError(
+            "the checkpoint records no diffusers pipeline folder", os.fspath(path), "pass source= a diffusers pipeline folder"
+        )
+    if not os.path.isdir(source):
+        raise CheckpointError(f"diffusers pipeline folder {source} is missing", os.fspath(path), "pass source= where it is now")
+    model = load_bonsai_model(path, dtype=dtype)
+    return DiffusionPipeline.from_pretrained(source, **{pipe_meta.get("diffusers_subfolder", "unet"): model}, **kwargs)

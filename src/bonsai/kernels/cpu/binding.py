@@ -1,0 +1,116 @@
+"""ctypes binding of the compiled CPU kernel library (`_bitmm*.so`, built by setup.py).
+
+ctypes over a plain C ABI: the library needs neither Python nor torch headers to build (fast,
+and independent of the torch version installed), and ctypes releases the GIL during the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
+_ERRORS = {1: "the requested ISA path cannot run on this CPU", 2: "out of memory", 3: "invalid sizes"}
+_warned = False
+
+
+def library_path() -> Path | None:
+    """The built library next to this file, or None when the package was installed without it."""
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"_bitmm{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_library(path: Path | None) -> ctypes.CDLL:
+    """Open the library and declare its C signatures; raise ImportError when it is missing or broken."""
+    if path is None or not path.is_file():
+        raise ImportError("the compiled CPU kernel (bonsai/kernels/cpu/_bitmm) is not built")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        raise ImportError(f"cannot load the compiled CPU kernel {path}: {err}") from err
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.bonsai_bitmm.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr]
+    lib.bonsai_bitmm.restype = ctypes.c_int
+    lib.bonsai_bitmm_has_isa.argtypes = [ctypes.c_int]
+    lib.bonsai_bitmm_has_isa.restype = ctypes.c_int
+    lib.bonsai_bitmm_best_isa.restype = ctypes.c_int
+    return lib
+
+
+def warn_reference_path(reason: str) -> None:
+    """Say once per process that bitmatmul falls back to the slower reference path on CPU."""
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"{reason}; Bonsai runs 1-bit layers on the slower reference path on CPU. "
+            "Reinstall with a C++ compiler available (pip install -e .) to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def available_isas(lib: ctypes.CDLL) -> list[str]:
+    """ISA paths this CPU can run, scalar first."""
+    return [name for name, code in ISAS.items() if lib.bonsai_bitmm_has_isa(code)]
+
+
+def chosen_isa(lib: ctypes.CDLL) -> str:
+    """BONSAI_CPU_ISA (auto|scalar|avx2|avx512|neon), or the fastest path this CPU runs."""
+    name = os.environ.get("BONSAI_CPU_ISA", "auto").strip().lower() or "auto"
+    if name == "auto":
+        best = lib.bonsai_bitmm_best_isa()
+        return next(k for k, v in ISAS.items() if v == best)
+    if name not in ISAS:
+        raise ValueError(f"BONSAI_CPU_ISA={name!r}: expected auto or one of {', '.join(ISAS)}")
+    if not lib.bonsai_bitmm_has_isa(ISAS[name]):
+        raise RuntimeError(f"BONSAI_CPU_ISA={name}: this CPU runs only {', '.join(available_isas(lib))}")
+    return name
+
+
+def thread_count() -> int:
+    """BONSAI_CPU_THREADS, else torch.get_num_threads()."""
+    env = os.environ.get("BONSAI_CPU_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"BONSAI_CPU_THREADS={env!r}: expected a positive integer")
+        return int(env)
+    return torch.get_num_threads()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def call_bitmm(
+    lib: ctypes.CDLL,
+    isa: str,
+    threads: int,
+    x: torch.Tensor,
+    signs: torch.Tensor,
+    row_scale: torch.Tensor,
+    group_size: int,
+    group_scale: torch.Tensor | None,
+    col_scale: torch.Tensor | None,
+    row_offset: torch.Tensor | None,
+) -> torch.Tensor:
+    """y [M, N] float32 for x float32 [M, K] contiguous and the contiguous weight tensors (see bitmm.cpp)."""
+    m, k = x.shape
+    n = signs.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    status = lib.bonsai_bitmm(
+        ISAS[isa], threads, _ptr(x), m, k, _ptr(signs), n, _ptr(row_scale),
+        group_size if group_scale is not None else 0, _ptr(group_scale), _ptr(col_scale), _ptr(row_offset), _ptr(y),
+    )  # fmt: skip
+    if status:
+        raise RuntimeError(f"CPU bitmm kernel ({isa}) failed: {_ERRORS.get(status, f'status {status}')}")
+    return y

@@ -1,0 +1,113 @@
+// Shared layout, helpers and per-ISA entry points of the CPU 1-bit matmul (see bitmm.cpp).
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+namespace bonsai {
+
+enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_NEON = 3 };
+
+// Output columns (weight rows) per weight panel. Every ISA expands a panel into the same
+// byte layout: wbuf[k4][PANEL][4], byte = 2 where the sign is +1, else 0 (see bitmm.cpp).
+constexpr int PANEL = 32;
+constexpr int PANEL_BYTES = PANEL * 4;  // one k4 step of an expanded panel
+
+// One call: y[M, N] = x[M, K] @ W.T with W given by the stored 1-bit layout and its scales.
+struct Problem {
+  const float* x;
+  int64_t M, K, N;
+  const uint8_t* signs;          // [N, row_bytes], bit j of byte b = column 8b + j, set = +1
+  int64_t row_bytes;
+  const float* row_scale;        // [N]
+  const uint16_t* group_scale;   // float16 bits [N, ngroups] or null
+  const float* col_scale;        // [K] or null (folded into the activations)
+  const float* row_offset;       // [N] or null
+  float* y;                      // [M, N]
+  // Derived layout: K is split into groups, each zero-padded to a multiple of 4 columns.
+  int64_t gsize;                 // columns per group (K when there are no group scales)
+  int64_t gpad;                  // gsize rounded up to 4
+  int64_t ngroups;
+  int64_t kpad;                  // ngroups * gpad
+};
+
+// Quantized activations of up to `mr` rows, laid out for broadcasting 4 bytes per row.
+struct ActPanel {
+  const int8_t* q;      // [kpad / 4][mr][4]
+  const int32_t* sumx;  // [ngroups][mr]: sum of q over each group (the "-1" half of +-1)
+  const float* scale;   // [mr] absmax / 127
+  const float* xsum;    // [mr] sum of the raw x row (for row_offset)
+  int mr;
+};
+
+// Running sums of one activation panel against one weight panel, kept between K-chunks.
+struct Tile {
+  int32_t* acc;  // [mr][PANEL] integer sum of the group in progress (when a chunk ends mid-group)
+  float* f;      // [mr][PANEL] sum over finished groups of gs * (dot - sumx); zeroed by the driver
+};
+
+// The pieces each ISA provides; the driver in bitmm.cpp does the rest.
+struct Ops {
+  int mr;  // rows per activation panel
+  // q[K] = round(x * col_scale / scale), scale = absmax / 127; xsum = sum of raw x.
+  void (*quantize_row)(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum);
+  // Expand weight rows n0 .. n0 + PANEL - 1 (rows >= N read as zero) into wbuf[kpad/4][PANEL][4].
+  void (*expand_panel)(const Problem& p, int64_t n0, uint8_t* wbuf);
+  // Accumulate k4 steps [j0, j1) into the tile: f[r][c] += gs[g][c] * (int dot_g - sumx_g[r]) for
+  // each group g finished in the range. When y is given (last chunk), also write
+  // y[r, c] = scale[r] * f[r][c] + ro[c] * xsum[r] for c < ncols (row stride N).
+  void (*kernel)(const Problem& p, const ActPanel& a, const uint8_t* wbuf, const float* gs, const float* ro,
+                 Tile t, int64_t j0, int64_t j1, float* y, int ncols);
+};
+
+const Ops* scalar_ops();
+const Ops* avx2_ops();    // null when not compiled in
+const Ops* avx512_ops();  // null when not compiled in
+const Ops* neon_ops();    // null when not compiled in
+bool x86_has(Isa isa);    // this x86 CPU (and OS) runs the AVX2 / AVX-512 path
+
+// n (1..64) bits of a packed row starting at bit `start`, never reading past row_bytes.
+static inline uint64_t read_bits(const uint8_t* row, int64_t row_bytes, int64_t start, int n) {
+  const int64_t b = start >> 3;
+  const int s = (int)(start & 7);
+  const int64_t avail = row_bytes - b;
+  uint64_t v = 0;
+  if (avail >= 8) {
+    memcpy(&v, row + b, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+  } else {
+    for (int64_t i = 0; i < avail; ++i) v |= (uint64_t)row[b + i] << (8 * i);
+  }
+  v >>= s;
+  if (s && n > 64 - s && avail > 8) v |= (uint64_t)row[b + 8] << (64 - s);
+  return n == 64 ? v : v & ((1ull << n) - 1);
+}
+
+// Valid (unpadded) columns of group g.
+static inline int64_t group_len(const Problem& p, int64_t g) {
+  return p.K - g * p.gsize < p.gsize ? p.K - g * p.gsize : p.gsize;
+}
+
+// Calls fn(kp, k, nb, nvalid) for consecutive chunks of at most `width` padded columns that never
+// straddle a group: padded positions kp .. kp + nb - 1 hold real columns k .. k + nvalid - 1, then 0.
+template <typename Fn>
+static inline void for_each_chunk(const Problem& p, int width, Fn fn) {
+  for (int64_t g = 0; g < p.ngroups; ++g) {
+    const int64_t valid = group_len(p, g);
+    for (int64_t c = 0; c < p.gpad; c += width) {
+      const int nb = (int)(p.gpad - c < width ? p.gpad - c : width);
+      const int nvalid = c < valid ? (int)(valid - c < nb ? valid - c : nb) : 0;
+      fn(g * p.gpad + c, g * p.gsize + c, nb, nvalid);
+    }
+  }
+}
+
+// Sign bits of weight row n, real columns k .. k + nvalid - 1 (0 for rows past N).
+static inline uint64_t row_bits(const Problem& p, int64_t n, int64_t k, int nvalid) {
+  return n < p.N && nvalid > 0 ? read_bits(p.signs + n * p.row_bytes, p.row_bytes, k, nvalid) : 0;
+}
+
+}  // namespace bonsai

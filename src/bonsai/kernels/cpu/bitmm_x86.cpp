@@ -1,0 +1,331 @@
+// x86 paths of the CPU 1-bit matmul: AVX2+FMA and AVX-512 (BW + VNNI), compiled with per-function
+// target attributes so the library runs on any x86-64 and picks a path at run time.
+// The scalar versions in bitmm.cpp define what each function must compute.
+#include "bitmm.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+namespace bonsai {
+namespace {
+
+// ---------------------------------------------------------------- AVX2 + FMA
+constexpr int AVX2_MR = 4;
+constexpr int64_t AVX2_CHUNK = 64;  // k4 steps summed in int16: 64 * 508 < 32767
+
+TARGET_AVX2 float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+TARGET_AVX2 float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+TARGET_AVX2 __m256i tail_mask8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+TARGET_AVX2 __m256 load_scaled8(const Problem& p, const float* x, int64_t k, __m256i mask) {
+  __m256 v = _mm256_maskload_ps(x + k, mask);
+  return p.col_scale ? _mm256_mul_ps(v, _mm256_maskload_ps(p.col_scale + k, mask)) : v;
+}
+
+TARGET_AVX2 void quantize_row_avx2(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+  for (int64_t k = 0; k < p.K; k += 8) {
+    const __m256i mask = tail_mask8(p.K - k);
+    sum = _mm256_add_ps(sum, _mm256_maskload_ps(x + k, mask));
+    amax = _mm256_max_ps(amax, _mm256_and_ps(load_scaled8(p, x, k, mask), absmask));
+  }
+  const float am = hmax8(amax);
+  const __m256 inv = _mm256_set1_ps(am > 0.f ? 127.f / am : 0.f);
+  *scale = am / 127.f;
+  *xsum = hsum8(sum);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (int64_t k = 0; k < p.K; k += 8) {
+    const __m256i mask = tail_mask8(p.K - k);
+    __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(load_scaled8(p, x, k, mask), inv));
+    i = _mm256_min_epi32(_mm256_max_epi32(i, lo), hi);
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    const __m128i b8 = _mm_packs_epi16(w16, w16);
+    if (p.K - k >= 8) {
+      _mm_storel_epi64((__m128i*)(q + k), b8);
+    } else {
+      int8_t tmp[16];
+      _mm_storeu_si128((__m128i*)tmp, b8);
+      memcpy(q + k, tmp, (size_t)(p.K - k));
+    }
+  }
+}
+
+// 32 sign bits -> 32 bytes, byte i = 2 if bit i is set else 0.
+TARGET_AVX2 __m256i expand32(uint32_t bits) {
+  const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bitsel), bitsel), _mm256_set1_epi8(2));
+}
+
+// In-register transpose of an 8x8 matrix of 32-bit elements.
+TARGET_AVX2 void transpose8x8(__m256i r[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // u[4h + e]: rows 4h..4h+3 at in-lane column e
+    u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+    u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {
+    r[e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x20);
+    r[4 + e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x31);
+  }
+}
+
+TARGET_AVX2 void expand_panel_avx2(const Problem& p, int64_t n0, uint8_t* w) {
+  for_each_chunk(p, 32, [&](int64_t kp, int64_t k, int nb, int nvalid) TARGET_AVX2 {
+    for (int rg = 0; rg < PANEL / 8; ++rg) {
+      __m256i v[8];
+      for (int i = 0; i < 8; ++i) v[i] = expand32((uint32_t)row_bits(p, n0 + rg * 8 + i, k, nvalid));
+      transpose8x8(v);
+      for (int j = 0; j < nb / 4; ++j) _mm256_store_si256((__m256i*)(w + (kp / 4 + j) * PANEL_BYTES + rg * 32), v[j]);
+    }
+  });
+}
+
+// MR rows x 16 columns (half of a panel): int16 sums over at most AVX2_CHUNK steps, then int32
+// and float running sums in the tile.
+template <int MR>
+TARGET_AVX2 void kernel_avx2_half(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs,
+                                  Tile t, int64_t j0, int64_t j1, int h) {
+  const int32_t* xq = (const int32_t*)a.q;
+  const int64_t g4 = p.gpad / 4;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = j0 / g4, j = j0; j < j1; ++g) {
+    const int64_t gend = (g + 1) * g4, end = gend < j1 ? gend : j1;
+    if (j == g * g4)
+      for (int r = 0; r < MR; ++r) memset(t.acc + r * PANEL + h * 16, 0, 16 * sizeof(int32_t));
+    for (; j < end;) {
+      const int64_t cend = j + AVX2_CHUNK < end ? j + AVX2_CHUNK : end;
+      __m256i acc[MR][2];
+      for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+      for (; j < cend; ++j) {
+        const __m256i w0 = _mm256_load_si256((const __m256i*)(w + j * PANEL_BYTES + h * 64));
+        const __m256i w1 = _mm256_load_si256((const __m256i*)(w + j * PANEL_BYTES + h * 64 + 32));
+        for (int r = 0; r < MR; ++r) {
+          const __m256i xb = _mm256_set1_epi32(xq[j * MR + r]);
+          acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(w0, xb));
+          acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(w1, xb));
+        }
+      }
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < 2; ++v) {
+          __m256i* dst = (__m256i*)(t.acc + r * PANEL + h * 16 + 8 * v);
+          _mm256_storeu_si256(dst, _mm256_add_epi32(_mm256_loadu_si256(dst), _mm256_madd_epi16(acc[r][v], ones)));
+        }
+    }
+    if (end == gend) {
+      for (int r = 0; r < MR; ++r) {
+        const __m256i corr = _mm256_set1_epi32(a.sumx[g * MR + r]);
+        for (int v = 0; v < 2; ++v) {
+          const int c = h * 16 + 8 * v;
+          const __m256i sum = _mm256_loadu_si256((const __m256i*)(t.acc + r * PANEL + c));
+          const __m256 s = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, corr));
+          float* f = t.f + r * PANEL + c;
+          _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_loadu_ps(gs + g * PANEL + c), s, _mm256_loadu_ps(f)));
+        }
+      }
+    }
+  }
+}
+
+template <int MR>
+TARGET_AVX2 void kernel_avx2_mr(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs,
+                                const float* ro, Tile t, int64_t j0, int64_t j1, float* y, int ncols) {
+  for (int h = 0; h < 2 && h * 16 < ncols; ++h) kernel_avx2_half<MR>(p, a, w, gs, t, j0, j1, h);
+  if (!y) return;
+  for (int c0 = 0; c0 < ncols; c0 += 8) {
+    const __m256i mask = tail_mask8(ncols - c0);
+    const __m256 rov = _mm256_loadu_ps(ro + c0);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 f = _mm256_loadu_ps(t.f + r * PANEL + c0);
+      const __m256 out = _mm256_fmadd_ps(rov, _mm256_set1_ps(a.xsum[r]), _mm256_mul_ps(_mm256_set1_ps(a.scale[r]), f));
+      _mm256_maskstore_ps(y + r * p.N + c0, mask, out);
+    }
+  }
+}
+
+using KernelFn = void (*)(const Problem&, const ActPanel&, const uint8_t*, const float*, const float*, Tile, int64_t,
+                          int64_t, float*, int);
+
+void kernel_avx2(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, const float* ro, Tile t,
+                 int64_t j0, int64_t j1, float* y, int ncols) {
+  static const KernelFn by_rows[AVX2_MR] = {kernel_avx2_mr<1>, kernel_avx2_mr<2>, kernel_avx2_mr<3>, kernel_avx2_mr<4>};
+  by_rows[a.mr - 1](p, a, w, gs, ro, t, j0, j1, y, ncols);
+}
+
+const Ops AVX2_OPS = {AVX2_MR, quantize_row_avx2, expand_panel_avx2, kernel_avx2};
+
+// ---------------------------------------------------------------- AVX-512 BW + VNNI
+constexpr int AVX512_MR = 12;
+
+TARGET_AVX512 __mmask16 tail_mask16(int64_t n) {
+  return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+}
+
+TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum) {
+  __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+  for (int64_t k = 0; k < p.K; k += 16) {
+    const __mmask16 m = tail_mask16(p.K - k);
+    __m512 v = _mm512_maskz_loadu_ps(m, x + k);
+    sum = _mm512_add_ps(sum, v);
+    if (p.col_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.col_scale + k));
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+  }
+  const float am = _mm512_reduce_max_ps(amax);
+  const __m512 inv = _mm512_set1_ps(am > 0.f ? 127.f / am : 0.f);
+  *scale = am / 127.f;
+  *xsum = _mm512_reduce_add_ps(sum);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t k = 0; k < p.K; k += 16) {
+    const __mmask16 m = tail_mask16(p.K - k);
+    __m512 v = _mm512_maskz_loadu_ps(m, x + k);
+    if (p.col_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.col_scale + k));
+    const __m512i i = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
+    _mm512_mask_cvtepi32_storeu_epi8(q + k, m, i);
+  }
+}
+
+// In-register transpose of a 16x16 matrix of 32-bit elements.
+TARGET_AVX512 void transpose16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int qd = 0; qd < 4; ++qd) {  // u[4qd + e]: rows 4qd..4qd+3 at in-lane column e
+    u[4 * qd + 0] = _mm512_unpacklo_epi64(t[4 * qd], t[4 * qd + 2]);
+    u[4 * qd + 1] = _mm512_unpackhi_epi64(t[4 * qd], t[4 * qd + 2]);
+    u[4 * qd + 2] = _mm512_unpacklo_epi64(t[4 * qd + 1], t[4 * qd + 3]);
+    u[4 * qd + 3] = _mm512_unpackhi_epi64(t[4 * qd + 1], t[4 * qd + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {  // 4x4 transpose of 128-bit lanes across u[e], u[4+e], u[8+e], u[12+e]
+    const __m512i a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44), b = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xee);
+    const __m512i c = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44);
+    const __m512i d = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xee);
+    r[e] = _mm512_shuffle_i32x4(a, c, 0x88);
+    r[4 + e] = _mm512_shuffle_i32x4(a, c, 0xdd);
+    r[8 + e] = _mm512_shuffle_i32x4(b, d, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(b, d, 0xdd);
+  }
+}
+
+TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w) {
+  const __m512i two = _mm512_set1_epi8(2);
+  for_each_chunk(p, 64, [&](int64_t kp, int64_t k, int nb, int nvalid) TARGET_AVX512 {
+    for (int half = 0; half < 2; ++half) {
+      __m512i v[16];
+      for (int i = 0; i < 16; ++i) v[i] = _mm512_maskz_mov_epi8(row_bits(p, n0 + half * 16 + i, k, nvalid), two);
+      transpose16x16(v);
+      for (int j = 0; j < nb / 4; ++j) _mm512_store_si512(w + (kp / 4 + j) * PANEL_BYTES + half * 64, v[j]);
+    }
+  });
+}
+
+// MR rows x 32 columns: int32 sums of the current group in registers, finished groups in t.f.
+template <int MR>
+TARGET_AVX512 void kernel_avx512_mr(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs,
+                                    const float* ro, Tile t, int64_t j0, int64_t j1, float* y, int ncols) {
+  const int32_t* xq = (const int32_t*)a.q;
+  const int64_t g4 = p.gpad / 4;
+  __m512i acc[MR][2];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 2; ++v)
+      acc[r][v] = j0 % g4 ? _mm512_loadu_si512(t.acc + r * PANEL + 16 * v) : _mm512_setzero_si512();
+  for (int64_t g = j0 / g4, j = j0; j < j1; ++g) {
+    const int64_t gend = (g + 1) * g4, end = gend < j1 ? gend : j1;
+    for (; j < end; ++j) {
+      const __m512i w0 = _mm512_load_si512(w + j * PANEL_BYTES), w1 = _mm512_load_si512(w + j * PANEL_BYTES + 64);
+      for (int r = 0; r < MR; ++r) {
+        const __m512i xb = _mm512_set1_epi32(xq[j * MR + r]);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, xb);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, xb);
+      }
+    }
+    if (end == gend) {
+      for (int r = 0; r < MR; ++r) {
+        const __m512i corr = _mm512_set1_epi32(a.sumx[g * MR + r]);
+        for (int v = 0; v < 2; ++v) {
+          float* f = t.f + r * PANEL + 16 * v;
+          const __m512 s = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], corr));
+          _mm512_storeu_ps(f, _mm512_fmadd_ps(_mm512_loadu_ps(gs + g * PANEL + 16 * v), s, _mm512_loadu_ps(f)));
+          acc[r][v] = _mm512_setzero_si512();
+        }
+      }
+    }
+  }
+  if (j1 % g4)
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < 2; ++v) _mm512_storeu_si512(t.acc + r * PANEL + 16 * v, acc[r][v]);
+  if (!y) return;
+  const __mmask16 m0 = tail_mask16(ncols), m1 = tail_mask16(ncols > 16 ? ncols - 16 : 0);
+  const __m512 ro0 = _mm512_loadu_ps(ro), ro1 = _mm512_loadu_ps(ro + 16);
+  for (int r = 0; r < MR; ++r) {
+    const __m512 sc = _mm512_set1_ps(a.scale[r]), xs = _mm512_set1_ps(a.xsum[r]);
+    const float* f = t.f + r * PANEL;
+    _mm512_mask_storeu_ps(y + r * p.N, m0, _mm512_fmadd_ps(ro0, xs, _mm512_mul_ps(sc, _mm512_loadu_ps(f))));
+    _mm512_mask_storeu_ps(y + r * p.N + 16, m1, _mm512_fmadd_ps(ro1, xs, _mm512_mul_ps(sc, _mm512_loadu_ps(f + 16))));
+  }
+}
+
+void kernel_avx512(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, const float* ro, Tile t,
+                   int64_t j0, int64_t j1, float* y, int ncols) {
+  static const KernelFn by_rows[AVX512_MR] = {
+      kernel_avx512_mr<1>, kernel_avx512_mr<2>, kernel_avx512_mr<3>, kernel_avx512_mr<4>,
+      kernel_avx512_mr<5>, kernel_avx512_mr<6>, kernel_avx512_mr<7>, kernel_avx512_mr<8>,
+      kernel_avx512_mr<9>, kernel_avx512_mr<10>, kernel_avx512_mr<11>, kernel_avx512_mr<12>};
+  by_rows[a.mr - 1](p, a, w, gs, ro, t, j0, j1, y, ncols);
+}
+
+const Ops AVX512_OPS = {AVX512_MR, quantize_row_avx512, expand_panel_avx512, kernel_avx512};
+
+}  // namespace
+
+const Ops* avx2_ops() { return &AVX2_OPS; }
+const Ops* avx512_ops() { return &AVX512_OPS; }
+
+bool x86_has(Isa isa) {
+  __builtin_cpu_init();
+  switch (isa) {
+    case ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case ISA_AVX512:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
+    default: return false;
+  }
+}
+
+}  // namespace bonsai
+
+#else
+
+namespace bonsai {
+const Ops* avx2_ops() { return nullptr; }
+const Ops* avx512_ops() { return nullptr; }
+bool x86_has(Isa) { return false; }
+}  // namespace bonsai
+
+#endif

@@ -1,0 +1,120 @@
+"""LoRA on 1-bit (and float) models: load diffusers/PEFT and kohya/A1111 files as bf16 side
+branches, stack and weight them, parse `<lora:name:0.8>` in prompts, and save trained ones.
+
+    names = apply_lora(model, "style.safetensors", weight=0.8)   # several calls stack
+    set_lora_weights(model, {"style": 0.0})                       # switch off without unloading
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .formats import LoRAError, LoRAFactors, parse_lora, read_lora
+from .layers import LoRALayer, add_trainable_lora, fit_factors, lora_targets, wrap
+
+_PROMPT_LORA = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+
+
+def apply_lora(
+    model: nn.Module, lora: str | os.PathLike[str] | dict[str, LoRAFactors], weight: float = 1.0,
+    name: str | None = None, dtype: torch.dtype = torch.bfloat16,
+) -> str:
+    """Attach a LoRA (file path or parsed factors) to `model` with `weight`; returns its name.
+    All layers are checked before any is changed, so a LoRA for a different model changes nothing."""
+    if isinstance(lora, dict):
+        factors, name = lora, name or "lora"
+    else:
+        factors = read_lora(lora, set(lora_targets(model)))
+        name = name or Path(lora).stem
+    targets = lora_targets(model)
+    for module, f in factors.items():
+        if module not in targets:
+            raise LoRAError(f"LoRA '{name}': the model has no layer '{module}' — the LoRA is for a different model")
+        base = targets[module]
+        fit_factors(base.base if isinstance(base, LoRALayer) else base, f, f"{name}:{module}")
+    for module, f in factors.items():
+        layer = wrap(model, module)
+        if name in layer.downs:
+            layer.remove(name)
+        layer.add(name, f, weight, dtype)
+    return name
+
+
+def loaded_loras(model: nn.Module) -> dict[str, float]:
+    """LoRA name -> current weight."""
+    return {n: w for m in model.modules() if isinstance(m, LoRALayer) for n, w in m.weights.items()}
+
+
+def set_lora_weights(model: nn.Module, weights: dict[str, float]) -> None:
+    for m in model.modules():
+        if isinstance(m, LoRALayer):
+            for n, w in weights.items():
+                if n in m.weights:
+                    m.weights[n] = w
+
+
+def remove_lora(model: nn.Module, name: str) -> None:
+    for m in model.modules():
+        if isinstance(m, LoRALayer) and name in m.downs:
+            m.remove(name)
+
+
+def lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """LoRA `name` in the diffusers/PEFT layout ("<module>.lora_A.weight", ".lora_B.weight", ".alpha")."""
+    out = {}
+    for module, m in lora_targets(model).items():
+        if isinstance(m, LoRALayer) and name in m.downs:
+            out[f"{module}.lora_A.weight"] = m.downs[name].detach().to(torch.bfloat16).cpu().contiguous()
+            out[f"{module}.lora_B.weight"] = m.ups[name].detach().to(torch.bfloat16).cpu().contiguous()
+            out[f"{module}.alpha"] = torch.tensor(m.scales[name] * m.downs[name].shape[0])
+    return out
+
+
+def save_lora(model: nn.Module, name: str, path: str | os.PathLike[str]) -> None:
+    """Write LoRA `name` as a .safetensors file (atomically)."""
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(lora_state_dict(model, name), tmp, metadata={"format": "pt", "bonsai_lora": name})
+    os.replace(tmp, path)
+
+
+def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """"a cat <lora:ink:0.8>" -> ("a cat", [("ink", 0.8)]). A missing weight means 1.0."""
+    loras = []
+    for m in _PROMPT_LORA.finditer(prompt):
+        try:
+            loras.append((m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0))
+        except ValueError:
+            raise LoRAError(f"bad LoRA weight in '{m.group(0)}': write <lora:NAME:0.8>") from None
+    return " ".join(_PROMPT_LORA.sub(" ", prompt).split()), loras
+
+
+def resolve_lora(name: str, lora_dir: str | os.PathLike[str] | None) -> Path:
+    """A prompt's LoRA name -> its file: a path as given, or NAME.safetensors in `lora_dir`."""
+    direct = Path(name)
+    if direct.suffix == ".safetensors" and direct.is_file():
+        return direct
+    if lora_dir is not None and (Path(lora_dir) / f"{name}.safetensors").is_file():
+        return Path(lora_dir) / f"{name}.safetensors"
+    raise LoRAError(f"LoRA '{name}' not found: put {name}.safetensors in {lora_dir or 'a LoRA folder (--lora-dir)'}")
+
+
+def use_prompt_loras(model: nn.Module, loras: list[tuple[str, float]], lora_dir: str | os.PathLike[str] | None) -> None:
+    """Make exactly the prompt's LoRAs active at their weights (loading new ones, zeroing the rest)."""
+    wanted = dict(loras)
+    loaded = loaded_loras(model)
+    for name in wanted.keys() - loaded.keys():
+        apply_lora(model, resolve_lora(name, lora_dir), wanted[name], name=name)
+    set_lora_weights(model, {n: wanted.get(n, 0.0) for n in loaded_loras(model)})
+
+
+__all__ = [
+    "LoRAError", "LoRAFactors", "LoRALayer", "add_trainable_lora", "apply_lora", "loaded_loras", "lora_state_dict",
+    "lora_targets", "parse_lora", "parse_prompt_loras", "read_lora", "remove_lora", "resolve_lora", "save_lora",
+    "set_lora_weights", "use_prompt_loras",
+]

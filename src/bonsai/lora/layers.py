@@ -1,0 +1,125 @@
+"""LoRA as a low-rank side branch next to a (1-bit or float) layer: y = base(x) + sum_i w_i s_i up_i(down_i(x)).
+
+The base layer is never touched (a packed BitLinear stays packed; nothing is re-quantized), so
+LoRAs can be stacked, re-weighted or removed at any time. Loaded factors are kept in bfloat16;
+trainable ones in float32 (the optimizer needs the precision)."""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import BitConv2d, BitLinear
+from .formats import LoRAError, LoRAFactors
+
+_LINEAR = (nn.Linear, BitLinear)
+_CONV = (nn.Conv2d, BitConv2d)
+
+
+class LoRALayer(nn.Module):
+    """Wraps `base` (nn.Linear, BitLinear, nn.Conv2d or BitConv2d) with named LoRA branches."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.downs = nn.ParameterDict()
+        self.ups = nn.ParameterDict()
+        self.scales: dict[str, float] = {}  # alpha / r
+        self.weights: dict[str, float] = {}  # user weight (e.g. 0.8 from <lora:name:0.8>)
+
+    def add(self, name: str, factors: LoRAFactors, weight: float, dtype: torch.dtype, trainable: bool = False) -> None:
+        down, up = fit_factors(self.base, factors, name)
+        device = next(itertools.chain(self.base.parameters(), self.base.buffers())).device
+        self.downs[name] = nn.Parameter(down.to(device=device, dtype=dtype), requires_grad=trainable)
+        self.ups[name] = nn.Parameter(up.to(device=device, dtype=dtype), requires_grad=trainable)
+        self.scales[name], self.weights[name] = factors.scale, weight
+
+    def remove(self, name: str) -> None:
+        del self.downs[name], self.ups[name], self.scales[name], self.weights[name]
+
+    def branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        down, up = self.downs[name].to(x.dtype), self.ups[name].to(x.dtype)
+        if isinstance(self.base, _LINEAR):
+            return F.linear(F.linear(x, down), up)
+        b = self.base
+        return F.conv2d(F.conv2d(x, down, None, b.stride, b.padding, b.dilation), up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for name in self.downs:
+            w = self.weights[name] * self.scales[name]
+            if w:
+                y = y + w * self.branch(x, name)
+        return y
+
+
+def fit_factors(base: nn.Module, f: LoRAFactors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors in the layout the branch uses: Linear [r, K] / [N, r]; Conv [r, I, kh, kw] / [N, r, 1, 1]."""
+    r = f.rank
+    if isinstance(base, _LINEAR):
+        n, k = base.out_features, base.in_features
+        down, up = f.down.reshape(r, -1), f.up.reshape(f.up.shape[0], r)
+        want = ((r, k), (n, r))
+    else:
+        kh, kw = base.kernel_size
+        n, i = base.out_channels, base.in_channels
+        down, up = f.down.reshape(r, i, kh, kw) if f.down.numel() == r * i * kh * kw else f.down, f.up.reshape(f.up.shape[0], r, 1, 1)
+        want = ((r, i, kh, kw), (n, r, 1, 1))
+    if (tuple(down.shape), tuple(up.shape)) != want:
+        raise LoRAError(
+            f"LoRA '{name}': factors {tuple(f.down.shape)} / {tuple(f.up.shape)} do not fit a layer of "
+            f"{type(base).__name__} shape (out {n}, in {want[0][1]}) — the LoRA is for a different model"
+        )
+    return down, up
+
+
+def lora_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers a LoRA can attach to, by the names LoRA files use (a wrapped layer keeps its name)."""
+    out: dict[str, nn.Module] = {}
+    inside: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(m, (LoRALayer, BitConv2d)):
+            inside.append(name + ".")
+        if isinstance(m, (LoRALayer, *_LINEAR, *_CONV)) and name:
+            if isinstance(m, nn.Conv2d) and m.groups != 1:
+                continue
+            out[name] = m
+    return out
+
+
+def wrap(model: nn.Module, name: str) -> LoRALayer:
+    """The LoRALayer at `name`, wrapping the layer there first if needed."""
+    module = model.get_submodule(name)
+    if isinstance(module, LoRALayer):
+        return module
+    layer = LoRALayer(module)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return layer
+
+
+def add_trainable_lora(model: nn.Module, name: str, rank: int, patterns: tuple[str, ...], alpha: float | None = None) -> list[str]:
+    """New LoRA `name` of `rank` on every linear layer matching a pattern: down ~ Kaiming-uniform,
+    up = 0 (starts as the identity), float32, requires_grad. Everything else is frozen."""
+    model.requires_grad_(False)
+    names = [n for n, m in lora_targets(model).items() if isinstance(_base(m), _LINEAR) and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not names:
+        raise LoRAError(f"no linear layer matches {', '.join(patterns)}")
+    for n in names:
+        base = _base(model.get_submodule(n))
+        down = torch.empty(rank, base.in_features)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        factors = LoRAFactors(down, torch.zeros(base.out_features, rank), float(alpha or rank))
+        wrap(model, n).add(name, factors, 1.0, torch.float32, trainable=True)
+    return names
+
+
+def _base(m: nn.Module) -> nn.Module:
+    return m.base if isinstance(m, LoRALayer) else m

@@ -1,0 +1,95 @@
+"""The FastAPI application: the APIs, the web UI, error handling, auth and limits.
+
+    app = create_app(ServeConfig(data_dir=Path("serve-data")))
+    uvicorn.run(app, host="127.0.0.1", port=7860)
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from . import a1111, native, openai
+from .config import ServeConfig
+from .errors import FieldError, QueueFull
+from .middleware import TOKEN_COOKIE, BodyLimit, TokenAuth
+from .runner import PipelineLoader
+from .state import Server
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+log = logging.getLogger("bonsai.serve")
+
+
+def error_response(status: int, field: str | None, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """One error shape for every API: OpenAI clients read error.message, others error.field or detail."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": field, "field": field, "code": None}, "detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    field = ".".join(loc) or "body"
+    return error_response(422, field, f"{field}: {first.get('msg', 'invalid value')}")
+
+
+def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> FastAPI:
+    """The app for `config`; `loader(path, device)` replaces Pipeline.from_pretrained (tests share one model)."""
+    state = Server.create(config, loader)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        interrupted = state.db.mark_interrupted()
+        if interrupted:
+            log.warning("%d job(s) were interrupted by the last shutdown; they are marked so in the history", interrupted)
+        state.queue.start()
+        try:
+            yield
+        finally:
+            state.queue.stop()
+            state.db.close()
+
+    app = FastAPI(
+        title="Bonsai",
+        summary="Local text-to-image generation with 1-bit diffusion models",
+        description="Native job API (/api), an AUTOMATIC1111-compatible subset (/sdapi/v1) and an "
+        "OpenAI-compatible image endpoint (/v1). All share one job queue.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.bonsai = state
+    app.add_exception_handler(
+        FieldError, lambda _r, e: error_response(e.status, e.field, e.message)  # type: ignore[arg-type]
+    )
+    app.add_exception_handler(
+        QueueFull, lambda _r, e: error_response(429, None, str(e), {"retry-after": "5"})  # type: ignore[arg-type]
+    )
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    for module in (native, a1111, openai):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index(request: Request) -> Response:
+        # Opened as /?token=T: keep the token in a cookie for the page's requests and drop it from the address bar.
+        if config.token and "token" in request.query_params:
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(TOKEN_COOKIE, config.token, httponly=True, samesite="strict")
+            return response
+        return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
+
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if config.token:
+        app.add_middleware(TokenAuth, token=config.token)
+    if "*" not in config.allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts))
+    return app

@@ -1,0 +1,55 @@
+"""`bonsai serve`: the web UI and HTTP APIs on one local port."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import click
+
+from .config import LOOPBACK_HOSTS
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback exposes the server.")
+@click.option("--port", type=int, default=7860, show_default=True)
+@click.option("--token", envvar="BONSAI_TOKEN", default=None, help="Require this token on every request (env BONSAI_TOKEN).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="History and images (default: $BONSAI_HOME/serve).")
+@click.option("--model", "models", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Extra checkpoint file to offer (repeatable); the store's models are always offered.")
+@click.option("--default-model", default=None, help="Model used when a request names none (default: the first usable).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--max-queue", type=int, default=16, show_default=True, help="Waiting jobs before new ones get 429.")
+@click.option("--max-batch", type=int, default=8, show_default=True)
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Host header to accept (repeatable; default: loopback names when bound to loopback, any otherwise).")
+def serve(host, port, token, data_dir, models, default_model, device, max_queue, max_batch, allowed_hosts) -> None:
+    """Serve the web UI, the native API, and A1111- and OpenAI-compatible APIs."""
+    import uvicorn
+
+    from bonsai.hub import default_home
+
+    from .app import create_app
+    from .config import ServeConfig
+
+    loopback = _is_loopback(host)
+    if not loopback and not token:
+        click.echo(f"warning: binding {host} without --token lets anyone who can reach it generate images", err=True)
+    hosts = tuple(allowed_hosts) or (LOOPBACK_HOSTS if loopback else ("*",))
+    config = ServeConfig(
+        data_dir=data_dir or default_home() / "serve", models=tuple(models), default_model=default_model, device=device,
+        token=token, allowed_hosts=hosts, max_queue=max_queue, max_batch=max_batch,
+    )
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"Bonsai on http://{shown}:{port}/" + ("?token=..." if token else "") + f"  (data: {config.data_dir})", err=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info")

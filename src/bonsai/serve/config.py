@@ -1,0 +1,42 @@
+"""Server settings: one frozen dataclass with defaults that work on a laptop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+# Size presets offered by the web UI; the model's native size is added in front of them.
+SIZE_PRESETS = ((512, 512), (768, 512), (512, 768), (1024, 1024))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Where the server keeps its state and what it accepts.
+
+    data_dir: history database (jobs.sqlite3) and images/ (default $BONSAI_HOME/serve).
+    home: the model store (models, catalog.json, loras/); None = the default store.
+    models: extra checkpoint files to offer besides the store's models.
+    token: when set, every request must carry it (Bearer header, Basic password, cookie or ?token=).
+    allowed_hosts: Host header values accepted (guards a loopback server against DNS rebinding); ("*",) = any.
+    max_pixels: batch * width * height of one job (the memory guard behind "batch too large").
+    """
+
+    data_dir: Path
+    home: Path | None = None
+    models: tuple[Path, ...] = ()
+    default_model: str | None = None
+    device: str = "auto"
+    token: str | None = None
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    max_queue: int = 16
+    max_batch: int = 8
+    max_side: int = 2048
+    max_pixels: int = 4 * 1024 * 1024
+    max_steps: int = 200
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_upload_pixels: int = 4096 * 4096
+    max_hires_scale: float = 4.0
+    preview_side: int = 128
+    sync_timeout_s: float = 3600.0  # how long a blocking A1111/OpenAI request waits for its job

@@ -1,0 +1,108 @@
+"""ASGI middleware: request body size limit and token authentication."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+from http.cookies import SimpleCookie
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qs
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+TOKEN_COOKIE = "bonsai_token"
+
+
+async def _json_error(send: Send, status: int, field: str | None, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps({"error": {"message": message, "field": field, "type": "invalid_request_error"}, "detail": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """Answers 413 to requests whose body is larger than `max_bytes`, declared or streamed.
+
+    The body is read (up to the limit) before the app sees the request, so an oversized upload
+    is refused before anything parses it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body is larger than {self.max_bytes} bytes"
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+                return await _json_error(send, 413, "body", message)
+        chunks, seen, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                return
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return await _json_error(send, 413, "body", message)
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def request_token(scope: Scope) -> str | None:
+    """The token a request carries: Bearer header, Basic password (A1111 --api-auth style), cookie or ?token=."""
+    headers = dict(scope["headers"])
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value:
+        return value.strip()
+    if scheme.lower() == "basic" and value:
+        try:
+            return base64.b64decode(value.strip()).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    cookie = SimpleCookie(headers.get(b"cookie", b"").decode("latin-1"))
+    if TOKEN_COOKIE in cookie:
+        return cookie[TOKEN_COOKIE].value
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return query.get("token", [None])[0]
+
+
+class TokenAuth:
+    """Every HTTP request must carry `token`; 401 otherwise (compared in constant time)."""
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = request_token(scope)
+        if given is None or not secrets.compare_digest(given.encode(), self.token):
+            return await _json_error(
+                send, 401, "token", "missing or wrong token: send 'Authorization: Bearer TOKEN' (or open /?token=TOKEN in a browser)",
+                [(b"www-authenticate", b'Bearer realm="bonsai"')],
+            )
+        await self.app(scope, receive, send)

@@ -1,0 +1,96 @@
+"""Runs one job spec on a pipeline: txt2img, img2img, and the hires-fix second pass.
+
+The runner owns the loaded pipeline (one model at a time; switching models reloads) and is only
+ever called from the worker thread."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from bonsai.pipeline import Pipeline, to_pil
+
+from .models import ModelCatalog
+from .spec import JobSpec
+
+# (stage, stages, step, total, x0 estimate [B, C, H, W]) -> None; may raise to cancel the job.
+Progress = Callable[[int, int, int, int, torch.Tensor], None]
+PipelineLoader = Callable[[Path, str], Pipeline]
+
+
+def supports_loras() -> bool:
+    """Whether this Bonsai's Pipeline.generate takes `loras=[(name_or_path, weight)]`."""
+    return "loras" in inspect.signature(Pipeline.generate).parameters
+
+
+def preview_png(x0: torch.Tensor, side: int) -> bytes | None:
+    """The first image of a denoised estimate [B, C, H, W] as a small PNG (None if it has < 3 channels)."""
+    if x0.shape[1] < 3:
+        return None
+    image = to_pil(x0[:1, :3])[0]
+    image.thumbnail((side, side), Image.NEAREST if max(image.size) < side else Image.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def upscale(images: list[Image.Image], width: int, height: int, upscaler: str) -> list[Image.Image]:
+    """Pixel upscale for the second pass (LANCZOS is the only upscaler so far)."""
+    assert upscaler == "lanczos", upscaler
+    return [im.resize((width, height), Image.LANCZOS) for im in images]
+
+
+def _load(path: Path, device: str) -> Pipeline:
+    return Pipeline.from_pretrained(path, device=device)
+
+
+class Runner:
+    def __init__(self, catalog: ModelCatalog, device: str = "auto", loader: PipelineLoader | None = None):
+        self.catalog = catalog
+        self.device = device
+        self.loader = loader or _load
+        self._loaded: tuple[str, Pipeline] | None = None
+
+    def pipeline(self, model: str) -> Pipeline:
+        """The pipeline of `model`, loading it (and dropping the previous one) when needed."""
+        if self._loaded is None or self._loaded[0] != model:
+            self._loaded = None  # free the old model before loading the new one
+            info = self.catalog.get(model)
+            self._loaded = (model, self.loader(info.path, self.device))
+        return self._loaded[1]
+
+    def run(self, spec: JobSpec, init: Image.Image | None, progress: Progress) -> list[Image.Image]:
+        """Generate the job's images; each carries its A1111 parameters in .info["parameters"]."""
+        pipe = self.pipeline(spec.model)
+        stages = 2 if spec.hires else 1
+        extra: dict[str, Any] = {}
+        if spec.loras:
+            lora_files = self.catalog.loras()
+            extra["loras"] = [(os.fspath(lora_files[name]), weight) for name, weight in spec.loras]
+        common = dict(negative_prompt=spec.negative_prompt, cfg=spec.cfg, seed=spec.seed, sampler=spec.sampler, **extra)
+        first = pipe.generate(
+            spec.prompt, batch=spec.batch, callback=lambda s, t, x0: progress(1, stages, s, t, x0),
+            init_images=[init] if init is not None else None, strength=spec.strength,
+            steps=spec.steps, width=spec.width, height=spec.height, **common,
+        )
+        if spec.hires is None:
+            return first.images
+        h = spec.hires
+        second = pipe.generate(
+            spec.prompt, batch=spec.batch, callback=lambda s, t, x0: progress(2, stages, s, t, x0),
+            init_images=upscale(first.images, h.width, h.height, h.upscaler), strength=h.strength,
+            steps=h.steps, width=h.width, height=h.height, **common,
+        )
+        note = (
+            f", Hires upscale: {h.scale:g}, Hires upscaler: {h.upscaler}, "
+            f"First pass size: {spec.width}x{spec.height}, First pass steps: {spec.steps}"
+        )
+        for image in second.images:
+            image.info["parameters"] += note
+        return second.images

@@ -1,0 +1,201 @@
+"""The native job request, its validation, and the resolved job spec that the worker runs.
+
+Every API (native, A1111, OpenAI) builds a `JobRequest`; `resolve` checks it against the
+server's limits and the chosen model and fills every unset field from the model's defaults,
+so that the stored spec alone reproduces the job."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from bonsai.pipeline import MAX_PROMPT_CHARS
+from bonsai.sampling import SAMPLERS
+
+from .config import ServeConfig
+from .errors import FieldError
+from .models import ModelCatalog
+
+UPSCALERS = ("lanczos",)
+SEED_MAX = 2**31 - 1
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class LoraRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=200)
+    weight: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class HiresRequest(BaseModel):
+    """Second pass: upscale the first result by `scale`, then refine it with img2img at `strength`."""
+
+    model_config = ConfigDict(extra="forbid")
+    scale: float = Field(2.0, gt=1.0)
+    strength: float = Field(0.5, gt=0.0, le=1.0)
+    steps: int | None = Field(None, description="second-pass steps (default: the first pass's)")
+    upscaler: str = "lanczos"
+
+
+class JobRequest(BaseModel):
+    """A generation job. Unset fields take the model's defaults; seed null or -1 draws one."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    negative_prompt: str = ""
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    seed: int | None = None
+    sampler: str | None = None
+    batch: int = 1
+    loras: list[LoraRef] = Field(default_factory=list, max_length=8)
+    init_image: str | None = Field(None, description="img2img source: base64 PNG/JPEG/WebP (a data: URL is fine)")
+    strength: float | None = Field(None, description="img2img denoising strength in (0, 1]; default 0.75")
+    hires: HiresRequest | None = None
+
+
+@dataclass(frozen=True)
+class HiresSpec:
+    scale: float
+    strength: float
+    steps: int
+    upscaler: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A fully resolved job: what the worker runs and what the history stores."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    seed: int
+    sampler: str
+    batch: int
+    strength: float = 1.0
+    img2img: bool = False
+    loras: tuple[tuple[str, float], ...] = ()
+    hires: HiresSpec | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
+    """base64 (or data: URL) -> RGB image; FieldError naming `field` when it is not a small image."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(field, f"{field} is not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.width * im.height > max_pixels:
+                raise FieldError(field, f"{field} is {im.width}x{im.height}; at most {max_pixels} pixels are accepted")
+            if im.format not in ("PNG", "JPEG", "WEBP"):
+                raise FieldError(field, f"{field} must be a PNG, JPEG or WebP image, got {im.format}")
+            return im.convert("RGB")
+    except (OSError, Image.DecompressionBombError, SyntaxError):
+        raise FieldError(field, f"{field} is not a readable image") from None
+
+
+def parse_size(size: str, field: str = "size") -> tuple[int, int]:
+    m = _SIZE.match(size.strip().lower())
+    if not m:
+        raise FieldError(field, f"{field} {size!r} is not WIDTHxHEIGHT, e.g. 512x512")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _check_side(field: str, value: int, patch: int, cfg: ServeConfig) -> None:
+    if not patch <= value <= cfg.max_side or value % patch:
+        raise FieldError(field, f"{field} {value} is not allowed: use a multiple of {patch} between {patch} and {cfg.max_side}")
+
+
+def _round_to(value: float, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[JobSpec, Image.Image | None]:
+    """Check `req` and fill its defaults -> (spec, decoded init image or None); FieldError on the first bad field."""
+    model = catalog.get(req.model)
+    d = model.defaults
+    if not req.prompt.strip():
+        raise FieldError("prompt", "prompt is empty: describe the image you want")
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(req, name)) > MAX_PROMPT_CHARS:
+            raise FieldError(name, f"{name} is longer than {MAX_PROMPT_CHARS} characters")
+    width, height = req.width or int(d["width"]), req.height or int(d["height"])
+    _check_side("width", width, model.patch_size, cfg)
+    _check_side("height", height, model.patch_size, cfg)
+    steps = req.steps if req.steps is not None else int(d.get("steps", 20))
+    if not 1 <= steps <= cfg.max_steps:
+        raise FieldError("steps", f"steps must be between 1 and {cfg.max_steps}, got {steps}")
+    guidance = req.cfg if req.cfg is not None else float(d.get("cfg", 4.0))
+    if not 0.0 <= guidance <= 50.0:
+        raise FieldError("cfg", f"cfg must be between 0 and 50, got {guidance:g}")
+    sampler = req.sampler or str(d.get("sampler", "euler"))
+    if sampler not in SAMPLERS:
+        raise FieldError("sampler", f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if not 1 <= req.batch <= cfg.max_batch:
+        raise FieldError("batch", f"batch must be between 1 and {cfg.max_batch}, got {req.batch}")
+    seed = secrets.randbelow(SEED_MAX) if req.seed is None or req.seed == -1 else req.seed
+    if not 0 <= seed <= SEED_MAX - req.batch:
+        raise FieldError("seed", f"seed must be -1 (random) or between 0 and {SEED_MAX - req.batch}, got {seed}")
+
+    hires = None
+    if req.hires is not None:
+        h = req.hires
+        if h.scale > cfg.max_hires_scale:
+            raise FieldError("hires.scale", f"hires.scale must be at most {cfg.max_hires_scale:g}, got {h.scale:g}")
+        if h.upscaler not in UPSCALERS:
+            raise FieldError("hires.upscaler", f"hires.upscaler {h.upscaler!r} is not one of {', '.join(UPSCALERS)}")
+        hires_steps = h.steps if h.steps is not None else steps
+        if not 1 <= hires_steps <= cfg.max_steps:
+            raise FieldError("hires.steps", f"hires.steps must be between 1 and {cfg.max_steps}, got {hires_steps}")
+        hw, hh = _round_to(width * h.scale, model.patch_size), _round_to(height * h.scale, model.patch_size)
+        _check_side("hires.scale", max(hw, hh), model.patch_size, cfg)
+        hires = HiresSpec(h.scale, h.strength, hires_steps, h.upscaler, hw, hh)
+    final_w, final_h = (hires.width, hires.height) if hires else (width, height)
+    if req.batch * final_w * final_h > cfg.max_pixels:
+        raise FieldError(
+            "batch", f"batch {req.batch} of {final_w}x{final_h} exceeds this server's {cfg.max_pixels} pixels per job; lower batch or size"
+        )
+
+    init = None
+    strength = 1.0
+    if req.init_image is not None:
+        init = decode_image(req.init_image, "init_image", cfg.max_upload_pixels)
+        strength = req.strength if req.strength is not None else 0.75
+        if not 0.0 < strength <= 1.0:
+            raise FieldError("strength", f"strength must be in (0, 1], got {strength:g}")
+    elif req.strength is not None:
+        raise FieldError("strength", "strength applies to img2img only: send init_image too")
+
+    known = catalog.loras()
+    for i, lora in enumerate(req.loras):
+        if lora.name not in known:
+            raise FieldError(f"loras.{i}.name", f"unknown LoRA {lora.name!r}; known: {', '.join(known) or 'none'} (see GET /api/loras)")
+    spec = JobSpec(
+        model=model.name, prompt=req.prompt, negative_prompt=req.negative_prompt, width=width, height=height,
+        steps=steps, cfg=guidance, seed=seed, sampler=sampler, batch=req.batch, strength=strength,
+        img2img=init is not None, loras=tuple((lo.name, lo.weight) for lo in req.loras), hires=hires,
+    )
+    return spec, init

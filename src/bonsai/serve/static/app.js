@@ -1,0 +1,254 @@
+// Bonsai web UI: plain JS over the native API (/api). No build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { models: [], config: null, job: null, initImage: null, cursor: null, detail: null };
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { credentials: "same-origin", ...options });
+  const body = response.status === 204 ? null : await response.json();
+  if (!response.ok) {
+    const err = body && body.error ? body.error : { message: response.statusText };
+    throw new Error(err.field ? `${err.field}: ${err.message}` : err.message);
+  }
+  return body;
+}
+
+function showError(message) {
+  $("error").textContent = message || "";
+  $("error").hidden = !message;
+}
+
+function option(value, text) {
+  const o = document.createElement("option");
+  o.value = value;
+  o.textContent = text ?? value;
+  return o;
+}
+
+// ---- tabs
+document.querySelectorAll("nav button").forEach((b) =>
+  b.addEventListener("click", () => showTab(b.dataset.tab)));
+
+function showTab(name) {
+  document.querySelectorAll("nav button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+  document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.id === `tab-${name}`));
+  if (name === "gallery") loadGallery(true);
+  if (name === "models") loadModels();
+}
+
+// ---- form setup
+function currentModel() {
+  return state.models.find((m) => m.name === $("model").value);
+}
+
+function applyModelDefaults() {
+  const m = currentModel();
+  if (!m) return;
+  const d = m.defaults;
+  const native = `${d.width}x${d.height}`;
+  const sizes = [native, ...state.config.size_presets.filter((s) => s !== native)];
+  $("size").replaceChildren(...sizes.map((s) => option(s, s === native ? `${s} (native)` : s)));
+  $("steps").value = d.steps ?? 20;
+  $("cfg").value = d.cfg ?? 4;
+  if (d.sampler) $("sampler").value = d.sampler;
+}
+
+async function init() {
+  const [config, models, loras] = await Promise.all([api("/api/config"), api("/api/models"), api("/api/loras")]);
+  state.config = config;
+  state.models = models.models.filter((m) => m.status === "ok");
+  $("model").replaceChildren(...state.models.map((m) => option(m.name)));
+  if (models.default) $("model").value = models.default;
+  $("sampler").replaceChildren(...config.samplers.map((s) => option(s)));
+  $("steps").max = config.limits.max_steps;
+  $("batch").max = config.limits.max_batch;
+  $("lora").append(...loras.loras.map((n) => option(n)));
+  $("lora").disabled = !loras.supported || loras.loras.length === 0;
+  $("lora_note").textContent = loras.supported
+    ? `LoRA files are read from ${loras.folder}.`
+    : `LoRA files in ${loras.folder} are listed; this Bonsai cannot apply them yet.`;
+  if (!state.models.length) showError("No usable model: run 'bonsai models list' on the server.");
+  applyModelDefaults();
+}
+
+$("model").addEventListener("change", applyModelDefaults);
+$("seed_random").addEventListener("click", () => { $("seed").value = -1; $("seed_lock").checked = false; });
+$("init_image").addEventListener("change", () => {
+  const file = $("init_image").files[0];
+  if (!file) { state.initImage = null; return; }
+  const reader = new FileReader();
+  reader.onload = () => { state.initImage = reader.result; };
+  reader.readAsDataURL(file);
+});
+$("clear_init").addEventListener("click", () => { $("init_image").value = ""; state.initImage = null; });
+
+function request() {
+  const [width, height] = $("size").value.split("x").map(Number);
+  const body = {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative_prompt").value,
+    model: $("model").value || null,
+    width, height,
+    steps: Number($("steps").value),
+    cfg: Number($("cfg").value),
+    sampler: $("sampler").value,
+    seed: Number($("seed").value),
+    batch: Number($("batch").value),
+  };
+  if ($("lora").value) body.loras = [{ name: $("lora").value, weight: Number($("lora_weight").value) }];
+  if ($("hires").checked) {
+    body.hires = { scale: Number($("hires_scale").value), strength: Number($("hires_strength").value) };
+    if ($("hires_steps").value) body.hires.steps = Number($("hires_steps").value);
+  }
+  if (state.initImage) {
+    body.init_image = state.initImage;
+    body.strength = Number($("strength").value);
+  }
+  return body;
+}
+
+// ---- generate, progress, cancel
+$("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  showError("");
+  try {
+    const job = await api("/api/jobs", {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(request()),
+    });
+    if ($("seed_lock").checked) $("seed").value = job.spec.seed;
+    state.job = job.id;
+    $("generate").disabled = true;
+    $("cancel").disabled = false;
+    $("progress_box").hidden = false;
+    $("progress").value = 0;
+    $("preview").removeAttribute("src");
+    poll(job.id);
+  } catch (e) {
+    showError(e.message);
+  }
+});
+
+$("cancel").addEventListener("click", async () => {
+  if (state.job) await api(`/api/jobs/${state.job}/cancel`, { method: "POST" }).catch((e) => showError(e.message));
+});
+
+async function poll(id) {
+  let job;
+  try {
+    job = await api(`/api/jobs/${id}`);
+  } catch (e) {
+    showError(e.message);
+    return finish();
+  }
+  if (job.status === "queued") {
+    $("progress_text").textContent = `queued (${job.position} ahead)`;
+  } else if (job.status === "running") {
+    const p = job.progress;
+    $("progress").value = p.fraction;
+    const stage = p.stages > 1 ? `pass ${p.stage}/${p.stages}, ` : "";
+    $("progress_text").textContent = `${stage}step ${p.step}/${p.total}`;
+    if (job.preview && $("preview").dataset.src !== job.preview) {
+      $("preview").src = job.preview;
+      $("preview").dataset.src = job.preview;
+    }
+  }
+  if (job.status === "queued" || job.status === "running") {
+    setTimeout(() => poll(id), 250);
+    return;
+  }
+  $("progress").value = job.status === "done" ? 1 : $("progress").value;
+  $("progress_text").textContent = job.status + (job.error ? `: ${job.error}` : "");
+  if (job.status === "failed") showError(job.error);
+  $("results").replaceChildren(...job.images.map((url, n) => figure(job, url, n)));
+  finish();
+}
+
+function finish() {
+  state.job = null;
+  $("generate").disabled = false;
+  $("cancel").disabled = true;
+}
+
+function figure(job, url, n) {
+  const fig = document.createElement("figure");
+  const img = document.createElement("img");
+  img.src = url;
+  img.alt = job.spec.prompt;
+  img.loading = "lazy";
+  img.addEventListener("click", () => openDetail(job, n));
+  const cap = document.createElement("figcaption");
+  cap.textContent = `${job.spec.seed + n} · ${job.spec.prompt}`;
+  fig.append(img, cap);
+  return fig;
+}
+
+// ---- gallery and detail
+async function loadGallery(reset) {
+  if (reset) { state.cursor = null; $("gallery").replaceChildren(); }
+  const q = new URLSearchParams({ status: "done", limit: "40" });
+  if (state.cursor !== null) q.set("before", state.cursor);
+  const page = await api(`/api/jobs?${q}`);
+  for (const job of page.jobs) $("gallery").append(...job.images.map((url, n) => figure(job, url, n)));
+  state.cursor = page.next;
+  $("more").hidden = page.next === null;
+}
+$("more").addEventListener("click", () => loadGallery(false));
+
+function openDetail(job, n) {
+  state.detail = { job, n };
+  $("detail_image").src = job.images[n];
+  $("detail_params").textContent = job.parameters[n] || "";
+  $("download").href = `${job.images[n]}?download=1`;
+  $("detail").showModal();
+}
+$("close_detail").addEventListener("click", () => $("detail").close());
+
+$("reuse").addEventListener("click", () => {
+  const { job, n } = state.detail;
+  const s = job.spec;
+  if (state.models.some((m) => m.name === s.model)) { $("model").value = s.model; applyModelDefaults(); }
+  $("prompt").value = s.prompt;
+  $("negative_prompt").value = s.negative_prompt;
+  const size = `${s.width}x${s.height}`;
+  if (![...$("size").options].some((o) => o.value === size)) $("size").append(option(size));
+  $("size").value = size;
+  $("steps").value = s.steps;
+  $("cfg").value = s.cfg;
+  $("sampler").value = s.sampler;
+  $("seed").value = s.seed + n;
+  $("seed_lock").checked = true;
+  $("batch").value = 1;
+  $("hires").checked = Boolean(s.hires);
+  if (s.hires) {
+    $("hires_scale").value = s.hires.scale;
+    $("hires_strength").value = s.hires.strength;
+    $("hires_steps").value = s.hires.steps;
+  }
+  $("lora").value = s.loras.length ? s.loras[0][0] : "";
+  $("detail").close();
+  showTab("generate");
+});
+
+// ---- models page
+function megabytes(n) { return n == null ? "?" : `${(n / 1e6).toFixed(n < 1e7 ? 2 : 1)} MB`; }
+function number(x, digits = 2) { return x == null ? "?" : x.toFixed(digits); }
+
+async function loadModels() {
+  const { models } = await api("/api/models");
+  const rows = models.map((m) => {
+    const tr = document.createElement("tr");
+    const d = m.defaults || {};
+    const cells = [
+      m.name, m.status, megabytes(m.file_bytes),
+      m.parameters == null ? "?" : m.parameters.toLocaleString(),
+      number(m.bits_per_weight), m.bits_per_weight_1bit == null ? "?" : `${number(m.bits_per_weight_1bit)} b/w · ${number(100 * (m.fraction_1bit || 0), 0)}%`,
+      d.width ? `${d.width}x${d.height}` : "?",
+    ];
+    tr.replaceChildren(...cells.map((c) => { const td = document.createElement("td"); td.textContent = c; return td; }));
+    return tr;
+  });
+  document.querySelector("#models_table tbody").replaceChildren(...rows);
+}
+
+init().catch((e) => showError(e.message));

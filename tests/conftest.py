@@ -1,0 +1,86 @@
+"""Shared tiny models for the core tests: one place that builds a random DiT and its 1-bit checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from bonsai.kernels import set_kernel
+from bonsai.models import DiT, DiTConfig, save_model
+from bonsai.quant import QuantPolicy, quantize_
+
+TINY = DiTConfig(hidden_size=32, depth=1, num_heads=2, sample_size=16, patch_size=4)
+# What the tiny checkpoint recommends; pipeline and CLI tests read these back.
+TINY_DEFAULTS = {"steps": 2, "cfg": 3.0, "width": 16, "height": 16, "sampler": "euler"}
+
+
+def random_dit(config: DiTConfig = TINY, seed: int = 0) -> DiT:
+    """A float DiT whose every Linear weight and bias is drawn N(0, 0.1^2).
+
+    The default init zeroes the modulation and output layers, which would make the model output
+    zero and every test of it pass trivially."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DiT(config)
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.1)
+                nn.init.normal_(module.bias, std=0.1)
+    return model.eval()
+
+
+def tiny_inputs(
+    config: DiTConfig = TINY, batch: int = 2, height: int = 16, width: int = 16, tokens: int = 7, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x [B, C, H, W], t [B], text [B, L, E], mask [B, L]) with the last two tokens of row 0 padding."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, height, width, generator=g)
+    t = torch.rand(batch, generator=g)
+    text = torch.randn(batch, tokens, config.text_dim, generator=g)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[0, -2:] = False
+    return x, t, text, mask
+
+
+@pytest.fixture
+def reference_kernel():
+    """Force bitmatmul onto the reference path (fast kernels trade exactness for speed, e.g. the CPU
+    kernel quantizes activations to int8; they are checked against the reference in their own tests)."""
+    set_kernel("reference")
+    yield
+    set_kernel(None)
+
+
+@pytest.fixture
+def make_dit() -> Callable[..., DiT]:
+    return random_dit
+
+
+@pytest.fixture
+def make_inputs() -> Callable[..., tuple[torch.Tensor, ...]]:
+    return tiny_inputs
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A random tiny DiT, binarized with the default policy, saved as a Bonsai checkpoint."""
+    model = random_dit(TINY, seed)
+    quantize_(model, QuantPolicy())
+    save_model(
+        model,
+        path,
+        "dit",
+        TINY.to_dict(),
+        name="tiny-test",
+        pipeline={"text_encoder": "minilm", "defaults": TINY_DEFAULTS},
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of the tiny 1-bit checkpoint (written once per test session; treat as read-only)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")

@@ -1,0 +1,126 @@
+"""bonsai-4b: the scaled-down model built in packed form, saved, loaded and generating through the
+latent pipeline; the full config's sizes against models/bonsai-4b/README.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("diffusers")
+
+from bonsai.format import read_header  # noqa: E402
+from bonsai.kernels.packing import unpack_signs  # noqa: E402
+from bonsai.models.bonsai4b import (  # noqa: E402
+    BONSAI_4B, BONSAI_4B_TINY, build_random, estimate_file_bytes, packed_layer_specs, part_sizes, save_t2i, skeleton,
+)  # fmt: skip
+from bonsai.models.offload import on_device, sequential_offload  # noqa: E402
+from bonsai.pipeline import InvalidRequest, Pipeline  # noqa: E402
+from bonsai.quant import BitLinear, bit_layers  # noqa: E402
+
+README = Path(__file__).resolve().parents[1] / "models" / "bonsai-4b" / "README.md"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_random(BONSAI_4B_TINY, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("b4") / "tiny4b.safetensors"
+    save_t2i(tiny_model, str(path), "bonsai-4b-tiny")
+    return path
+
+
+def test_built_packed_without_full_precision_copies(tiny_model):
+    bits = bit_layers(tiny_model)
+    assert set(bits) == set(packed_layer_specs(skeleton(BONSAI_4B_TINY, None)))
+    dense = [n for n, m in tiny_model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("decoder")]
+    assert set(dense) <= {n for n in dict(tiny_model.named_modules()) if re.search(r"embed|time|modulation|final|text_proj", n)}
+    # Every byte the model holds is a byte the checkpoint stores: no float copy of a 1-bit layer exists.
+    held = sum(t.nbytes for t in tiny_model.state_dict().values())
+    assert held == sum(s.stored_bytes for s in part_sizes(BONSAI_4B_TINY).values())
+    for layer in bits.values():
+        assert layer.signs.dtype == torch.uint8 and bool(torch.isfinite(layer.row_scale).all())
+        plus = (unpack_signs(layer.signs, layer.in_features) > 0).float().mean().item()
+        assert 0.35 < plus < 0.65  # random signs, not a constant
+
+
+def test_checkpoint_size_is_predicted(tiny_ckpt):
+    header = read_header(tiny_ckpt)
+    data = header.file_size - header.data_start
+    assert data == sum(s.stored_bytes for s in part_sizes(BONSAI_4B_TINY).values())
+    assert abs(estimate_file_bytes(BONSAI_4B_TINY, name="bonsai-4b-tiny") - header.file_size) < 0.01 * header.file_size
+
+
+def test_load_round_trip(tiny_model, tiny_ckpt):
+    pipe = Pipeline.from_pretrained(str(tiny_ckpt), device="cpu")
+    loaded = {**{f"denoiser.{k}": v for k, v in pipe.denoiser.state_dict().items()},
+              **{f"text_encoder.{k}": v for k, v in pipe.text_encoder.state_dict().items()},
+              **{f"decoder.{k}": v for k, v in pipe.decoder.state_dict().items()}}  # fmt: skip
+    built = tiny_model.state_dict()
+    assert set(loaded) == set(built)
+    for name, t in built.items():
+        assert torch.equal(loaded[name].to(t.dtype), t), name
+
+
+def test_generates_through_latents_and_vae(tiny_ckpt):
+    pipe = Pipeline.from_pretrained(str(tiny_ckpt), device="cpu")
+    assert pipe.latent_factor == 2 and pipe.channels == 4
+    params = pipe.defaults.__class__(prompt="x", seed=5, width=32, height=24)
+    assert pipe.noise(params, 1).shape == (1, 4, 12, 16)
+    out = pipe.generate("a small red fox", steps=2, cfg=7.0, seed=5, width=32, height=24)
+    assert out.images[0].size == (32, 24) and out.samples.shape == (1, 3, 24, 32)
+    assert bool(torch.isfinite(out.samples).all()) and out.samples.std() > 0.01
+    other = pipe.generate("a blue whale", steps=2, cfg=7.0, seed=5, width=32, height=24)
+    assert not torch.equal(out.samples, other.samples)  # the prompt reaches the image
+    with pytest.raises(InvalidRequest, match="multiple of 4"):
+        pipe.generate("x", steps=2, width=30, height=24)
+
+
+@pytest.mark.parametrize("memory", ["lean", "offload"])
+def test_memory_modes_give_the_same_image(tiny_ckpt, memory):
+    normal = Pipeline.from_pretrained(str(tiny_ckpt), device="cpu").generate("a fox", steps=2, seed=1, width=32, height=32)
+    other = Pipeline.from_pretrained(str(tiny_ckpt), device="cpu", memory=memory).generate("a fox", steps=2, seed=1, width=32, height=32)
+    # Tiles are 256 px, so at 32x32 tiled decoding is one tile: identical results.
+    assert torch.equal(normal.samples, other.samples)
+
+
+def test_on_device_and_sequential_offload_restore_the_originals():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    before = [t for t in model.state_dict(keep_vars=True).values()]
+    with on_device(model, "meta", skip=[model[1]]):
+        assert model[0].weight.is_meta and not model[1].weight.is_meta
+    assert all(a is b for a, b in zip(before, model.state_dict(keep_vars=True).values()))
+    seen = []
+    model[0].register_forward_hook(lambda m, a, o: seen.append(m.weight.is_meta))
+    with sequential_offload([model[0]], "meta"):
+        model[0](torch.empty(1, 4, device="meta"))
+    assert seen == [True] and not model[0].weight.is_meta
+
+
+def _readme_table() -> dict[str, list[int]]:
+    rows = {}
+    for line in README.read_text().splitlines():
+        m = re.match(r"\|\s*(denoiser|text_encoder|decoder|total)\s*\|([\d,\s|]+)\|\s*$", line)
+        if m:
+            rows[m.group(1)] = [int(c.strip().replace(",", "")) for c in m.group(2).split("|")]
+    return rows
+
+
+def test_full_config_matches_readme():
+    sizes = part_sizes(BONSAI_4B)
+    table = _readme_table()
+    for part, s in sizes.items():
+        assert table[part] == [s.params, s.one_bit_params, s.high_precision_params, s.stored_bytes], part
+    assert table["total"] == [sum(getattr(s, f) for s in sizes.values()) for f in ("params", "one_bit_params", "high_precision_params", "stored_bytes")]
+    file_bytes = estimate_file_bytes(BONSAI_4B)
+    claimed = re.search(r"Checkpoint file \(data \+ header\): ([\d,]+) bytes", README.read_text())
+    assert claimed and int(claimed.group(1).replace(",", "")) == file_bytes
+    assert file_bytes <= 0.9e9  # the issue's target
+    assert 3.8e9 < sizes["denoiser"].params + sizes["text_encoder"].params < 4.3e9
+    assert all(isinstance(m, BitLinear) for m in bit_layers(skeleton(BONSAI_4B)).values())

@@ -1,0 +1,120 @@
+"""`bonsai generate` end to end in subprocesses (two rejected requests in-process): a PNG with its parameters,
+and each bad input a one-line error."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from bonsai.cli import main
+from bonsai.pipeline import Pipeline
+
+PROMPT = "a red apple"
+
+
+@dataclass(frozen=True)
+class Case:
+    args: tuple[str, ...]  # after `bonsai generate PROMPT`; --model defaults to the tiny checkpoint
+    message: str = ""  # what the error line must say (empty: the run must succeed)
+
+
+# {model}, {junk}, {file} are filled in with paths made by the fixture.
+CASES = {
+    "ok": Case(("--size", "16x16", "--steps", "2", "--seed", "1", "--device", "cpu")),
+    "unknown-model": Case(("--model", "no-such-model"), "no model named 'no-such-model'"),
+    "random-bytes": Case(("--model", "{junk}"), "{junk}: header too large"),
+    "steps-0": Case(("--steps", "0"), "steps must be between 1 and 1000, got 0"),
+    "size-syntax": Case(("--size", "16",), "'16' is not WIDTHxHEIGHT"),
+    "output-under-a-file": Case(("-o", "{file}/out"), "cannot create output directory {file}/out: Not a directory"),
+    "output-is-a-file": Case(("-o", "{file}",), "Directory '{file}' is a file"),
+}  # fmt: skip
+# Requests the pipeline rejects after loading the model: the same path as steps-0, run in-process
+# (click's runner) to spare a subprocess that spends seconds importing torch and loading MiniLM.
+IN_PROCESS = {
+    "size-not-divisible": Case(("--size", "18x16"), "width 18 must be a multiple of 4"),
+    "cfg-out-of-range": Case(("--cfg", "99"), "cfg must be between 0 and 50, got 99"),
+}
+
+
+def check_error(returncode: int, stdout: str, stderr: str, message: str, out: Path) -> None:
+    """Exit code != 0, exactly one error line (the last), naming the problem; nothing written."""
+    assert returncode != 0
+    assert "Traceback" not in stderr and stdout == ""
+    lines = [line.strip() for line in re.split(r"[\r\n]", stderr) if line.strip()]
+    errors = [line for line in lines if "Error" in line]
+    assert len(errors) == 1 and errors[0] == lines[-1], stderr
+    assert errors[0].startswith("Error: ") and message in errors[0]
+    # nothing half-written: the output folder, if it was made at all, is empty
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
+    """Every case run once, concurrently (each subprocess spends seconds importing torch and transformers)."""
+    root = tmp_path_factory.mktemp("cli")
+    paths = {
+        "model": str(tiny_checkpoint),
+        "junk": str(root / "junk.safetensors"),
+        "file": str(root / "a-file.txt"),
+    }
+    Path(paths["junk"]).write_bytes(bytes(range(256)) * 8)
+    Path(paths["file"]).write_text("not a directory\n")
+    env = {**os.environ, "BONSAI_HOME": str(root / "home"), "HF_HUB_OFFLINE": "1"}
+
+    def run(name: str) -> tuple[subprocess.CompletedProcess, Path, dict]:
+        out = root / f"out-{name}"
+        args = ["--model", "{model}", "-o", str(out), *CASES[name].args]  # later options win
+        cmd = [sys.executable, "-m", "bonsai.cli", "generate", PROMPT, *(a.format(**paths) for a in args)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300), out, paths
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(CASES, pool.map(run, CASES)))
+
+
+def test_generate_writes_a_png_with_its_parameters(runs) -> None:
+    result, out, _ = runs["ok"]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(out / "00001-1.png")]
+    assert "1 image(s) in" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(os.listdir(out)) == ["00001-1.png"]  # no temporary file left behind
+    with Image.open(out / "00001-1.png") as image:
+        assert image.format == "PNG" and image.size == (16, 16)
+        parameters = image.text["parameters"]
+    assert parameters.splitlines() == [
+        PROMPT,
+        "Steps: 2, Sampler: euler, CFG scale: 3, Seed: 1, Size: 16x16, Model: tiny-test, Schedule shift: 1",
+    ]
+
+
+def test_generate_is_reproducible_from_its_parameters(runs, tiny_checkpoint: Path) -> None:
+    """The same seed and settings give the same pixels in another process, through the Python API."""
+    result, out, _ = runs["ok"]
+    assert result.returncode == 0, result.stderr
+    image = Pipeline.from_pretrained(tiny_checkpoint, device="cpu")(PROMPT, seed=1, steps=2, width=16, height=16)[0]
+    with Image.open(out / "00001-1.png") as png:
+        assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(image))
+
+
+@pytest.mark.parametrize("name", [n for n, case in CASES.items() if case.message])
+def test_bad_input_fails_with_one_error_line(runs, name: str) -> None:
+    result, out, paths = runs[name]
+    check_error(result.returncode, result.stdout, result.stderr, CASES[name].message.format(**paths), out)
+
+
+@pytest.mark.parametrize("name", IN_PROCESS)
+def test_bad_request_fails_with_one_error_line(tiny_checkpoint: Path, tmp_path: Path, monkeypatch, name: str) -> None:
+    monkeypatch.setenv("BONSAI_HOME", str(tmp_path / "home"))
+    out = tmp_path / "out"
+    args = ["generate", PROMPT, "--model", str(tiny_checkpoint), "-o", str(out), *IN_PROCESS[name].args]
+    result = CliRunner().invoke(main, args)
+    check_error(result.exit_code, result.stdout, result.stderr, IN_PROCESS[name].message, out)

@@ -1,0 +1,164 @@
+"""bonsai quantize + bonsai.diffusers: every supported architecture as a tiny random diffusers
+model -> 1-bit checkpoint -> loaded back -> images through its diffusers pipeline."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers_tiny import MODELS, tiny_dc_vae, tiny_model, tiny_sd15_pipeline, tiny_vae, unet_to_ldm
+from safetensors.torch import save_file
+
+from bonsai.cli import main
+from bonsai.convert import ADAPTERS, SourceError, UnsupportedModel, quantize_model
+from bonsai.diffusers import load_bonsai_model, load_bonsai_pipeline, load_bonsai_transformer, load_bonsai_unet
+from bonsai.format import read_header, summarize
+from bonsai.quant import BitConv2d, BitLinear
+
+pytest.importorskip("diffusers")
+
+
+def expected_bits_per_weight_1bit(path) -> float:
+    """Scheme "mean", no groups: per row, ceil(K/8) bytes of signs + a f32 scale + a f32 offset."""
+    layers = read_header(path).layers
+    bits = sum(spec.out_features * (8 * math.ceil(spec.in_features / 8) + 64) for spec in layers.values())
+    return bits / sum(spec.out_features * spec.in_features for spec in layers.values())
+
+
+def count_bit_calls(model: torch.nn.Module) -> list[int]:
+    calls = [0]
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _generate(kind: str, model, tmp_path):
+    """Run the matching diffusers pipeline for two steps; returns images as a numpy array [B, H, W, 3]."""
+    import diffusers as d
+
+    embeds, pooled, mask = torch.randn(1, 6, 32), torch.randn(1, 32), torch.ones(1, 6, dtype=torch.long)
+    size = 32 if kind == "sana" else 16  # Sana's pipeline wants multiples of 32
+    common = dict(num_inference_steps=2, guidance_scale=1.0, output_type="np", height=size, width=size,
+                  generator=torch.Generator().manual_seed(0))
+    sched = d.FlowMatchEulerDiscreteScheduler()
+    if kind == "sdxl":
+        pipe = d.StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                                           unet=model, scheduler=d.EulerDiscreteScheduler())
+        return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, **common).images
+    if kind == "sd3":
+        pipe = d.StableDiffusion3Pipeline(transformer=model, scheduler=sched, vae=tiny_vae(), text_encoder=None, tokenizer=None,
+                                          text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+        return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, **common).images
+    if kind == "flux":
+        pipe = d.FluxPipeline(scheduler=sched, vae=tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                              tokenizer_2=None, transformer=model)
+        return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, **common).images
+    if kind == "pixart":
+        pipe = d.PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=model, scheduler=d.DDIMScheduler())
+        return pipe(prompt_embeds=embeds, prompt_attention_mask=mask, use_resolution_binning=False, **common).images
+    if kind == "sana":
+        pipe = d.SanaPipeline(tokenizer=None, text_encoder=None, vae=tiny_dc_vae(), transformer=model, scheduler=sched)
+        return pipe(prompt_embeds=embeds, prompt_attention_mask=mask, use_resolution_binning=False, **common).images
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", [k for k in MODELS if k != "sd15"])
+def test_quantize_load_generate(kind, tmp_path):
+    tiny_model(kind).save_pretrained(tmp_path / "src")
+    out = tmp_path / f"{kind}.safetensors"
+    stats = quantize_model(tmp_path / "src", out, progress=False)
+    loader = load_bonsai_unet if MODELS[kind][0] == "UNet2DConditionModel" else load_bonsai_transformer
+    model = loader(out)
+    assert type(model).__name__ == MODELS[kind][0]
+    bit = {n for n, m in model.named_modules() if isinstance(m, BitLinear)}
+    assert bit == set(read_header(out).layers) and len(bit) == stats.layers_1bit > 0
+    keep = ADAPTERS[MODELS[kind][0]].keep
+    float_layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                    and m.weight.numel() >= 1024 and getattr(m, "groups", 1) == 1]
+    assert float_layers and all(any(fnmatch.fnmatchcase(n, p) for p in keep) for n in float_layers)
+    s = summarize(out)
+    assert s["bits_per_weight_1bit"] == pytest.approx(expected_bits_per_weight_1bit(out), rel=1e-12)
+    assert s["parameters"] == stats.parameters
+    calls = count_bit_calls(model)
+    images = _generate(kind, model, tmp_path)
+    assert images.shape[0] == 1 and images.shape[3] == 3 and images.shape[1] == images.shape[2] in (16, 32)
+    assert bool(torch.isfinite(torch.from_numpy(images)).all())
+    assert calls[0] >= 2 * len(bit)  # every 1-bit layer ran in each of the two steps
+
+
+def test_sd15_cli_and_pipeline_from_pretrained(tmp_path):
+    """The full workflow: `bonsai quantize` on a pipeline folder, then the diffusers pipeline by prompt."""
+    unet = tiny_model("sd15")
+    tiny_sd15_pipeline(tmp_path / "sd15", unet)
+    out = tmp_path / "sd15-1bit.safetensors"
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "sd15"), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "bits per weight" in result.output and "peak memory" in result.output
+    pipe = load_bonsai_pipeline(out)
+    assert isinstance(pipe.unet.conv_in, torch.nn.Conv2d)  # kept
+    assert isinstance(pipe.unet.down_blocks[0].resnets[0].conv1, BitConv2d)
+    assert isinstance(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q, BitLinear)
+    calls = count_bit_calls(pipe.unet)
+    images = pipe("a red apple", negative_prompt="blurry", num_inference_steps=2, height=16, width=16, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3) and calls[0] > 0
+    # the 1-bit model is a different function from the float one, but a close one on the same inputs
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        ref, got = unet(x, t, text).sample, pipe.unet(x, t, text).sample
+    assert 0 < (got - ref).norm() / ref.norm() < 1.5
+
+
+def test_single_file_matches_folder(tmp_path):
+    """An A1111/ComfyUI-layout SD1.5 file converts to exactly what the diffusers folder converts to."""
+    unet = tiny_model("sd15")
+    unet.save_pretrained(tmp_path / "unet")
+    ldm = unet_to_ldm(unet.state_dict(), 1, [True, False], [False, True])
+    ldm["first_stage_model.decoder.conv_in.weight"] = torch.randn(4, 4)  # other parts of a full checkpoint are ignored
+    save_file({k: v.contiguous() for k, v in ldm.items()}, tmp_path / "model.safetensors")
+    quantize_model(tmp_path / "unet", tmp_path / "a.safetensors", progress=False)
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "model.safetensors"), "--config", str(tmp_path / "unet"),
+                                       "-o", str(tmp_path / "b.safetensors"), "-q"])
+    assert result.exit_code == 0, result.output
+    a, b = load_bonsai_model(tmp_path / "a.safetensors"), load_bonsai_model(tmp_path / "b.safetensors")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_options_and_keep(tmp_path):
+    tiny_model("flux").save_pretrained(tmp_path / "src")
+    out = tmp_path / "o.safetensors"
+    quantize_model(tmp_path / "src", out, progress=False)
+    layers = read_header(out).layers
+    assert "single_transformer_blocks.0.proj_out" in layers and "proj_out" not in layers and "x_embedder" not in layers
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "src"), "-o", str(out), "-q", "--scheme", "xnor",
+                                       "--group-size", "16", "--rank", "2", "--keep", "single_transformer_blocks.*"])
+    assert result.exit_code == 0, result.output
+    layers = read_header(out).layers
+    assert layers and not any(n.startswith("single_transformer_blocks") for n in layers)
+    assert {(s.scheme, s.group_size, s.rank) for s in layers.values()} == {("xnor", 16, 2)}
+
+
+def test_malformed_sources(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        quantize_model(tmp_path / "nope", tmp_path / "o.safetensors")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"_class_name": "Kandinsky3UNet"}')
+    with pytest.raises(UnsupportedModel, match="Kandinsky3UNet.*not supported"):
+        quantize_model(tmp_path / "m", tmp_path / "o.safetensors")
+    tiny_model("sd3").save_pretrained(tmp_path / "sd3")
+    (tmp_path / "sd3" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(SourceError, match="no diffusion_pytorch_model"):
+        quantize_model(tmp_path / "sd3", tmp_path / "o.safetensors")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(32, 4, 3, 3)}, tmp_path / "one.safetensors")
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "one.safetensors"), "-o", str(tmp_path / "o.safetensors")])
+    assert result.exit_code != 0 and "--config" in result.output
+    with pytest.raises(UnsupportedModel, match="not a converted diffusers model"):
+        from bonsai.models import DiT, DiTConfig, save_model
+
+        save_model(DiT(DiTConfig.from_dict({})), tmp_path / "dit.safetensors", "dit", {})
+        load_bonsai_model(tmp_path / "dit.safetensors")

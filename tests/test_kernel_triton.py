@@ -1,0 +1,211 @@
+"""Triton bitmatmul kernels against the float64 reference.
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1) on small shapes with
+odd M, K not a multiple of the tile, N not a multiple of the tile. The `gpu` tests run the
+autotuned kernels on CUDA through the dispatcher.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Triton builds its standard library (tl.zeros, ...) for one mode when first imported, so interpreter
+# mode must be chosen before that. If something imported triton earlier in this process, the
+# interpreter tests run in a fresh process instead (test_interpreter_in_fresh_process).
+_TRITON_PREIMPORTED = "triton" in sys.modules
+if not torch.cuda.is_available() and not _TRITON_PREIMPORTED:
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and not _TRITON_PREIMPORTED
+
+pytest.importorskip("triton")
+
+from bonsai.kernels import PackedWeight, available_kernels, bitmatmul, pack_signs, set_kernel  # noqa: E402
+from bonsai.kernels.dispatch import select_kernel  # noqa: E402
+from bonsai.kernels.triton import ops as triton_ops  # noqa: E402
+
+BF16_UNIT = 2.0**-8  # bf16 keeps 8 significant bits
+
+
+def _upcast_bf16_dot(original):
+    """The interpreter multiplies bf16 operands as their raw uint16 bit patterns; upcast them as the GPU would."""
+    from triton.runtime import interpreter as ti
+    import triton.language as tl
+
+    def create_dot(self, a, b, d, *args):
+        if a.dtype.scalar == tl.bfloat16:
+            a, b = (ti.TensorHandle(ti._convert_float(t.data, tl.bfloat16, tl.float32, None).view(ti.np.float32),
+                                    tl.float32) for t in (a, b))
+        return original(self, a, b, d, *args)
+
+    return create_dot
+
+
+@pytest.fixture(scope="module")
+def interp():
+    """The launchers, with kernels running under the interpreter (skipped where they cannot)."""
+    if not INTERPRETED:
+        pytest.skip("interpreter tests need TRITON_INTERPRET=1 before triton is imported")
+    from triton.runtime import interpreter as ti
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ti.InterpreterBuilder, "create_dot", _upcast_bf16_dot(ti.InterpreterBuilder.create_dot))
+        yield triton_ops
+
+
+@pytest.mark.skipif(not _TRITON_PREIMPORTED or torch.cuda.is_available(), reason="interpreter tests ran here")
+def test_interpreter_in_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:]
+
+
+def random_weight(n: int, k: int, *, group: int = 0, col: bool = False, offset: bool = False, rank: int = 0,
+                  device: str = "cpu", gen: torch.Generator | None = None) -> PackedWeight:
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    def pos(*shape):
+        return (torch.rand(*shape, generator=gen) + 0.5).to(device)
+
+    extra = {}
+    if group:
+        extra.update(group_size=group, group_scale=pos(n, -(-k // group)).half())
+    if col:
+        extra["col_scale"] = pos(k)
+    if offset:
+        extra["row_offset"] = rnd(n) * 0.05
+    if rank:
+        extra.update(lowrank_u=(rnd(n, rank) * 0.1).bfloat16(), lowrank_v=(rnd(rank, k) * 0.1).bfloat16())
+    return PackedWeight(pack_signs(rnd(n, k)), k, pos(n) / k**0.5, **extra)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all(), "non-finite output"
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def binary_part(w: PackedWeight) -> torch.Tensor:
+    """float64 [N, K]: row_scale * group_scale * B, the part of W that W1A8 multiplies with quantized x."""
+    b = w.sign_matrix(torch.float64) * w.row_scale.double()[:, None]
+    if w.group_scale is not None:
+        b = b * w.group_scale.double().repeat_interleave(w.group_size, dim=1)[:, : w.in_features]
+    return b
+
+
+# (M, N, K, weight features): odd M, K off the 64-wide tile, N off the 32-wide tile.
+CASES = [
+    (5, 48, 200, {}),
+    (17, 33, 136, {"col": True, "offset": True}),
+    (3, 40, 256, {"group": 64, "col": True, "offset": True, "rank": 5}),
+    (7, 24, 200, {"group": 32, "rank": 3}),
+]
+TILE = triton_ops.TileConfig(16, 32, 64)
+
+
+@pytest.mark.parametrize("m,n,k,features", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_w1a16_matches_float64_reference(interp, m, n, k, features, dtype):
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    w = random_weight(n, k, gen=gen, **features)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    y = interp.w1a16(x, w, config=TILE)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < (1e-2 if dtype != torch.float16 else 2e-3)
+
+
+def test_w1a16_group_not_multiple_of_tile_and_bias(interp):
+    gen = torch.Generator().manual_seed(1)
+    w = random_weight(20, 150, group=48, col=True, gen=gen)
+    x = torch.randn(2, 3, 150, generator=gen).half()
+    bias = torch.randn(20, generator=gen).half()
+    y = interp.w1a16(x, w, bias=bias, config=triton_ops.TileConfig(16, 16, 32))
+    ref = x.double() @ w.dequantize(torch.float64).T + bias.double()
+    assert y.shape == (2, 3, 20) and rel_err(y, ref) < 2e-3
+
+
+def test_quantize_rows_error_within_half_step(interp):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 300, generator=gen).bfloat16()
+    cs = torch.rand(300, generator=gen) + 0.5
+    q, scale, qsum = interp.quantize_rows(x, cs)
+    xc = x.double() * cs.double()
+    assert torch.allclose(scale.double(), xc.abs().amax(1) / 127, rtol=1e-6)
+    assert ((q.double() * scale.double()[:, None] - xc).abs() <= scale.double()[:, None] * (0.5 + 1e-5)).all()
+    assert torch.equal(qsum, q.int().sum(1, dtype=torch.int32))
+    assert q.abs().max() == 127
+
+
+@pytest.mark.parametrize("m,n,k,features", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w1a8_exact_on_quantized_input_and_within_derived_bound(interp, m, n, k, features, dtype):
+    """Two checks: (1) against float64 on the kernel's own quantized x, where only the fp32 epilogue and the
+    output rounding err; (2) against the true reference, within the bound that per-token quantization allows:
+    |q s - x'| <= s/2 elementwise (x' = x * col_scale, s = max|x'| / 127), so
+    ||dy||_F <= ||dx'||_F ||binary part||_2 with ||dx'||_F <= sqrt(K sum_m (s_m / 2)^2)."""
+    gen = torch.Generator().manual_seed(m * 7 + k)
+    w = random_weight(n, k, gen=gen, **features)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    y = interp.w1a8(x, w, config=TILE)
+    assert y.dtype == dtype and y.shape == (m, n)
+    ref = x.double() @ w.dequantize(torch.float64).T
+    cs = w.col_scale.double() if w.col_scale is not None else torch.ones(k, dtype=torch.float64)
+    q, scale, _ = interp.quantize_rows(x, w.col_scale)
+    xq = q.double() * scale.double()[:, None]
+    shift = (xq - x.double() * cs) @ binary_part(w).T
+    assert rel_err(y, ref + shift) < 2 * BF16_UNIT
+    bound = (k * (scale.double() / 2).square().sum()).sqrt() * torch.linalg.matrix_norm(binary_part(w), ord=2)
+    assert (y.double() - ref).norm() <= bound + 2 * BF16_UNIT * ref.norm()
+
+
+def test_w1a8_rejects_group_sizes_it_cannot_tile(interp):
+    w = random_weight(16, 96, group=48)
+    with pytest.raises(ValueError, match="group_size"):
+        interp.w1a8(torch.randn(2, 96), w, config=TILE)
+
+
+def test_kernels_registered_for_cuda_only():
+    assert {"triton-w1a16", "triton-w1a8"} <= set(available_kernels())
+    w = random_weight(8, 32)
+    x = torch.randn(3, 32)
+    try:
+        set_kernel("triton-w1a8")
+        with pytest.raises(RuntimeError, match="does not run on cpu"):
+            bitmatmul(x, w)
+    finally:
+        set_kernel(None)
+    assert not select_kernel(x, w).name.startswith("triton")
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kernel,m,tol", [("triton-w1a16", 1, 1e-2), ("triton-w1a16", 300, 1e-2),
+                                          ("triton-w1a8", 3, 2e-2), ("triton-w1a8", 1100, 2e-2)])
+def test_cuda_dispatch_matches_reference(kernel, m, tol):
+    gen = torch.Generator().manual_seed(m)
+    w = random_weight(1000, 3000, group=128, col=True, offset=True, rank=16, gen=gen).to("cuda")
+    x = torch.randn(m, 3000, generator=gen).bfloat16().cuda()
+    ref = x.double() @ w.dequantize(torch.float64).T
+    try:
+        set_kernel(kernel)
+        assert rel_err(bitmatmul(x, w), ref) < tol
+    finally:
+        set_kernel(None)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_automatic_choice_follows_measured_rule():
+    big, small = random_weight(3072, 3072).to("cuda"), random_weight(384, 384).to("cuda")
+    x_big, x_small = torch.randn(1024, 3072, device="cuda").bfloat16(), torch.randn(1024, 384, device="cuda").bfloat16()
+    assert select_kernel(x_big, big).name == "triton-w1a8"
+    assert select_kernel(x_big[:16], big).name == "triton-w1a16"
+    assert select_kernel(x_small, small).name == "triton-w1a16"

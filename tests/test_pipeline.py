@@ -1,0 +1,138 @@
+"""Prompt -> images on a tiny random 1-bit DiT with the real MiniLM text encoder:
+seeds, batching, metadata, bad requests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bonsai.images import next_free_paths, save_png
+from bonsai.pipeline import GenerationParams, InvalidRequest, Pipeline
+from bonsai.quant import BitLinear
+
+PROMPT = "a red apple on a table"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint: Path) -> Pipeline:
+    """Loaded once per module: the MiniLM load dominates the cost."""
+    return Pipeline.from_pretrained(tiny_checkpoint, device="cpu")
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_loads_the_checkpoint_with_its_defaults(pipe: Pipeline) -> None:
+    assert pipe.name == "tiny-test"
+    assert (pipe.defaults.steps, pipe.defaults.cfg, pipe.defaults.width, pipe.defaults.height) == (2, 3.0, 16, 16)
+    assert pipe.patch_size == 4 and pipe.device == torch.device("cpu")
+    assert sum(isinstance(m, BitLinear) for m in pipe.denoiser.modules()) == 7
+
+
+def test_same_seed_gives_identical_images(pipe: Pipeline) -> None:
+    a = pipe.generate(PROMPT, seed=11)
+    b = pipe.generate(PROMPT, seed=11)
+    assert torch.equal(a.samples, b.samples)
+    assert a.images[0].tobytes() == b.images[0].tobytes()
+    assert a.images[0].size == (16, 16) and a.images[0].mode == "RGB"
+
+
+def test_different_seeds_give_different_images(pipe: Pipeline) -> None:
+    a, b = pipe.generate(PROMPT, seed=11), pipe.generate(PROMPT, seed=12)
+    assert (a.samples - b.samples).abs().mean() > 0.05
+    assert np.abs(_pixels(a.images[0]) - _pixels(b.images[0])).mean() > 5
+
+
+def test_prompt_and_negative_prompt_steer_the_image(pipe: Pipeline) -> None:
+    # same seed: the text conditioning must reach the output (guidance amplifies it)
+    base = pipe.generate(PROMPT, seed=3, cfg=5.0).samples
+    other_prompt = pipe.generate("a blue car at night", seed=3, cfg=5.0).samples
+    with_negative = pipe.generate(PROMPT, seed=3, cfg=5.0, negative_prompt="blurry").samples
+    assert (base - other_prompt).abs().max() > 1e-2
+    assert (base - with_negative).abs().max() > 1e-2
+
+
+def test_batch_of_four_equals_four_single_runs(pipe: Pipeline) -> None:
+    batch = pipe.generate(PROMPT, batch=4, seed=20, steps=3, sampler="heun")
+    assert [p.seed for p in batch.params] == [20, 21, 22, 23]
+    for i in range(4):
+        single = pipe.generate(PROMPT, seed=20 + i, steps=3, sampler="heun")
+        # Batched and single matmuls may block and sum differently, so float results agree to rounding,
+        # not bit for bit; a value on a quantization boundary can then land one 8-bit level apart.
+        torch.testing.assert_close(batch.samples[i], single.samples[0], rtol=0, atol=1e-4)
+        assert np.abs(_pixels(batch.images[i]) - _pixels(single.images[0])).max() <= 1
+        assert batch.params[i] == single.params[0]
+
+
+def test_callback_sees_every_step(pipe: Pipeline) -> None:
+    seen = []
+    pipe.generate(PROMPT, seed=1, steps=4, callback=lambda step, total, x0: seen.append((step, total, x0.shape)))
+    assert seen == [(i, 4, (1, 3, 16, 16)) for i in range(1, 5)]
+
+
+def test_non_square_size(pipe: Pipeline) -> None:
+    image = pipe(PROMPT, seed=1, width=24, height=8)[0]
+    assert image.size == (24, 8)
+
+
+def test_parameters_embedded_in_png(pipe: Pipeline, tmp_path: Path) -> None:
+    result = pipe.generate(PROMPT, batch=2, seed=7, negative_prompt="blurry", cfg=2.5)
+    paths = next_free_paths(tmp_path, [p.seed for p in result.params])
+    assert [p.name for p in paths] == ["00001-7.png", "00002-8.png"]
+    for image, params, path in zip(result.images, result.params, paths):
+        save_png(image, path)
+        with Image.open(path) as png:
+            text = png.text["parameters"]
+            assert np.array_equal(_pixels(png), _pixels(image))
+        assert text == params.to_a1111()
+        assert text.splitlines() == [
+            PROMPT,
+            "Negative prompt: blurry",
+            f"Steps: 2, Sampler: euler, CFG scale: 2.5, Seed: {params.seed}, Size: 16x16, Model: tiny-test, "
+            "Schedule shift: 1",
+        ]
+    assert sorted(os.listdir(tmp_path)) == ["00001-7.png", "00002-8.png"]  # no temporary files left
+    assert [p.name for p in next_free_paths(tmp_path, [9])] == ["00003-9.png"]
+
+
+def test_png_mode_follows_the_umask(pipe: Pipeline, tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        path = save_png(pipe(PROMPT, seed=1)[0], tmp_path / "a.png")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a1111_text_without_negative_prompt() -> None:
+    params = GenerationParams("cat", steps=5, cfg=4.0, seed=3, width=32, height=48, sampler="heun", model="m")
+    assert params.to_a1111().splitlines() == [
+        "cat",
+        "Steps: 5, Sampler: heun, CFG scale: 4, Seed: 3, Size: 32x48, Model: m, Schedule shift: 1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "prompt, overrides, message",
+    [
+        (PROMPT, {"steps": 0}, "steps must be between 1 and 1000, got 0"),
+        (PROMPT, {"steps": -2}, "steps must be between 1 and 1000"),
+        (PROMPT, {"cfg": -1.0}, "cfg must be between 0 and 50, got -1"),
+        (PROMPT, {"cfg": 51.0}, "cfg must be between 0 and 50, got 51"),
+        (PROMPT, {"width": 18}, "width 18 must be a multiple of 4"),
+        (PROMPT, {"height": 30}, "height 30 must be a multiple of 4"),
+        (PROMPT, {"sampler": "ddim"}, "sampler 'ddim' is not one of"),
+        (PROMPT, {"batch": 0}, "batch must be >= 1"),
+        ("", {}, "prompt is empty"),
+        ("   ", {}, "prompt is empty"),
+    ],
+)
+def test_invalid_requests(pipe: Pipeline, prompt: str, overrides: dict, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        pipe.generate(prompt, seed=1, **overrides)

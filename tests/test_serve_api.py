@@ -1,0 +1,361 @@
+"""`bonsai serve` HTTP APIs in-process (FastAPI TestClient) with the tiny 1-bit model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+from serve_support import Gate, loader, make_config  # noqa: E402
+
+from bonsai.format import summarize  # noqa: E402
+from bonsai.pipeline import Pipeline  # noqa: E402
+from bonsai.serve.app import create_app  # noqa: E402
+from bonsai.serve.db import JobDB  # noqa: E402
+from bonsai.serve.runner import supports_loras  # noqa: E402
+
+FINAL = {"done", "failed", "cancelled", "interrupted"}
+
+
+@pytest.fixture
+def gate():
+    g = Gate()
+    yield g
+    g.open()
+
+
+def open_app(tmp_path: Path, ckpt: Path, gate: Gate, **overrides) -> TestClient:
+    return TestClient(create_app(make_config(tmp_path, ckpt, **overrides), loader(gate)))
+
+
+@pytest.fixture
+def client(tmp_path, tiny_checkpoint, gate):
+    with open_app(tmp_path, tiny_checkpoint, gate) as c:
+        yield c
+
+
+def wait(client: TestClient, job_id: str, until=FINAL, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["status"] in until:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.02)
+
+
+def wait_running(client: TestClient, gate: Gate, job_id: str) -> dict:
+    assert gate.reached.wait(30)
+    return wait(client, job_id, {"running"})
+
+
+def usable(client: TestClient) -> list[str]:
+    """Names of the usable models: the tiny one first, then the built-in model once its weights ship."""
+    names = [m["name"] for m in client.get("/api/models").json()["models"] if m["status"] == "ok"]
+    assert names[0] == "tiny"
+    return names
+
+
+def png_b64(size=(16, 16), color=(200, 30, 30)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def submit(client: TestClient, **body) -> str:
+    r = client.post("/api/jobs", json={"prompt": "a red circle", **body})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def test_models_config_loras(client, tiny_checkpoint, tmp_path):
+    doc = client.get("/api/models").json()
+    tiny = next(m for m in doc["models"] if m["name"] == "tiny")
+    expected = summarize(tiny_checkpoint)
+    assert doc["default"] == "tiny"
+    assert tiny["status"] == "ok"
+    assert tiny["file_bytes"] == tiny_checkpoint.stat().st_size
+    assert tiny["bits_per_weight"] == pytest.approx(expected["bits_per_weight"])
+    assert tiny["bits_per_weight_1bit"] == pytest.approx(expected["bits_per_weight_1bit"])
+    assert tiny["defaults"] == {"steps": 2, "cfg": 3.0, "width": 16, "height": 16, "sampler": "euler"}
+    assert "bonsai-emoji" in [m["name"] for m in doc["models"]]
+    config = client.get("/api/config").json()
+    assert config["size_presets"] == ["512x512", "768x512", "512x768", "1024x1024"]
+    assert client.get("/api/loras").json()["loras"] == []
+    (tmp_path / "home" / "loras").mkdir(parents=True)
+    (tmp_path / "home" / "loras" / "style.safetensors").write_bytes(b"x")
+    loras = client.get("/api/loras").json()
+    assert loras == {"loras": ["style"], "supported": supports_loras(), "folder": str(tmp_path / "home" / "loras")}
+    assert "/api/jobs" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200
+    assert client.get("/api/health").json()["ok"] is True
+
+
+def test_generate_matches_pipeline_and_embeds_parameters(client, tiny_checkpoint):
+    job = wait(client, submit(client, seed=7, batch=2, negative_prompt="blue"))
+    assert job["status"] == "done", job
+    assert len(job["images"]) == 2 and len(job["parameters"]) == 2
+    pipe = Pipeline.from_pretrained(tiny_checkpoint, device="cpu")
+    expected = pipe.generate("a red circle", batch=2, seed=7, negative_prompt="blue")
+    for n, url in enumerate(job["images"]):
+        r = client.get(url)
+        assert r.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(r.content))
+        assert image.info["parameters"] == job["parameters"][n] == expected.params[n].to_a1111()
+        assert f"Seed: {7 + n}" in image.info["parameters"]
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(expected.images[n]))
+    r = client.get(job["images"][1] + "?download=1")
+    assert r.headers["content-disposition"].startswith("attachment")
+
+
+def test_history_newest_first_with_cursor(client):
+    ids = [submit(client, seed=i) for i in range(3)]
+    for job_id in ids:
+        wait(client, job_id)
+    page = client.get("/api/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["jobs"]] == ids[::-1][:2]
+    rest = client.get("/api/jobs", params={"limit": 2, "before": page["next"]}).json()
+    assert [j["id"] for j in rest["jobs"]] == [ids[0]] and rest["next"] is None
+    assert client.get("/api/jobs", params={"status": "failed"}).json()["jobs"] == []
+
+
+def test_img2img_and_hires(client):
+    job = wait(client, submit(client, init_image=png_b64((40, 24)), strength=0.5, steps=4, seed=3))
+    assert job["status"] == "done", job
+    assert "Denoising strength: 0.5" in job["parameters"][0]
+    job = wait(client, submit(client, hires={"scale": 2, "strength": 0.6}, seed=3))
+    assert job["status"] == "done", job
+    image = Image.open(io.BytesIO(client.get(job["images"][0]).content))
+    assert image.size == (32, 32)
+    assert "Hires upscale: 2, Hires upscaler: lanczos, First pass size: 16x16" in image.info["parameters"]
+
+
+LONG = "x" * 2001
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": 100000}, "steps"),
+        ({"width": 18}, "width"),
+        ({"height": 99992}, "height"),
+        ({"prompt": LONG}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"negative_prompt": LONG}, "negative_prompt"),
+        ({"model": "../../etc/passwd"}, "model"),
+        ({"model": "bonsai-emoji-nope"}, "model"),
+        ({"batch": 0}, "batch"),
+        ({"batch": 9}, "batch"),
+        ({"batch": 8, "width": 1024, "height": 1024}, "batch"),
+        ({"cfg": -1}, "cfg"),
+        ({"sampler": "ddim"}, "sampler"),
+        ({"seed": -5}, "seed"),
+        ({"strength": 0.5}, "strength"),
+        ({"init_image": "not base64!"}, "init_image"),
+        ({"init_image": base64.b64encode(b"GIF89a nope").decode()}, "init_image"),
+        ({"init_image": png_b64(), "strength": 1.5}, "strength"),
+        ({"hires": {"scale": 8}}, "hires.scale"),
+        ({"hires": {"upscaler": "esrgan"}}, "hires.upscaler"),
+        ({"hires": {"strength": 0}}, "hires.strength"),
+        ({"loras": [{"name": "missing"}]}, "loras.0.name"),
+        ({"colour": "red"}, "colour"),
+        ({"steps": "many"}, "steps"),
+    ],
+)
+def test_invalid_fields_are_named(client, body, field):
+    r = client.post("/api/jobs", json={"prompt": "a cat", **body})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == field, r.json()
+    assert client.get("/api/jobs").json()["jobs"] == []  # nothing was queued
+
+
+def test_missing_prompt_and_bad_json(client):
+    r = client.post("/api/jobs", json={})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "prompt")
+    r = client.post("/api/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_body_limit(tmp_path, tiny_checkpoint, gate):
+    with open_app(tmp_path, tiny_checkpoint, gate, max_body_bytes=2000) as c:
+        r = c.post("/api/jobs", json={"prompt": "a cat", "init_image": "A" * 4000})
+        assert (r.status_code, r.json()["error"]["field"]) == (413, "body")
+
+        def chunks():
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}'
+
+        r = c.post("/api/jobs", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert c.post("/api/jobs", json={"prompt": "a cat"}).status_code == 202
+
+
+def test_upload_pixel_limit(tmp_path, tiny_checkpoint, gate):
+    with open_app(tmp_path, tiny_checkpoint, gate, max_upload_pixels=100) as c:
+        r = c.post("/api/jobs", json={"prompt": "a cat", "init_image": png_b64((11, 10))})
+        assert (r.status_code, r.json()["error"]["field"]) == (422, "init_image")
+
+
+def test_file_routes_take_ids_only(client, tmp_path):
+    job_id = submit(client)
+    wait(client, job_id)
+    (tmp_path / "secret.txt").write_text("secret")
+    for path in [
+        f"/api/jobs/{job_id}/images/1",
+        f"/api/jobs/{job_id}/images/-1",
+        "/api/jobs/..%2F..%2Fsecret.txt/images/0",
+        "/api/jobs/../../secret.txt",
+        f"/api/jobs/{job_id[:-1]}G/images/0",
+        f"/api/jobs/{'0' * 32}/images/0",
+        "/static/../serve/jobs.sqlite3",
+        "/static/%2e%2e/%2e%2e/secret.txt",
+    ]:
+        r = client.get(path)
+        assert r.status_code in (404, 422), (path, r.status_code)
+        assert b"secret" not in r.content and b"SQLite" not in r.content
+    assert client.get(f"/api/jobs/{job_id}/images/0").status_code == 200
+
+
+def test_cancel_running_and_queued(client, gate):
+    gate.close()
+    running = submit(client, steps=3)
+    job = wait_running(client, gate, running)
+    assert job["progress"]["step"] == 1 and job["progress"]["total"] == 3
+    preview = client.get(job["preview"])
+    assert preview.status_code == 200 and Image.open(io.BytesIO(preview.content)).size == (16, 16)
+    queued = submit(client)
+    assert client.get(f"/api/jobs/{queued}").json()["position"] == 0
+    assert client.post(f"/api/jobs/{queued}/cancel").json()["status"] == "cancelled"
+    assert client.post(f"/api/jobs/{running}/cancel").status_code == 200
+    gate.open()
+    job = wait(client, running)
+    assert job["status"] == "cancelled" and job["images"] == []
+    assert wait(client, queued)["status"] == "cancelled"
+    assert client.post(f"/api/jobs/{running}/cancel").status_code == 409
+    assert wait(client, submit(client))["status"] == "done"  # the worker lives on
+
+
+def test_fifo_order_and_full_queue(tmp_path, tiny_checkpoint, gate):
+    with open_app(tmp_path, tiny_checkpoint, gate, max_queue=3) as c:
+        gate.close()
+        first = submit(c)
+        wait_running(c, gate, first)
+        waiting = [submit(c, seed=i) for i in range(3)]
+        assert [c.get(f"/api/jobs/{j}").json()["position"] for j in waiting] == [0, 1, 2]
+        r = c.post("/api/jobs", json={"prompt": "one too many"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "5"
+        gate.open()
+        jobs = [wait(c, j) for j in [first, *waiting]]
+        assert all(j["status"] == "done" for j in jobs)
+        starts = [j["started"] for j in jobs]
+        assert starts == sorted(starts)
+
+
+def test_restart_keeps_history_and_reports_interrupted(tmp_path, tiny_checkpoint, gate):
+    with open_app(tmp_path, tiny_checkpoint, gate) as c:
+        done = wait(c, submit(c, seed=11))
+        png = c.get(done["images"][0]).content
+        gate.close()
+        stopped = submit(c)
+        wait_running(c, gate, stopped)
+        gate.open()  # shutdown cancels the running job after its current step
+    # A crash leaves rows queued or running; simulate one.
+    db = JobDB(tmp_path / "serve" / "jobs.sqlite3")
+    db.insert("f" * 32, "api", {"prompt": "lost"}, time.time())
+    db.close()
+    with open_app(tmp_path, tiny_checkpoint, gate) as c:
+        assert c.get(done["images"][0]).content == png
+        assert c.get(f"/api/jobs/{done['id']}").json()["status"] == "done"
+        for job_id in (stopped, "f" * 32):
+            job = c.get(f"/api/jobs/{job_id}").json()
+            assert job["status"] == "interrupted" and "server stopped" in job["error"], job
+        assert wait(c, submit(c))["status"] == "done"
+
+
+def test_token_auth(tmp_path, tiny_checkpoint, gate):
+    with open_app(tmp_path, tiny_checkpoint, gate, token="s3cret") as c:
+        assert c.get("/api/models").status_code == 401
+        assert c.get("/openapi.json").status_code == 401
+        assert c.get("/api/models", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/api/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        basic = base64.b64encode(b"user:s3cret").decode()
+        assert c.get("/sdapi/v1/sd-models", headers={"authorization": f"Basic {basic}"}).status_code == 200
+        assert c.get("/api/models", params={"token": "s3cret"}).status_code == 200
+        r = c.get("/", params={"token": "s3cret"}, follow_redirects=False)
+        assert r.status_code == 303 and "bonsai_token=s3cret" in r.headers["set-cookie"]
+        assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=strict" in r.headers["set-cookie"]
+        c.cookies.set("bonsai_token", "s3cret")
+        assert c.get("/api/models").status_code == 200
+
+
+def test_foreign_host_header_is_refused(client):
+    assert client.get("/api/health", headers={"host": "evil.example"}).status_code == 400
+
+
+def test_a1111_endpoints(client, gate):
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert [m["title"] for m in models] == usable(client)
+    body = {"prompt": "cat", "seed": 5, "batch_size": 1, "n_iter": 2, "sampler_name": "Euler a", "steps": 3}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert len(doc["images"]) == 2
+    info = json.loads(doc["info"])
+    assert info["all_seeds"] == [5, 6] and info["steps"] == 3 and info["sd_model_name"] == "tiny"
+    first = Image.open(io.BytesIO(base64.b64decode(doc["images"][0])))
+    assert first.size == (16, 16) and "Seed: 5" in first.info["parameters"]
+    r = client.post("/sdapi/v1/img2img", json={"prompt": "cat", "init_images": [png_b64()], "denoising_strength": 0.5, "steps": 4})
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "cat", "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent"})
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (32, 32)
+    for body, field in [
+        ({"cfg_scale": 99}, "cfg_scale"), ({"batch_size": 5, "n_iter": 2}, "batch_size"), ({"sampler_name": "DDIM"}, "sampler_name"),
+        ({"override_settings": {"sd_model_checkpoint": "sdxl"}}, "override_settings.sd_model_checkpoint"),
+        ({"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, "hr_upscaler"),
+    ]:
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "cat", **body})
+        assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
+    assert client.post("/sdapi/v1/img2img", json={"prompt": "cat"}).json()["error"]["field"] == "init_images"
+    assert client.get("/sdapi/v1/options").json() == {"sd_model_checkpoint": "tiny"}
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 422
+    assert [s["aliases"][0] for s in client.get("/sdapi/v1/samplers").json()] == ["euler", "heun", "dpmpp_2m"]
+
+    idle = client.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0 and idle["current_image"] is None
+    gate.close()
+    job_id = submit(client, steps=4)
+    wait_running(client, gate, job_id)
+    busy = client.get("/sdapi/v1/progress").json()
+    assert busy["state"]["job"] == job_id and busy["state"]["sampling_step"] == 1 and busy["state"]["sampling_steps"] == 4
+    assert busy["progress"] == pytest.approx(0.25)
+    assert Image.open(io.BytesIO(base64.b64decode(busy["current_image"]))).size == (16, 16)
+    assert client.post("/sdapi/v1/interrupt").json() == {"interrupted": True}
+    gate.open()
+    assert wait(client, job_id)["status"] == "cancelled"
+
+
+def test_openai_endpoint(client):
+    r = client.post("/v1/images/generations", json={"prompt": "cat", "n": 2, "size": "32x16", "quality": "hd", "user": "u"})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in data] == [(32, 16), (32, 16)]
+    r = client.post("/v1/images/generations", json={"prompt": "cat", "response_format": "url"})
+    url = r.json()["data"][0]["url"]
+    assert url.startswith("http://testserver/api/jobs/") and client.get(url).status_code == 200
+    cases = [({"size": "1002x1000"}, "size"), ({"size": "4096x4096"}, "size"), ({"size": "big"}, "size"), ({"n": 20}, "n")]
+    for body, field in [*cases, ({"model": "dall-e-3"}, "model")]:
+        r = client.post("/v1/images/generations", json={"prompt": "cat", **body})
+        err = r.json()["error"]
+        assert (r.status_code, err["param"], err["type"]) == (422, field, "invalid_request_error"), r.text
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == usable(client)

@@ -1,0 +1,108 @@
+"""The web UI in headless Chromium (Debian's /usr/bin/chromium driven by Playwright).
+
+Fills the form, generates, watches progress and the step preview, finds the image in the
+gallery, reuses its parameters, and saves screenshots (desktop and phone width) under
+tests/artifacts/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the 'test' extra)")
+from serve_support import Gate, make_config, start_server  # noqa: E402
+
+CHROMIUM = os.environ.get("BONSAI_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOKEN = "ui-token"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(CHROMIUM) is None, reason=f"{CHROMIUM} not found: apt-get install -y chromium (or set BONSAI_CHROMIUM)"
+)
+
+
+@pytest.fixture(scope="module")
+def gate():
+    return Gate()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_checkpoint, gate):
+    server = start_server(make_config(tmp_path_factory.mktemp("ui"), tiny_checkpoint, token=TOKEN), gate)
+    yield server
+    gate.open()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def test_generate_progress_gallery_reuse(live, gate, browser):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{live.url}/?token={TOKEN}")  # sets the cookie, then redirects to /
+    assert page.url == f"{live.url}/"
+    expect = sync_api.expect
+    expect(page.locator("#model option")).to_have_text(["tiny"])
+    expect(page.locator("#size option").first).to_have_text("16x16 (native)")
+    expect(page.locator("#steps")).to_have_value("2")
+
+    page.fill("#prompt", "a small green tree")
+    page.fill("#negative_prompt", "red")
+    page.fill("#steps", "3")
+    page.fill("#seed", "1234")
+    page.check("#seed_lock")
+    page.fill("#batch", "2")
+    gate.close()
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_contain_text("step 1/3", timeout=30_000)
+    page.wait_for_function("document.getElementById('preview').naturalWidth > 0", timeout=30_000)
+    expect(page.locator("#generate")).to_be_disabled()
+    page.screenshot(path=ARTIFACTS / "serve-progress.png", full_page=True)
+    gate.open()
+    expect(page.locator("#results img")).to_have_count(2, timeout=60_000)
+    expect(page.locator("#progress_text")).to_have_text("done")
+    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.naturalWidth === 16)")
+    expect(page.locator("#seed")).to_have_value("1234")
+
+    page.click("nav button[data-tab=gallery]")
+    expect(page.locator("#gallery img")).to_have_count(2, timeout=30_000)
+    page.locator("#gallery img").nth(1).click()
+    expect(page.locator("#detail_params")).to_contain_text("a small green tree")
+    expect(page.locator("#detail_params")).to_contain_text("Seed: 1235")
+    href = page.get_attribute("#download", "href")
+    assert href.endswith("/images/1?download=1")
+    page.screenshot(path=ARTIFACTS / "serve-gallery.png", full_page=True)
+    page.click("#reuse")
+    expect(page.locator("#tab-generate")).to_be_visible()
+    expect(page.locator("#prompt")).to_have_value("a small green tree")
+    expect(page.locator("#seed")).to_have_value("1235")  # the seed of the image that was reused
+    expect(page.locator("#steps")).to_have_value("3")
+    expect(page.locator("#batch")).to_have_value("1")
+    assert errors == []
+
+
+def test_models_page_and_phone_width(live, browser):
+    page = browser.new_page(viewport={"width": 375, "height": 740}, is_mobile=True)
+    page.goto(f"{live.url}/?token={TOKEN}")
+    expect = sync_api.expect
+    page.click("nav button[data-tab=models]")
+    row = page.locator("#models_table tbody tr", has_text="tiny")
+    expect(row).to_contain_text("ok")
+    expect(row).to_contain_text("MB")
+    expect(page.locator("#models_table th", has_text="Bits/weight")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # nothing overflows sideways
+    page.click("nav button[data-tab=generate]")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.screenshot(path=ARTIFACTS / "serve-phone.png", full_page=True)
