@@ -54,7 +54,9 @@ def test_generate_progress_gallery_reuse(live, gate, browser):
     page.goto(f"{live.url}/?token={TOKEN}")  # sets the cookie, then redirects to /
     assert page.url == f"{live.url}/"
     expect = sync_api.expect
-    expect(page.locator("#model option")).to_have_text(["tiny"])
+    # The served model comes first (and is selected); the built-in bonsai-emoji follows it.
+    expect(page.locator("#model option").first).to_have_text("tiny")
+    expect(page.locator("#model")).to_have_value("tiny")
     expect(page.locator("#size option").first).to_have_text("16x16 (native)")
     expect(page.locator("#steps")).to_have_value("2")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 from torch import nn
@@ -14,11 +15,18 @@ ARCHITECTURES: dict[str, Callable[[dict], nn.Module]] = {
 }
 
 
+# Name prefix -> module that registers those architectures when imported (kept out of start-up).
+_PLUGINS: dict[str, str] = {"diffusers:": "bonsai.convert.adapters"}
+
+
 def register_architecture(name: str, builder: Callable[[dict], nn.Module]) -> None:
     ARCHITECTURES[name] = builder
 
 
 def build_architecture(name: str, config: dict) -> nn.Module:
+    for prefix, module in _PLUGINS.items():
+        if name.startswith(prefix) and name not in ARCHITECTURES:
+            importlib.import_module(module)
     try:
         builder = ARCHITECTURES[name]
     except KeyError:

@@ -53,6 +53,16 @@ class BitLinear(nn.Module):
             layer.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         return layer
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to(device) moves the packed tensors; .to(dtype) / .half() must not cast them: their
+        # dtypes are the storage contract (uint8 signs, float32 scales, ...).
+        originals = {name: t for name in _PACKED_FIELDS if (t := self._buffers.get(name)) is not None}
+        super()._apply(fn, recurse)
+        for name, t in originals.items():
+            if self._buffers[name].dtype != t.dtype:
+                self._buffers[name] = t.to(self._buffers[name].device)
+        return self
+
     @property
     def packed(self) -> PackedWeight:
         """The PackedWeight view of the buffers (rebuilt when they were replaced or moved)."""

@@ -170,8 +170,9 @@ class JobQueue:
                 job.done.set()
 
     def _finish(self, job: Job, status: str, params: list[str] = (), error: str | None = None) -> None:
-        job.status, job.error = status, error
+        # The history row first: a reader that sees the new status must find its parameters.
         self.db.finished(job.id, status, time.time(), params, error)
+        job.status, job.error = status, error
 
     def _run(self, job: Job) -> None:
         if job.cancel.is_set():
