@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .atomic import atomic_write
+
 
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
     """Save `image` to `path` with its "parameters" (A1111 format) embedded; never leaves half a file."""
-    path = Path(path)
     info = PngInfo()
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask decides the mode, as for any file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def next_free_paths(directory: Path, seeds: list[int]) -> list[Path]:

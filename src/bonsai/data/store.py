@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..atomic import atomic_write
 
 IMAGES_FILE = "images.safetensors"
 STATES_FILE = "text_states.safetensors"
@@ -67,22 +66,6 @@ def dequantize_states(codes: torch.Tensor, scales: torch.Tensor, bits: int, hidd
         raise ValueError(f"state codes hold {len(c)} values, expected {count}")
     q = (c[:count] - 2 ** (bits - 1)).float().view(-1, hidden)
     return q * scales.float()[:, None]
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Call write(tmp) on a temporary file beside `path`, then move it into place, so a reader
-    never sees a half-written file. The file gets the usual permissions (0666 minus the umask)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def encode_webp(image: np.ndarray) -> bytes:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from bonsai.data.store import atomic_write
+from bonsai.atomic import atomic_write
 
 WEIGHTS_FILE = "evaluator.safetensors"
 CONFIG_FILE = "evaluator.json"

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from ..data.store import atomic_write
+from ..atomic import atomic_write
 from ..pipeline import to_pil
 
 LABEL_HEIGHT = 14  # pixels above each column for its name (PIL's built-in bitmap font is 11 px)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import atomic_write
 from .errors import HubError
 
 FORMAT = "bonsai-catalog"
@@ -72,14 +71,4 @@ def save(path: Path, entries: list[ModelEntry]) -> None:
     """Write the catalog atomically: a temporary file in the same folder, fsync, rename."""
     doc = {"format": FORMAT, "version": VERSION, "models": [dataclasses.asdict(e) for e in entries]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".catalog-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8"))

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic import atomic_write
 from .formats import LoRAError, LoRAFactors, parse_lora, read_lora
 from .layers import LoRALayer, add_trainable_lora, fit_factors, lora_targets, wrap
 
@@ -78,9 +79,7 @@ def lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 def save_lora(model: nn.Module, name: str, path: str | os.PathLike[str]) -> None:
     """Write LoRA `name` as a .safetensors file (atomically)."""
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file(lora_state_dict(model, name), tmp, metadata={"format": "pt", "bonsai_lora": name})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(lora_state_dict(model, name), tmp, metadata={"format": "pt", "bonsai_lora": name}))
 
 
 def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:

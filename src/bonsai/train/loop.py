@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..atomic import atomic_write
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -68,9 +70,7 @@ def save_state(state: TrainState, out_dir: Path) -> None:
         "optimizer": state.optimizer.state_dict(),
         "step": state.step,
     }
-    tmp = _state_path(out_dir).with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, _state_path(out_dir))
+    atomic_write(_state_path(out_dir), lambda tmp: torch.save(payload, tmp))
 
 
 def load_state(state: TrainState, out_dir: Path) -> bool:
