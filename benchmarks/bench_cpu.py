@@ -11,6 +11,7 @@ processes, though not to a busy sibling hyperthread.
     python benchmarks/bench_cpu.py                   # all shapes, M = 1, 64, 256, 1024, 2048
     python benchmarks/bench_cpu.py --models 4b --m 256 --group-size 128 --isa avx2
     python benchmarks/bench_cpu.py --cpu-time         # on a machine shared with other work
+    python benchmarks/bench_cpu.py --e2e              # seconds per bonsai-emoji image: kernel, reference, fp32
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from bonsai.kernels import PackedWeight, pack_signs
 from bonsai.kernels.cpu import available_isas, bitmatmul_cpu, chosen_isa
 
 SHAPES = {  # (K, N) of each linear layer
-    "emoji": [(384, 1152), (384, 384), (384, 1536), (1536, 384), (384, 768)],
+    "emoji": [(320, 960), (320, 320), (320, 640), (320, 1280), (1280, 320)],
     "4b": [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072)],
 }
 TIME_BUDGET_S = 1.5  # per (shape, M) and side; at least 2 repeats after a warm-up call
@@ -92,6 +93,50 @@ def machine_line() -> str:
     )
 
 
+def dense_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same network with every 1-bit layer replaced by an fp32 nn.Linear of its dequantized weight."""
+    import copy
+
+    from bonsai.quant import BitLinear
+
+    dense = copy.deepcopy(model)
+    for name, layer in [(n, m) for n, m in dense.named_modules() if isinstance(m, BitLinear)]:
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight.data = layer.packed.dequantize(torch.float32)
+        if layer.bias is not None:
+            linear.bias.data = layer.bias.float()
+        parent, _, child = name.rpartition(".")
+        setattr(dense.get_submodule(parent) if parent else dense, child, linear)
+    return dense
+
+
+def end_to_end(prompt: str, steps: int, repeats: int) -> None:
+    """Seconds per 64x64 bonsai-emoji image (denoising only, model loaded), three ways in one run."""
+    from bonsai.kernels import set_kernel
+    from bonsai.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained("bonsai-emoji", device="cpu")
+    one_bit = pipe.denoiser
+    variants = {"1-bit, compiled kernel": ("cpu", one_bit), "1-bit, reference path": ("reference", one_bit),
+                "same model, fp32 dense": ("reference", dense_copy(one_bit))}
+    print(f"\nend to end: bonsai-emoji, 64x64, {steps} steps, cfg 4 (batch of 2 with guidance), median of {repeats}")
+    times = {}
+    for label, (kernel, model) in variants.items():
+        set_kernel(kernel)
+        pipe.denoiser = model
+        pipe.generate(prompt, steps=2, seed=0)  # warm-up
+        runs = []
+        for i in range(repeats):
+            t = time.perf_counter()
+            pipe.generate(prompt, steps=steps, seed=i)
+            runs.append(time.perf_counter() - t)
+        times[label] = statistics.median(runs)
+    set_kernel(None)
+    base = times["same model, fp32 dense"]
+    for label, t in times.items():
+        print(f"{label:26s} {t:7.2f} s/image   {base / t:5.2f}x vs fp32")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -101,6 +146,8 @@ def main() -> None:
     parser.add_argument("--isa", help="force a kernel path (sets BONSAI_CPU_ISA)")
     parser.add_argument("--threads", type=int, help="threads for torch and the kernel (default: torch's)")
     parser.add_argument("--cpu-time", action="store_true", help="one thread each, timed by thread CPU time")
+    parser.add_argument("--e2e", action="store_true", help="also time whole bonsai-emoji images")
+    parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end part")
     args = parser.parse_args()
     if args.cpu_time:
         args.threads = 1
@@ -112,6 +159,9 @@ def main() -> None:
     os.environ.setdefault("BONSAI_CPU_THREADS", str(torch.get_num_threads()))
 
     print(machine_line())
+    if args.e2e_only:
+        end_to_end("grinning face, grinning, smileys & emotion, noto style", steps=20, repeats=3)
+        return
     print(f"timing: {'thread CPU time, 1 thread' if args.cpu_time else 'wall clock'}; "
           f"load average at start: {os.getloadavg()[0]:.2f}; weight: row scale + row offset"
           f"{f', group size {args.group_size}' if args.group_size else ''}{f', rank {args.rank}' if args.rank else ''}")
@@ -136,6 +186,8 @@ def main() -> None:
     for model, k, n, packed, fp32 in memory:
         ratio = f"{packed / 2**20:8.3f} MiB vs {fp32 / 2**20:8.2f} MiB = 1/{fp32 / packed:.1f}"
         print(f"{model:6} {f'{k}->{n}':>12}: {ratio}")
+    if args.e2e:
+        end_to_end("grinning face, grinning, smileys & emotion, noto style", steps=20, repeats=3)
 
 
 if __name__ == "__main__":
