@@ -17,7 +17,7 @@ import torch
 
 from bonsai.format import CheckpointError, read_header
 from bonsai.hub import Store
-from bonsai.lora import apply_lora, loaded_loras
+from bonsai.lora import apply_lora
 from bonsai.pipeline import MAX_SIDE, MAX_STEPS, Pipeline
 from bonsai.quant import DEFAULT_KEEP, SCHEMES, BinarizeConfig, QuantPolicy, quantize_
 from bonsai.sampling import SAMPLERS
@@ -125,17 +125,11 @@ class BonsaiSampler:
     ) -> tuple[torch.Tensor]:
         hook = step_hook(steps)
         result = pipeline.generate(
-            prompt + lora_tags(pipeline), batch=batch_size, callback=lambda step, total, x0: hook(step),
+            prompt, batch=batch_size, callback=lambda step, total, x0: hook(step),
             negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, sampler=sampler, shift=shift,
             width=width or None, height=height or None,
         )
         return (to_comfy_image(result.samples),)
-
-
-def lora_tags(pipe: Pipeline) -> str:
-    """`<lora:NAME:WEIGHT>` for each LoRA attached by BonsaiLoRA. Pipeline.generate keeps exactly the
-    prompt's LoRAs active, so the attached ones are named in the prompt to stay on at their weights."""
-    return "".join(f" <lora:{name}:{weight!r}>" for name, weight in loaded_loras(pipe.denoiser).items())
 
 
 class BonsaiLoRA:
@@ -162,10 +156,8 @@ class BonsaiLoRA:
         path = lora_files().get(lora_name)
         if path is None:
             raise ValueError(f"LoRA {lora_name!r} not found in ComfyUI's models/loras folder")
-        # The name doubles as a prompt tag (see lora_tags), which cannot hold ':' or '>'.
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)
         denoiser = copy.deepcopy(pipeline.denoiser)
-        apply_lora(denoiser, path, weight=strength, name=name)
+        apply_lora(denoiser, path, weight=strength)
         return (with_denoiser(pipeline, denoiser),)
 
 

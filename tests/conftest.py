@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from bonsai.kernels import set_kernel
-from bonsai.models import DiT, DiTConfig, save_model
+from bonsai.lora import add_trainable_lora, lora_targets, save_lora
+from bonsai.models import DiT, DiTConfig, load_model, save_model
 from bonsai.quant import QuantPolicy, quantize_
 
 TINY = DiTConfig(hidden_size=32, depth=1, num_heads=2, sample_size=16, patch_size=4)
@@ -84,3 +85,17 @@ def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of the tiny 1-bit checkpoint (written once per test session; treat as read-only)."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def write_tiny_lora(checkpoint: Path, path: Path, seed: int = 5) -> Path:
+    """A rank-2 LoRA on every block layer of `checkpoint`, up factors N(0, 0.5^2) (a fresh LoRA's
+    are zero, which would change nothing), saved in the PEFT layout under the name path.stem."""
+    model, _ = load_model(checkpoint)
+    add_trainable_lora(model, path.stem, rank=2, patterns=("blocks.*",))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for layer in lora_targets(model).values():
+            if path.stem in getattr(layer, "ups", {}):
+                layer.ups[path.stem].data.normal_(std=0.5)
+    save_lora(model, path.stem, path)
+    return path

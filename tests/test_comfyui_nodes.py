@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, TINY_DEFAULTS, random_dit, write_tiny_checkpoint
+from conftest import TINY, TINY_DEFAULTS, random_dit, write_tiny_checkpoint, write_tiny_lora
 
-from bonsai.lora import add_trainable_lora, lora_targets, save_lora
-from bonsai.models import load_model, save_model
+from bonsai.lora import loaded_loras
+from bonsai.models import save_model
 from bonsai.quant import BitLinear, QuantPolicy, plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,14 +93,7 @@ def comfy_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, P
     save_model(random_dit(TINY), folders["checkpoints"] / "tiny-float.safetensors", "dit", TINY.to_dict(),
                pipeline={"text_encoder": "minilm", "defaults": TINY_DEFAULTS})
     (folders["checkpoints"] / "not-bonsai.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
-    model, _ = load_model(folders["diffusion_models"] / "tiny-1bit.safetensors")
-    add_trainable_lora(model, "style", rank=2, patterns=("blocks.*",))
-    with torch.random.fork_rng():
-        torch.manual_seed(5)
-        for layer in lora_targets(model).values():
-            if "style" in getattr(layer, "ups", {}):
-                layer.ups["style"].data.normal_(std=0.5)
-    save_lora(model, "style", folders["loras"] / "style.safetensors")
+    write_tiny_lora(folders["diffusion_models"] / "tiny-1bit.safetensors", folders["loras"] / "style.safetensors")
     monkeypatch.setitem(sys.modules, "folder_paths", _stub_folder_paths(folders))
     monkeypatch.setenv("BONSAI_HOME", str(tmp_path / "store"))
     return folders
@@ -140,7 +133,10 @@ def test_lora_node_changes_the_image_and_leaves_its_input_alone(comfy_models: di
     base = _sample(pipe)
     styled = BonsaiLoRA().apply(pipe, "style.safetensors", 1.0)[0]
     off = BonsaiLoRA().apply(pipe, "style.safetensors", 0.0)[0]
-    assert (_sample(styled) - base).abs().max() > 0.01
+    styled_images = _sample(styled)  # the prompt names no LoRA: the attached one stays on
+    assert (styled_images - base).abs().max() > 0.01
+    torch.testing.assert_close(_sample(styled), styled_images)
+    assert loaded_loras(styled.denoiser) == {"style": 1.0}
     torch.testing.assert_close(_sample(off), base)
     torch.testing.assert_close(_sample(pipe), base)  # the loader's pipeline has no LoRA attached
     with pytest.raises(ValueError, match="missing.safetensors"):

@@ -140,9 +140,10 @@ def test_prompt_syntax(bit_unet, tmp_path):
     write_peft(tmp_path / "ink.safetensors", random_factors())
     unet = load_bonsai_unet(bit_unet)
     before = run(unet)
-    use_prompt_loras(unet, [("ink", 0.8)], tmp_path)
-    assert loaded_loras(unet) == {"ink": 0.8}
-    use_prompt_loras(unet, [], tmp_path)
+    restore = use_prompt_loras(unet, [("ink", 0.8)], tmp_path)
+    assert loaded_loras(unet) == {"ink": 0.8} and restore == {"ink": 0.0}
+    assert not torch.equal(run(unet), before)
+    set_lora_weights(unet, restore)
     assert loaded_loras(unet) == {"ink": 0.0} and torch.equal(run(unet), before)
     with pytest.raises(LoRAError, match="not found"):
         use_prompt_loras(unet, [("missing", 1.0)], tmp_path)

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "bonsai.serve.cli:serve",
     "quantize": "bonsai.convert.cli:quantize",
     "distill": "bonsai.train.distill_cli:distill",
+    "train-lora": "bonsai.train.lora_cli:train_lora_cmd",
     "eval": "bonsai.eval.cli:eval_cmd",
 }
 

@@ -215,17 +215,31 @@ class Pipeline:
             raise InvalidRequest("init images need a pixel-space model: this model's VAE has no encoder")
         return from_pil(images, params.width, params.height).to(self.device, self._dtype)
 
-    def _use_loras(self, prompt: str) -> str:
-        """Strip `<lora:name:weight>` tags from the prompt and make exactly those LoRAs active."""
-        from .lora import LoRAError, loaded_loras, parse_prompt_loras, use_prompt_loras
+    @staticmethod
+    def _prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+        """The prompt without its `<lora:name:weight>` tags, and the tags."""
+        from .lora import LoRAError, parse_prompt_loras
 
         try:
-            text, loras = parse_prompt_loras(prompt)
-            if loras or loaded_loras(self.denoiser):
-                use_prompt_loras(self.denoiser, loras, self.lora_dir)
+            return parse_prompt_loras(prompt)
         except LoRAError as e:
             raise InvalidRequest(str(e)) from None
-        return text
+
+    @contextmanager
+    def _use_loras(self, loras: list[tuple[str, float]]):
+        """Inside the block the prompt's LoRAs are active (loaded from lora_dir if needed); afterwards
+        their weights are back to what they were (0 for those the tags loaded). Tags thus act for one
+        generation, and LoRAs attached with apply_lora keep the weights they were given."""
+        from .lora import LoRAError, set_lora_weights, use_prompt_loras
+
+        try:
+            restore = use_prompt_loras(self.denoiser, loras, self.lora_dir) if loras else {}
+        except LoRAError as e:
+            raise InvalidRequest(str(e)) from None
+        try:
+            yield
+        finally:
+            set_lora_weights(self.denoiser, restore)
 
     @torch.no_grad()
     def generate(
@@ -245,7 +259,7 @@ class Pipeline:
             fields_["seed"] = secrets.randbelow(2**31)
         params = replace(self.defaults, prompt=prompt, **fields_)
         self.check(params, batch)
-        text = self._use_loras(params.prompt)
+        text, loras = self._prompt_loras(params.prompt)
 
         with self._placed(self.text_encoder):
             cond = self._encode([text] * batch)
@@ -262,7 +276,7 @@ class Pipeline:
             x = (1 - t0) * init + t0 * x
         total = len(timesteps) - 1
         step_cb = None if callback is None else (lambda i, x_, x0: callback(i + 1, total, x0))
-        with self._placed(self.denoiser, offload_blocks=True):
+        with self._use_loras(loras), self._placed(self.denoiser, offload_blocks=True):
             samples = SAMPLERS[params.sampler](model, x, timesteps, step_cb)
         samples = self.decode(samples)
         images = to_pil(samples)

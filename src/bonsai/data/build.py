@@ -1,5 +1,5 @@
 """Build the emoji training bundle: records from emoji.json, images composited on white, captions
-encoded with the frozen MiniLM text encoder, written by `store.write_bundle`."""
+encoded with the frozen MiniLM text encoder (optional), written by `store.write_bundle`."""
 
 from __future__ import annotations
 
@@ -45,9 +45,10 @@ def split_counts(records: list[EmojiRecord]) -> dict[str, dict[str, int]]:
 
 
 def build_emoji_dataset(
-    packages: dict[str, Path], out: Path, encode: EncodeFn, bits: int = 6, eval_fraction: float = EVAL_FRACTION
+    packages: dict[str, Path], out: Path, encode: EncodeFn | None, bits: int = 6, eval_fraction: float = EVAL_FRACTION
 ) -> dict:
-    """Write the bundle and LICENSES/ into `out`; returns a summary (counts, file sizes)."""
+    """Write the bundle and LICENSES/ into `out`; returns a summary (counts, file sizes).
+    encode=None writes no text states (images, captions and records only)."""
     records = load_records(packages, eval_fraction)
     webps = []
     for r in records:
@@ -55,8 +56,8 @@ def build_emoji_dataset(
         if not path.is_file():
             raise FileNotFoundError(f"{path}: emoji.json lists this image for {r.name!r} but the package lacks it")
         webps.append(encode_webp(composite_on_white(path)))
-    states, mask = encode_captions([r.caption for r in records], encode)
-    if not (mask.long().diff(dim=1) <= 0).all():
+    states, mask = encode_captions([r.caption for r in records], encode) if encode is not None else (None, None)
+    if mask is not None and not (mask.long().diff(dim=1) <= 0).all():
         raise ValueError("the text encoder's mask must put real tokens first")
     meta = {
         "source": ", ".join(f"emoji-datasource-{s}@{PACKAGE_VERSION}" for s in packages),
@@ -73,14 +74,14 @@ def build_emoji_dataset(
     for emoji_set, folder in packages.items():
         if (folder / "LICENSE").is_file():
             (licenses / f"emoji-datasource-{emoji_set}.LICENSE").write_text((folder / "LICENSE").read_text())
-    lengths = mask.sum(1)
+    lengths = mask.sum(1) if mask is not None else None
     return {
         "images": len(records),
         "counts": split_counts(records),
         "base_emoji_eval": len({r.short_name for r in records if r.split == "eval"}),
         "base_emoji": len({r.short_name for r in records}),
-        "tokens": {"total": int(lengths.sum()), "mean": float(lengths.float().mean()), "max": int(lengths.max())},
-        "state_bits": bits,
+        "tokens": {} if lengths is None else {"total": int(lengths.sum()), "mean": float(lengths.float().mean()), "max": int(lengths.max())},
+        "state_bits": bits if states is not None else 0,
         "bytes": sizes,
         "styles": sorted(STYLES.values()),
     }

@@ -21,15 +21,20 @@ def data() -> None:
               help="Where npm packages are kept (default: $BONSAI_CACHE/npm or ~/.cache/bonsai/npm).")
 @click.option("--bits", type=click.Choice(["6", "8"]), default="6", show_default=True,
               help="Bits per stored text-state value (6 keeps the bundle under ~60 MB).")
-def emoji(source: Path | None, out: Path, cache: Path | None, bits: str) -> None:
+@click.option("--states/--no-states", default=True, show_default=True,
+              help="Store MiniLM token states of the captions (the evaluator needs them; a trainer that carries the encoder does not).")
+def emoji(source: Path | None, out: Path, cache: Path | None, bits: str, states: bool) -> None:
     """Build the bonsai-emoji dataset (Noto Emoji + Twemoji, 64x64, captions, text states)."""
-    from bonsai.text import TextEncoder
-
     from .build import build_emoji_dataset
     from .fetch import package_dirs
 
     packages = package_dirs(source, cache)
-    summary = build_emoji_dataset(packages, out, TextEncoder().encode, bits=int(bits))
+    encode = None
+    if states:
+        from bonsai.text import TextEncoder
+
+        encode = TextEncoder().encode
+    summary = build_emoji_dataset(packages, out, encode, bits=int(bits))
     for style, splits in summary["counts"].items():
         click.echo(f"{style:8s} " + "  ".join(f"{k}: {v}" for k, v in splits.items()))
     click.echo(json.dumps({k: summary[k] for k in ("images", "base_emoji", "base_emoji_eval", "tokens", "bytes")}))

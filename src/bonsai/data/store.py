@@ -1,9 +1,10 @@
 """The emoji training bundle on disk and its loader.
 
-Two safetensors files and a JSON list, sized to travel (< ~60 MB together):
+Two safetensors files and a JSON list, sized to travel (< ~60 MB together; ~20 MB without states):
 - images.safetensors: `webp` uint8 [total bytes] (lossless WebP of each 64x64 RGB image, concatenated),
   `offsets` int64 [N + 1] (image i is webp[offsets[i]:offsets[i+1]]).
-- text_states.safetensors: MiniLM token states of each caption, real tokens only (no padding),
+- text_states.safetensors (optional: a trainer that carries the text encoder encodes captions
+  itself; the evaluator reads them): MiniLM token states of each caption, real tokens only (no padding),
   quantized per token: `codes` uint8 (the signed integers q in [-(2^(b-1)-1), 2^(b-1)-1] stored as
   q + 2^(b-1), b bits each, packed little-endian: 4 six-bit codes per 3 bytes, or one byte each for
   b = 8), `scales` float16 [T] (state = q * scale), `lengths` int16 [N] (real tokens per caption,
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,45 +79,53 @@ def encode_webp(image: np.ndarray) -> bytes:
 def write_bundle(
     root: Path,
     images_webp: list[bytes],
-    states: torch.Tensor,
-    mask: torch.Tensor,
+    states: torch.Tensor | None,
+    mask: torch.Tensor | None,
     records: list[dict],
     bits: int,
     metadata: dict[str, str],
 ) -> dict[str, int]:
-    """Write the three files atomically. states float [N, T, D], mask bool [N, T] (True = real
-    token, real tokens first). Returns {file name: bytes}."""
+    """Write the files atomically. states float [N, T, D], mask bool [N, T] (True = real
+    token, real tokens first), or both None for a bundle without states (a stale states file is
+    removed). Returns {file name: bytes}."""
     n = len(records)
-    if len(images_webp) != n or states.shape[0] != n or mask.shape != states.shape[:2]:
-        raise ValueError(f"bundle parts disagree: {len(images_webp)} images, states {tuple(states.shape)}, mask {tuple(mask.shape)}, {n} captions")
+    if (states is None) != (mask is None):
+        raise ValueError("pass both states and mask, or neither")
+    if len(images_webp) != n or (states is not None and (states.shape[0] != n or mask.shape != states.shape[:2])):
+        shapes = "no states" if states is None else f"states {tuple(states.shape)}, mask {tuple(mask.shape)}"
+        raise ValueError(f"bundle parts disagree: {len(images_webp)} images, {shapes}, {n} captions")
     root.mkdir(parents=True, exist_ok=True)
     offsets = np.cumsum([0] + [len(b) for b in images_webp])
     images = {
         "webp": torch.frombuffer(bytearray(b"".join(images_webp)), dtype=torch.uint8),
         "offsets": torch.from_numpy(offsets.astype(np.int64)),
     }
-    lengths = mask.sum(1)
-    codes, scales = quantize_states(states[mask], bits)
-    text = {"codes": codes, "scales": scales, "lengths": lengths.to(torch.int16)}
     meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "count": str(n), **metadata}
-    state_meta = {**meta, "bits": str(bits), "hidden_size": str(states.shape[2]), "max_tokens": str(states.shape[1])}
     atomic_write(root / IMAGES_FILE, lambda p: save_file(images, p, metadata={**meta, "image_size": str(metadata.get("image_size", 64))}))
-    atomic_write(root / STATES_FILE, lambda p: save_file(text, p, metadata=state_meta))
+    if states is not None:
+        codes, scales = quantize_states(states[mask], bits)
+        text = {"codes": codes, "scales": scales, "lengths": mask.sum(1).to(torch.int16)}
+        state_meta = {**meta, "bits": str(bits), "hidden_size": str(states.shape[2]), "max_tokens": str(states.shape[1])}
+        atomic_write(root / STATES_FILE, lambda p: save_file(text, p, metadata=state_meta))
+    elif (root / STATES_FILE).exists():
+        (root / STATES_FILE).unlink()
     atomic_write(root / CAPTIONS_FILE, lambda p: Path(p).write_text(json.dumps(records, separators=(",", ":")) + "\n"))
-    return {f: (root / f).stat().st_size for f in (IMAGES_FILE, STATES_FILE, CAPTIONS_FILE)}
+    return {f: (root / f).stat().st_size for f in (IMAGES_FILE, STATES_FILE, CAPTIONS_FILE) if (root / f).exists()}
 
 
 @dataclass
 class EmojiDataset:
-    """images float32 [N, 3, 64, 64] in [-1, 1]; states float16 [N, T, 384] (zero where padded);
-    mask bool [N, T]; captions, styles, splits: lists of N strings."""
+    """images float32 [N, 3, 64, 64] in [-1, 1]; states float16 [N, T, 384] (zero where padded)
+    and mask bool [N, T], or both None for a bundle without states; captions, styles, splits: lists
+    of N strings; records: the N captions.json rows (name, short_name, ...), empty if not loaded."""
 
     images: torch.Tensor
-    states: torch.Tensor
-    mask: torch.Tensor
+    states: torch.Tensor | None
+    mask: torch.Tensor | None
     captions: list[str]
     styles: list[str]
     splits: list[str]
+    records: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -129,13 +138,16 @@ class EmojiDataset:
         idx = self.indices(split)
         pick = idx.tolist()
         return EmojiDataset(
-            self.images[idx], self.states[idx], self.mask[idx],
+            self.images[idx], None if self.states is None else self.states[idx], None if self.mask is None else self.mask[idx],
             [self.captions[i] for i in pick], [self.styles[i] for i in pick], [self.splits[i] for i in pick],
+            [self.records[i] for i in pick] if self.records else [],
         )
 
     def sentence_embeddings(self) -> torch.Tensor:
         """MiniLM sentence embeddings float32 [N, 384]: masked mean of the token states, L2-normalized
         (what TextEncoder.embed computes, from the stored states)."""
+        if self.states is None or self.mask is None:
+            raise ValueError(f"this dataset was loaded without {STATES_FILE}; rebuild it with `bonsai data emoji` (states on)")
         m = self.mask.unsqueeze(-1).float()
         pooled = (self.states.float() * m).sum(1) / m.sum(1).clamp(min=1)
         return torch.nn.functional.normalize(pooled, dim=-1)
@@ -161,7 +173,8 @@ def _expect(path: Path, tensors: dict[str, torch.Tensor], spec: dict[str, tuple[
 
 
 def load_emoji_dataset(root: str | Path) -> EmojiDataset:
-    """Load and validate a bundle written by `write_bundle` (see the module docstring)."""
+    """Load and validate a bundle written by `write_bundle` (see the module docstring); states and
+    mask are None when the bundle has no text_states.safetensors."""
     root = Path(root)
     records = json.loads((root / CAPTIONS_FILE).read_text()) if (root / CAPTIONS_FILE).is_file() else None
     if records is None:
@@ -181,18 +194,23 @@ def load_emoji_dataset(root: str | Path) -> EmojiDataset:
             raise ValueError(f"{root / IMAGES_FILE}: image {i} is {img.shape}, expected {(size, size, 3)}")
         pixels[i] = img
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    captions = ([r["caption"] for r in records], [r["style"] for r in records], [r["split"] for r in records])
+    if not (root / STATES_FILE).is_file():
+        return EmojiDataset(images, None, None, *captions, records)
+    states, mask = _load_states(root / STATES_FILE, n)
+    return EmojiDataset(images, states, mask, *captions, records)
 
-    st_t, st_meta = _read(root / STATES_FILE)
-    _expect(root / STATES_FILE, st_t, {"codes": (torch.uint8, 1), "scales": (torch.float16, 1), "lengths": (torch.int16, 1)})
+
+def _load_states(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states float16 [n, T, D], mask bool [n, T]) from a text_states.safetensors file."""
+    st_t, st_meta = _read(path)
+    _expect(path, st_t, {"codes": (torch.uint8, 1), "scales": (torch.float16, 1), "lengths": (torch.int16, 1)})
     bits, hidden, max_tokens = (int(st_meta[k]) for k in ("bits", "hidden_size", "max_tokens"))
     lengths = st_t["lengths"].long()
     if len(lengths) != n or int(lengths.sum()) != len(st_t["scales"]) or (lengths < 1).any() or (lengths > max_tokens).any():
-        raise ValueError(f"{root / STATES_FILE}: lengths do not match {n} captions and {len(st_t['scales'])} token scales")
+        raise ValueError(f"{path}: lengths do not match {n} captions and {len(st_t['scales'])} token scales")
     flat = dequantize_states(st_t["codes"], st_t["scales"], bits, hidden)
     mask = torch.arange(max_tokens)[None, :] < lengths[:, None]
     states = torch.zeros(n, max_tokens, hidden, dtype=torch.float16)
     states[mask] = flat.half()
-    return EmojiDataset(
-        images, states, mask,
-        [r["caption"] for r in records], [r["style"] for r in records], [r["split"] for r in records],
-    )
+    return states, mask

@@ -27,12 +27,15 @@ def apply_lora(
     name: str | None = None, dtype: torch.dtype = torch.bfloat16,
 ) -> str:
     """Attach a LoRA (file path or parsed factors) to `model` with `weight`; returns its name.
-    All layers are checked before any is changed, so a LoRA for a different model changes nothing."""
+    All layers are checked before any is changed, so a LoRA for a different model changes nothing.
+    The name defaults to the file name without suffix, with '.' as '_' (a '.' cannot name a parameter)."""
     if isinstance(lora, dict):
         factors, name = lora, name or "lora"
     else:
         factors = read_lora(lora, set(lora_targets(model)))
-        name = name or Path(lora).stem
+        name = name or Path(lora).stem.replace(".", "_")
+    if "." in name or not name:
+        raise LoRAError(f"LoRA name {name!r} is empty or holds a '.': rename the file or give another name")
     targets = lora_targets(model)
     for module, f in factors.items():
         if module not in targets:
@@ -103,13 +106,19 @@ def resolve_lora(name: str, lora_dir: str | os.PathLike[str] | None) -> Path:
     raise LoRAError(f"LoRA '{name}' not found: put {name}.safetensors in {lora_dir or 'a LoRA folder (--lora-dir)'}")
 
 
-def use_prompt_loras(model: nn.Module, loras: list[tuple[str, float]], lora_dir: str | os.PathLike[str] | None) -> None:
-    """Make exactly the prompt's LoRAs active at their weights (loading new ones, zeroing the rest)."""
+def use_prompt_loras(model: nn.Module, loras: list[tuple[str, float]], lora_dir: str | os.PathLike[str] | None) -> dict[str, float]:
+    """Activate a prompt's `<lora:name:w>` LoRAs at their weights, loading missing ones from `lora_dir`;
+    every other LoRA keeps its weight. Returns the weights that undo this with set_lora_weights: each
+    named LoRA's earlier weight, 0 for one this call loaded (it stays loaded, switched off, for reuse).
+
+    Prompt tags thus act for one generation only and never switch off a LoRA attached through the
+    API; a tag naming an attached LoRA overrides its weight for that generation."""
     wanted = dict(loras)
-    loaded = loaded_loras(model)
-    for name in wanted.keys() - loaded.keys():
-        apply_lora(model, resolve_lora(name, lora_dir), wanted[name], name=name)
-    set_lora_weights(model, {n: wanted.get(n, 0.0) for n in loaded_loras(model)})
+    before = loaded_loras(model)
+    for name in wanted.keys() - before.keys():  # load all first: a missing one leaves every weight as it was
+        apply_lora(model, resolve_lora(name, lora_dir), 0.0, name=name)
+    set_lora_weights(model, wanted)
+    return {name: before.get(name, 0.0) for name in wanted}
 
 
 __all__ = [

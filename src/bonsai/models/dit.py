@@ -81,6 +81,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` with the weight cast to x's dtype, so that under bf16 autocast the fused kernel
+    runs (nn.RMSNorm falls back to a slow path when input and weight dtypes differ)."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -94,7 +100,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        out = F.scaled_dot_product_attention(rms_norm(self.q_norm, q), rms_norm(self.k_norm, k), v)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -114,7 +120,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(B, T, H, D // H).transpose(1, 2)
         k, v = self.kv(text).reshape(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
         mask = text_mask[:, None, None, :]  # [B, 1, 1, L]; True = attend
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(rms_norm(self.q_norm, q), rms_norm(self.k_norm, k), v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 

@@ -69,14 +69,12 @@ def _batches(shape, text_dim, batch, prompts, images, device, seed):
         encoded = TextEncoder().encode(prompts)
     pixels = None
     if images:
-        from PIL import Image
+        from .images import image_files, load_pixels
 
-        from ..pipeline import from_pil
-
-        files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-        if not files:
-            raise click.ClickException(f"{images}: no .png/.jpg/.webp images")
-        pixels = from_pil([Image.open(f) for f in files], shape[2], shape[1])
+        try:
+            pixels = load_pixels(image_files(images), shape[2], shape[1])
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
     rng = random.Random(seed)
     while True:
         if pixels is not None:

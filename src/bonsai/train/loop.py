@@ -1,6 +1,10 @@
 """One training loop for teacher training and distillation: AdamW, warmup, bf16 autocast on
-CUDA, EMA, JSON-lines logs, periodic checkpoints that make a run resumable, and DDP when
-launched by torchrun (each rank draws its own batches; rank 0 logs and saves)."""
+CUDA, optional torch.compile of the forward on CUDA (eager if compiling fails), EMA, JSON-lines
+logs, periodic checkpoints that make a run resumable, and DDP when launched by torchrun (each
+rank draws its own batches; rank 0 logs and saves).
+
+Checkpoints hold the plain module's state_dict (never the compiled wrapper's, whose keys carry
+an `_orig_mod.` prefix), so they load into an uncompiled model."""
 
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ class TrainConfig:
     checkpoint_every: int = 1000
     sample_every: int = 0  # 0: never
     max_seconds: float = 0.0  # stop early (and checkpoint) after this wall time; 0: no limit
+    compile: bool = True  # torch.compile the forward on CUDA (never on CPU); eager if it fails
+
+
+def scaled_lr(base_lr: float, batch_size: int, base_batch: int = 256) -> float:
+    """Square-root learning-rate scaling for AdamW: base_lr was tuned at base_batch."""
+    return base_lr * math.sqrt(batch_size / base_batch)
 
 
 def rank() -> int:
@@ -88,8 +98,15 @@ def load_state(state: TrainState, out_dir: Path) -> bool:
 
 @torch.no_grad()
 def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model, in one multi-tensor kernel per dtype."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+
+
+def compile_forward(module: nn.Module, enabled: bool) -> nn.Module:
+    """torch.compile(module) on CUDA when enabled, else module itself. The compiled wrapper shares
+    the parameters; save and load the plain module."""
+    device = next(module.parameters()).device
+    return torch.compile(module) if enabled and device.type == "cuda" else module
 
 
 def train(
@@ -107,27 +124,37 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    fused = device.type == "cuda" and all(p.is_floating_point() for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=fused)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
     state = TrainState(model, ema, opt)
     if load_state(state, out) and rank() == 0:
         print(f"resumed from {_state_path(out)} at step {state.step}", flush=True)
-    net = model
+    eager: nn.Module = model
     if world_size() > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        eager = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = compile_forward(eager, cfg.compile)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     log = open(out / "log.jsonl", "a") if rank() == 0 else None
     start, seen, t0 = time.perf_counter(), 0, time.perf_counter()
+    first_step = state.step
     while state.step < cfg.steps:
         lr = _lr_at(state.step, cfg, time.perf_counter() - start)
         for group in opt.param_groups:
             group["lr"] = lr
         batch = next(batches)
-        with autocast:
-            loss = loss_fn(net, batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with autocast:
+                loss = loss_fn(net, batch)
+            loss.backward()
+        except Exception as err:  # a compile failure shows on the first step: train eagerly instead
+            if net is eager or state.step != first_step:
+                raise
+            print(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); training without it", flush=True)
+            net = eager
+            continue
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         if ema is not None:

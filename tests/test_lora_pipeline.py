@@ -1,0 +1,67 @@
+"""LoRAs in Pipeline.generate: one attached through the API stays active whatever the prompt says
+(a tag naming it overrides its weight for that generation only); one loaded by a `<lora:name:w>`
+tag is active for that generation and off on the next prompt without the tag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_tiny_lora
+
+from bonsai.lora import apply_lora, loaded_loras
+from bonsai.pipeline import InvalidRequest, Pipeline
+
+PROMPT = "a red circle"
+
+
+@pytest.fixture
+def pipe(tiny_checkpoint: Path, tmp_path: Path, reference_kernel: None) -> Pipeline:
+    """The tiny 1-bit pipeline with two LoRAs in its lora_dir: style.safetensors and ink.safetensors."""
+    write_tiny_lora(tiny_checkpoint, tmp_path / "style.safetensors", seed=5)
+    write_tiny_lora(tiny_checkpoint, tmp_path / "ink.safetensors", seed=6)
+    pipe = Pipeline.from_pretrained(tiny_checkpoint, device="cpu")
+    pipe.lora_dir = str(tmp_path)
+    return pipe
+
+
+def sample(pipe: Pipeline, prompt: str = PROMPT) -> torch.Tensor:
+    return pipe.generate(prompt, seed=3, batch=2).samples
+
+
+def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a - b).abs().max().item() > 0.01
+
+
+def test_api_lora_stays_active_across_untagged_prompts(pipe: Pipeline) -> None:
+    base = sample(pipe)
+    apply_lora(pipe.denoiser, Path(pipe.lora_dir) / "style.safetensors", weight=1.0)
+    styled = sample(pipe)
+    assert differs(styled, base)
+    assert torch.equal(sample(pipe), styled)  # still on for the next untagged prompt
+    assert loaded_loras(pipe.denoiser) == {"style": 1.0}
+
+    inked = sample(pipe, f"{PROMPT} <lora:ink:0.7>")  # a tag adds a LoRA for one generation
+    assert differs(inked, styled)
+    assert torch.equal(sample(pipe), styled)
+    assert loaded_loras(pipe.denoiser) == {"style": 1.0, "ink": 0.0}
+
+    assert torch.equal(sample(pipe, f"{PROMPT} <lora:style:0>"), base)  # a tag overrides an attached LoRA's weight once
+    assert torch.equal(sample(pipe), styled) and loaded_loras(pipe.denoiser)["style"] == 1.0
+
+
+def test_tag_loaded_lora_is_off_on_the_next_untagged_prompt(pipe: Pipeline) -> None:
+    base = sample(pipe)
+    inked = sample(pipe, f"{PROMPT} <lora:ink:1>")
+    assert differs(inked, base)
+    assert torch.equal(sample(pipe), base)
+    assert loaded_loras(pipe.denoiser) == {"ink": 0.0}  # kept loaded, switched off
+    assert torch.equal(sample(pipe, f"<lora:ink> {PROMPT}"), inked)  # the same image when tagged again (weight 1 by default)
+
+
+def test_missing_tag_lora_changes_nothing(pipe: Pipeline) -> None:
+    base = sample(pipe)
+    with pytest.raises(InvalidRequest, match="missing.safetensors"):
+        sample(pipe, f"{PROMPT} <lora:ink:1> <lora:missing:1>")
+    assert torch.equal(sample(pipe), base)
