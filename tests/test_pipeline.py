@@ -58,7 +58,10 @@ def test_prompt_and_negative_prompt_steer_the_image(pipe: Pipeline) -> None:
     assert (base - with_negative).abs().max() > 1e-2
 
 
-def test_batch_of_four_equals_four_single_runs(pipe: Pipeline) -> None:
+def test_batch_of_four_equals_four_single_runs(pipe: Pipeline, reference_kernel) -> None:
+    # On the reference kernel: the CPU kernel quantizes activations to int8 per token, so a rounding
+    # difference between a batched and a single matmul upstream can move an activation across a
+    # quantization step, which is kernel numerics, not the batching and seeding this test is about.
     batch = pipe.generate(PROMPT, batch=4, seed=20, steps=3, sampler="heun")
     assert [p.seed for p in batch.params] == [20, 21, 22, 23]
     for i in range(4):

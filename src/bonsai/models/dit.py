@@ -145,7 +145,7 @@ class DiTBlock(nn.Module):
         self.norm3 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(D, cfg.mlp_hidden)
         # Per-block offsets to the shared modulation (adaLN-single): shift/scale/gate x 2.
-        self.modulation_table = nn.Parameter(torch.randn(6, D) / D**0.5)
+        self.modulation_table = nn.Parameter(torch.empty(6, D))
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation_table[None]).unbind(1)
@@ -168,7 +168,7 @@ class DiT(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.final_modulation_table = nn.Parameter(torch.randn(2, D) / D**0.5)
+        self.final_modulation_table = nn.Parameter(torch.empty(2, D))
         self.final_proj = nn.Linear(D, p * p * cfg.in_channels)
         self._init_weights()
 
@@ -177,6 +177,11 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        # Modulation tables: uniform with std 1/sqrt(D). (Uniform, not normal: on the meta device,
+        # where checkpoints are loaded, torch's first normal_ costs seconds of one-time set-up.)
+        bound = (3 / self.config.hidden_size) ** 0.5
+        for table in [b.modulation_table for b in self.blocks] + [self.final_modulation_table]:
+            nn.init.uniform_(table, -bound, bound)
         # Zero the last modulation and output layers: each block starts as the identity.
         nn.init.zeros_(self.modulation[-1].weight)
         nn.init.zeros_(self.final_proj.weight)
