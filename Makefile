@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; set TORCH= to keep whatever torch your environment resolves.
 TORCH ?= torch==2.13.0
-PROMPT ?= grinning face
+# The preview model follows its caption style best (models/bonsai-emoji/README.md).
+PROMPT ?= grinning face, grinning, smileys & emotion, noto style
 
 .PHONY: demo test setup clean
 

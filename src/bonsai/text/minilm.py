@@ -11,13 +11,13 @@ alone, for machines without the package (the GPU trainer):
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_write
+from .bert import BertConfig, BertEncoder
 
 MAX_TOKENS = 32
 HIDDEN_SIZE = 384
@@ -95,33 +95,35 @@ def load_int8_state(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_model(folder: Path):
-    """BertModel from the package folder (float32) or from an `export_int8` folder."""
-    from transformers import AutoModel, BertConfig, BertModel
+def _load_encoder(folder: Path) -> BertEncoder:
+    """The encoder from the package folder (float32) or from an `export_int8` folder."""
+    import json
 
-    if not (folder / INT8_FILE).is_file():
-        return AutoModel.from_pretrained(str(folder), local_files_only=True)
-    model = BertModel(BertConfig.from_json_file(str(folder / "config.json")), add_pooling_layer=False)
-    missing, unexpected = model.load_state_dict(load_int8_state(folder / INT8_FILE), strict=False)
-    missing = [k for k in missing if k != "embeddings.position_ids" and not k.endswith("token_type_ids")]
-    if missing or unexpected:
-        raise ValueError(f"{folder / INT8_FILE}: tensors missing {missing[:3]} / unexpected {unexpected[:3]} for config.json's BertModel")
-    return model
+    from safetensors.torch import load_file
+
+    encoder = BertEncoder(BertConfig.from_json(json.loads((folder / "config.json").read_text())))
+    weights = folder / INT8_FILE
+    state = load_int8_state(weights) if weights.is_file() else load_file(str(folder / "model.safetensors"))
+    encoder.load_bert_state(state, str(weights if weights.is_file() else folder / "model.safetensors"))
+    return encoder
 
 
 class TextEncoder(torch.nn.Module):
     """Prompts -> token states [B, T, 384] and a padding mask [B, T] (True = real token).
 
-    `path`: the package's model folder (default) or a folder written by `export_int8`."""
+    `path`: the package's model folder (default) or a folder written by `export_int8`. The
+    tokenizer is the folder's tokenizer.json (the `tokenizers` library), the network Bonsai's
+    plain-PyTorch BERT (text/bert.py); both load in well under a second."""
 
     def __init__(self, path: str | Path | None = None, max_tokens: int = MAX_TOKENS):
         super().__init__()
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer
 
         folder = Path(path or minilm_path())
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = _load_model(folder).eval().requires_grad_(False)
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(max_tokens)
+        self.tokenizer.enable_padding(length=max_tokens, pad_id=0, pad_token="[PAD]")
+        self.model = _load_encoder(folder).eval().requires_grad_(False)
         self.max_tokens = max_tokens
         self.hidden_size = self.model.config.hidden_size
 
@@ -132,11 +134,10 @@ class TextEncoder(torch.nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states float32 [B, max_tokens, 384] and mask bool [B, max_tokens]."""
-        batch = self.tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        ).to(self.device)
-        states = self.model(**batch).last_hidden_state
-        return states.float(), batch["attention_mask"].bool()
+        batch = self.tokenizer.encode_batch(list(prompts))
+        ids = torch.tensor([b.ids for b in batch], dtype=torch.long, device=self.device)
+        mask = torch.tensor([b.attention_mask for b in batch], dtype=torch.bool, device=self.device)
+        return self.model(ids, mask).float(), mask
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
