@@ -149,3 +149,9 @@ def test_bad_configs_rejected(kwargs: dict, message: str) -> None:
 def test_binarize_needs_a_matrix(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="2-D"):
         binarize(torch.randn(*shape))
+
+
+def test_rank_above_the_weight_rank_is_rejected() -> None:
+    w = torch.randn(6, 40)
+    with pytest.raises(ValueError, match="rank 8 exceeds min"):
+        binarize(w, BinarizeConfig("mean", rank=8))

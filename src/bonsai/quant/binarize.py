@@ -129,6 +129,9 @@ def binary_factors(w: torch.Tensor, config: BinarizeConfig) -> BinaryFactors:
 
 def lowrank_residual(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """U [N, r], V [r, K] with U V the best rank-r approximation of `residual` (SVD), float32."""
+    if rank > min(residual.shape):
+        # The stored factors must have the rank the layer's config (and the checkpoint) says.
+        raise ValueError(f"low-rank residual rank {rank} exceeds min(N, K) = {min(residual.shape)} of a {tuple(residual.shape)} weight")
     u, s, vh = torch.linalg.svd(residual.float(), full_matrices=False)
     root = s[:rank].sqrt()
     return u[:, :rank] * root[None, :], root[:, None] * vh[:rank]
