@@ -260,11 +260,6 @@ class Pipeline:
         params = replace(self.defaults, prompt=prompt, **fields_)
         self.check(params, batch)
         text, loras = self._prompt_loras(params.prompt)
-
-        with self._placed(self.text_encoder):
-            cond = self._encode([text] * batch)
-            uncond = self._encode([params.negative_prompt] * batch)
-        model = cfg_velocity(self.denoiser, cond, uncond, params.cfg)
         timesteps = flow_timesteps(params.steps, params.shift)
         x = self.noise(params, batch)
         if init_images is not None:
@@ -276,14 +271,33 @@ class Pipeline:
             x = (1 - t0) * init + t0 * x
         total = len(timesteps) - 1
         step_cb = None if callback is None else (lambda i, x_, x0: callback(i + 1, total, x0))
-        with self._use_loras(loras), self._placed(self.denoiser, offload_blocks=True):
-            samples = SAMPLERS[params.sampler](model, x, timesteps, step_cb)
-        samples = self.decode(samples)
+        with self._use_loras(loras):
+            samples = self.sample([text] * batch, [params.negative_prompt] * batch, params, x, timesteps, step_cb)
         images = to_pil(samples)
         per_image = [replace(params, seed=params.seed + i) for i in range(batch)]
         for image, p in zip(images, per_image):
             image.info["parameters"] = p.to_a1111()
         return Generation(images, per_image, samples.float().cpu())
+
+    def sample(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str],
+        params: GenerationParams,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """The core of every generation: encode one prompt (and negative prompt) per sample, denoise
+        the starting samples x [B, C, h, w] along `timesteps` with guidance params.cfg and sampler
+        params.sampler, and decode: images [B, 3, H, W] in [-1, 1]."""
+        with self._placed(self.text_encoder):
+            cond = self._encode(prompts)
+            uncond = self._encode(negative_prompts)
+        model = cfg_velocity(self.denoiser, cond, uncond, params.cfg)
+        with self._placed(self.denoiser, offload_blocks=True):
+            samples = SAMPLERS[params.sampler](model, x, timesteps, callback)
+        return self.decode(samples)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Denoised samples -> images [B, 3, H, W] in [-1, 1] (latents through the decoder)."""

@@ -1,8 +1,8 @@
 """Batched generation of many prompts with one seed each, for scoring a model.
 
 `Pipeline.generate` draws a batch for one prompt; evaluation needs a batch of different prompts.
-This module reuses the pipeline's pieces (text encoder, seeded noise, guidance, sampler, decoder)
-so that image i equals `pipe.generate(prompts[i], seed=seeds[i], steps=..., cfg=...)` up to
+This module feeds per-prompt batches and seeds to the pipeline's own `sample` (text encoder,
+guidance, sampler, decoder) and `noise`, so that image i equals `pipe.generate(prompts[i], seed=seeds[i], steps=..., cfg=...)` up to
 floating-point differences of the batch size."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..pipeline import Pipeline
-from ..sampling import SAMPLERS, cfg_velocity, flow_timesteps
+from ..sampling import flow_timesteps
 
 
 @torch.no_grad()
@@ -34,18 +34,13 @@ def generate_prompts(
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
     params = replace(pipe.defaults, prompt=prompts[0] if prompts else "x", steps=steps, cfg=cfg)
     pipe.check(params, max(batch_size, 1))
-    dtype = next(pipe.denoiser.parameters()).dtype
     timesteps = flow_timesteps(steps, params.shift)
-    sampler = SAMPLERS[params.sampler]
     images, start = [], time.perf_counter()
     for lo in range(0, len(prompts), batch_size):
         chunk, chunk_seeds = prompts[lo : lo + batch_size], seeds[lo : lo + batch_size]
-        cond = pipe.text_encoder.encode(chunk)
-        uncond = pipe.text_encoder.encode([params.negative_prompt] * len(chunk))
-        cond, uncond = ((s.to(pipe.device, dtype), m.to(pipe.device)) for s, m in (cond, uncond))
         noise = torch.cat([pipe.noise(replace(params, seed=s), 1) for s in chunk_seeds])
-        samples = sampler(cfg_velocity(pipe.denoiser, cond, uncond, cfg), noise, timesteps, None)
-        images.append(pipe.decode(samples).float().clamp(-1, 1).cpu())
+        samples = pipe.sample(chunk, [params.negative_prompt] * len(chunk), params, noise, timesteps)
+        images.append(samples.float().clamp(-1, 1).cpu())
         if on_batch is not None:
             on_batch(len(chunk))
     return torch.cat(images) if images else torch.empty(0), time.perf_counter() - start
