@@ -52,6 +52,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _elapsed(start: float, cfg: TrainConfig, device: torch.device) -> float:
+    """Seconds since `start`, the same on every rank (the largest): a time-bounded run's learning
+    rate and its last step must agree across DDP ranks, or the replicas drift apart and a rank
+    that stops first leaves the others waiting in the gradient all-reduce forever."""
+    seconds = time.perf_counter() - start
+    if not cfg.max_seconds or world_size() == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def _lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
     """Warmup, then cosine decay to 10% over the run; a run bounded by max_seconds decays by
     whichever of steps or time runs out first."""
@@ -140,7 +152,8 @@ def train(
     start, seen, t0 = time.perf_counter(), 0, time.perf_counter()
     first_step = state.step
     while state.step < cfg.steps:
-        lr = _lr_at(state.step, cfg, time.perf_counter() - start)
+        elapsed = _elapsed(start, cfg, device)
+        lr = _lr_at(state.step, cfg, elapsed)
         for group in opt.param_groups:
             group["lr"] = lr
         batch = next(batches)
@@ -168,7 +181,7 @@ def train(
             log.flush()
             print(json.dumps(record), flush=True)
             seen, t0 = 0, time.perf_counter()
-        out_of_time = cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds
+        out_of_time = bool(cfg.max_seconds) and elapsed > cfg.max_seconds
         if rank() == 0 and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or out_of_time):
             save_state(state, out)
         if rank() == 0 and on_sample is not None and cfg.sample_every and state.step % cfg.sample_every == 0:
