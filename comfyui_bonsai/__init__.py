@@ -1,9 +1,13 @@
 """ComfyUI node pack for Bonsai 1-bit text-to-image models.
 
 Install: copy or symlink this folder into ComfyUI/custom_nodes/ and `pip install bonsai` into
-ComfyUI's Python environment. The nodes appear under the "Bonsai" category.
+ComfyUI's Python environment. The nodes appear under the "Bonsai" category: on ComfyUI's own
+types (MODEL, CLIP, VAE, LATENT; model_nodes.py) and on a whole Bonsai pipeline (nodes.py).
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from . import model_nodes, nodes
+
+NODE_CLASS_MAPPINGS = {**model_nodes.NODE_CLASS_MAPPINGS, **nodes.NODE_CLASS_MAPPINGS}
+NODE_DISPLAY_NAME_MAPPINGS = {**model_nodes.NODE_DISPLAY_NAME_MAPPINGS, **nodes.NODE_DISPLAY_NAME_MAPPINGS}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -8,9 +8,11 @@ Imports happen at call time, so a stub `folder_paths` put in sys.modules by a te
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+
+import torch
 
 # ComfyUI model folders searched for Bonsai checkpoints ("unet" is ComfyUI's legacy name for
 # diffusion_models; recent versions map one onto the other, older ones keep both).
@@ -67,3 +69,9 @@ def step_hook(total: int) -> Callable[[int], None]:
             bar.update_absolute(step, total)
 
     return hook
+
+
+def intermediate_device() -> torch.device:
+    """Where ComfyUI keeps latents between nodes (the CPU outside ComfyUI)."""
+    mm = _optional("comfy.model_management")
+    return mm.intermediate_device() if mm is not None else torch.device("cpu")

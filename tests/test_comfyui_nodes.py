@@ -36,13 +36,16 @@ SAMPLE = dict(negative_prompt="", seed=3, steps=2, cfg=3.0, sampler="euler", shi
 
 def test_pack_imports_without_comfyui() -> None:
     code = (
-        "import sys, comfyui_bonsai as p; "
+        "import json, sys, comfyui_bonsai as p; "
         "assert 'folder_paths' not in sys.modules and 'comfy' not in sys.modules; "
-        "print(sorted(p.NODE_CLASS_MAPPINGS))"
+        "print(json.dumps(sorted(p.NODE_CLASS_MAPPINGS)))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["['BonsaiCheckpointLoader',", "'BonsaiLoRA',", "'BonsaiQuantize',", "'BonsaiSampler']"]
+    assert json.loads(out.stdout) == [
+        "BonsaiCheckpointLoader", "BonsaiEmptyLatent", "BonsaiLoRA", "BonsaiModelLoRA", "BonsaiModelLoader",
+        "BonsaiQuantize", "BonsaiQuantizeModel", "BonsaiSampler",
+    ]
 
 
 @pytest.mark.parametrize("key", sorted(NODE_CLASS_MAPPINGS))
