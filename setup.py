@@ -6,6 +6,7 @@ and Bonsai uses its reference path on CPU (and says so once at run time).
 """
 
 import os
+import platform
 import sys
 import tempfile
 
@@ -13,18 +14,25 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CPU_DIR = "src/bonsai/kernels/cpu"
-SOURCES = [f"{CPU_DIR}/bitmm.cpp", f"{CPU_DIR}/bitmm_x86.cpp", f"{CPU_DIR}/bitmm_neon.cpp"]
+OPENMP_PROBE = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+# The AMX path needs a compiler and assembler that know the tile instructions (GCC 11+, binutils 2.36+).
+AMX_PROBE = (
+    "#include <immintrin.h>\n"
+    '__attribute__((target("amx-tile,amx-int8"))) void f(void* p) { _tile_loadd(1, p, 64); _tile_dpbsud(0, 1, 2); }\n'
+    "int main() { return 0; }\n"
+)
+SOURCES = [f"{CPU_DIR}/bitmm.cpp", f"{CPU_DIR}/bitmm_x86.cpp", f"{CPU_DIR}/bitmm_amx.cpp", f"{CPU_DIR}/bitmm_neon.cpp"]
 
 
 class BuildCpuKernel(build_ext):
     def get_export_symbols(self, ext):
         return []  # not a Python module: no PyInit_ symbol to export
 
-    def _compiles_with(self, flags: list[str]) -> bool:
+    def _compiles_with(self, flags: list[str], code: str = OPENMP_PROBE) -> bool:
         with tempfile.TemporaryDirectory() as tmp:
             source = os.path.join(tmp, "probe.cpp")
             with open(source, "w") as f:
-                f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+                f.write(code)
             try:
                 objects = self.compiler.compile([source], output_dir=tmp, extra_postargs=flags)
                 self.compiler.link_executable(objects, "probe", output_dir=tmp, extra_postargs=flags)
@@ -43,6 +51,9 @@ class BuildCpuKernel(build_ext):
             else:
                 self.warn("OpenMP not found: the CPU kernel is built single-threaded")
                 link_args = []
+            if platform.machine().lower() in ("x86_64", "amd64") and not self._compiles_with([], AMX_PROBE):
+                self.warn("the compiler does not know AMX instructions: the CPU kernel is built without its AMX path")
+                compile_args.append("-DBONSAI_NO_AMX")
         for ext in self.extensions:
             ext.extra_compile_args, ext.extra_link_args = compile_args, link_args
         super().build_extensions()

@@ -11,6 +11,7 @@ processes, though not to a busy sibling hyperthread.
     python benchmarks/bench_cpu.py                   # all shapes, M = 1, 64, 256, 1024, 2048
     python benchmarks/bench_cpu.py --models 4b --m 256 --group-size 128 --isa avx2
     python benchmarks/bench_cpu.py --cpu-time         # on a machine shared with other work
+    python benchmarks/bench_cpu.py --models emoji --m 512 --rank 16 --bias   # bonsai-emoji's layers
     python benchmarks/bench_cpu.py --e2e              # seconds per bonsai-emoji image: kernel, reference, fp32
 """
 
@@ -111,7 +112,8 @@ def dense_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def end_to_end(prompt: str, steps: int, repeats: int) -> None:
-    """Seconds per 64x64 bonsai-emoji image (denoising only, model loaded), three ways in one run."""
+    """Seconds per 64x64 bonsai-emoji image (text encoding, denoising, decoding; model loaded), three
+    ways in one run, repeats interleaved so that other load on the machine hits all three alike."""
     from bonsai.kernels import set_kernel
     from bonsai.pipeline import Pipeline
 
@@ -119,22 +121,29 @@ def end_to_end(prompt: str, steps: int, repeats: int) -> None:
     one_bit = pipe.denoiser
     variants = {"1-bit, compiled kernel": ("cpu", one_bit), "1-bit, reference path": ("reference", one_bit),
                 "same model, fp32 dense": ("reference", dense_copy(one_bit))}
-    print(f"\nend to end: bonsai-emoji, 64x64, {steps} steps, cfg 4 (batch of 2 with guidance), median of {repeats}")
-    times = {}
-    for label, (kernel, model) in variants.items():
+    print(f"\nend to end: bonsai-emoji, 64x64, {steps} steps, cfg 4 (batch of 2 with guidance), "
+          f"{repeats} interleaved repeats; kernel ISA {chosen_isa()}")
+    runs: dict[str, list[float]] = {label: [] for label in variants}
+    for kernel, model in variants.values():  # warm-up
         set_kernel(kernel)
         pipe.denoiser = model
-        pipe.generate(prompt, steps=2, seed=0)  # warm-up
-        runs = []
-        for i in range(repeats):
+        pipe.generate(prompt, steps=2, seed=0)
+    for i in range(repeats):
+        for label, (kernel, model) in variants.items():
+            set_kernel(kernel)
+            pipe.denoiser = model
             t = time.perf_counter()
             pipe.generate(prompt, steps=steps, seed=i)
-            runs.append(time.perf_counter() - t)
-        times[label] = statistics.median(runs)
+            runs[label].append(time.perf_counter() - t)
     set_kernel(None)
-    base = times["same model, fp32 dense"]
-    for label, t in times.items():
-        print(f"{label:26s} {t:7.2f} s/image   {base / t:5.2f}x vs fp32")
+    pipe.denoiser = one_bit
+    base = runs["same model, fp32 dense"]
+    print(f"{'':26s} {'median':>8s} {'best':>7s} {'worst':>7s} | vs fp32: median, best (each run / fp32 of that round)")
+    for label, ts in runs.items():
+        ratios = [b / t for b, t in zip(base, ts)]
+        print(f"{label:26s} {statistics.median(ts):7.2f}s {min(ts):6.2f}s {max(ts):6.2f}s | "
+              f"{statistics.median(base) / statistics.median(ts):5.2f}x {min(base) / min(ts):5.2f}x "
+              f"(per round {min(ratios):.2f}-{max(ratios):.2f}x)")
 
 
 def main() -> None:
@@ -142,7 +151,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--m", nargs="+", type=int, default=[1, 64, 256, 1024, 2048])
     parser.add_argument("--group-size", type=int, default=0)
-    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--rank", type=int, default=0, help="low-rank residual (bonsai-emoji: 16)")
+    parser.add_argument("--bias", action="store_true", help="layers with a bias (fused in the kernel; F.linear's for fp32)")
+    parser.add_argument("--repeats", type=int, default=3, help="end-to-end repeats per variant")
     parser.add_argument("--isa", help="force a kernel path (sets BONSAI_CPU_ISA)")
     parser.add_argument("--threads", type=int, help="threads for torch and the kernel (default: torch's)")
     parser.add_argument("--cpu-time", action="store_true", help="one thread each, timed by thread CPU time")
@@ -160,11 +171,12 @@ def main() -> None:
 
     print(machine_line())
     if args.e2e_only:
-        end_to_end("grinning face, grinning, smileys & emotion, noto style", steps=20, repeats=3)
+        end_to_end("grinning face, grinning, smileys & emotion, noto style", steps=20, repeats=args.repeats)
         return
     print(f"timing: {'thread CPU time, 1 thread' if args.cpu_time else 'wall clock'}; "
           f"load average at start: {os.getloadavg()[0]:.2f}; weight: row scale + row offset"
-          f"{f', group size {args.group_size}' if args.group_size else ''}{f', rank {args.rank}' if args.rank else ''}")
+          f"{f', group size {args.group_size}' if args.group_size else ''}{f', rank {args.rank}' if args.rank else ''}"
+          f"{', bias' if args.bias else ''}")
     header = f"{'fp32 ms':>9} {'GFLOP/s':>8} | {'1-bit ms':>9} {'GOP/s':>8} | {'speedup':>7}"
     print(f"{'model':6} {'K->N':>12} {'M':>5} | {header}")
     memory = []
@@ -172,12 +184,14 @@ def main() -> None:
         for k, n in SHAPES[model]:
             w = random_packed(n, k, args.group_size, args.rank)
             w_fp32 = torch.randn(n, k)
+            b = torch.randn(n) if args.bias else None
             memory.append((model, k, n, packed_bytes(w), n * k * 4))
             for m in args.m:
                 x = torch.randn(m, k)
                 ops = 2.0 * m * n * k
                 clock = time.thread_time if args.cpu_time else time.perf_counter
-                t_fp32, t_bit = interleaved_medians([lambda: F.linear(x, w_fp32), lambda: bitmatmul_cpu(x, w)], clock)
+                fns = [lambda: F.linear(x, w_fp32, b), lambda: bitmatmul_cpu(x, w, b)]
+                t_fp32, t_bit = interleaved_medians(fns, clock)
                 fp32 = f"{t_fp32 * 1e3:9.3f} {ops / t_fp32 / 1e9:8.1f}"
                 bit = f"{t_bit * 1e3:9.3f} {ops / t_bit / 1e9:8.1f}"
                 print(f"{model:6} {f'{k}->{n}':>12} {m:>5} | {fp32} | {bit} | {t_fp32 / t_bit:6.2f}x", flush=True)
@@ -187,7 +201,7 @@ def main() -> None:
         ratio = f"{packed / 2**20:8.3f} MiB vs {fp32 / 2**20:8.2f} MiB = 1/{fp32 / packed:.1f}"
         print(f"{model:6} {f'{k}->{n}':>12}: {ratio}")
     if args.e2e:
-        end_to_end("grinning face, grinning, smileys & emotion, noto style", steps=20, repeats=3)
+        end_to_end("grinning face, grinning, smileys & emotion, noto style", steps=20, repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -28,15 +28,19 @@ from bonsai.kernels.cpu import available_isas, binding, bitmatmul_cpu
 
 ISAS = available_isas()
 
-# (M, N, K, group_size, col_scale, row_offset, rank): odd sizes; K never divisible by 8 or G.
+# (M, N, K, group_size, col_scale, row_offset, rank, bias): odd sizes; K never divisible by 8 or G.
+# The AMX path takes M >= 16 (fewer rows go to AVX-512), pads groups to 64 columns and works on
+# 32-row panels: the cases with M in 17..45 and 301 exercise partial tiles and panels there.
 CASES = [
-    (1, 33, 203, 0, False, False, 0),
-    (7, 77, 203, 24, True, True, 0),
-    (13, 65, 301, 10, True, True, 3),  # G not a multiple of 4: padded groups
-    (29, 97, 1001, 128, True, True, 4),
-    (37, 45, 2051, 0, True, True, 0),  # long group: int16 chunks (AVX2), K-chunks of 128 k4 steps
-    (11, 39, 1203, 600, False, True, 2),  # a group that spans two K-chunks
-    (301, 71, 4099, 0, False, True, 0),  # several M-blocks
+    (1, 33, 203, 0, False, False, 0, False),
+    (7, 77, 203, 24, True, True, 0, True),
+    (13, 65, 301, 10, True, True, 3, False),  # G not a multiple of 4: padded groups
+    (17, 45, 203, 24, True, True, 3, True),  # one row past a tile; G padded to 64 on AMX
+    (29, 97, 1001, 128, True, True, 4, True),
+    (37, 45, 2051, 0, True, True, 0, False),  # long group: int16 chunks (AVX2), K-chunks of 128 k4 steps
+    (11, 39, 1203, 600, False, True, 2, True),  # a group that spans two K-chunks
+    (45, 71, 1203, 600, True, True, 17, True),  # the same on two 32-row panels; rank past 16 columns
+    (301, 71, 4099, 0, False, True, 0, True),  # several M-blocks
 ]
 
 
@@ -71,9 +75,11 @@ def quantize_like_kernel(x: torch.Tensor, col: torch.Tensor | None) -> tuple[tor
     return q.double(), (amax / torch.tensor(127.0)).double()
 
 
-def extra_terms(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """row_offset and low-rank contributions in float64."""
+def extra_terms(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """row_offset, low-rank and bias contributions in float64."""
     out = torch.zeros(x.shape[0], w.out_features, dtype=torch.float64)
+    if bias is not None:
+        out += bias.double()
     if w.row_offset is not None:
         out += x.double().sum(1, keepdim=True) * w.row_offset.double()[None, :]
     if w.lowrank_u is not None:
@@ -87,24 +93,25 @@ def isa(request, monkeypatch) -> str:
     return request.param
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-N{}-K{}-G{}-col{:d}-off{:d}-r{}".format(*c))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-N{}-K{}-G{}-col{:d}-off{:d}-r{}-bias{:d}".format(*c))
 def test_matches_float64_references(isa: str, case: tuple) -> None:
-    m, n, k, g, col, offset, rank = case
+    m, n, k, g, col, offset, rank, with_bias = case
     gen = torch.Generator().manual_seed(hash((m, n, k, g)) % 2**31)
     w = random_weight(gen, n, k, g, col, offset, rank)
     x = torch.randn(m, k, generator=gen)
-    y = bitmatmul_cpu(x, w).double()
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    y = bitmatmul_cpu(x, w, bias).double()
     assert y.shape == (m, n) and torch.isfinite(y).all()
 
     w_sign = sign_part(w)
     x_abs = x.double().abs() * (w.col_scale.double() if col else 1)
-    magnitude = x_abs @ w_sign.abs().T + extra_terms(x.abs(), w).abs()
+    magnitude = x_abs @ w_sign.abs().T + extra_terms(x.abs(), w, bias).abs()
     q, scale = quantize_like_kernel(x, w.col_scale)
-    y_pipeline = scale * (q @ w_sign.T) + extra_terms(x, w)
+    y_pipeline = scale * (q @ w_sign.T) + extra_terms(x, w, bias)
     pipe_err = ((y - y_pipeline).abs() / magnitude).max().item()
     assert pipe_err < 1e-4, f"{isa}: kernel differs from its exact int8 pipeline by {pipe_err:.2e} of |x||W|"
 
-    y_ref = x.double() @ w.dequantize(torch.float64).T
+    y_ref = x.double() @ w.dequantize(torch.float64).T + (0 if bias is None else bias.double())
     rel = ((y - y_ref).norm() / y_ref.norm()).item()
     sigma = scale / math.sqrt(12) * w_sign.pow(2).sum(1).sqrt()[None, :]  # [M, N]
     predicted = (sigma.pow(2).sum().sqrt() / y_ref.norm()).item()
@@ -117,14 +124,15 @@ def test_matches_float64_references(isa: str, case: tuple) -> None:
 
 def test_paths_agree_and_threads_do_not_change_results(monkeypatch) -> None:
     gen = torch.Generator().manual_seed(5)
-    w = random_weight(gen, 77, 517, 64, True, True, 0)
-    x = torch.randn(45, 517, generator=gen)
+    w = random_weight(gen, 177, 1517, 64, True, True, 5)  # 12M multiply-adds: big enough for 2 threads
+    x = torch.randn(45, 1517, generator=gen)
+    bias = torch.randn(177, generator=gen)
     results = {}
     for isa in ISAS:
         monkeypatch.setenv("BONSAI_CPU_ISA", isa)
         for threads in ("1", "2"):
             monkeypatch.setenv("BONSAI_CPU_THREADS", threads)
-            results[isa, threads] = bitmatmul_cpu(x, w)
+            results[isa, threads] = bitmatmul_cpu(x, w, bias)
         assert torch.equal(results[isa, "1"], results[isa, "2"]), f"{isa}: thread count changed the result"
     base = results["scalar", "1"]
     for (isa, _), y in results.items():  # same quantization and integer sums; float order may differ
@@ -141,6 +149,13 @@ def test_bitmatmul_dispatches_cpu_tensors_to_the_kernel(monkeypatch) -> None:
     y = bitmatmul(x, w)
     assert y.shape == (2, 3, 50) and y.dtype == torch.float32
     assert torch.equal(y, bitmatmul_cpu(x, w))
+    bias = torch.randn(50, generator=gen)
+    assert torch.equal(bitmatmul(x, w, bias), bitmatmul_cpu(x, w, bias))  # fused in the kernel
+    dispatch.set_kernel("reference")  # a kernel that does not fuse the bias: added after it
+    try:
+        assert torch.equal(bitmatmul(x, w, bias), bitmatmul(x, w) + bias)
+    finally:
+        dispatch.set_kernel(None)
     assert "cpu" in w.cache  # prepared once per weight
 
 

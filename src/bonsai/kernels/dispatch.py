@@ -29,6 +29,7 @@ class Kernel:
     device_types: tuple[str, ...]  # e.g. ("cuda",), ("cpu",)
     fn: KernelFn
     supports: Callable[[torch.Tensor, PackedWeight], bool] = lambda x, w: True
+    fuses_bias: bool = False  # fn(x, weight, bias) adds the bias itself (one pass over the output)
 
 
 REFERENCE = Kernel("reference", ("cpu", "cuda", "mps"), bitmatmul_reference)
@@ -86,8 +87,13 @@ def select_kernel(x: torch.Tensor, weight: PackedWeight) -> Kernel:
     return REFERENCE
 
 
-def bitmatmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    """y = x @ W.T for x [..., K] and a packed 1-bit W [N, K]; returns [..., N] in x.dtype."""
+def bitmatmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias for x [..., K], a packed 1-bit W [N, K] and bias [N] or None; returns
+    [..., N] in x.dtype."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"bitmatmul: x has K={x.shape[-1]}, weight expects K={weight.in_features}")
-    return select_kernel(x, weight).fn(x, weight)
+    kernel = select_kernel(x, weight)
+    if kernel.fuses_bias:
+        return kernel.fn(x, weight, bias)
+    y = kernel.fn(x, weight)
+    return y if bias is None else y + bias.to(y.dtype)

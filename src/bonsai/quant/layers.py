@@ -72,8 +72,7 @@ class BitLinear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = bitmatmul(x, self.packed)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return bitmatmul(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -2,7 +2,7 @@
 
 Importing this module registers the kernel with the dispatcher for CPU tensors. When the library
 was not built, importing warns once and raises ImportError; bitmatmul then uses the reference path.
-Environment: BONSAI_CPU_ISA=auto|scalar|avx2|avx512|neon forces a code path, BONSAI_CPU_THREADS
+Environment: BONSAI_CPU_ISA=auto|scalar|avx2|avx512|amx|neon forces a code path, BONSAI_CPU_THREADS
 sets the thread count (default torch.get_num_threads()).
 """
 
@@ -27,27 +27,29 @@ _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class CpuWeight:
-    """The weight tensors the kernel reads, contiguous (no copy when they already are; no repacking:
-    the kernel expands the stored bit layout on the fly, so CPU weight memory stays at 1 bit)."""
+    """The tensors the kernel reads, contiguous, and their C view. No repacking of the signs (the
+    kernel expands the stored bit layout on the fly, so CPU weight memory stays at 1 bit); only the
+    small low-rank factors are kept in float32 (V [r, K] and U.T [r, N]) for the fused epilogue."""
 
-    signs: torch.Tensor
-    row_scale: torch.Tensor
-    group_scale: torch.Tensor | None
-    col_scale: torch.Tensor | None
-    row_offset: torch.Tensor | None
+    tensors: tuple[torch.Tensor | None, ...]
+    c_weight: binding.Weight
 
 
 def _prepare(weight: PackedWeight) -> CpuWeight:
-    def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.contiguous()
+    def contiguous(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        return None if t is None else t.to(dtype or t.dtype).contiguous()
 
-    return CpuWeight(
-        contiguous(weight.signs),
-        contiguous(weight.row_scale),
-        contiguous(weight.group_scale),
-        contiguous(weight.col_scale),
-        contiguous(weight.row_offset),
+    v = contiguous(weight.lowrank_v, torch.float32)
+    ut = None if weight.lowrank_u is None else contiguous(weight.lowrank_u.T, torch.float32)
+    tensors = (
+        contiguous(weight.signs), contiguous(weight.row_scale), contiguous(weight.group_scale),
+        contiguous(weight.col_scale), contiguous(weight.row_offset), v, ut,
+    )  # fmt: skip
+    signs, row_scale, group_scale, col_scale, row_offset = tensors[:5]
+    c_weight = binding.make_weight(
+        signs, weight.in_features, row_scale, weight.group_size, group_scale, col_scale, row_offset, v, ut
     )
+    return CpuWeight(tensors, c_weight)
 
 
 def available_isas() -> list[str]:
@@ -60,20 +62,17 @@ def chosen_isa() -> str:
     return binding.chosen_isa(_lib)
 
 
-def bitmatmul_cpu(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    """y = x @ W.T for x [..., K] (float32, or bf16/fp16 converted to float32); returns [..., N] in x.dtype.
+def bitmatmul_cpu(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias for x [..., K] (float32, or bf16/fp16 converted to float32) and bias [N] or
+    None; returns [..., N] in x.dtype.
 
     Activations are quantized to int8 per row (absmax), so the result matches the reference to
-    about 1e-2 relative error; the low-rank term is computed in float32."""
+    about 1e-2 relative error; the low-rank term and the bias are added in float32 in the kernel."""
     k, n = weight.in_features, weight.out_features
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     w = weight.prepared("cpu", _prepare)
-    y = binding.call_bitmm(
-        _lib, binding.chosen_isa(_lib), binding.thread_count(), x2,
-        w.signs, w.row_scale, weight.group_size, w.group_scale, w.col_scale, w.row_offset,
-    )  # fmt: skip
-    if weight.lowrank_u is not None:
-        y.addmm_(x2 @ weight.lowrank_v.float().T, weight.lowrank_u.float().T)
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    y = binding.call_bitmm(_lib, binding.chosen_isa(_lib), binding.thread_count(), x2, w.c_weight, b)
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -81,4 +80,4 @@ def _supports(x: torch.Tensor, weight: PackedWeight) -> bool:
     return x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in _INPUT_DTYPES
 
 
-register_kernel(Kernel("cpu", ("cpu",), bitmatmul_cpu, _supports))
+register_kernel(Kernel("cpu", ("cpu",), bitmatmul_cpu, _supports, fuses_bias=True))

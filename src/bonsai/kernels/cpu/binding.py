@@ -14,9 +14,20 @@ from pathlib import Path
 
 import torch
 
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "amx": 4}
 _ERRORS = {1: "the requested ISA path cannot run on this CPU", 2: "out of memory", 3: "invalid sizes"}
 _warned = False
+
+
+class Weight(ctypes.Structure):
+    """The C struct BonsaiWeight (bitmm.cpp): pointers to one layer's contiguous tensors."""
+
+    _fields_ = [
+        ("signs", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+        ("row_scale", ctypes.c_void_p), ("group_size", ctypes.c_int64), ("group_scale", ctypes.c_void_p),
+        ("col_scale", ctypes.c_void_p), ("row_offset", ctypes.c_void_p),
+        ("rank", ctypes.c_int64), ("lowrank_v", ctypes.c_void_p), ("lowrank_ut", ctypes.c_void_p),
+    ]  # fmt: skip
 
 
 def library_path() -> Path | None:
@@ -37,8 +48,8 @@ def load_library(path: Path | None) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as err:
         raise ImportError(f"cannot load the compiled CPU kernel {path}: {err}") from err
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.bonsai_bitmm.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr]
+    ptr = ctypes.c_void_p
+    lib.bonsai_bitmm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(Weight), ptr, ctypes.c_int64, ptr, ptr]
     lib.bonsai_bitmm.restype = ctypes.c_int
     lib.bonsai_bitmm_has_isa.argtypes = [ctypes.c_int]
     lib.bonsai_bitmm_has_isa.restype = ctypes.c_int
@@ -65,7 +76,7 @@ def available_isas(lib: ctypes.CDLL) -> list[str]:
 
 
 def chosen_isa(lib: ctypes.CDLL) -> str:
-    """BONSAI_CPU_ISA (auto|scalar|avx2|avx512|neon), or the fastest path this CPU runs."""
+    """BONSAI_CPU_ISA (auto|scalar|avx2|avx512|neon|amx), or the fastest path this CPU runs."""
     name = os.environ.get("BONSAI_CPU_ISA", "auto").strip().lower() or "auto"
     if name == "auto":
         best = lib.bonsai_bitmm_best_isa()
@@ -91,26 +102,32 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def call_bitmm(
-    lib: ctypes.CDLL,
-    isa: str,
-    threads: int,
-    x: torch.Tensor,
+def make_weight(
     signs: torch.Tensor,
+    in_features: int,
     row_scale: torch.Tensor,
     group_size: int,
     group_scale: torch.Tensor | None,
     col_scale: torch.Tensor | None,
     row_offset: torch.Tensor | None,
-) -> torch.Tensor:
-    """y [M, N] float32 for x float32 [M, K] contiguous and the contiguous weight tensors (see bitmm.cpp)."""
-    m, k = x.shape
-    n = signs.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    status = lib.bonsai_bitmm(
-        ISAS[isa], threads, _ptr(x), m, k, _ptr(signs), n, _ptr(row_scale),
-        group_size if group_scale is not None else 0, _ptr(group_scale), _ptr(col_scale), _ptr(row_offset), _ptr(y),
+    lowrank_v: torch.Tensor | None,
+    lowrank_ut: torch.Tensor | None,
+) -> Weight:
+    """The C view of contiguous weight tensors (signs uint8 [N, ceil(K/8)], scales float32, group
+    scales float16, low-rank factors float32 V [r, K] and U.T [r, N]); the caller keeps them alive."""
+    rank = 0 if lowrank_v is None else lowrank_v.shape[0]
+    return Weight(
+        _ptr(signs), signs.shape[0], in_features, _ptr(row_scale), group_size if group_scale is not None else 0,
+        _ptr(group_scale), _ptr(col_scale), _ptr(row_offset), rank, _ptr(lowrank_v), _ptr(lowrank_ut),
     )  # fmt: skip
+
+
+def call_bitmm(
+    lib: ctypes.CDLL, isa: str, threads: int, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """y [M, N] float32 = x @ W.T + bias for x float32 [M, K] contiguous, bias float32 [N] contiguous or None."""
+    y = torch.empty(x.shape[0], weight.n, dtype=torch.float32)
+    status = lib.bonsai_bitmm(ISAS[isa], threads, ctypes.byref(weight), x.data_ptr(), x.shape[0], _ptr(bias), y.data_ptr())
     if status:
         raise RuntimeError(f"CPU bitmm kernel ({isa}) failed: {_ERRORS.get(status, f'status {status}')}")
     return y

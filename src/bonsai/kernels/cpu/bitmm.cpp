@@ -1,27 +1,33 @@
-// CPU 1-bit matmul: y[M, N] = x[M, K] @ W.T, W = row_scale * group_scale * col_scale * B + row_offset
-// (the low-rank term is added by the Python binding).
+// CPU 1-bit matmul: y[M, N] = x[M, K] @ W.T + bias,
+// W = row_scale * group_scale * col_scale * B + row_offset + U @ V.
 //
-// Approach, chosen after measuring on a 2-core Xeon (AVX-512 + VNNI; torch fp32 110-160 GFLOP/s):
+// Approach, chosen after measuring on a 2-core Xeon (AVX-512 + VNNI + AMX; torch fp32 110-300 GFLOP/s):
 //  * Activations are quantized per token to int8 (absmax / 127, round half to even); col_scale is
 //    folded into x first. Signs become bytes w in {0, 2}: since +-1 = w - 1,
 //        sum_k (+-1) q_k = sum_k w_k q_k - sum_k q_k,
 //    so the inner product is an unsigned-by-signed int8 dot product plus a per-row correction.
 //    That maps onto one instruction per 64 multiply-adds with AVX-512 VNNI (vpdpbusd, measured
-//    ~700 GOP/s per core peak vs ~210 GFLOP/s for fp32 FMA) and onto vpmaddubsw + vpaddw with AVX2.
+//    ~700 GOP/s per core peak vs ~210 GFLOP/s for fp32 FMA), onto vpmaddubsw + vpaddw with AVX2,
+//    and onto AMX tiles (tdpbsud: 16 x 16 outputs x 64 k per instruction) where the CPU has them.
 //    We chose this over T-MAC style lookup tables: with int8 tables the 4-column partial sums lose
 //    precision (or need two shuffles for int16 tables), and the table build is per activation
-//    tile; the dot-product form keeps exact integer sums and is simpler, and on this CPU it is
-//    already compute-light enough that expansion and quantization are a small share of the time.
+//    tile; the dot-product form keeps exact integer sums and is simpler.
 //  * Weights are read in the stored layout (no repacked copy, so weight memory stays at 1 bit):
 //    each 32-row panel is expanded on the fly into bytes wbuf[k4][32][4] (the vpdpbusd lane layout:
-//    32-bit lane = one output column, 4 consecutive k) by mask-to-byte moves plus a dword transpose.
-//    The expansion is done once per panel and M-block and is amortized over the block's rows.
-//  * Groups: K is cut into groups (each zero-padded to 4 columns); integer sums are flushed to
-//    float once per group with the group scale, so any group size works.
+//    32-bit lane = one output column, 4 consecutive k; 16 consecutive k4 rows of one 16-column half
+//    are also an AMX B tile) by mask-to-byte moves plus a dword transpose. The expansion is done
+//    once per panel and M-block and is amortized over the block's rows.
+//  * Groups: K is cut into groups (each zero-padded to Ops::kunit columns); integer sums are
+//    flushed to float once per group with the group scale, so any group size works.
+//  * Epilogue in the same pass, while the output tile is in L1: row offset (times the row sum of
+//    x), bias, and the low-rank residual in float32 (x @ V.T per row during quantization, then a
+//    rank-r update of the tile), so a "mean + rank-16" layer is one call and one write of y.
 //  * Blocking: activation rows in blocks of ~BLOCK_BYTES (stay in L2), 32-column weight panels in
-//    L2/L1, register tiles of mr rows x 32 columns. OpenMP splits (M-block, panel) work items.
-//  * Paths: scalar (portable, reference for the others), AVX2+FMA, AVX-512 BW+VNNI (x86, chosen at
-//    run time from CPU features), NEON (aarch64 only). Every path quantizes identically.
+//    L2/L1, register tiles of mr rows x 32 columns. OpenMP splits (M-block, panel) work items;
+//    small products run on fewer threads (waking a thread costs more than it saves).
+//  * Paths: scalar (portable, reference for the others), AVX2+FMA, AVX-512 BW+VNNI, AMX-INT8 (x86,
+//    chosen at run time from CPU features and OS permission), NEON (aarch64 only). Every path
+//    quantizes identically.
 #include "bitmm.h"
 
 #include <math.h>
@@ -38,6 +44,9 @@ namespace {
 
 constexpr int64_t BLOCK_BYTES = 1 << 20;  // quantized activation rows per M-block (L2-sized)
 constexpr int64_t KC_STEPS = 128;         // k4 steps per K-chunk: 16 KiB of expanded weights (L1)
+constexpr int64_t WORK_PER_THREAD = 1 << 21;  // multiply-adds below which one more thread does not pay
+constexpr int64_t AMX_MIN_ROWS = 16;      // fewer rows than one tile: the AVX-512 path is faster
+constexpr size_t KEEP_WORKSPACE = 16 << 20;   // workspace bytes kept between calls (per calling thread)
 
 void quantize_row_scalar(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum) {
   float amax = 0.f, sum = 0.f;
@@ -67,8 +76,8 @@ void expand_panel_scalar(const Problem& p, int64_t n0, uint8_t* w) {
   });
 }
 
-void kernel_scalar(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, const float* ro,
-                   Tile t, int64_t j0, int64_t j1, float* y, int ncols) {
+void kernel_scalar(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+                   int64_t j1, int ncols) {
   const int64_t g4 = p.gpad / 4;
   for (int r = 0; r < a.mr; ++r) {
     for (int c = 0; c < ncols; ++c) {
@@ -85,12 +94,12 @@ void kernel_scalar(const Problem& p, const ActPanel& a, const uint8_t* w, const 
         }
       }
       t.acc[r * PANEL + c] = acc;
-      if (y) y[r * p.N + c] = a.scale[r] * f + ro[c] * a.xsum[r];
     }
   }
 }
 
-const Ops SCALAR_OPS = {4, quantize_row_scalar, expand_panel_scalar, kernel_scalar};
+const Ops SCALAR_OPS = {4, 4, quantize_row_scalar, lowrank_row_scalar, expand_panel_scalar, kernel_scalar,
+                        write_tile_scalar, nullptr, nullptr};
 
 float half_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
@@ -110,18 +119,21 @@ const Ops* ops_for(int isa) {
     case ISA_AVX2: return x86_has(ISA_AVX2) ? avx2_ops() : nullptr;
     case ISA_AVX512: return x86_has(ISA_AVX512) ? avx512_ops() : nullptr;
     case ISA_NEON: return neon_ops();  // NEON is part of every AArch64 CPU
+    case ISA_AMX: return amx_ops();
     default: return nullptr;
   }
 }
 
-// Quantize row m and place it in its panel: q[k4][mr][4] with group padding, plus group sums.
+// Quantize row m and place it in its panel: q[kpad / kunit][mr][kunit] with group padding, plus
+// group sums and the row's low-rank factor x @ V.T.
 void place_row(const Problem& p, const Ops& ops, int64_t m, int8_t* qall, int32_t* sumx_all,
-               float* scale, float* xsum, int8_t* qrow, int8_t* padded) {
-  const int MR = ops.mr;
+               float* scale, float* xsum, float* lrt, int8_t* qrow, int8_t* padded) {
+  const int MR = ops.mr, KU = ops.kunit;
   const int64_t mp = m / MR;
   const int r = (int)(m % MR);
   const int mr = (int)(p.M - mp * MR < MR ? p.M - mp * MR : MR);
   ops.quantize_row(p, p.x + m * p.K, qrow, &scale[m], &xsum[m]);
+  if (p.rank) ops.lowrank_row(p, p.x + m * p.K, lrt + m * p.rank_pad);
   int32_t* sumx = sumx_all + mp * MR * p.ngroups;
   for (int64_t g = 0; g < p.ngroups; ++g) {
     const int64_t start = g * p.gsize, len = p.K - start < p.gsize ? p.K - start : p.gsize;
@@ -131,8 +143,8 @@ void place_row(const Problem& p, const Ops& ops, int64_t m, int8_t* qall, int32_
     memset(padded + g * p.gpad + len, 0, (size_t)(p.gpad - len));
     sumx[g * mr + r] = s;
   }
-  int8_t* base = qall + mp * MR * p.kpad + r * 4;
-  for (int64_t j = 0; j < p.kpad / 4; ++j) memcpy(base + j * mr * 4, padded + j * 4, 4);
+  int8_t* base = qall + mp * MR * p.kpad + r * KU;
+  for (int64_t j = 0; j < p.kpad / KU; ++j) memcpy(base + j * mr * KU, padded + j * KU, (size_t)KU);
 }
 
 void* aligned(size_t bytes) {
@@ -151,9 +163,70 @@ void release(void* p) {
 #endif
 }
 
+// Scratch memory of one call, kept between calls of the same thread up to KEEP_WORKSPACE bytes
+// (allocating and page-faulting it on every call cost more than small products take).
+class Workspace {
+ public:
+  ~Workspace() { release(buf_); }
+  void* get(size_t bytes) {
+    if (bytes > size_) {
+      release(buf_);
+      buf_ = aligned(bytes);
+      size_ = buf_ ? bytes : 0;
+    }
+    return buf_;
+  }
+  void trim() {
+    if (size_ > KEEP_WORKSPACE) {
+      release(buf_);
+      buf_ = nullptr;
+      size_ = 0;
+    }
+  }
+
+ private:
+  void* buf_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Carves 64-byte aligned pieces out of one buffer (first pass with base null: total size).
+struct Carver {
+  char* base;
+  size_t used = 0;
+  template <typename T>
+  T* take(size_t count) {
+    T* out = base ? (T*)(base + used) : nullptr;
+    used += (sizeof(T) * count + 63) / 64 * 64;
+    return out;
+  }
+};
+
 }  // namespace
 
 const Ops* scalar_ops() { return &SCALAR_OPS; }
+
+void lowrank_row_scalar(const Problem& p, const float* x, float* t) {
+  for (int64_t j = 0; j < p.rank_pad; ++j) {
+    float s = 0.f;
+    if (j < p.rank)
+      for (int64_t k = 0; k < p.K; ++k) s += x[k] * p.lowrank_v[j * p.K + k];
+    t[j] = s;
+  }
+}
+
+void write_tile_scalar(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols, float* y) {
+  for (int r = 0; r < a.mr; ++r) {
+    float* yr = y + r * p.N;
+    const float* t = a.lrt + r * p.rank_pad;
+    for (int c = 0; c < ncols; ++c) yr[c] = a.scale[r] * f[r * PANEL + c];
+    if (p.row_offset)
+      for (int c = 0; c < ncols; ++c) yr[c] += p.row_offset[n0 + c] * a.xsum[r];
+    if (p.bias)
+      for (int c = 0; c < ncols; ++c) yr[c] += p.bias[n0 + c];
+    for (int64_t j = 0; j < p.rank; ++j)
+      for (int c = 0; c < ncols; ++c) yr[c] += t[j] * p.lowrank_ut[j * p.N + n0 + c];
+  }
+}
 
 }  // namespace bonsai
 
@@ -167,32 +240,55 @@ using namespace bonsai;
 
 extern "C" {
 
+// The weight of one layer as the binding passes it (built once per layer; see binding.py).
+struct BonsaiWeight {
+  const uint8_t* signs;          // [N, ceil(K / 8)]
+  int64_t N, K;
+  const float* row_scale;        // [N]
+  int64_t group_size;            // 0: no group scales
+  const uint16_t* group_scale;   // float16 bits [N, ceil(K / group_size)] or null
+  const float* col_scale;        // [K] or null
+  const float* row_offset;       // [N] or null
+  int64_t rank;                  // 0: no low-rank residual
+  const float* lowrank_v;        // [rank, K] float32
+  const float* lowrank_ut;       // [rank, N] float32
+};
+
 BONSAI_API int bonsai_bitmm_has_isa(int isa) { return ops_for(isa) != nullptr; }
 
 BONSAI_API int bonsai_bitmm_best_isa(void) {
-  for (int isa : {ISA_AVX512, ISA_AVX2, ISA_NEON})
+  for (int isa : {ISA_AMX, ISA_AVX512, ISA_AVX2, ISA_NEON})
     if (ops_for(isa)) return isa;
   return ISA_SCALAR;
 }
 
-// Returns 0 on success, 1 if `isa` cannot run here, 2 if out of memory, 3 on bad sizes.
-BONSAI_API int bonsai_bitmm(int isa, int nthreads, const float* x, int64_t M, int64_t K, const uint8_t* signs,
-                 int64_t N, const float* row_scale, int64_t group_size, const uint16_t* group_scale,
-                 const float* col_scale, const float* row_offset, float* y) {
-  if (M < 0 || K <= 0 || N < 0 || group_size < 0 || (group_size > 0) != (group_scale != nullptr)) return 3;
+// y[M, N] = x[M, K] @ W.T + bias (bias [N] or null). Returns 0 on success, 1 if `isa` cannot run
+// here, 2 if out of memory, 3 on bad sizes. The AMX path hands products of fewer than 16 rows to
+// the AVX-512 path.
+BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const float* x, int64_t M,
+                            const float* bias, float* y) {
+  const int64_t K = wt->K, N = wt->N, group_size = wt->group_size;
+  if (M < 0 || K <= 0 || N < 0 || group_size < 0 || (group_size > 0) != (wt->group_scale != nullptr) ||
+      wt->rank < 0 || (wt->rank > 0 && (!wt->lowrank_v || !wt->lowrank_ut)))
+    return 3;
   const Ops* ops = ops_for(isa);
   if (!ops) return 1;
-  Problem p = {x, M, K, N, signs, (K + 7) / 8, row_scale, group_scale, col_scale, row_offset, y, 0, 0, 0, 0};
+  if (isa == ISA_AMX && M < AMX_MIN_ROWS) ops = avx512_ops();
+  Problem p = {x, M, K, N, wt->signs, (K + 7) / 8, wt->row_scale, wt->group_scale, wt->col_scale, wt->row_offset,
+               wt->rank, (wt->rank + 15) / 16 * 16, wt->lowrank_v, wt->lowrank_ut, bias, y, 0, 0, 0, 0};
+  const int KU = ops->kunit;
   p.gsize = group_size > 0 && group_size < K ? group_size : K;
-  p.gpad = (p.gsize + 3) / 4 * 4;
+  p.gpad = (p.gsize + KU - 1) / KU * KU;
   p.ngroups = (K + p.gsize - 1) / p.gsize;
   p.kpad = p.ngroups * p.gpad;
   if (M == 0 || N == 0) return 0;
+  const int64_t work = M * N * K / WORK_PER_THREAD + 1;
 #ifdef _OPENMP
-  const int nt = nthreads > 0 ? nthreads : 1;
+  const int nt = (int)(nthreads < 1 ? 1 : (nthreads < work ? nthreads : work));
 #else
   const int nt = 1;
   (void)nthreads;
+  (void)work;
 #endif
   const int MR = ops->mr;
   const int64_t npm = (M + MR - 1) / MR, npn = (N + PANEL - 1) / PANEL;
@@ -201,71 +297,82 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const float* x, int64_t M, in
   const int64_t nbm = (npm + mc - 1) / mc;
   const int64_t k4 = p.kpad / 4;
   const size_t row_tmp = (size_t)(p.K + p.kpad + 64), wbytes = (size_t)(k4 * PANEL_BYTES);
-  const size_t gsn = (size_t)(p.ngroups * PANEL + PANEL), tile_n = (size_t)(mc * MR * PANEL);
-
-  int8_t* q = (int8_t*)aligned((size_t)(npm * MR * p.kpad));
-  int32_t* sumx = (int32_t*)aligned(sizeof(int32_t) * (size_t)(npm * MR * p.ngroups));
-  float* scale = (float*)aligned(sizeof(float) * (size_t)M * 2);
-  int8_t* rows = (int8_t*)aligned(row_tmp * nt);
-  uint8_t* wall = (uint8_t*)aligned(wbytes * nt);
-  float* gsall = (float*)aligned(sizeof(float) * gsn * nt);
-  int32_t* accall = (int32_t*)aligned(sizeof(int32_t) * tile_n * nt);
-  float* fall = (float*)aligned(sizeof(float) * tile_n * nt);
-  int status = 0;
-  if (!q || !sumx || !scale || !rows || !wall || !gsall || !accall || !fall) status = 2;
+  const size_t gsn = (size_t)(p.ngroups * PANEL), tile_n = (size_t)(mc * MR * PANEL);
+  // One buffer: quantized rows (plus a tile of slack: AMX loads whole 16-row tiles), per-row sums,
+  // scales and low-rank factors, and per-thread panel and tile scratch.
+  int8_t *q, *rows;
+  int32_t *sumx, *accall;
+  float *scale, *gsall, *fall;
+  uint8_t* wall;
+  auto carve = [&](char* base) {  // with base null: only the size
+    Carver c = {base};
+    q = c.take<int8_t>((size_t)(npm * MR * p.kpad + MR * 64));
+    sumx = c.take<int32_t>((size_t)(npm * MR * p.ngroups));
+    scale = c.take<float>((size_t)M * (2 + p.rank_pad));  // scale, xsum, low-rank factors
+    rows = c.take<int8_t>(row_tmp * nt);
+    wall = c.take<uint8_t>(wbytes * nt);
+    gsall = c.take<float>(gsn * nt);
+    accall = c.take<int32_t>(tile_n * nt);
+    fall = c.take<float>(tile_n * nt);
+    return c.used;
+  };
+  static thread_local Workspace workspace;
+  char* base = (char*)workspace.get(carve(nullptr));
+  if (!base) return 2;
+  carve(base);
   float* xsum = scale + M;
+  float* lrt = scale + 2 * M;
+  const float* row_scale = p.row_scale;
+  const uint16_t* group_scale = p.group_scale;
 
-  if (status == 0) {
 #pragma omp parallel num_threads(nt)
-    {
+  {
 #ifdef _OPENMP
-      const int t = omp_get_thread_num();
+    const int t = omp_get_thread_num();
 #else
-      const int t = 0;
+    const int t = 0;
 #endif
-      int8_t* qrow = rows + row_tmp * t;
+    int8_t* qrow = rows + row_tmp * t;
 #pragma omp for schedule(static)
-      for (int64_t m = 0; m < M; ++m) place_row(p, *ops, m, q, sumx, scale, xsum, qrow, qrow + p.K);
+    for (int64_t m = 0; m < M; ++m) place_row(p, *ops, m, q, sumx, scale, xsum, lrt, qrow, qrow + p.K);
 
-      uint8_t* w = wall + wbytes * t;
-      float* gs = gsall + gsn * t;
-      float* ro = gs + p.ngroups * PANEL;
-      int32_t* acc = accall + tile_n * t;
-      float* f = fall + tile_n * t;
-      // Dynamic: the two hardware threads may share a core with other work; balance at run time.
+    uint8_t* w = wall + wbytes * t;
+    float* gs = gsall + gsn * t;
+    int32_t* acc = accall + tile_n * t;
+    float* f = fall + tile_n * t;
+    if (ops->thread_begin) ops->thread_begin();
+    // Dynamic: the two hardware threads may share a core with other work; balance at run time.
 #pragma omp for schedule(dynamic)
-      for (int64_t it = 0; it < nbm * npn; ++it) {
-        const int64_t bm = it / npn, n0 = (it % npn) * PANEL;
-        const int ncols = (int)(N - n0 < PANEL ? N - n0 : PANEL);
-        ops->expand_panel(p, n0, w);
-        for (int c = 0; c < PANEL; ++c) {
-          const int64_t n = n0 + c;
-          ro[c] = c < ncols && row_offset ? row_offset[n] : 0.f;
-          for (int64_t g = 0; g < p.ngroups; ++g) {
-            const float gscale = group_scale && c < ncols ? half_to_float(group_scale[n * p.ngroups + g]) : 1.f;
-            gs[g * PANEL + c] = c < ncols ? row_scale[n] * gscale : 0.f;
-          }
+    for (int64_t it = 0; it < nbm * npn; ++it) {
+      const int64_t bm = it / npn, n0 = (it % npn) * PANEL;
+      const int ncols = (int)(N - n0 < PANEL ? N - n0 : PANEL);
+      ops->expand_panel(p, n0, w);
+      for (int c = 0; c < PANEL; ++c) {
+        const int64_t n = n0 + c;
+        for (int64_t g = 0; g < p.ngroups; ++g) {
+          const float gscale = group_scale && c < ncols ? half_to_float(group_scale[n * p.ngroups + g]) : 1.f;
+          gs[g * PANEL + c] = c < ncols ? row_scale[n] * gscale : 0.f;
         }
-        const int64_t mp0 = bm * mc, mp1 = (bm + 1) * mc < npm ? (bm + 1) * mc : npm;
-        memset(f, 0, sizeof(float) * (size_t)((mp1 - mp0) * MR * PANEL));
-        // K-chunks outside, activation panels inside: the weight chunk stays in L1.
-        for (int64_t j0 = 0; j0 < k4; j0 += KC_STEPS) {
-          const int64_t j1 = j0 + KC_STEPS < k4 ? j0 + KC_STEPS : k4;
-          for (int64_t mp = mp0; mp < mp1; ++mp) {
-            const int64_t m0 = mp * MR;
-            const ActPanel a = {q + m0 * p.kpad, sumx + m0 * p.ngroups, scale + m0, xsum + m0,
-                                (int)(M - m0 < MR ? M - m0 : MR)};
-            const Tile tile = {acc + (mp - mp0) * MR * PANEL, f + (mp - mp0) * MR * PANEL};
-            ops->kernel(p, a, w, gs, ro, tile, j0, j1, j1 == k4 ? y + m0 * N + n0 : nullptr, ncols);
-          }
+      }
+      const int64_t mp0 = bm * mc, mp1 = (bm + 1) * mc < npm ? (bm + 1) * mc : npm;
+      memset(f, 0, sizeof(float) * (size_t)((mp1 - mp0) * MR * PANEL));
+      // K-chunks outside, activation panels inside: the weight chunk stays in L1.
+      for (int64_t j0 = 0; j0 < k4; j0 += KC_STEPS) {
+        const int64_t j1 = j0 + KC_STEPS < k4 ? j0 + KC_STEPS : k4;
+        for (int64_t mp = mp0; mp < mp1; ++mp) {
+          const int64_t m0 = mp * MR;
+          const ActPanel a = {q + m0 * p.kpad, sumx + m0 * p.ngroups, scale + m0, xsum + m0,
+                              lrt + m0 * p.rank_pad, (int)(M - m0 < MR ? M - m0 : MR)};
+          const Tile tile = {acc + (mp - mp0) * MR * PANEL, f + (mp - mp0) * MR * PANEL};
+          ops->kernel(p, a, w, gs, tile, j0, j1, ncols);
+          if (j1 == k4) ops->write_tile(p, a, tile.f, n0, ncols, y + m0 * N + n0);
         }
       }
     }
+    if (ops->thread_end) ops->thread_end();
   }
-  for (void* buf : {(void*)q, (void*)sumx, (void*)scale, (void*)rows, (void*)wall, (void*)gsall, (void*)accall,
-                    (void*)fall})
-    release(buf);
-  return status;
+  workspace.trim();
+  return 0;
 }
 
 }  // extern "C"

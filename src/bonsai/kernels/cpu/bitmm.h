@@ -7,14 +7,15 @@
 
 namespace bonsai {
 
-enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_NEON = 3 };
+enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_NEON = 3, ISA_AMX = 4 };
 
 // Output columns (weight rows) per weight panel. Every ISA expands a panel into the same
 // byte layout: wbuf[k4][PANEL][4], byte = 2 where the sign is +1, else 0 (see bitmm.cpp).
 constexpr int PANEL = 32;
 constexpr int PANEL_BYTES = PANEL * 4;  // one k4 step of an expanded panel
 
-// One call: y[M, N] = x[M, K] @ W.T with W given by the stored 1-bit layout and its scales.
+// One call: y[M, N] = x[M, K] @ W.T + bias with W given by the stored 1-bit layout, its scales and
+// its low-rank residual U @ V.
 struct Problem {
   const float* x;
   int64_t M, K, N;
@@ -24,20 +25,27 @@ struct Problem {
   const uint16_t* group_scale;   // float16 bits [N, ngroups] or null
   const float* col_scale;        // [K] or null (folded into the activations)
   const float* row_offset;       // [N] or null
+  int64_t rank;                  // columns of U (0: no low-rank residual)
+  int64_t rank_pad;              // rank rounded up to 16: row stride of the per-row factors x @ V.T
+  const float* lowrank_v;        // [rank, K] float32 or null
+  const float* lowrank_ut;       // [rank, N] float32 (U transposed) or null
+  const float* bias;             // [N] or null
   float* y;                      // [M, N]
-  // Derived layout: K is split into groups, each zero-padded to a multiple of 4 columns.
+  // Derived layout: K is split into groups, each zero-padded to a multiple of Ops::kunit columns.
   int64_t gsize;                 // columns per group (K when there are no group scales)
-  int64_t gpad;                  // gsize rounded up to 4
+  int64_t gpad;                  // gsize rounded up to kunit
   int64_t ngroups;
   int64_t kpad;                  // ngroups * gpad
 };
 
-// Quantized activations of up to `mr` rows, laid out for broadcasting 4 bytes per row.
+// Quantized activations of up to `mr` rows, in chunks of kunit bytes per row (4: one broadcast
+// dword per row for the vector dot products; 64: one AMX tile row).
 struct ActPanel {
-  const int8_t* q;      // [kpad / 4][mr][4]
+  const int8_t* q;      // [kpad / kunit][mr][kunit]
   const int32_t* sumx;  // [ngroups][mr]: sum of q over each group (the "-1" half of +-1)
   const float* scale;   // [mr] absmax / 127
   const float* xsum;    // [mr] sum of the raw x row (for row_offset)
+  const float* lrt;     // [mr][rank_pad] x @ V.T of each row, zero past the rank (when rank > 0)
   int mr;
 };
 
@@ -49,23 +57,54 @@ struct Tile {
 
 // The pieces each ISA provides; the driver in bitmm.cpp does the rest.
 struct Ops {
-  int mr;  // rows per activation panel
+  int mr;     // rows per activation panel
+  int kunit;  // bytes per row and activation chunk; groups are zero-padded to a multiple of it
   // q[K] = round(x * col_scale / scale), scale = absmax / 127; xsum = sum of raw x.
   void (*quantize_row)(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum);
+  // t[rank_pad] = V @ x for one raw row x[K], zero past the rank (float32; the low-rank residual's
+  // first factor).
+  void (*lowrank_row)(const Problem& p, const float* x, float* t);
   // Expand weight rows n0 .. n0 + PANEL - 1 (rows >= N read as zero) into wbuf[kpad/4][PANEL][4].
   void (*expand_panel)(const Problem& p, int64_t n0, uint8_t* wbuf);
   // Accumulate k4 steps [j0, j1) into the tile: f[r][c] += gs[g][c] * (int dot_g - sumx_g[r]) for
-  // each group g finished in the range. When y is given (last chunk), also write
-  // y[r, c] = scale[r] * f[r][c] + ro[c] * xsum[r] for c < ncols (row stride N).
-  void (*kernel)(const Problem& p, const ActPanel& a, const uint8_t* wbuf, const float* gs, const float* ro,
-                 Tile t, int64_t j0, int64_t j1, float* y, int ncols);
+  // each group g finished in the range (columns c >= ncols may be skipped).
+  void (*kernel)(const Problem& p, const ActPanel& a, const uint8_t* wbuf, const float* gs, Tile t, int64_t j0,
+                 int64_t j1, int ncols);
+  // The tile's output, y[r, c] for c < ncols (row stride N), from f of the finished tile:
+  // scale[r] * f[r][c] + row_offset[n0 + c] * xsum[r] + bias[n0 + c] + sum_j lrt[r][j] * ut[j][n0 + c].
+  void (*write_tile)(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols, float* y);
+  // Per-thread set-up and tear-down around the kernel calls (AMX tile configuration), or null.
+  void (*thread_begin)();
+  void (*thread_end)();
 };
 
 const Ops* scalar_ops();
 const Ops* avx2_ops();    // null when not compiled in
 const Ops* avx512_ops();  // null when not compiled in
 const Ops* neon_ops();    // null when not compiled in
+const Ops* amx_ops();     // null when not compiled in, or when this CPU or OS cannot run AMX tiles
 bool x86_has(Isa isa);    // this x86 CPU (and OS) runs the AVX2 / AVX-512 path
+
+// Shared between ISA paths: the scalar low-rank row product and tile write (compilers vectorize
+// them), and the AVX-512 pieces the AMX path reuses.
+void lowrank_row_scalar(const Problem& p, const float* x, float* t);
+void write_tile_scalar(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols, float* y);
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define BONSAI_X86 1
+// Per-function targets: the library is built for baseline x86-64 and picks a path at run time.
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+namespace x86 {
+TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum);
+TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w);
+TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t);
+TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols,
+                                     float* y);
+// Adds gs[g][c] * (acc[r][c] - sumx[g][r]) to f[r][c] for rows r < a.mr, all PANEL columns.
+TARGET_AVX512 void flush_group_avx512(const ActPanel& a, const int32_t* acc, const float* gs, int64_t g, float* f);
+}  // namespace x86
+#endif
 
 // n (1..64) bits of a packed row starting at bit `start`, never reading past row_bytes.
 static inline uint64_t read_bits(const uint8_t* row, int64_t row_bytes, int64_t start, int n) {

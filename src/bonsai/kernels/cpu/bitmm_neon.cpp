@@ -1,6 +1,7 @@
 // AArch64 NEON path of the CPU 1-bit matmul (Apple Silicon, ARM servers). Baseline NEON only:
 // int8 x int8 widening multiplies (vmull_s8) with pairwise accumulation (vpadalq_s16); quantization
-// and panel expansion reuse the scalar versions. The scalar kernel in bitmm.cpp is its reference.
+// panel expansion and the tile write reuse the scalar versions. The scalar kernel in bitmm.cpp is its
+// reference.
 #include "bitmm.h"
 
 #if defined(__aarch64__)
@@ -11,17 +12,19 @@ namespace {
 
 constexpr int NEON_MR = 4;
 
-// MR rows x 8 columns (a quarter of a panel); float tile in memory.
+// MR rows x 8 columns (a quarter of a panel) over k4 steps [j0, j1): integer sums of a group that
+// continues past j1 wait in t.acc, finished groups go to t.f (as the scalar kernel does).
 template <int MR>
-void kernel_neon_quarter(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs,
-                         const float* ro, float* y, int ncols, int qtr) {
-  float tile[MR][8] = {};
+void kernel_neon_quarter(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t,
+                         int64_t j0, int64_t j1, int qtr) {
   const int64_t g4 = p.gpad / 4;
-  for (int64_t g = 0; g < p.ngroups; ++g) {
+  for (int64_t g = j0 / g4, j = j0; j < j1; ++g) {
+    const int64_t gend = (g + 1) * g4, end = gend < j1 ? gend : j1;
+    const bool continued = j % g4 != 0;
     int32x4_t acc[MR][4];  // [2v + h]: columns 4v + 2h, 4v + 2h + 1, two k pairs each
     for (int r = 0; r < MR; ++r)
       for (int i = 0; i < 4; ++i) acc[r][i] = vdupq_n_s32(0);
-    for (int64_t j = g * g4; j < (g + 1) * g4; ++j) {
+    for (; j < end; ++j) {
       const int8x16_t w0 = vld1q_s8((const int8_t*)(w + j * PANEL_BYTES + qtr * 32));
       const int8x16_t w1 = vld1q_s8((const int8_t*)(w + j * PANEL_BYTES + qtr * 32 + 16));
       for (int r = 0; r < MR; ++r) {
@@ -35,38 +38,43 @@ void kernel_neon_quarter(const Problem& p, const ActPanel& a, const uint8_t* w, 
     for (int r = 0; r < MR; ++r) {
       const int32x4_t corr = vdupq_n_s32(a.sumx[g * MR + r]);
       for (int v = 0; v < 2; ++v) {
-        const int32x4_t s = vsubq_s32(vpaddq_s32(acc[r][2 * v], acc[r][2 * v + 1]), corr);
+        int32_t* held = t.acc + r * PANEL + qtr * 8 + 4 * v;
+        int32x4_t sum = vpaddq_s32(acc[r][2 * v], acc[r][2 * v + 1]);
+        if (continued) sum = vaddq_s32(sum, vld1q_s32(held));
+        if (end < gend) {
+          vst1q_s32(held, sum);
+          continue;
+        }
+        float* f = t.f + r * PANEL + qtr * 8 + 4 * v;
         const float32x4_t gv = vld1q_f32(gs + g * PANEL + qtr * 8 + 4 * v);
-        vst1q_f32(tile[r] + 4 * v, vfmaq_f32(vld1q_f32(tile[r] + 4 * v), gv, vcvtq_f32_s32(s)));
+        vst1q_f32(f, vfmaq_f32(vld1q_f32(f), gv, vcvtq_f32_s32(vsubq_s32(sum, corr))));
       }
     }
   }
-  const int c0 = qtr * 8, cn = ncols - c0 < 8 ? ncols - c0 : 8;
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < cn; ++c) y[r * p.N + c0 + c] = a.scale[r] * tile[r][c] + ro[c0 + c] * a.xsum[r];
 }
 
 template <int MR>
-void kernel_neon_mr(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, const float* ro,
-                    float* y, int ncols) {
-  for (int qtr = 0; qtr < PANEL / 8 && qtr * 8 < ncols; ++qtr) kernel_neon_quarter<MR>(p, a, w, gs, ro, y, ncols, qtr);
+void kernel_neon_mr(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+                    int64_t j1, int ncols) {
+  for (int qtr = 0; qtr < PANEL / 8 && qtr * 8 < ncols; ++qtr) kernel_neon_quarter<MR>(p, a, w, gs, t, j0, j1, qtr);
 }
 
-void kernel_neon(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, const float* ro,
-                 float* y, int ncols) {
+void kernel_neon(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+                 int64_t j1, int ncols) {
   static_assert(NEON_MR == 4, "dispatch below covers mr = 1..4");
   switch (a.mr) {
-    case 1: return kernel_neon_mr<1>(p, a, w, gs, ro, y, ncols);
-    case 2: return kernel_neon_mr<2>(p, a, w, gs, ro, y, ncols);
-    case 3: return kernel_neon_mr<3>(p, a, w, gs, ro, y, ncols);
-    default: return kernel_neon_mr<4>(p, a, w, gs, ro, y, ncols);
+    case 1: return kernel_neon_mr<1>(p, a, w, gs, t, j0, j1, ncols);
+    case 2: return kernel_neon_mr<2>(p, a, w, gs, t, j0, j1, ncols);
+    case 3: return kernel_neon_mr<3>(p, a, w, gs, t, j0, j1, ncols);
+    default: return kernel_neon_mr<4>(p, a, w, gs, t, j0, j1, ncols);
   }
 }
 
 }  // namespace
 
 const Ops* neon_ops() {
-  static const Ops ops = {NEON_MR, scalar_ops()->quantize_row, scalar_ops()->expand_panel, kernel_neon};
+  static const Ops ops = {NEON_MR,     4,  scalar_ops()->quantize_row, lowrank_row_scalar, scalar_ops()->expand_panel,
+                          kernel_neon, write_tile_scalar, nullptr, nullptr};
   return &ops;
 }
 

@@ -1,13 +1,11 @@
 // x86 paths of the CPU 1-bit matmul: AVX2+FMA and AVX-512 (BW + VNNI), compiled with per-function
-// target attributes so the library runs on any x86-64 and picks a path at run time.
+// target attributes so the library runs on any x86-64 and picks a path at run time (the AMX path,
+// bitmm_amx.cpp, reuses the AVX-512 pieces declared in bitmm.h).
 // The scalar versions in bitmm.cpp define what each function must compute.
 #include "bitmm.h"
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#ifdef BONSAI_X86
 #include <immintrin.h>
-
-#define TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 
 namespace bonsai {
 namespace {
@@ -152,38 +150,32 @@ TARGET_AVX2 void kernel_avx2_half(const Problem& p, const ActPanel& a, const uin
 }
 
 template <int MR>
-TARGET_AVX2 void kernel_avx2_mr(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs,
-                                const float* ro, Tile t, int64_t j0, int64_t j1, float* y, int ncols) {
+TARGET_AVX2 void kernel_avx2_mr(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t,
+                                int64_t j0, int64_t j1, int ncols) {
   for (int h = 0; h < 2 && h * 16 < ncols; ++h) kernel_avx2_half<MR>(p, a, w, gs, t, j0, j1, h);
-  if (!y) return;
-  for (int c0 = 0; c0 < ncols; c0 += 8) {
-    const __m256i mask = tail_mask8(ncols - c0);
-    const __m256 rov = _mm256_loadu_ps(ro + c0);
-    for (int r = 0; r < MR; ++r) {
-      const __m256 f = _mm256_loadu_ps(t.f + r * PANEL + c0);
-      const __m256 out = _mm256_fmadd_ps(rov, _mm256_set1_ps(a.xsum[r]), _mm256_mul_ps(_mm256_set1_ps(a.scale[r]), f));
-      _mm256_maskstore_ps(y + r * p.N + c0, mask, out);
-    }
-  }
 }
 
-using KernelFn = void (*)(const Problem&, const ActPanel&, const uint8_t*, const float*, const float*, Tile, int64_t,
-                          int64_t, float*, int);
+using KernelFn = void (*)(const Problem&, const ActPanel&, const uint8_t*, const float*, Tile, int64_t, int64_t, int);
 
-void kernel_avx2(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, const float* ro, Tile t,
-                 int64_t j0, int64_t j1, float* y, int ncols) {
+void kernel_avx2(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+                 int64_t j1, int ncols) {
   static const KernelFn by_rows[AVX2_MR] = {kernel_avx2_mr<1>, kernel_avx2_mr<2>, kernel_avx2_mr<3>, kernel_avx2_mr<4>};
-  by_rows[a.mr - 1](p, a, w, gs, ro, t, j0, j1, y, ncols);
+  by_rows[a.mr - 1](p, a, w, gs, t, j0, j1, ncols);
 }
 
-const Ops AVX2_OPS = {AVX2_MR, quantize_row_avx2, expand_panel_avx2, kernel_avx2};
+const Ops AVX2_OPS = {AVX2_MR,     4,       quantize_row_avx2, lowrank_row_scalar, expand_panel_avx2,
+                      kernel_avx2, write_tile_scalar, nullptr,      nullptr};
 
 // ---------------------------------------------------------------- AVX-512 BW + VNNI
 constexpr int AVX512_MR = 12;
 
 TARGET_AVX512 __mmask16 tail_mask16(int64_t n) {
-  return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+  return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
+
+}  // namespace
+
+namespace x86 {
 
 TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum) {
   __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
@@ -209,7 +201,7 @@ TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t*
 }
 
 // In-register transpose of a 16x16 matrix of 32-bit elements.
-TARGET_AVX512 void transpose16x16(__m512i r[16]) {
+TARGET_AVX512 static void transpose16x16(__m512i r[16]) {
   __m512i t[16], u[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
@@ -244,10 +236,79 @@ TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w)
   });
 }
 
+// 16 low-rank columns at a time, k outermost: x is loaded once per 16 FMAs. Rows of V past the rank
+// are read as its last row (finite, never stored).
+TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t) {
+  for (int64_t j0 = 0; j0 < p.rank; j0 += 16) {
+    const float* v[16];
+    for (int jj = 0; jj < 16; ++jj) v[jj] = p.lowrank_v + (j0 + jj < p.rank ? j0 + jj : p.rank - 1) * p.K;
+    __m512 acc[16];
+    for (int jj = 0; jj < 16; ++jj) acc[jj] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < p.K; k += 16) {
+      const __mmask16 m = tail_mask16(p.K - k);
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+      for (int jj = 0; jj < 16; ++jj) acc[jj] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, v[jj] + k), acc[jj]);
+    }
+    for (int jj = 0; jj < 16; ++jj) t[j0 + jj] = j0 + jj < p.rank ? _mm512_reduce_add_ps(acc[jj]) : 0.f;
+  }
+}
+
+TARGET_AVX512 void flush_group_avx512(const ActPanel& a, const int32_t* acc, const float* gs, int64_t g, float* f) {
+  const __m512 g0 = _mm512_loadu_ps(gs + g * PANEL), g1 = _mm512_loadu_ps(gs + g * PANEL + 16);
+  for (int r = 0; r < a.mr; ++r) {
+    const __m512i corr = _mm512_set1_epi32(a.sumx[g * a.mr + r]);
+    const int32_t* ar = acc + r * PANEL;
+    float* fr = f + r * PANEL;
+    const __m512 s0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(ar), corr));
+    const __m512 s1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(ar + 16), corr));
+    _mm512_storeu_ps(fr, _mm512_fmadd_ps(g0, s0, _mm512_loadu_ps(fr)));
+    _mm512_storeu_ps(fr + 16, _mm512_fmadd_ps(g1, s1, _mm512_loadu_ps(fr + 16)));
+  }
+}
+
+// One 16-column half at a time: the half's bias, row offsets and 16 columns of U.T stay in
+// registers across the tile's rows; rows go four at a time (independent FMA chains).
+TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols,
+                                     float* y) {
+  constexpr int RB = 4;
+  for (int h = 0; h * 16 < ncols; ++h) {
+    const __mmask16 m = tail_mask16(ncols - 16 * h);
+    const int64_t c0 = n0 + 16 * h;
+    const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(m, p.bias + c0) : _mm512_setzero_ps();
+    const __m512 ro = p.row_offset ? _mm512_maskz_loadu_ps(m, p.row_offset + c0) : _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < p.rank_pad || j0 == 0; j0 += 16) {
+      __m512 u[16];
+      for (int jj = 0; jj < 16; ++jj)
+        u[jj] = j0 + jj < p.rank ? _mm512_maskz_loadu_ps(m, p.lowrank_ut + (j0 + jj) * p.N + c0) : _mm512_setzero_ps();
+      for (int r0 = 0; r0 < a.mr; r0 += RB) {
+        __m512 acc[RB];
+        for (int i = 0; i < RB; ++i) {
+          const int r = r0 + i < a.mr ? r0 + i : a.mr - 1;  // past the tile: recompute the last row, not stored
+          acc[i] = j0 == 0 ? _mm512_add_ps(_mm512_fmadd_ps(ro, _mm512_set1_ps(a.xsum[r]), bias),
+                                           _mm512_mul_ps(_mm512_set1_ps(a.scale[r]), _mm512_loadu_ps(f + r * PANEL + 16 * h)))
+                           : _mm512_maskz_loadu_ps(m, y + r * p.N + 16 * h);
+          if (p.rank) {
+            const float* t = a.lrt + r * p.rank_pad + j0;
+            for (int jj = 0; jj < 16; ++jj) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[jj]), u[jj], acc[i]);
+          }
+        }
+        for (int i = 0; i < RB && r0 + i < a.mr; ++i) _mm512_mask_storeu_ps(y + (r0 + i) * p.N + 16 * h, m, acc[i]);
+      }
+    }
+  }
+}
+
+}  // namespace x86
+
+namespace {
+
+using x86::quantize_row_avx512;
+using x86::expand_panel_avx512;
+
 // MR rows x 32 columns: int32 sums of the current group in registers, finished groups in t.f.
 template <int MR>
-TARGET_AVX512 void kernel_avx512_mr(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs,
-                                    const float* ro, Tile t, int64_t j0, int64_t j1, float* y, int ncols) {
+TARGET_AVX512 void kernel_avx512_mr(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t,
+                                    int64_t j0, int64_t j1, int) {
   const int32_t* xq = (const int32_t*)a.q;
   const int64_t g4 = p.gpad / 4;
   __m512i acc[MR][2];
@@ -279,27 +340,22 @@ TARGET_AVX512 void kernel_avx512_mr(const Problem& p, const ActPanel& a, const u
   if (j1 % g4)
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < 2; ++v) _mm512_storeu_si512(t.acc + r * PANEL + 16 * v, acc[r][v]);
-  if (!y) return;
-  const __mmask16 m0 = tail_mask16(ncols), m1 = tail_mask16(ncols > 16 ? ncols - 16 : 0);
-  const __m512 ro0 = _mm512_loadu_ps(ro), ro1 = _mm512_loadu_ps(ro + 16);
-  for (int r = 0; r < MR; ++r) {
-    const __m512 sc = _mm512_set1_ps(a.scale[r]), xs = _mm512_set1_ps(a.xsum[r]);
-    const float* f = t.f + r * PANEL;
-    _mm512_mask_storeu_ps(y + r * p.N, m0, _mm512_fmadd_ps(ro0, xs, _mm512_mul_ps(sc, _mm512_loadu_ps(f))));
-    _mm512_mask_storeu_ps(y + r * p.N + 16, m1, _mm512_fmadd_ps(ro1, xs, _mm512_mul_ps(sc, _mm512_loadu_ps(f + 16))));
-  }
 }
 
-void kernel_avx512(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, const float* ro, Tile t,
-                   int64_t j0, int64_t j1, float* y, int ncols) {
+void kernel_avx512(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+                   int64_t j1, int ncols) {
   static const KernelFn by_rows[AVX512_MR] = {
       kernel_avx512_mr<1>, kernel_avx512_mr<2>, kernel_avx512_mr<3>, kernel_avx512_mr<4>,
       kernel_avx512_mr<5>, kernel_avx512_mr<6>, kernel_avx512_mr<7>, kernel_avx512_mr<8>,
       kernel_avx512_mr<9>, kernel_avx512_mr<10>, kernel_avx512_mr<11>, kernel_avx512_mr<12>};
-  by_rows[a.mr - 1](p, a, w, gs, ro, t, j0, j1, y, ncols);
+  by_rows[a.mr - 1](p, a, w, gs, t, j0, j1, ncols);
 }
 
-const Ops AVX512_OPS = {AVX512_MR, quantize_row_avx512, expand_panel_avx512, kernel_avx512};
+const Ops AVX512_OPS = {AVX512_MR,     4,
+                        quantize_row_avx512, x86::lowrank_row_avx512,
+                        expand_panel_avx512, kernel_avx512,
+                        x86::write_tile_avx512, nullptr,
+                        nullptr};
 
 }  // namespace
 

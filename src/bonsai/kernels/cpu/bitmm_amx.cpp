@@ -1,0 +1,158 @@
+// AMX-INT8 path of the CPU 1-bit matmul (Intel Xeon since Sapphire Rapids). One tdpbsud multiplies
+// a 16 x 64 tile of int8 activations by a 64 x 16 tile of {0, 2} weight bytes into 16 x 16 int32
+// sums (16K multiply-adds per instruction, ~16x a vpdpbusd). The expanded panel of bitmm.cpp,
+// wbuf[k4][32][4], already is the B-tile layout (16 k4 rows of one 16-column half, row stride 128
+// bytes); activations are placed in 64-byte chunks per row (Ops::kunit = 64) so that 16 rows of a
+// chunk are one A tile. Quantization, panel expansion, group flushes and the epilogue are the
+// AVX-512 pieces; the AVX-512 kernel is this kernel's reference.
+// Linux hands out tile state only after arch_prctl(ARCH_REQ_XCOMP_PERM); without it, without the
+// CPU feature, on other systems or with a compiler that lacks AMX (setup.py then defines
+// BONSAI_NO_AMX), amx_ops() is null and the AVX-512 path runs.
+#include "bitmm.h"
+
+#if defined(BONSAI_X86) && defined(__x86_64__) && defined(__linux__) && !defined(BONSAI_NO_AMX) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define TARGET_AMX \
+  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")))
+
+namespace bonsai {
+namespace {
+
+constexpr int AMX_MR = 32;   // rows per activation panel: two A tiles
+constexpr int TILE_BYTES = 64;  // bytes per tile row (Ops::kunit)
+constexpr int TILE_K4 = 16;  // k4 steps per tile
+constexpr int ACC_STRIDE = PANEL * 4;  // bytes per row of t.acc
+
+// A compiler barrier where tile loads and stores meet ordinary memory accesses: GCC's tile
+// intrinsics do not declare the memory they touch.
+inline void memory_barrier() { __asm__ __volatile__("" : : : "memory"); }
+
+// Tile registers: C[m-half i][n-half h] = tmm(2i + h), A[i] = tmm(4 + i), B[h] = tmm(6 + h).
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+TARGET_AMX void amx_begin() {
+  TileConfig cfg = {};
+  cfg.palette = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = TILE_BYTES;
+  }
+  memory_barrier();  // GCC's _tile_loadconfig declares an 8-byte read: rows and colsb looked dead
+  _tile_loadconfig(&cfg);
+}
+
+TARGET_AMX void amx_end() { _tile_release(); }
+
+// C tiles <-> t.acc [MR][PANEL] int32 (tile (i, h) at row 16i, column 16h).
+template <bool TWO>
+TARGET_AMX void store_acc(int32_t* acc) {
+  _tile_stored(0, acc, ACC_STRIDE);
+  _tile_stored(1, acc + 16, ACC_STRIDE);
+  if (TWO) {
+    _tile_stored(2, acc + 16 * PANEL, ACC_STRIDE);
+    _tile_stored(3, acc + 16 * PANEL + 16, ACC_STRIDE);
+  }
+  memory_barrier();
+}
+
+template <bool TWO>
+TARGET_AMX void load_acc(const int32_t* acc) {
+  memory_barrier();
+  _tile_loadd(0, acc, ACC_STRIDE);
+  _tile_loadd(1, acc + 16, ACC_STRIDE);
+  if (TWO) {
+    _tile_loadd(2, acc + 16 * PANEL, ACC_STRIDE);
+    _tile_loadd(3, acc + 16 * PANEL + 16, ACC_STRIDE);
+  }
+}
+
+template <bool TWO>
+TARGET_AMX void zero_acc() {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (TWO) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+}
+
+// Up to 16 (TWO: up to 32) rows x 32 columns. Rows past a.mr of a tile read neighbouring (or
+// slack) bytes of the activation buffer; their sums are never used.
+template <bool TWO>
+TARGET_AMX void kernel_amx_rows(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t,
+                                int64_t j0, int64_t j1) {
+  const int64_t g4 = p.gpad / 4;  // a multiple of TILE_K4
+  if (j0 % g4)
+    load_acc<TWO>(t.acc);
+  else
+    zero_acc<TWO>();
+  for (int64_t g = j0 / g4, j = j0; j < j1; ++g) {
+    const int64_t gend = (g + 1) * g4, end = gend < j1 ? gend : j1;
+    for (; j < end; j += TILE_K4) {
+      const int8_t* aq = a.q + (j / TILE_K4) * a.mr * TILE_BYTES;
+      _tile_loadd(4, aq, TILE_BYTES);
+      _tile_loadd(6, w + j * PANEL_BYTES, PANEL_BYTES);
+      _tile_loadd(7, w + j * PANEL_BYTES + 64, PANEL_BYTES);
+      _tile_dpbsud(0, 4, 6);
+      _tile_dpbsud(1, 4, 7);
+      if (TWO) {
+        _tile_loadd(5, aq + 16 * TILE_BYTES, TILE_BYTES);
+        _tile_dpbsud(2, 5, 6);
+        _tile_dpbsud(3, 5, 7);
+      }
+    }
+    if (end == gend) {
+      store_acc<TWO>(t.acc);
+      x86::flush_group_avx512(a, t.acc, gs, g, t.f);
+      zero_acc<TWO>();
+    }
+  }
+  if (j1 % g4) store_acc<TWO>(t.acc);
+}
+
+void kernel_amx(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+                int64_t j1, int) {
+  if (a.mr > 16)
+    kernel_amx_rows<true>(p, a, w, gs, t, j0, j1);
+  else
+    kernel_amx_rows<false>(p, a, w, gs, t, j0, j1);
+}
+
+// CPU has AMX-TILE and AMX-INT8 (CPUID.7.0:EDX bits 24, 25) and the kernel lets this process use
+// tile data (permission is per process and covers threads started later as well).
+bool amx_usable() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !((edx >> 24) & 1) || !((edx >> 25) & 1)) return false;
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+const Ops AMX_OPS = {AMX_MR,           TILE_BYTES,         x86::quantize_row_avx512, x86::lowrank_row_avx512,
+                     x86::expand_panel_avx512, kernel_amx, x86::write_tile_avx512, amx_begin,
+                     amx_end};
+
+}  // namespace
+
+const Ops* amx_ops() {
+  static const bool usable = x86_has(ISA_AVX512) && amx_usable();
+  return usable ? &AMX_OPS : nullptr;
+}
+
+}  // namespace bonsai
+
+#else
+
+namespace bonsai {
+const Ops* amx_ops() { return nullptr; }
+}  // namespace bonsai
+
+#endif
