@@ -33,16 +33,17 @@ CASES = {
     "ok": Case(("--size", "16x16", "--steps", "2", "--seed", "1", "--device", "cpu")),
     "unknown-model": Case(("--model", "no-such-model"), "no model named 'no-such-model'"),
     "random-bytes": Case(("--model", "{junk}"), "{junk}: header too large"),
-    "steps-0": Case(("--steps", "0"), "steps must be between 1 and 1000, got 0"),
+    "steps-0": Case(("--steps", "0"), "Invalid value for '--steps': 0 is not in the range 1<=x<=1000"),
     "size-syntax": Case(("--size", "16",), "'16' is not WIDTHxHEIGHT"),
     "output-under-a-file": Case(("-o", "{file}/out"), "cannot create output directory {file}/out: Not a directory"),
     "output-is-a-file": Case(("-o", "{file}",), "Directory '{file}' is a file"),
 }  # fmt: skip
-# Requests the pipeline rejects after loading the model: the same path as steps-0, run in-process
-# (click's runner) to spare a subprocess that spends seconds importing torch and loading MiniLM.
+# Run in-process (click's runner) to spare a subprocess that spends seconds importing torch:
+# one request the pipeline rejects after loading the model, and bounds click checks before it.
 IN_PROCESS = {
     "size-not-divisible": Case(("--size", "18x16"), "width 18 must be a multiple of 4"),
-    "cfg-out-of-range": Case(("--cfg", "99"), "cfg must be between 0 and 50, got 99"),
+    "cfg-out-of-range": Case(("--cfg", "99"), "Invalid value for '--cfg': 99.0 is not in the range 0.0<=x<=50.0"),
+    "batch-0": Case(("--batch", "0"), "Invalid value for '--batch': 0 is not in the range x>=1"),
 }
 
 

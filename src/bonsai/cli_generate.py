@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from .limits import CFG_RANGE, MAX_STEPS
+
 SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -34,11 +36,11 @@ def _writable_dir(path: Path) -> Path:
 @click.command()
 @click.argument("prompt")
 @click.option("--negative", "negative_prompt", default="", help="What the image should not show.")
-@click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
-@click.option("--cfg", type=float, default=None, help="Classifier-free guidance scale (default: the model's).")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None, help="Sampling steps (default: the model's).")
+@click.option("--cfg", type=click.FloatRange(*CFG_RANGE), default=None, help="Classifier-free guidance scale (default: the model's).")
 @click.option("--seed", type=int, default=None, help="Seed of the first image; image i uses seed + i. Random if unset.")
 @click.option("--size", callback=_size, default=None, metavar="WxH", help="Image size, e.g. 64x64 (default: the model's).")
-@click.option("--batch", type=int, default=1, show_default=True, help="Images to generate.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images to generate.")
 @click.option("--sampler", type=click.Choice(["euler", "heun", "dpmpp_2m"]), default=None, help="Sampler (default: the model's).")
 @click.option("--model", default="bonsai-emoji", show_default=True, help="Model name (see `bonsai models list`) or checkpoint path.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
@@ -57,6 +59,8 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
     from .images import next_free_paths, save_png
     from .pipeline import InvalidRequest, Pipeline
 
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty: describe the image you want", param_hint="PROMPT")
     out_dir = _writable_dir(output)
     start = time.perf_counter()
     try:

@@ -19,13 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS
 from .models.offload import on_device, sequential_offload
 from .sampling import SAMPLERS, cfg_velocity, flow_timesteps
-
-MAX_STEPS = 1000
-CFG_RANGE = (0.0, 50.0)
-MAX_SIDE = 4096
-MAX_PROMPT_CHARS = 2000
 # normal: every part stays on the device; lean: one part at a time (text encoder -> denoiser ->
 # tiled decoder), weights kept in CPU memory between uses; offload: lean, and the denoiser's
 # blocks visit the device one at a time (for GPUs smaller than the denoiser).

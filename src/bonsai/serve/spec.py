@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from bonsai.pipeline import MAX_PROMPT_CHARS
+from bonsai.limits import MAX_PROMPT_CHARS
 from bonsai.sampling import SAMPLERS
 
 from .config import ServeConfig
