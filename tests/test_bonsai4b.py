@@ -124,3 +124,32 @@ def test_full_config_matches_readme():
     assert file_bytes <= 0.9e9  # the issue's target
     assert 3.8e9 < sizes["denoiser"].params + sizes["text_encoder"].params < 4.3e9
     assert all(isinstance(m, BitLinear) for m in bit_layers(skeleton(BONSAI_4B)).values())
+
+
+def test_bert_text_encoder_matches_transformers_in_float64():
+    """The checkpoint's text encoder (Bonsai's plain BERT + the tokenizers library) gives the token
+    states and mask of transformers' BertModel and tokenizer for the same weights."""
+    transformers = pytest.importorskip("transformers")
+    from bonsai.models.bert_text import BERT_FIELDS, BertTextEncoder
+    from bonsai.text.minilm import minilm_path
+
+    config = BONSAI_4B_TINY.text_encoder
+    ours = BertTextEncoder(config).double().eval()
+    torch.manual_seed(0)
+    for p in ours.parameters():
+        nn.init.normal_(p, std=0.5)
+    theirs = transformers.BertModel(transformers.BertConfig(**{k: v for k, v in config.items() if k in BERT_FIELDS}), add_pooling_layer=False)
+    missing, unexpected = theirs.load_state_dict(ours.bert.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith(("position_ids", "token_type_ids")) for k in missing), (missing, unexpected)
+    theirs = theirs.double().eval()
+    prompts = ["a red fox, watercolor", "grinning face", "x " * 40]  # the last one is truncated
+    states, mask = ours.encode(prompts)
+    batch = transformers.AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)(
+        prompts, padding="max_length", truncation=True, max_length=config["max_tokens"], return_tensors="pt"
+    )
+    assert torch.equal(mask, batch["attention_mask"].bool())
+    with torch.no_grad():
+        expected = theirs(**batch).last_hidden_state
+    real = mask[..., None]
+    err = ((states.double() - expected) * real).norm() / (expected * real).norm()
+    assert err < 1e-6, err

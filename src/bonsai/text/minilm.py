@@ -108,6 +108,24 @@ def _load_encoder(folder: Path) -> BertEncoder:
     return encoder
 
 
+def wordpiece_tokenizer(folder: Path, max_tokens: int):
+    """The folder's tokenizer.json (`tokenizers` library), truncating and padding to max_tokens."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.enable_truncation(max_tokens)
+    tokenizer.enable_padding(length=max_tokens, pad_id=0, pad_token="[PAD]")
+    return tokenizer
+
+
+def tokenize(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids long [B, T] and mask bool [B, T] (True = real token) on `device`."""
+    batch = tokenizer.encode_batch(list(prompts))
+    ids = torch.tensor([b.ids for b in batch], dtype=torch.long, device=device)
+    mask = torch.tensor([b.attention_mask for b in batch], dtype=torch.bool, device=device)
+    return ids, mask
+
+
 class TextEncoder(torch.nn.Module):
     """Prompts -> token states [B, T, 384] and a padding mask [B, T] (True = real token).
 
@@ -117,12 +135,8 @@ class TextEncoder(torch.nn.Module):
 
     def __init__(self, path: str | Path | None = None, max_tokens: int = MAX_TOKENS):
         super().__init__()
-        from tokenizers import Tokenizer
-
         folder = Path(path or minilm_path())
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.tokenizer.enable_truncation(max_tokens)
-        self.tokenizer.enable_padding(length=max_tokens, pad_id=0, pad_token="[PAD]")
+        self.tokenizer = wordpiece_tokenizer(folder, max_tokens)
         self.model = _load_encoder(folder).eval().requires_grad_(False)
         self.max_tokens = max_tokens
         self.hidden_size = self.model.config.hidden_size
@@ -134,9 +148,7 @@ class TextEncoder(torch.nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states float32 [B, max_tokens, 384] and mask bool [B, max_tokens]."""
-        batch = self.tokenizer.encode_batch(list(prompts))
-        ids = torch.tensor([b.ids for b in batch], dtype=torch.long, device=self.device)
-        mask = torch.tensor([b.attention_mask for b in batch], dtype=torch.bool, device=self.device)
+        ids, mask = tokenize(self.tokenizer, prompts, self.device)
         return self.model(ids, mask).float(), mask
 
     @torch.no_grad()
