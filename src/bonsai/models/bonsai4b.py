@@ -37,7 +37,7 @@ class T2IConfig:
     """The three parts of a latent text-to-image model."""
 
     denoiser: DiTConfig
-    text_encoder: dict  # BertTextEncoder config (transformers BertConfig fields + max_tokens)
+    text_encoder: dict  # BertTextEncoder config (bonsai.text.bert.BertConfig fields + max_tokens)
     vae: dict  # diffusers AutoencoderKL keyword arguments
 
     def __post_init__(self) -> None:
