@@ -9,10 +9,16 @@
 #   2. bash scripts/train_emoji_gpu.sh wait      # waits ~9.5 min more, or until the job ends
 #   3. bash scripts/train_emoji_gpu.sh collect   # waits for the end, copies results to $OUT
 # Extra arguments after `start` go to `python -m bonsai.train.emoji_recipe gpu` (e.g.
-# --teacher-seconds 600). $OUT gets: bonsai-emoji-teacher.safetensors.part-aa/-ab (split -b 15M;
+# --teacher-seconds 600, or --teacher .carry/emoji/teacher.safetensors to distill from a teacher
+# trained earlier). $OUT gets: bonsai-emoji-teacher.safetensors.part-aa/-ab (split -b 15M;
 # join with cat), bonsai-emoji-ptq.safetensors, bonsai-emoji-distilled.safetensors, logs.tgz
 # (train.log, recipe.json, distill.json, every phase's log.jsonl). Back on CPU:
 #   cat bonsai-emoji-teacher.safetensors.part-* > runs/emoji/export/bonsai-emoji-teacher.safetensors
+# Budget: the job takes teacher_seconds + distill_seconds + ~3 minutes, plus ~2 minutes of machine
+# start; device time may count at the full rate, so check `status` first and size both. Whichever
+# call is running when the teacher finishes also copies it to $OUT (teacher.safetensors.part-*),
+# so a session whose time runs out during the distillation still keeps the teacher (files under
+# $OUT come back even when a call is cut off).
 set -u
 RUN=${RUN:-/tmp/bonsai-emoji-run}
 WAIT_S=${WAIT_S:-570}
@@ -22,9 +28,17 @@ progress() {
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
 }
 
+copy_teacher() {  # once per call, as soon as the finished teacher exists (written atomically)
+    local f="$RUN/teacher/teacher.safetensors"
+    if [ -f "$f" ] && [ -n "${OUT:-}" ] && ! ls "$OUT"/teacher.safetensors.part-* > /dev/null 2>&1; then
+        split -b 15M "$f" "$OUT/teacher.safetensors.part-" && echo "teacher copied to \$OUT"
+    fi
+}
+
 wait_for_job() {  # until $RUN/rc exists or WAIT_S seconds pass
     local t=0
-    while [ ! -f "$RUN/rc" ] && [ "$t" -lt "$WAIT_S" ]; do sleep 30; t=$((t + 30)); echo "--- ${t}s"; progress; done
+    while [ ! -f "$RUN/rc" ] && [ "$t" -lt "$WAIT_S" ]; do sleep 30; t=$((t + 30)); echo "--- ${t}s"; progress; copy_teacher; done
+    copy_teacher
     [ -f "$RUN/rc" ] && echo "job finished, exit code $(cat "$RUN/rc")"
 }
 

@@ -4,7 +4,7 @@ text encoder, a tiny DiT, 2-3 steps per phase, three loadable checkpoints; capti
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +116,25 @@ def test_gpu_stage_end_to_end_on_cpu(bundle, tmp_path):
         with torch.no_grad():
             v = model(x, torch.tensor([0.5]), text, mask)
         assert v.shape == x.shape and torch.isfinite(v).all(), variant
+
+
+def test_finished_teacher_is_kept_and_reused(bundle, tmp_path):
+    """The teacher checkpoint is written when the teacher is done; a resumed run loads it instead
+    of training again, and `teacher_file` distills from a given teacher with no teacher run."""
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    cfg = replace(TINY, schemes=("mean-r16",))
+    run_gpu(bundle, run, cfg, device=torch.device("cpu"))
+    teacher_file = run / "teacher" / "teacher.safetensors"
+    first, meta = load_model(teacher_file)
+    assert meta["name"] == "bonsai-emoji-teacher" and meta["pipeline"]["decoder"] == "pixels"
+    log = run / "teacher" / "log.jsonl"
+    lines = log.read_text()
+    run_gpu(bundle, run, replace(cfg, teacher_steps=6), device=torch.device("cpu"))
+    assert log.read_text() == lines  # not trained again, although more steps were asked for
+    other = tmp_path / "other"
+    paths = run_gpu(bundle, other, cfg, device=torch.device("cpu"), teacher_file=teacher_file)
+    assert not (other / "teacher").exists()
+    exported, _ = load_model(paths["teacher"])
+    for a, b in zip(first.state_dict().values(), exported.state_dict().values()):
+        assert torch.equal(a, b)

@@ -17,11 +17,14 @@ Throughput: batch 512 (AdamW learning rates tuned at 256, scaled by sqrt(batch /
 3e-4 -> 4.2e-4, distillation 2e-4 -> 2.8e-4), bf16 autocast, torch.compile of the forward on
 CUDA (eager if compiling fails; checkpoints keep plain state_dict keys), fused AdamW.
 
-GPU time plan for one H200, ~25 minutes (scripts/train_emoji_gpu.sh runs it in the background and
-polls it, each device call under 10 minutes): machine start ~1-2 min, data + text encoding
-~30 s, teacher 660 s (wall clock, compile included), 2 scheme trials x 200 steps, eager, ~1.5 min
-(mean-r16, the best of the first run, and onebit-r16: onebit beat plain mean there), distillation
-300 s, export ~30 s: ~19 min of job, ~21 min of device time with the start and the copy back.
+GPU time plan for one H200 (scripts/train_emoji_gpu.sh runs it in the background and polls it,
+each device call under 10 minutes): machine start ~1-2 min, data + text encoding ~1 min (24,596
+caption variants encoded in 4 s), teacher 660 s (wall clock, compile included; measured 18.8
+steps/s at batch 512, so ~12,000 steps), 2 scheme trials x 200 steps, eager, ~1.5 min (mean-r16,
+the best of the first run, and onebit-r16: onebit beat plain mean there), distillation 300 s,
+export ~30 s: ~19 min of job, ~21 min of device time with the start and the copy back. The
+finished teacher is written to <out>/teacher/teacher.safetensors at once; `--teacher FILE`
+starts from such a file and skips teacher training (a distillation-only session).
 Lower --teacher-seconds / --distill-seconds if the session has less than ~25 minutes."""
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import DiT, DiTConfig, save_model
+from ..models import DiT, DiTConfig, load_model, save_model
 from ..quant import BinarizeConfig, QuantPolicy, quantize_, to_inference_
 from .captions import VARIANT_WEIGHTS, TextBank, encode_text_bank
 from .distill import distill_loss, evaluate_loss, make_student
@@ -122,8 +125,17 @@ def _flow_loss(model, batch):
     return flow_matching_loss(model, x0, text, mask)
 
 
+TEACHER_FILE = "teacher.safetensors"  # in <run>/teacher/ once the teacher is done
+
+
 def run_teacher(images: torch.Tensor, bank: TextBank, out: Path, cfg: RecipeConfig) -> DiT:
-    """Train the full-precision teacher; returns its EMA copy."""
+    """Train the full-precision teacher; returns its EMA copy. A teacher already done (its
+    checkpoint written) is loaded, not trained again: a time-bounded run would otherwise add
+    teacher_seconds on every resume."""
+    done = out / "teacher" / TEACHER_FILE
+    if done.is_file():
+        print(f"teacher: {done} is done, loading it", flush=True)
+        return load_model(done)[0].to(images.device)
     print(f"teacher: {images.shape[0]} training images, {bank.states.shape[0]} prompts on {images.device}", flush=True)
     torch.manual_seed(0)
     model = DiT(cfg.model).to(images.device)
@@ -132,6 +144,11 @@ def run_teacher(images: torch.Tensor, bank: TextBank, out: Path, cfg: RecipeConf
     state = train(model, _flow_loss, random_batches(images, bank, cfg.batch_size, 1, cfg.cfg_dropout), tcfg, out / "teacher")
     teacher = state.ema if state.ema is not None else state.model
     (out / "teacher" / "done.json").write_text(json.dumps({"step": state.step, "complete": state.step >= cfg.teacher_steps}))
+    # The teacher alone (bf16, ~29 MB) as soon as it exists: a GPU session that ends before the
+    # distillation still brings it home (scripts/train_emoji_gpu.sh copies it), and `gpu --teacher`
+    # distills from it later without training it again.
+    save_model(teacher, done, "dit", teacher.config.to_dict(), license=LICENSE, pipeline=PIPELINE, name="bonsai-emoji-teacher",
+               provenance={"recipe": "python -m bonsai.train.emoji_recipe gpu", "teacher_steps": state.step})
     return teacher
 
 
@@ -184,8 +201,12 @@ def run_distill(teacher: DiT, images: torch.Tensor, bank: TextBank, out: Path, c
     return report
 
 
-def run_gpu(data: Path, out: Path, cfg: RecipeConfig = RecipeConfig(), device: torch.device | None = None, encoder_dir: Path | None = None) -> dict[str, Path]:
-    """The whole `gpu` stage: encode, teacher, trials, distillation, export. Returns the checkpoint paths."""
+def run_gpu(
+    data: Path, out: Path, cfg: RecipeConfig = RecipeConfig(), device: torch.device | None = None,
+    encoder_dir: Path | None = None, teacher_file: Path | None = None,
+) -> dict[str, Path]:
+    """The whole `gpu` stage: encode, teacher (or the given teacher checkpoint), trials,
+    distillation, export. Returns the checkpoint paths."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -194,7 +215,7 @@ def run_gpu(data: Path, out: Path, cfg: RecipeConfig = RecipeConfig(), device: t
     print(f"encoded {bank.states.shape[0]} prompts in {time.perf_counter() - t0:.1f} s", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2))
-    teacher = run_teacher(images, bank, out, cfg)
+    teacher = load_model(teacher_file)[0].to(device) if teacher_file else run_teacher(images, bank, out, cfg)
     report = run_distill(teacher.float(), images, bank, out, cfg)
     teacher = teacher.cpu()
     return export(teacher, student_from_state(out, teacher, CANDIDATES[report["best"]]), report, out / "export")
@@ -268,6 +289,7 @@ def main() -> None:
     g.add_argument("--data", type=Path, required=True)
     g.add_argument("--out", type=Path, default=Path("runs/emoji"))
     g.add_argument("--text-encoder", type=Path, default=None, help="int8 MiniLM folder (default: <data>/text_encoder)")
+    g.add_argument("--teacher", type=Path, default=None, help="a trained teacher checkpoint: skip teacher training, distill from it")
     defaults = RecipeConfig()
     for field in _CLI_FIELDS:
         g.add_argument(f"--{field.replace('_', '-')}", type=type(getattr(defaults, field)), default=getattr(defaults, field))
@@ -281,7 +303,7 @@ def main() -> None:
         prepare(args.out)
     elif args.stage == "gpu":
         cfg = replace(defaults, schemes=tuple(args.schemes.split(",")), compile=not args.no_compile, **{f: getattr(args, f) for f in _CLI_FIELDS})
-        _print_paths(run_gpu(args.data, args.out, cfg, encoder_dir=args.text_encoder))
+        _print_paths(run_gpu(args.data, args.out, cfg, encoder_dir=args.text_encoder, teacher_file=args.teacher))
     else:
         report = json.loads((args.run / "distill.json").read_text())
         recipe = args.run / "recipe.json"
