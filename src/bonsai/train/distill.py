@@ -18,7 +18,8 @@ from torch import nn
 from ..quant import QuantPolicy, quantize_
 from .flow import noisy_inputs, sample_timesteps
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x0 [B, C, H, W], text [B, L, E], mask [B, L]
+# x0 [B, C, H, W], text [B, L, E], mask [B, L] bool, and for models with a pooled text input a 4th item, pooled [B, P]
+Batch = tuple[torch.Tensor, ...]
 
 
 def make_student(teacher: nn.Module, policy: QuantPolicy) -> nn.Module:
@@ -33,12 +34,12 @@ def distill_loss(teacher: nn.Module, data_weight: float = 0.0) -> Callable[[nn.M
     teacher = teacher.eval().requires_grad_(False)
 
     def loss(student: nn.Module, batch: Batch) -> torch.Tensor:
-        x0, text, mask = batch
+        x0, text, mask, *pooled = batch
         t = sample_timesteps(x0.shape[0], x0.device)
         x_t, v_true = noisy_inputs(x0, t, torch.randn_like(x0))
         with torch.no_grad():
-            v_teacher = teacher(x_t, t, text, mask).float()
-        v_student = student(x_t, t, text, mask).float()
+            v_teacher = teacher(x_t, t, text, mask, *pooled).float()
+        v_student = student(x_t, t, text, mask, *pooled).float()
         out = F.mse_loss(v_student, v_teacher)
         if data_weight:
             out = out + data_weight * F.mse_loss(v_student, v_true.float())

@@ -1,15 +1,26 @@
 """`bonsai distill`: train a 1-bit student against its full-precision teacher.
 
-Teacher: a Bonsai float checkpoint (e.g. a DiT) or a diffusers folder (UNet, SD3, PixArt, Sana).
+Teacher: a Bonsai float checkpoint (e.g. a DiT) or a diffusers folder (SD 1.x/2.x/XL UNet, SD3,
+FLUX.1, PixArt, Sana), seen through the (x_t, t, text, mask[, pooled]) signature (denoisers.py).
+
 Data, per step and rank:
-- data-free (default): x0 ~ N(0, I) latents of the model's shape; text = encoded prompts from
-  --prompts (Bonsai DiTs, MiniLM) or, for diffusers models (whose text encoders live in their
-  pipeline), random N(0, I) text states of the model's width;
+- data-free (default): x0 ~ N(0, I) latents of the model's shape (--latent-size, default the
+  model's sample_size); the text of each sample is one of the --prompts, drawn at random;
 - --images DIR: pixel-space DiTs learn on real images (x0 = the images in [-1, 1]).
-Timesteps: logit-normal t in (0, 1) (train/flow.py); loss: MSE(student, teacher) on the same
-x_t, t, text (train/distill.py). The student is the straight-through (BitLinearTrain) form.
+Text conditioning: the prompts are encoded once, before training, by the teacher's own encoder:
+MiniLM for Bonsai DiTs; for a diffusers pipeline folder, its text encoder(s) through the pipeline
+class's encode_prompt (token states, attention mask, pooled embedding for SDXL / SD3 / FLUX), then
+the encoders are freed (prompt_encoding.py). Random N(0, I) text states are only the fallback
+when the folder has no text encoder or no --prompts are given; the run says so in one line.
+Timesteps: logit-normal t in (0, 1) (train/flow.py), x_t = (1 - t) x0 + t noise, mapped to each
+model's timestep convention by its wrapper. Loss: MSE between student and teacher outputs on the
+same x_t, t and text (train/distill.py); the student is the straight-through (BitLinearTrain) form.
+Sample grids: teacher row over student row on 4 fixed prompts and seeds, every --sample-every
+steps and at the end, in OUT/samples/step-NNNNNN.png (samples.py): Euler on pixels for Bonsai
+pixel DiTs, the folder's own pipeline (scheduler + VAE) for diffusers models with a VAE.
 Resumable (OUT/state.pt); one GPU, or several with `torchrun --nproc_per_node N -m bonsai.cli distill ...`
 (DDP; gloo on CPU). Writes OUT/log.jsonl and, at the end, OUT/student.safetensors (packed).
+On a CPU shared with other jobs, OMP_NUM_THREADS=1 avoids intra-op thread stalls (~6-10x).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -36,9 +48,36 @@ def _init_distributed():
     return torch.device("cpu")
 
 
-def _load_teacher(path: Path):
-    """(teacher with the (x, t, text, mask) signature, architecture, config, keep patterns, text
-    width, metadata the student inherits: how to generate with it, its license)."""
+@dataclass
+class Teacher:
+    """The teacher behind the (x, t, text, mask[, pooled]) signature and what the run needs about it."""
+
+    model: object  # nn.Module
+    architecture: str
+    config: dict
+    keep: tuple[str, ...]  # module patterns the student keeps in high precision
+    text_dim: int
+    pooled_dim: int
+    inherited: dict  # metadata the student inherits: how to generate with it, its license
+    pipeline_dir: Path | None = None  # diffusers pipeline folder (text encoders, VAE), if any
+    component: str = ""  # the denoiser's folder name inside it ("unet", "transformer")
+    vae_scale: int = 1  # pixels per latent pixel
+
+
+def _vae_scale(pipeline_dir: Path | None) -> int:
+    """Pixels per latent pixel, from the pipeline's VAE config (8 when unknown, as diffusers assumes)."""
+    import json
+
+    cfg = pipeline_dir / "vae" / "config.json" if pipeline_dir else None
+    if cfg is None or not cfg.exists():
+        return 8
+    vae = json.loads(cfg.read_text())
+    if vae.get("_class_name") == "AutoencoderDC":
+        return 2 ** (len(vae["encoder_block_out_channels"]) - 1)
+    return 2 ** (len(vae.get("block_out_channels", (0, 0, 0, 0))) - 1)
+
+
+def _load_teacher(path: Path) -> Teacher:
     import torch
 
     from ..quant import DEFAULT_KEEP
@@ -49,29 +88,55 @@ def _load_teacher(path: Path):
 
         source = open_source(path)
         model = source.adapter.model_class().from_pretrained(os.fspath(source.path), torch_dtype=torch.float32)
-        denoiser = DiffusersDenoiser(model)
+        scale = _vae_scale(source.pipeline_dir)
+        denoiser = DiffusersDenoiser(model, vae_scale=scale)
         keep = tuple(f"model.{p}" for p in source.adapter.keep)
         config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-        return denoiser, source.adapter.architecture, config, keep, denoiser.text_dim(), {}
+        return Teacher(denoiser, source.adapter.architecture, config, keep, denoiser.text_dim(), denoiser.pooled_dim(), {},
+                       source.pipeline_dir, source.path.name, scale)
     from ..models import load_model
 
     model, meta = load_model(path)
     inherited = {k: meta[k] for k in ("pipeline", "license") if k in meta}
-    return model.train(), meta["architecture"], meta["config"], DEFAULT_KEEP, meta["config"].get("text_dim", 384), inherited
+    return Teacher(model.train(), meta["architecture"], meta["config"], DEFAULT_KEEP, meta["config"].get("text_dim", 384), 0, inherited)
 
 
-def _encode_prompts(prompts, text_encoder, device):
-    """Token states (float32) and masks of every prompt, encoded once, kept on `device`."""
+def _conditioning(teacher: Teacher, lines: list[str] | None, text_encoder: Path | None, device):
+    """The prompts' encoding by the teacher's own text encoder(s), or None (random text states),
+    saying why in one line."""
+    from .prompt_encoding import Conditioning, encode_prompts, text_components
+
+    if teacher.architecture.startswith("diffusers:"):
+        if teacher.pipeline_dir is None or not text_components(teacher.pipeline_dir):
+            click.echo(f"{teacher.pipeline_dir or 'the teacher folder'} has no text encoder: distilling on random N(0, I) text states")
+            return None
+        if not lines:
+            click.echo("no --prompts: distilling on random N(0, I) text states (pass --prompts to use the pipeline's text encoders)")
+            return None
+        return encode_prompts(teacher.pipeline_dir, lines, device)
+    if not lines:
+        return None
     from ..text import TextEncoder
 
     encoder = TextEncoder(text_encoder).to(device) if text_encoder else TextEncoder()
-    states, mask = encoder.encode(prompts)
-    return states.float().to(device), mask.to(device)
+    states, mask = encoder.encode(lines)
+    return Conditioning(states.float().to(device), mask.to(device))
 
 
-def _batches(shape, text_dim, batch, encoded, images, device, seed):
-    """Endless (x0, text, mask) batches; each rank draws its own. `encoded`: (states, mask) of
-    the prompts, or None for random text states."""
+def _random_conditioning(n: int, teacher: Teacher, gen, device):
+    """n random N(0, I) text states of 8 tokens (and pooled embeddings where the model takes them)."""
+    import torch
+
+    from .prompt_encoding import Conditioning
+
+    pooled = torch.randn(n, teacher.pooled_dim, generator=gen) if teacher.pooled_dim else None
+    cond = Conditioning(torch.randn(n, 8, teacher.text_dim, generator=gen), torch.ones(n, 8, dtype=torch.bool), pooled)
+    return cond.to(device)
+
+
+def _batches(shape, teacher: Teacher, batch, cond, images, device, seed):
+    """Endless (x0, text, mask[, pooled]) batches; each rank draws its own. `cond`: the encoded
+    prompts, or None for fresh random text states every batch."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -89,20 +154,38 @@ def _batches(shape, text_dim, batch, encoded, images, device, seed):
             x0 = pixels[[rng.randrange(len(pixels)) for _ in range(batch)]]
         else:
             x0 = torch.randn(batch, *shape, generator=gen)
-        if encoded is not None:
-            idx = [rng.randrange(len(encoded[0])) for _ in range(batch)]
-            text, mask = encoded[0][idx], encoded[1][idx]
+        if cond is not None:
+            c = cond.select([rng.randrange(len(cond)) for _ in range(batch)])
         else:
-            text, mask = torch.randn(batch, 8, text_dim, generator=gen), torch.ones(batch, 8, dtype=torch.bool)
-        yield x0.to(device), text.to(device), mask.to(device)
+            c = _random_conditioning(batch, teacher, gen, device)
+        yield (x0.to(device), c.states, c.mask) + (() if c.pooled is None else (c.pooled,))
+
+
+def _sampler(teacher: Teacher, cond, shape, steps: int, device):
+    """(sampler, how to reach the sampled module inside teacher/student) for the grids, or None."""
+    import torch
+
+    from .samples import SampleSpec, diffusers_sampler, pixel_sampler
+
+    n = 4
+    fixed = cond.select(list(range(min(n, len(cond))))) if cond is not None else _random_conditioning(n, teacher, torch.Generator().manual_seed(1), device)
+    spec = SampleSpec(fixed, tuple(range(len(fixed))), shape, steps)
+    if teacher.architecture.startswith("diffusers:"):
+        sampler = diffusers_sampler(teacher.pipeline_dir, teacher.component, teacher.model.model, spec, teacher.vae_scale) if teacher.pipeline_dir else None
+        return (sampler, lambda m: m.model) if sampler else None
+    if shape[0] != 3:
+        return None
+    return pixel_sampler(spec), lambda m: m
 
 
 @click.command()
 @click.argument("teacher", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder (resumable).")
-@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Prompts, one per line (Bonsai DiTs).")
-@click.option("--text-encoder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="MiniLM folder for --prompts (e.g. an int8 export); default: the installed one.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Prompts, one per line, encoded once by the teacher's own text encoder(s) (MiniLM for Bonsai DiTs, the pipeline's for diffusers).")
+@click.option("--text-encoder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="MiniLM folder for --prompts with Bonsai DiTs (e.g. an int8 export); default: the installed one.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Image folder (pixel-space DiTs).")
+@click.option("--latent-size", type=int, default=None, help="Side of the training latents; default: the model's sample_size (64 if it has none).")
 @click.option("--steps", type=int, default=1000, show_default=True)
 @click.option("--batch", type=int, default=8, show_default=True, help="Per-process batch size.")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
@@ -111,9 +194,14 @@ def _batches(shape, text_dim, batch, encoded, images, device, seed):
 @click.option("--rank", "lowrank", type=int, default=0, show_default=True)
 @click.option("--log-every", type=int, default=50, show_default=True)
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
+@click.option("--sample-every", type=int, default=0, show_default=True, help="Write a teacher/student sample grid to OUT/samples every N steps (and at the end); 0: only at the end.")
+@click.option("--sample-steps", type=int, default=8, show_default=True, help="Sampler steps per grid image.")
+@click.option("--samples/--no-samples", "samples", default=True, show_default=True, help="Write sample grids at all.")
+@click.option("--fsdp", is_flag=True, help="Shard the student across the torchrun processes (torch FSDP2, one block at a time) instead of replicating it (DDP).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True, help="torch.compile the student's forward on CUDA.")
-def distill(teacher, out, prompts, text_encoder, images, steps, batch, lr, scheme, group_size, lowrank, log_every, checkpoint_every, seed, compile_) -> None:
+def distill(teacher, out, prompts, text_encoder, images, latent_size, steps, batch, lr, scheme, group_size, lowrank, log_every,
+            checkpoint_every, sample_every, sample_steps, samples, fsdp, seed, compile_) -> None:
     """Distill a 1-bit student from the full-precision TEACHER (Bonsai float checkpoint or diffusers folder)."""
     import torch
 
@@ -121,34 +209,62 @@ def distill(teacher, out, prompts, text_encoder, images, steps, batch, lr, schem
     from ..quant import BinarizeConfig, QuantPolicy, to_inference_
     from .distill import distill_loss, evaluate_loss, make_student
     from .loop import TrainConfig, rank, train, world_size
+    from .prompt_encoding import PromptEncodingError
+    from .samples import write_grid
 
     device = _init_distributed()
+    if fsdp and world_size() == 1:
+        raise click.ClickException("--fsdp shards the student across processes: launch with torchrun --nproc_per_node N (N >= 2)")
     torch.manual_seed(seed)  # same initial student on every rank
     try:
-        model, architecture, config, keep, text_dim, inherited = _load_teacher(teacher)
-    except ValueError as e:
+        t = _load_teacher(teacher)
+        lines = [p.strip() for p in prompts.read_text().splitlines() if p.strip()] if prompts else None
+        cond = _conditioning(t, lines, text_encoder, device)
+        size = latent_size or t.config.get("sample_size", 64)
+        shape = t.model.latent_shape(size) if hasattr(t.model, "latent_shape") else (t.config.get("in_channels", 3), size, size)
+    except (ValueError, PromptEncodingError) as e:
         raise click.ClickException(str(e)) from None
-    lines = [p.strip() for p in prompts.read_text().splitlines() if p.strip()] if prompts else None
-    encoded = _encode_prompts(lines, text_encoder, device) if lines else None
-    channels = config.get("in_channels", 3)
-    size = config.get("sample_size", 64)
-    model = model.to(device)
-    student = make_student(model, QuantPolicy(BinarizeConfig(scheme, group_size, lowrank), keep=keep)).to(device)
+    model = t.model.to(device)
+    policy = QuantPolicy(BinarizeConfig(scheme, group_size, lowrank), keep=t.keep)
+    student = make_student(model, policy).to(device)
     loss_fn = distill_loss(model)
-    probe = [b for b, _ in zip(_batches((channels, size, size), text_dim, batch, encoded, images, device, seed + 10_000), range(2))]
+    probe = [b for b, _ in zip(_batches(shape, t, batch, cond, images, device, seed + 10_000), range(2))]
     before = evaluate_loss(loss_fn, student, probe)
-    cfg = TrainConfig(steps=steps, lr=lr, warmup=min(100, steps // 10), log_every=log_every, checkpoint_every=checkpoint_every, compile=compile_)
-    batches = _batches((channels, size, size), text_dim, batch, encoded, images, device, seed + rank())
+    if fsdp and samples and rank() == 0:
+        click.echo("--fsdp: no sample grids (sampling a sharded student from one rank is not supported yet)")
+    sampling = _sampler(t, cond, shape, sample_steps, device) if samples and not fsdp and rank() == 0 else None
+    if fsdp:
+        from .fsdp import shard_
+
+        shard_(student)
+
+    def on_sample(module, step: int) -> None:
+        inner = sampling[1]
+        click.echo(f"samples: {write_grid(sampling[0], inner(model), inner(module), out, step)}")
+
+    cfg = TrainConfig(steps=steps, lr=lr, warmup=min(100, steps // 10), log_every=log_every, checkpoint_every=checkpoint_every,
+                      sample_every=sample_every, compile=compile_)
+    batches = _batches(shape, t, batch, cond, images, device, seed + rank())
     start = time.perf_counter()
-    done = train(student, loss_fn, batches, cfg, out).step
+    done = train(student, loss_fn, batches, cfg, out, on_sample=on_sample if sampling else None).step
     seconds = time.perf_counter() - start
+    after = evaluate_loss(loss_fn, student, probe) if fsdp else None  # a sharded forward is collective: every rank
+    if fsdp:
+        from .fsdp import full_model_state
+
+        full = full_model_state(student)  # collective; on rank 0's CPU only
+        if rank() == 0:  # the plain student, for saving
+            student = make_student(t.model, policy).cpu()
+            student.load_state_dict(full)
     if rank() == 0:
-        after = evaluate_loss(loss_fn, student, probe)
+        after = evaluate_loss(loss_fn, student, probe) if after is None else after
         click.echo(f"student-teacher loss on fixed probe batches: {before:.6f} before, {after:.6f} after")
         click.echo(f"{done} steps x {batch} samples x {world_size()} process(es) in {seconds:.1f} s (incl. start-up and compile)")
-        inner = student.model if hasattr(student, "model") and architecture.startswith("diffusers:") else student
+        if sampling and not (sample_every and done % sample_every == 0):
+            on_sample(student, done)
+        inner = student.model if hasattr(student, "model") and t.architecture.startswith("diffusers:") else student
         to_inference_(inner)
-        save_model(inner, out / "student.safetensors", architecture, config,
-                   provenance={"teacher": str(teacher.resolve()), "method": "distillation", "steps": done}, **inherited)
+        save_model(inner, out / "student.safetensors", t.architecture, t.config,
+                   provenance={"teacher": str(teacher.resolve()), "method": "distillation", "steps": done}, **t.inherited)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

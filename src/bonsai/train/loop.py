@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..atomic import atomic_write
 
@@ -85,11 +86,17 @@ def _state_path(out_dir: Path) -> Path:
 
 
 def save_state(state: TrainState, out_dir: Path) -> None:
-    """Resumable state (model, EMA, optimizer, step), written atomically. Read back with weights_only=True."""
+    """Resumable state (model, EMA, optimizer, step), written atomically by rank 0. Read back with
+    weights_only=True. Call on every rank: an FSDP-sharded model is gathered first (a collective)."""
+    from .fsdp import full_training_state, is_sharded
+
+    model, optimizer = full_training_state(state.model, state.optimizer) if is_sharded(state.model) else (None, None)
+    if rank() != 0:
+        return
     payload = {
-        "model": state.model.state_dict(),
+        "model": model or state.model.state_dict(),
         "ema": None if state.ema is None else state.ema.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
+        "optimizer": optimizer or state.optimizer.state_dict(),
         "step": state.step,
     }
     atomic_write(_state_path(out_dir), lambda tmp: torch.save(payload, tmp))
@@ -100,6 +107,12 @@ def load_state(state: TrainState, out_dir: Path) -> bool:
     if not path.exists():
         return False
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    from .fsdp import is_sharded, load_training_state
+
+    if is_sharded(state.model):
+        load_training_state(state.model, state.optimizer, payload["model"], payload["optimizer"])
+        state.step = int(payload["step"])
+        return True
     state.model.load_state_dict(payload["model"])
     if state.ema is not None and payload["ema"] is not None:
         state.ema.load_state_dict(payload["ema"])
@@ -143,7 +156,7 @@ def train(
     if load_state(state, out) and rank() == 0:
         print(f"resumed from {_state_path(out)} at step {state.step}", flush=True)
     eager: nn.Module = model
-    if world_size() > 1:
+    if world_size() > 1 and not isinstance(model, FSDPModule):  # an FSDP-sharded model syncs its own gradients
         eager = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     net = compile_forward(eager, cfg.compile)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -176,13 +189,13 @@ def train(
         seen += 1
         if log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
             rate = seen / (time.perf_counter() - t0)
-            record = {"step": state.step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "steps_per_s": rate}
+            record = {"step": state.step, "loss": loss.item(), "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), "lr": lr, "steps_per_s": rate}
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(json.dumps(record), flush=True)
             seen, t0 = 0, time.perf_counter()
         out_of_time = bool(cfg.max_seconds) and elapsed > cfg.max_seconds
-        if rank() == 0 and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or out_of_time):
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or out_of_time:
             save_state(state, out)
         if rank() == 0 and on_sample is not None and cfg.sample_every and state.step % cfg.sample_every == 0:
             on_sample(ema if ema is not None else model, state.step)
