@@ -25,6 +25,10 @@ it drops into the pipeline as its `unet` or `transformer`:
     # or let the checkpoint find its source pipeline (it records the folder it was converted from)
     from bonsai.diffusers import load_bonsai_pipeline
     pipe = load_bonsai_pipeline("sd15-1bit.safetensors")
+
+    # with `bonsai quantize ... -o sd15-1bit/sd15-1bit.safetensors --bundle copy` the text encoder,
+    # tokenizer, VAE and scheduler are copied beside it: that folder alone generates
+    pipe = load_bonsai_pipeline("sd15-1bit")
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 from torch import nn
 
 from .convert.adapters import ADAPTERS, PREFIX, UnsupportedModel
+from .convert.bundle import bundled_checkpoint, check_parts
 from .format import CheckpointError, read_header
 from .models import load_model
 
@@ -73,18 +78,29 @@ def load_bonsai_transformer(
 def load_bonsai_pipeline(
     path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32, **kwargs: Any
 ):
-    """The diffusers pipeline of `source` (default: the folder the checkpoint was converted from)
-    with the 1-bit denoiser in place (its high-precision layers in `dtype`). `kwargs` go to
+    """The diffusers pipeline with the 1-bit denoiser of checkpoint `path` in place (its
+    high-precision layers in `dtype`). The other parts come from `source` if given, else from
+    where the checkpoint says: the folder it was converted from (`bonsai quantize --bundle
+    reference`), or its own folder (`--bundle copy`; `path` may then be that folder). Recorded
+    parts are checked against the conversion's list first. `kwargs` go to
     DiffusionPipeline.from_pretrained (e.g. the dtype of the other components)."""
     from diffusers import DiffusionPipeline
 
+    if os.path.isdir(path):
+        path = bundled_checkpoint(path)
     pipe_meta = read_header(path).metadata.get("pipeline", {})
-    source = source or pipe_meta.get("diffusers_source")
-    if not source:
-        raise CheckpointError(
-            "the checkpoint records no diffusers pipeline folder", os.fspath(path), "pass source= a diffusers pipeline folder"
-        )
-    if not os.path.isdir(source):
-        raise CheckpointError(f"diffusers pipeline folder {source} is missing", os.fspath(path), "pass source= where it is now")
+    if source is None:
+        bundle = pipe_meta.get("bundle", "reference" if pipe_meta.get("diffusers_source") else "none")
+        if bundle == "none":
+            raise CheckpointError(
+                "the checkpoint records no diffusers pipeline folder", os.fspath(path), "pass source= a diffusers pipeline folder"
+            )
+        source = os.path.dirname(os.path.abspath(path)) if bundle == "copy" else pipe_meta["diffusers_source"]
+        if bundle == "reference" and not os.path.isdir(source):
+            raise CheckpointError(
+                f"diffusers pipeline folder {source} is missing", os.fspath(path),
+                "pass source= where it is now, or convert with --bundle copy",
+            )
+        check_parts(source, pipe_meta.get("parts", {}), path)
     model = load_bonsai_model(path, dtype=dtype)
     return DiffusionPipeline.from_pretrained(source, **{pipe_meta.get("diffusers_subfolder", "unet"): model}, **kwargs)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from ..models import save_model
 from ..quant import QuantPolicy
-from .source import open_source
+from .bundle import BUNDLE_MODES, finish_copy, manifest, pipeline_parts, prepare_copy
+from .source import SourceError, open_source
 from .stream import ConversionStats, policy_for, quantize_source
 
 
@@ -20,30 +22,51 @@ def quantize_model(
     config: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
+    bundle: str = "reference",
 ) -> ConversionStats:
     """Binarize the denoiser of `src` (see bonsai.convert.source) and write it to `out`.
 
-    `policy.keep` adds patterns to the adapter's own keep list. The checkpoint's "pipeline" metadata references the unchanged text encoders, VAE and
-    scheduler of the source pipeline folder ("diffusers_source"), when there is one."""
+    `policy.keep` adds patterns to the adapter's own keep list. `bundle` (see bonsai.convert.bundle)
+    says what the checkpoint's "pipeline" metadata does with the source pipeline's other parts (text
+    encoders, VAE, scheduler): "reference" its folder, "copy" them beside `out`, "none" neither."""
+    if bundle not in BUNDLE_MODES:
+        raise ValueError(f"bundle {bundle!r} is not one of {', '.join(BUNDLE_MODES)}")
+    out = Path(out)
     source = open_source(src, config)
-    model, stats = quantize_source(source, policy, dtype, progress)
     adapter = source.adapter
+    pipeline_dir = None if source.pipeline_dir is None else Path(source.pipeline_dir).resolve()
+    if bundle == "copy" and pipeline_dir is None:
+        raise SourceError(
+            f"{src}: --bundle copy needs a diffusers pipeline folder (model_index.json) to copy the text encoders and VAE "
+            "from: pass one as SRC, or as --config for a single file"
+        )
+    parts = [] if pipeline_dir is None or bundle == "none" else pipeline_parts(pipeline_dir, adapter.subfolder)
     pipeline = {
         "text_encoder": "diffusers",
         "diffusers_class": adapter.class_name,
         "diffusers_subfolder": adapter.subfolder,
         "diffusers_pipelines": list(adapter.pipelines),
-        "diffusers_source": None if source.pipeline_dir is None else str(Path(source.pipeline_dir).resolve()),
+        "bundle": bundle if parts else "none",
+        "diffusers_source": str(pipeline_dir) if parts and bundle == "reference" else None,
+        "parts": manifest(pipeline_dir, parts) if parts else {},
     }
+    model, stats = quantize_source(source, policy, dtype, progress)
     provenance = {
         "source": str(Path(src).resolve()),
         "method": "post-training binarization",
         "binarize": policy.binarize.to_dict(),
         "keep": list(policy_for(adapter, policy).keep),
     }
-    save_model(
-        model, out, adapter.architecture, {k: v for k, v in source.config.items() if not k.startswith("_")},
-        high_precision_dtype=dtype, pipeline=pipeline, provenance=provenance,
-        description=f"1-bit {adapter.description} converted by bonsai quantize",
-    )
+    staging = prepare_copy(pipeline_dir, parts, out) if bundle == "copy" else None
+    try:
+        save_model(
+            model, out, adapter.architecture, {k: v for k, v in source.config.items() if not k.startswith("_")},
+            high_precision_dtype=dtype, pipeline=pipeline, provenance=provenance,
+            description=f"1-bit {adapter.description} converted by bonsai quantize",
+        )
+        if staging is not None:
+            finish_copy(staging, pipeline_dir, parts, out)
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return stats

@@ -10,6 +10,11 @@ For single files the key layout is translated with diffusers' own conversion fun
 meta tensors: where the translation is a pure renaming (SD 1.x/2.x/XL UNets) the tensors are
 still read one at a time; where it merges or splits tensors (e.g. FLUX fused qkv) the file is
 converted whole, which needs about its size in memory.
+
+Tensors are read with plain file reads, not through a memory map: every page of a mapped file
+that has been touched counts in the process's resident set until the map is closed, so reading
+a whole model through one would make peak RSS the size of the source file however little of it
+is still in use.
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from ..format.header import DTYPES
 from .adapters import ADAPTERS, Adapter, UnsupportedModel, adapter_for
 
 WEIGHTS = "diffusion_pytorch_model"
@@ -44,6 +49,43 @@ class SourceError(ValueError):
     """A source that cannot be read; the message names the path and what to do."""
 
 
+class TensorFile:
+    """One .safetensors file, read a tensor at a time with plain reads (no memory map)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._file = open(path, "rb")  # noqa: SIM115 -- kept open for the reads that follow; closed with the object
+            size = os.fstat(self._file.fileno()).st_size
+            n = int.from_bytes(self._file.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(self._file.read(n))
+        except (OSError, ValueError) as e:
+            raise SourceError(f"{path} is not a readable safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self._start, self._size, self.entries = 8 + n, size, header
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name` in its stored dtype and shape, in newly allocated memory."""
+        try:
+            entry = self.entries[name]
+            dtype, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"{self.path}: header entry of tensor '{name}' is missing or malformed") from None
+        out = torch.empty(shape, dtype=dtype)
+        nbytes = out.numel() * out.element_size()
+        if end - begin != nbytes or self._start + end > self._size:
+            raise SourceError(f"{self.path}: tensor '{name}' has {end - begin} bytes at offset {begin}, its {entry['dtype']} {list(shape)} needs {nbytes} inside the file")
+        if nbytes:
+            view = out.reshape(-1).view(torch.uint8).numpy()
+            self._file.seek(self._start + begin)
+            if self._file.readinto(memoryview(view)) != nbytes:
+                raise SourceError(f"{self.path}: file is truncated inside tensor '{name}'")
+        return out
+
+
 @dataclass
 class Source:
     """A model to convert: its adapter, config, and a map from diffusers state-dict keys to
@@ -55,7 +97,7 @@ class Source:
     pipeline_dir: Path | None
     keys: dict[str, tuple[Path, str]]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _files: dict[Path, TensorFile] = field(default_factory=dict, repr=False)
 
     def __contains__(self, key: str) -> bool:
         return key in self.keys or key in self.tensors
@@ -66,9 +108,9 @@ class Source:
         if key not in self.keys:
             raise SourceError(f"{self.path}: no tensor for '{key}' (the weights do not match the config)")
         file, name = self.keys[key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(os.fspath(file), framework="pt", device="cpu")
-        return self._handles[file].get_tensor(name)
+        if file not in self._files:
+            self._files[file] = TensorFile(file)
+        return self._files[file].read(name)
 
     def source_bytes(self) -> int:
         """Bytes of the weight files read."""

@@ -3,19 +3,26 @@
 The model is built on the meta device from its config; then, module by module, its weights are
 read from the source (one tensor at a time), binarized where the policy says, and assigned. At
 no point does the whole full-precision model exist in memory: the peak is the packed model plus
-one layer in float32.
+one layer as stored and a block of its rows in float32 (benchmarks/bench_quantize_rss.py
+measures it at full size).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import resource
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..quant import QuantPolicy
+from ..kernels.packed import PackedWeight
+from ..quant import BinarizeConfig, BitConv2d, BitLinear, QuantPolicy
+from ..quant.binarize import binarize
 from ..quant.layers import binarize_conv, binarize_linear
 from .adapters import Adapter
 from .source import Source, SourceError
@@ -40,15 +47,64 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _load_direct(module: nn.Module, prefix: str, source: Source, dtype: torch.dtype) -> None:
-    """Replace the module's own (not its children's) meta parameters and persistent buffers with source tensors."""
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give freed heap pages back to the OS. glibc keeps the float32 layers this loop frees as
+    fragmented heap: measured on the SD 1.5 UNet, without this the process held ~1.1 GiB more than
+    the packed model needs by the end (benchmarks/bench_quantize_rss.py)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+ROW_BLOCK_WEIGHTS = 4 * 2**20  # weights binarized at once (16 MiB in float32)
+
+
+def row_separable(config: BinarizeConfig) -> bool:
+    """Whether every row's signs and scales depend on that row alone (no column scales, no SVD)."""
+    return config.scheme in ("xnor", "mean") and not config.rank
+
+
+def binarize_rows(weight: torch.Tensor, config: BinarizeConfig, block: int = ROW_BLOCK_WEIGHTS) -> PackedWeight:
+    """binarize(weight [N, K] in any float dtype, config) for a row-separable config, computed
+    `block // K` rows at a time in float32: the temporaries are a few blocks, not a few copies of
+    the layer (binarizing SD 1.5's largest conv whole took ~470 MiB more)."""
+    n, k = weight.shape
+    rows = max(64, block // k)  # not a handful: torch may then split one row's sum across threads
+    parts = [binarize(weight[i : i + rows].float(), config) for i in range(0, n, rows)]
+    fields = parts[0].tensors().keys()
+    return PackedWeight(in_features=k, group_size=config.group_size, **{f: torch.cat([p.tensors()[f] for p in parts]) for f in fields})
+
+
+def _binarize_module(module: nn.Module, config: BinarizeConfig) -> nn.Module:
+    """The packed form of a loaded nn.Linear / nn.Conv2d (its weight in the stored dtype)."""
+    if not row_separable(config):
+        module.float()
+        return binarize_linear(module, config) if isinstance(module, nn.Linear) else binarize_conv(module, config)
+    linear = BitLinear.from_packed(binarize_rows(module.weight.reshape(module.weight.shape[0], -1), config), module.bias, config)
+    if isinstance(module, nn.Linear):
+        return linear
+    return BitConv2d(linear, module.in_channels, module.kernel_size, module.stride, module.padding, module.dilation)
+
+
+def _load_direct(module: nn.Module, prefix: str, source: Source, dtype: torch.dtype | None) -> None:
+    """Replace the module's own (not its children's) meta parameters and persistent buffers with
+    source tensors, cast to `dtype` (None: as stored)."""
     for name, param in list(module._parameters.items()):
         if param is None:
             continue
         t = source.get(prefix + name)
         if tuple(t.shape) != tuple(param.shape):
             raise SourceError(f"{source.path}: tensor '{prefix + name}' has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}")
-        module._parameters[name] = nn.Parameter(t.to(dtype) if t.is_floating_point() else t, requires_grad=False)
+        module._parameters[name] = nn.Parameter(t.to(dtype) if dtype and t.is_floating_point() else t, requires_grad=False)
     for name, buf in list(module._buffers.items()):
         if buf is None or name in module._non_persistent_buffers_set or prefix + name not in source:
             continue
@@ -63,18 +119,22 @@ def quantize_source(
     policy = policy_for(source.adapter, policy)
     targets = {name for name, m in model.named_modules() if name and policy.wants(name, m)}
     total = sum(t.numel() for t in model.state_dict().values())  # parameters and persistent buffers, as stored
-    modules = [(name, m) for name, m in model.named_modules() if m._parameters or m._buffers]
+    # names only: a list of the modules themselves would keep every replaced float layer alive
+    names = [name for name, m in model.named_modules() if m._parameters or m._buffers]
     params_1bit = 0
-    for name, module in tqdm(modules, desc="quantizing", unit="layer", disable=not progress):
+    for name in tqdm(names, desc="quantizing", unit="layer", disable=not progress):
+        module = model.get_submodule(name)
         prefix = f"{name}." if name else ""
         if name not in targets:
             _load_direct(module, prefix, source, dtype)
             continue
-        _load_direct(module, prefix, source, torch.float32)
+        _load_direct(module, prefix, source, None)
         params_1bit += module.weight.numel()
-        packed = binarize_linear(module, policy.binarize) if isinstance(module, nn.Linear) else binarize_conv(module, policy.binarize)
+        packed = _binarize_module(module, policy.binarize)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, packed)
+        del module  # its float32 weight goes now, not at the end
+        release_freed_memory()
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise SourceError(f"{source.path}: no weights for {len(leftover)} parameters, e.g. '{leftover[0]}'")

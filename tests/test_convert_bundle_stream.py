@@ -1,0 +1,47 @@
+"""The memory-saving parts of `bonsai quantize`'s streaming: plain-read tensor files and
+row-block binarization must give exactly what the straightforward path gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bonsai.convert.source import SourceError, TensorFile
+from bonsai.convert.stream import binarize_rows, row_separable
+from bonsai.quant.binarize import BinarizeConfig, binarize
+
+
+@pytest.mark.parametrize("config", [BinarizeConfig("mean"), BinarizeConfig("xnor"), BinarizeConfig("mean", 16), BinarizeConfig("xnor", 24)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_binarize_rows_equals_binarize(config, dtype):
+    torch.manual_seed(0)
+    w = (torch.randn(300, 200) * 0.02 + torch.randn(300, 1) * 0.01).to(dtype)
+    whole, blocks = binarize(w.float(), config).tensors(), binarize_rows(w, config, block=64 * 200 - 1).tensors()
+    assert row_separable(config) and whole.keys() == blocks.keys()
+    assert all(torch.equal(whole[k], blocks[k]) for k in whole)  # bit for bit, over 5 blocks of rows
+
+
+def test_not_row_separable():
+    assert not row_separable(BinarizeConfig("onebit")) and not row_separable(BinarizeConfig("mean", rank=2))
+
+
+def test_tensor_file_reads_like_safetensors(tmp_path):
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(3, 5).half(), "b": torch.randn(7).bfloat16(), "c": torch.randn(2, 3, 4), "d": torch.arange(6),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    f, ref = TensorFile(tmp_path / "t.safetensors"), load_file(tmp_path / "t.safetensors")
+    for name, t in ref.items():
+        got = f.read(name)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
+    with pytest.raises(SourceError, match="tensor 'nope' is missing"):
+        f.read("nope")
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(SourceError, match=r"cut.safetensors: tensor '\w+' has \d+ bytes .* inside the file"):
+        for name in ref:
+            TensorFile(tmp_path / "cut.safetensors").read(name)
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(SourceError, match="bad.safetensors is not a readable safetensors file"):
+        TensorFile(tmp_path / "bad.safetensors")
