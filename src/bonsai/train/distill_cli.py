@@ -13,7 +13,8 @@ class's encode_prompt (token states, attention mask, pooled embedding for SDXL /
 the encoders are freed (prompt_encoding.py). Random N(0, I) text states are only the fallback
 when the folder has no text encoder or no --prompts are given; the run says so in one line.
 Timesteps: logit-normal t in (0, 1) (train/flow.py), x_t = (1 - t) x0 + t noise, mapped to each
-model's timestep convention by its wrapper. Loss: MSE between student and teacher outputs on the
+model's timestep convention by its wrapper; DDPM-trained models (SD UNets, PixArt) get the point of
+their own schedule (the folder's scheduler, else SD's) with the same signal-to-noise ratio. Loss: MSE between student and teacher outputs on the
 same x_t, t and text (train/distill.py); the student is the straight-through (BitLinearTrain) form.
 Sample grids: teacher row over student row on 4 fixed prompts and seeds, every --sample-every
 steps and at the end, in OUT/samples/step-NNNNNN.png (samples.py): Euler on pixels for Bonsai
@@ -81,7 +82,7 @@ def _load_teacher(path: Path) -> Teacher:
     import torch
 
     from ..quant import DEFAULT_KEEP
-    from .denoisers import DiffusersDenoiser
+    from .denoisers import VP_KINDS, DiffusersDenoiser, scheduler_alphas_cumprod
 
     if path.is_dir():
         from ..convert import open_source
@@ -89,7 +90,8 @@ def _load_teacher(path: Path) -> Teacher:
         source = open_source(path)
         model = source.adapter.model_class().from_pretrained(os.fspath(source.path), torch_dtype=torch.float32)
         scale = _vae_scale(source.pipeline_dir)
-        denoiser = DiffusersDenoiser(model, vae_scale=scale)
+        schedule = scheduler_alphas_cumprod(source.pipeline_dir) if type(model).__name__ in VP_KINDS else None
+        denoiser = DiffusersDenoiser(model, vae_scale=scale, alphas_cumprod=schedule)
         keep = tuple(f"model.{p}" for p in source.adapter.keep)
         config = {k: v for k, v in model.config.items() if not k.startswith("_")}
         return Teacher(denoiser, source.adapter.architecture, config, keep, denoiser.text_dim(), denoiser.pooled_dim(), {},
