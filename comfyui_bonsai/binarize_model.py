@@ -59,11 +59,7 @@ def copy_with(model: nn.Module, swaps: dict[int, Any]) -> nn.Module:
     """A deep copy of `model` in which every object whose id is a key of `swaps` is replaced by its
     value (and not copied). Swapping the layers being binarized means their float weights are never
     copied; swapping an object for None drops a back-reference that must not be copied."""
-    memo = dict(swaps)
-    # A 1-bit layer's packed view holds kernel caches (C structs) that cannot be copied; the copy
-    # rebuilds the view from its buffers on first use.
-    memo.update({id(m._packed): None for m in model.modules() if isinstance(m, BitLinear) and m._packed is not None})
-    return copy.deepcopy(model, memo)
+    return copy.deepcopy(model, dict(swaps))
 
 
 def swaps_for(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[int, nn.Module]:

@@ -188,3 +188,23 @@ def test_missing_library_warns_once_and_raises_import_error(monkeypatch) -> None
             with pytest.raises(ImportError, match="not built"):
                 importlib.import_module("bonsai.kernels.cpu")
     assert len([r for r in record if "reference path" in str(r.message)]) == 1
+
+
+def test_deepcopy_of_a_layer_that_ran_on_the_kernel():
+    """After a forward on the compiled kernel, a BitLinear's packed view holds the kernel's C
+    structs; the layer still deep-copies (model copies, EMA), and the copy computes the same."""
+    import copy
+
+    from torch import nn
+
+    from bonsai.quant import BinarizeConfig
+    from bonsai.quant.layers import binarize_linear
+
+    torch.manual_seed(0)
+    layer = binarize_linear(nn.Linear(37, 11), BinarizeConfig("mean", rank=2))
+    x = torch.randn(5, 37)
+    assert dispatch.select_kernel(x, layer.packed).name == "cpu"
+    y = layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin._packed is None and torch.equal(twin(x), y)
+    assert twin.signs.data_ptr() != layer.signs.data_ptr()

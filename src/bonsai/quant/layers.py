@@ -63,6 +63,11 @@ class BitLinear(nn.Module):
                 self._buffers[name] = t.to(self._buffers[name].device)
         return self
 
+    def __getstate__(self) -> dict:
+        # The packed view may hold kernel caches (C structs) that cannot be copied or pickled: a
+        # copy (copy.deepcopy of a model, an EMA copy) rebuilds it from the buffers on first use.
+        return {**super().__getstate__(), "_packed": None}
+
     @property
     def packed(self) -> PackedWeight:
         """The PackedWeight view of the buffers (rebuilt when they were replaced or moved)."""
