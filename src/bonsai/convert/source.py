@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..format.header import DTYPES
+from ..format import CheckpointError
+from ..format.header import read_layout
 from .adapters import ADAPTERS, Adapter, UnsupportedModel, adapter_for
 
 WEIGHTS = "diffusion_pytorch_model"
@@ -50,38 +51,27 @@ class SourceError(ValueError):
 
 
 class TensorFile:
-    """One .safetensors file, read a tensor at a time with plain reads (no memory map)."""
+    """One .safetensors file, read a tensor at a time with plain reads (no memory map: mapped
+    pages a conversion has read stay in its RSS). The header is checked by bonsai.format."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
+            self.layout = read_layout(path)
             self._file = open(path, "rb")  # noqa: SIM115 -- kept open for the reads that follow; closed with the object
-            size = os.fstat(self._file.fileno()).st_size
-            n = int.from_bytes(self._file.read(8), "little")
-            if not 0 < n <= size - 8:
-                raise ValueError(f"header length {n} does not fit a {size}-byte file")
-            header = json.loads(self._file.read(n))
-        except (OSError, ValueError) as e:
+        except (CheckpointError, OSError) as e:
             raise SourceError(f"{path} is not a readable safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        self._start, self._size, self.entries = 8 + n, size, header
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor `name` in its stored dtype and shape, in newly allocated memory."""
-        try:
-            entry = self.entries[name]
-            dtype, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
-            begin, end = entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SourceError(f"{self.path}: header entry of tensor '{name}' is missing or malformed") from None
-        out = torch.empty(shape, dtype=dtype)
-        nbytes = out.numel() * out.element_size()
-        if end - begin != nbytes or self._start + end > self._size:
-            raise SourceError(f"{self.path}: tensor '{name}' has {end - begin} bytes at offset {begin}, its {entry['dtype']} {list(shape)} needs {nbytes} inside the file")
-        if nbytes:
+        info = self.layout.tensors.get(name)
+        if info is None:
+            raise SourceError(f"{self.path}: header entry of tensor '{name}' is missing")
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
             view = out.reshape(-1).view(torch.uint8).numpy()
-            self._file.seek(self._start + begin)
-            if self._file.readinto(memoryview(view)) != nbytes:
+            self._file.seek(self.layout.data_start + info.data_offsets[0])
+            if self._file.readinto(memoryview(view)) != info.nbytes:
                 raise SourceError(f"{self.path}: file is truncated inside tensor '{name}'")
         return out
 

@@ -165,8 +165,24 @@ def _strict_json(text: str | bytes) -> Any:
     return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
 
 
-def read_header(path: str | os.PathLike[str]) -> Header:
-    """Read and check the header of a Bonsai checkpoint; no tensor data is read."""
+@dataclass(frozen=True)
+class Layout:
+    """A checked safetensors header of any file (Bonsai or not): its tensors and __metadata__."""
+
+    path: str
+    tensors: dict[str, TensorInfo]
+    raw_metadata: dict[str, str]
+    header_size: int  # H, the JSON length in bytes
+    file_size: int
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_size
+
+
+def read_layout(path: str | os.PathLike[str]) -> Layout:
+    """Read and check a safetensors header (size limit, strict JSON, every tensor entry, offsets
+    tiling the data section); no tensor data is read."""
     path = os.fspath(path)
     size, length, raw = _read_raw(path)
     try:
@@ -180,6 +196,13 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raise _fail(path, "header __metadata__ must map strings to strings")
     tensors = {name: _parse_tensor(path, name, entry) for name, entry in doc.items()}
     _check_layout(path, tensors, size - 8 - length)
+    return Layout(path, tensors, raw_meta, length, size)
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and check the header of a Bonsai checkpoint; no tensor data is read."""
+    layout = read_layout(path)
+    path, raw_meta = layout.path, dict(layout.raw_metadata)
     if METADATA_KEY not in raw_meta:
         raise _fail(
             path,
@@ -191,4 +214,4 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     except (ValueError, RecursionError) as e:
         raise _fail(path, f"the '{METADATA_KEY}' metadata entry is not valid JSON ({e})") from None
     layers = validate_metadata(metadata, path)
-    return Header(path, metadata, layers, tensors, length, size, raw_meta)
+    return Header(path, metadata, layers, layout.tensors, layout.header_size, layout.file_size, raw_meta)
