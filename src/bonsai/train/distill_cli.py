@@ -120,7 +120,7 @@ def _conditioning(teacher: Teacher, lines: list[str] | None, text_encoder: Path 
         return None
     from ..text import TextEncoder
 
-    encoder = TextEncoder(text_encoder).to(device) if text_encoder else TextEncoder()
+    encoder = TextEncoder(text_encoder).to(device)  # None: the installed MiniLM
     states, mask = encoder.encode(lines)
     return Conditioning(states.float().to(device), mask.to(device))
 
@@ -136,20 +136,25 @@ def _random_conditioning(n: int, teacher: Teacher, gen, device):
     return cond.to(device)
 
 
-def _batches(shape, teacher: Teacher, batch, cond, images, device, seed):
+def _load_images(images: Path | None, shape, device):
+    """The --images folder as x0 [N, C, H, W] on `device`, or None (noise latents)."""
+    if images is None:
+        return None
+    from .images import image_files, load_pixels
+
+    try:
+        return load_pixels(image_files(images), shape[2], shape[1]).to(device)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _batches(shape, teacher: Teacher, batch, cond, pixels, device, seed):
     """Endless (x0, text, mask[, pooled]) batches; each rank draws its own. `cond`: the encoded
-    prompts, or None for fresh random text states every batch."""
+    prompts, or None for fresh random text states every batch; `pixels`: real x0 images, or None
+    for N(0, I) latents."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    pixels = None
-    if images:
-        from .images import image_files, load_pixels
-
-        try:
-            pixels = load_pixels(image_files(images), shape[2], shape[1]).to(device)
-        except ValueError as e:
-            raise click.ClickException(str(e)) from None
     rng = random.Random(seed)
     while True:
         if pixels is not None:
@@ -230,7 +235,8 @@ def distill(teacher, out, prompts, text_encoder, images, latent_size, steps, bat
     policy = QuantPolicy(BinarizeConfig(scheme, group_size, lowrank), keep=t.keep)
     student = make_student(model, policy).to(device)
     loss_fn = distill_loss(model)
-    probe = [b for b, _ in zip(_batches(shape, t, batch, cond, images, device, seed + 10_000), range(2))]
+    pixels = _load_images(images, shape, device)
+    probe = [b for b, _ in zip(_batches(shape, t, batch, cond, pixels, device, seed + 10_000), range(2))]
     before = evaluate_loss(loss_fn, student, probe)
     if fsdp and samples and rank() == 0:
         click.echo("--fsdp: no sample grids (sampling a sharded student from one rank is not supported yet)")
@@ -246,7 +252,7 @@ def distill(teacher, out, prompts, text_encoder, images, latent_size, steps, bat
 
     cfg = TrainConfig(steps=steps, lr=lr, warmup=min(100, steps // 10), log_every=log_every, checkpoint_every=checkpoint_every,
                       sample_every=sample_every, compile=compile_)
-    batches = _batches(shape, t, batch, cond, images, device, seed + rank())
+    batches = _batches(shape, t, batch, cond, pixels, device, seed + rank())
     start = time.perf_counter()
     done = train(student, loss_fn, batches, cfg, out, on_sample=on_sample if sampling else None).step
     seconds = time.perf_counter() - start
