@@ -12,8 +12,9 @@ import logging
 
 import torch
 
+from bonsai.limits import MAX_SIDE
 from bonsai.lora import apply_lora
-from bonsai.pipeline import MAX_SIDE, Pipeline
+from bonsai.pipeline import Pipeline
 from bonsai.quant import SCHEMES, BinarizeConfig, QuantPolicy
 
 from .binarize_model import binarized_layers, keep_patterns, model_size, size_report

@@ -17,8 +17,9 @@ import torch
 
 from bonsai.format import CheckpointError, read_header
 from bonsai.hub import Store
+from bonsai.limits import CFG_RANGE, MAX_SIDE, MAX_STEPS
 from bonsai.lora import apply_lora
-from bonsai.pipeline import MAX_SIDE, MAX_STEPS, Pipeline
+from bonsai.pipeline import Pipeline
 from bonsai.quant import DEFAULT_KEEP, SCHEMES, BinarizeConfig, QuantPolicy, quantize_
 from bonsai.sampling import SAMPLERS
 
@@ -105,7 +106,7 @@ class BonsaiSampler:
                 "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS}),
-                "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 50.0, "step": 0.1, "round": 0.01}),
+                "cfg": ("FLOAT", {"default": 4.0, "min": CFG_RANGE[0], "max": CFG_RANGE[1], "step": 0.1, "round": 0.01}),
                 "sampler": (list(SAMPLERS), {"default": "euler"}),
                 "shift": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip": "time shift: > 1 spends more steps at high noise"}),
                 "width": ("INT", {"default": 0, "min": 0, "max": MAX_SIDE, "step": 8}),

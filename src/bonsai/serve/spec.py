@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from bonsai.limits import MAX_PROMPT_CHARS
+from bonsai.limits import CFG_RANGE, MAX_PROMPT_CHARS
 from bonsai.sampling import SAMPLERS
 
 from .config import ServeConfig
@@ -149,8 +149,8 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
     if not 1 <= steps <= cfg.max_steps:
         raise FieldError("steps", f"steps must be between 1 and {cfg.max_steps}, got {steps}")
     guidance = req.cfg if req.cfg is not None else float(d.get("cfg", 4.0))
-    if not 0.0 <= guidance <= 50.0:
-        raise FieldError("cfg", f"cfg must be between 0 and 50, got {guidance:g}")
+    if not CFG_RANGE[0] <= guidance <= CFG_RANGE[1]:
+        raise FieldError("cfg", f"cfg must be between {CFG_RANGE[0]:g} and {CFG_RANGE[1]:g}, got {guidance:g}")
     sampler = req.sampler or str(d.get("sampler", "euler"))
     if sampler not in SAMPLERS:
         raise FieldError("sampler", f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
