@@ -20,9 +20,9 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from ..atomic import atomic_write
+from .fsdp import full_training_state, is_sharded, load_training_state
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,6 @@ def _state_path(out_dir: Path) -> Path:
 def save_state(state: TrainState, out_dir: Path) -> None:
     """Resumable state (model, EMA, optimizer, step), written atomically by rank 0. Read back with
     weights_only=True. Call on every rank: an FSDP-sharded model is gathered first (a collective)."""
-    from .fsdp import full_training_state, is_sharded
-
     model, optimizer = full_training_state(state.model, state.optimizer) if is_sharded(state.model) else (None, None)
     if rank() != 0:
         return
@@ -107,8 +105,6 @@ def load_state(state: TrainState, out_dir: Path) -> bool:
     if not path.exists():
         return False
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    from .fsdp import is_sharded, load_training_state
-
     if is_sharded(state.model):
         load_training_state(state.model, state.optimizer, payload["model"], payload["optimizer"])
         state.step = int(payload["step"])
@@ -156,7 +152,7 @@ def train(
     if load_state(state, out) and rank() == 0:
         print(f"resumed from {_state_path(out)} at step {state.step}", flush=True)
     eager: nn.Module = model
-    if world_size() > 1 and not isinstance(model, FSDPModule):  # an FSDP-sharded model syncs its own gradients
+    if world_size() > 1 and not is_sharded(model):  # an FSDP-sharded model syncs its own gradients
         eager = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     net = compile_forward(eager, cfg.compile)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
