@@ -203,9 +203,18 @@ def test_cuda_dispatch_matches_reference(kernel, m, tol):
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_automatic_choice_is_w1a16():
-    big, small = random_weight(3072, 3072).to("cuda"), random_weight(384, 384).to("cuda")
-    x_big, x_small = torch.randn(1024, 3072, device="cuda").bfloat16(), torch.randn(1024, 384, device="cuda").bfloat16()
+def test_cuda_automatic_choice_is_w1a16_for_large_layers():
+    big, small = random_weight(3072, 3072).to("cuda"), random_weight(320, 1280).to("cuda")
+    x_big, x_small = torch.randn(1024, 3072, device="cuda").bfloat16(), torch.randn(1024, 1280, device="cuda").bfloat16()
     assert select_kernel(x_big, big).name == "triton-w1a16"
     assert select_kernel(x_big[:16], big).name == "triton-w1a16"
-    assert select_kernel(x_small, small).name == "triton-w1a16"
+    assert select_kernel(x_small, small).name == "reference"  # launch-bound: dequantize + cuBLAS wins
+
+
+def test_small_layers_are_left_to_the_reference_path():
+    from bonsai.kernels.triton import MIN_AUTO_WEIGHTS, large_enough
+
+    assert MIN_AUTO_WEIGHTS == 1024 * 1024
+    assert large_enough(random_weight(1024, 1024))  # bonsai-4b's text encoder attention
+    assert not large_enough(random_weight(1023, 1024))
+    assert not large_enough(random_weight(320, 1280))  # bonsai-emoji's largest layer
