@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; set TORCH= to keep whatever torch your environment resolves.
 TORCH ?= torch==2.13.0
 # The preview model follows its caption style best (models/bonsai-emoji/README.md).
-PROMPT ?= grinning face, grinning, smileys & emotion, noto style
+PROMPT ?= grinning face
 
 .PHONY: demo test setup clean
 

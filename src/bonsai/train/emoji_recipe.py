@@ -18,13 +18,14 @@ Throughput: batch 512 (AdamW learning rates tuned at 256, scaled by sqrt(batch /
 CUDA (eager if compiling fails; checkpoints keep plain state_dict keys), fused AdamW.
 
 GPU time plan for one H200 (scripts/train_emoji_gpu.sh runs it in the background and polls it,
-each device call under 10 minutes): machine start ~1-2 min, data + text encoding ~1 min (24,596
-caption variants encoded in 4 s), teacher 660 s (wall clock, compile included; measured 18.8
-steps/s at batch 512, so ~12,000 steps), 2 scheme trials x 200 steps, eager, ~1.5 min (mean-r16,
-the best of the first run, and onebit-r16: onebit beat plain mean there), distillation 300 s,
-export ~30 s: ~19 min of job, ~21 min of device time with the start and the copy back. The
-finished teacher is written to <out>/teacher/teacher.safetensors at once; `--teacher FILE`
-starts from such a file and skips teacher training (a distillation-only session).
+each device call under 10 minutes), as measured for the shipped checkpoint (the defaults: --teacher-seconds
+660 --distill-seconds 420 --trial-steps 150): machine start ~1.5 min, data + text encoding ~1 min
+(24,596 caption variants encoded in 5 s), teacher 660 s (compile included; 18.8 steps/s at batch
+512: 11,205 steps), 2 scheme trials x 150 steps, eager, ~1.5 min (onebit-r16 won), compiling the
+student ~2 min, distillation 420 s (~11 steps/s: 2,955 steps), export ~30 s: ~21 min of job,
+~21.5 min of device time with the start and the copy back. The finished teacher is written to
+<out>/teacher/teacher.safetensors at once; `--teacher FILE` starts from such a file and skips
+teacher training (a distillation-only session).
 Lower --teacher-seconds / --distill-seconds if the session has less than ~25 minutes."""
 
 from __future__ import annotations
@@ -71,10 +72,10 @@ class RecipeConfig:
     teacher_steps: int = 50_000  # an upper bound: teacher_seconds ends the run first on one H200
     teacher_seconds: float = 660
     schemes: tuple[str, ...] = ("mean-r16", "onebit-r16")
-    trial_steps: int = 200
+    trial_steps: int = 150
     distill_lr: float = 2e-4
     distill_steps: int = 30_000
-    distill_seconds: float = 300
+    distill_seconds: float = 420
     cfg_dropout: float = CFG_DROPOUT
     compile: bool = True  # torch.compile on CUDA for the teacher and the final distillation
 
