@@ -31,7 +31,8 @@ def _tiny_dataset(root: Path, count: int = 8) -> list[str]:
     webp = [encode_webp(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(count)]
     states, mask = torch.randn(count, 4, 384), torch.ones(count, 4, dtype=torch.bool)
     records = [
-        {"caption": f"emoji number {i}, test style", "style": "test", "split": "eval" if i % 2 else "train"}
+        {"caption": f"emoji number {i}, number{i}, tests, test style", "name": f"emoji number {i}", "style": "test",
+         "split": "eval" if i % 2 else "train"}
         for i in range(count)
     ]
     write_bundle(root, webp, states, mask, records, 8, {"image_size": str(SIZE)})
@@ -91,6 +92,26 @@ def test_eval_command_writes_report_table_and_grid(tmp_path: Path, tiny_checkpoi
     assert f"1. {report['prompts'][0]} (seed 0)" in table and "3. " not in table.split("rows top to bottom")[1]
     grid = Image.open(tmp_path / "out" / "samples.png")
     assert grid.size == (4 * 2 * SIZE, LABEL_HEIGHT + 2 * 2 * SIZE)  # real + 3 models, 2 rows, upscaled 2x
+
+
+def test_bare_name_prompts_are_scored_against_the_full_captions(tmp_path: Path, tiny_checkpoint: Path, reference_kernel: None) -> None:
+    from bonsai.eval.compare import EvalConfig, compare_models
+
+    eval_captions = _tiny_dataset(tmp_path / "data")
+    evaluator = tmp_path / "evaluator"
+    torch.manual_seed(0)
+    save_evaluator(Evaluator(EvaluatorConfig(image_size=SIZE, widths=(8, 16), stem_stride=2, groups=4)), evaluator)
+    runs = {}
+    for form in ("full", "name"):
+        config = EvalConfig(prompts=3, steps=2, batch_size=2, reference=None, prompt_form=form)
+        report, runs[form], _ = compare_models({"m": tiny_checkpoint}, tmp_path / "data", config, evaluator)
+        picked = [eval_captions[i] for i in held_out_subset(len(eval_captions), 3)]
+        assert report["captions"] == picked  # the retrieval targets stay the full captions
+        assert report["models"]["m"]["num_candidates"] == len(eval_captions)
+        assert report["prompts"] == (picked if form == "full" else [c.split(",")[0] for c in picked])
+    assert not torch.allclose(runs["full"]["m"].images, runs["name"]["m"].images)  # the prompts reached the model
+    with pytest.raises(ValueError, match="prompt_form must be one of full, name"):
+        EvalConfig(prompt_form="short")
 
 
 def test_eval_command_rejects_an_unknown_reference(tmp_path: Path, tiny_checkpoint: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .compare import DEFAULT_EVALUATOR, EvalConfig
+from .compare import DEFAULT_EVALUATOR, PROMPT_FORMS, EvalConfig
 
 
 def _parse_models(values: tuple[str, ...]) -> dict[str, str]:
@@ -37,8 +37,10 @@ def _parse_models(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per denoiser batch.")
 @click.option("--grid-rows", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts shown in the sample grid.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, mps or auto.")
+@click.option("--prompt-form", type=click.Choice(PROMPT_FORMS), default="full", show_default=True,
+              help="Prompt with the full training caption or the bare emoji name; adherence is scored against the full caption either way.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for eval.json, eval.md, samples.png.")
-def eval_cmd(model_specs, reference, data, evaluator, prompts, seed, steps, cfg, batch_size, grid_rows, device, out) -> None:
+def eval_cmd(model_specs, reference, data, evaluator, prompts, seed, steps, cfg, batch_size, grid_rows, device, prompt_form, out) -> None:
     """Generate held-out prompts with every model on the same seeds and score them: Fréchet
     distance, top-1/top-5 prompt adherence, PSNR/SSIM against the reference, seconds per image."""
     from tqdm import tqdm
@@ -51,7 +53,8 @@ def eval_cmd(model_specs, reference, data, evaluator, prompts, seed, steps, cfg,
     ref = None if reference.lower() == "none" else reference
     if ref is not None and ref not in models:
         raise click.BadParameter(f"{ref!r} is not one of the --model names {sorted(models)}", param_hint="--reference")
-    config = EvalConfig(prompts=prompts, seed=seed, steps=steps, cfg=cfg, batch_size=batch_size, reference=ref, device=device)
+    config = EvalConfig(prompts=prompts, seed=seed, steps=steps, cfg=cfg, batch_size=batch_size, reference=ref, device=device,
+                        prompt_form=prompt_form)
     with tqdm(unit="img", desc="generating") as bar:
 
         def progress(n: int, total: int) -> None:

@@ -24,6 +24,18 @@ from .generate import generate_prompts
 DEFAULT_EVALUATOR = Path(__file__).resolve().parent.parent / "weights" / "emoji-evaluator"
 
 
+# "full": the training caption ("grinning face, grinning, smileys & emotion, noto style");
+# "name": the bare name ("grinning face"), what people type.
+PROMPT_FORMS = ("full", "name")
+
+
+def prompts_in_form(records: list[dict], form: str) -> list[str]:
+    """The prompt of each held-out record in `form` (see PROMPT_FORMS)."""
+    from ..train.captions import caption_variants
+
+    return [r["caption"] if form == "full" else caption_variants(r)["name"] for r in records]
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     prompts: int | None = None  # held-out prompts to generate (None: the whole eval split)
@@ -33,6 +45,11 @@ class EvalConfig:
     batch_size: int = 32
     reference: str | None = "teacher"  # the model whose images PSNR/SSIM compare against
     device: str = "cpu"
+    prompt_form: str = "full"  # what the models are prompted with: PROMPT_FORMS; retrieval always targets the full caption
+
+    def __post_init__(self) -> None:
+        if self.prompt_form not in PROMPT_FORMS:
+            raise ValueError(f"prompt_form must be one of {', '.join(PROMPT_FORMS)}, got {self.prompt_form!r}")
 
 
 @dataclass
@@ -76,7 +93,13 @@ def compare_models(
     if len(held) < 2:
         raise ValueError(f"{data}: the eval split has {len(held)} images; the Fréchet distance needs at least 2")
     pick = held_out_subset(len(held), config.prompts)
-    prompts = [held.captions[i] for i in pick]
+    captions = [held.captions[i] for i in pick]  # retrieval targets
+    if config.prompt_form == "full":
+        prompts = captions
+    elif not held.records:
+        raise ValueError(f"{data}: the bundle has no caption records, so prompt form {config.prompt_form!r} cannot be built")
+    else:
+        prompts = prompts_in_form([held.records[i] for i in pick], config.prompt_form)
     seeds = [config.seed + i for i in range(len(pick))]
     evaluator = load_evaluator(evaluator_dir)
 
@@ -95,7 +118,7 @@ def compare_models(
 
     def score(images: torch.Tensor, teacher: torch.Tensor | None = None) -> dict[str, float]:
         return evaluate_images(
-            images, prompts, evaluator, text_encoder, reference_images=held.images, teacher_images=teacher, candidates=held.captions
+            images, captions, evaluator, text_encoder, reference_images=held.images, teacher_images=teacher, candidates=held.captions
         )
 
     reference = runs[config.reference].images if config.reference is not None else None
@@ -114,6 +137,7 @@ def compare_models(
         "data": str(data),
         "evaluator": str(evaluator_dir),
         "prompts": prompts,
+        "captions": captions,
         "seeds": seeds,
         "models": rows,
         "real": score(real),
