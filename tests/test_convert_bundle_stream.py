@@ -8,16 +8,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bonsai.convert.source import SourceError, TensorFile
-from bonsai.convert.stream import binarize_rows, row_separable
-from bonsai.quant.binarize import BinarizeConfig, binarize
+from bonsai.quant.binarize import BinarizeConfig, binarize, row_separable
 
 
 @pytest.mark.parametrize("config", [BinarizeConfig("mean"), BinarizeConfig("xnor"), BinarizeConfig("mean", 16), BinarizeConfig("xnor", 24)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_binarize_rows_equals_binarize(config, dtype):
+def test_binarize_by_row_blocks_equals_whole(config, dtype):
     torch.manual_seed(0)
     w = (torch.randn(300, 200) * 0.02 + torch.randn(300, 1) * 0.01).to(dtype)
-    whole, blocks = binarize(w.float(), config).tensors(), binarize_rows(w, config, block=64 * 200 - 1).tensors()
+    whole, blocks = binarize(w.float(), config, block_weights=10**9).tensors(), binarize(w, config, block_weights=64 * 200 - 1).tensors()
     assert row_separable(config) and whole.keys() == blocks.keys()
     assert all(torch.equal(whole[k], blocks[k]) for k in whole)  # bit for bit, over 5 blocks of rows
 

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..kernels.packed import PackedWeight
 from ..quant import BinarizeConfig, BitConv2d, BitLinear, QuantPolicy
-from ..quant.binarize import binarize
+from ..quant.binarize import binarize, row_separable
 from ..quant.layers import binarize_conv, binarize_linear
 from .adapters import Adapter
 from .source import Source, SourceError
@@ -65,31 +64,13 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-ROW_BLOCK_WEIGHTS = 4 * 2**20  # weights binarized at once (16 MiB in float32)
-
-
-def row_separable(config: BinarizeConfig) -> bool:
-    """Whether every row's signs and scales depend on that row alone (no column scales, no SVD)."""
-    return config.scheme in ("xnor", "mean") and not config.rank
-
-
-def binarize_rows(weight: torch.Tensor, config: BinarizeConfig, block: int = ROW_BLOCK_WEIGHTS) -> PackedWeight:
-    """binarize(weight [N, K] in any float dtype, config) for a row-separable config, computed
-    `block // K` rows at a time in float32: the temporaries are a few blocks, not a few copies of
-    the layer (binarizing SD 1.5's largest conv whole took ~470 MiB more)."""
-    n, k = weight.shape
-    rows = max(64, block // k)  # not a handful: torch may then split one row's sum across threads
-    parts = [binarize(weight[i : i + rows].float(), config) for i in range(0, n, rows)]
-    fields = parts[0].tensors().keys()
-    return PackedWeight(in_features=k, group_size=config.group_size, **{f: torch.cat([p.tensors()[f] for p in parts]) for f in fields})
-
-
 def _binarize_module(module: nn.Module, config: BinarizeConfig) -> nn.Module:
     """The packed form of a loaded nn.Linear / nn.Conv2d (its weight in the stored dtype)."""
     if not row_separable(config):
         module.float()
         return binarize_linear(module, config) if isinstance(module, nn.Linear) else binarize_conv(module, config)
-    linear = BitLinear.from_packed(binarize_rows(module.weight.reshape(module.weight.shape[0], -1), config), module.bias, config)
+    # binarize() works a block of rows at a time here: no float32 copy of the whole layer
+    linear = BitLinear.from_packed(binarize(module.weight.reshape(module.weight.shape[0], -1), config), module.bias, config)
     if isinstance(module, nn.Linear):
         return linear
     return BitConv2d(linear, module.in_channels, module.kernel_size, module.stride, module.padding, module.dilation)
