@@ -99,7 +99,7 @@ void kernel_scalar(const Problem& p, const ActPanel& a, const uint8_t* w, const 
 }
 
 const Ops SCALAR_OPS = {4, 4, quantize_row_scalar, lowrank_row_scalar, expand_panel_scalar, kernel_scalar,
-                        write_tile_scalar, nullptr, nullptr};
+                        write_tile_scalar, prologue_row_scalar, epilogue_row_scalar, nullptr, nullptr};
 
 float half_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
@@ -124,16 +124,21 @@ const Ops* ops_for(int isa) {
   }
 }
 
-// Quantize row m and place it in its panel: q[kpad / kunit][mr][kunit] with group padding, plus
-// group sums and the row's low-rank factor x @ V.T.
+// Quantize row m (after the fused prologue, if any, into xrow) and place it in its panel:
+// q[kpad / kunit][mr][kunit] with group padding, plus group sums and the row's low-rank factor x @ V.T.
 void place_row(const Problem& p, const Ops& ops, int64_t m, int8_t* qall, int32_t* sumx_all,
-               float* scale, float* xsum, float* lrt, int8_t* qrow, int8_t* padded) {
+               float* scale, float* xsum, float* lrt, float* xrow, int8_t* qrow, int8_t* padded) {
   const int MR = ops.mr, KU = ops.kunit;
   const int64_t mp = m / MR;
   const int r = (int)(m % MR);
   const int mr = (int)(p.M - mp * MR < MR ? p.M - mp * MR : MR);
-  ops.quantize_row(p, p.x + m * p.K, qrow, &scale[m], &xsum[m]);
-  if (p.rank) ops.lowrank_row(p, p.x + m * p.K, lrt + m * p.rank_pad);
+  const float* x = p.x + m * p.K;
+  if (p.fusion && p.fusion->layer_norm) {
+    ops.prologue_row(p, m, x, xrow);
+    x = xrow;
+  }
+  ops.quantize_row(p, x, qrow, &scale[m], &xsum[m]);
+  if (p.rank) ops.lowrank_row(p, x, lrt + m * p.rank_pad);
   int32_t* sumx = sumx_all + mp * MR * p.ngroups;
   for (int64_t g = 0; g < p.ngroups; ++g) {
     const int64_t start = g * p.gsize, len = p.K - start < p.gsize ? p.K - start : p.gsize;
@@ -262,20 +267,27 @@ BONSAI_API int bonsai_bitmm_best_isa(void) {
   return ISA_SCALAR;
 }
 
-// y[M, N] = x[M, K] @ W.T + bias (bias [N] or null). Returns 0 on success, 1 if `isa` cannot run
-// here, 2 if out of memory, 3 on bad sizes. The AMX path hands products of fewer than 16 rows to
-// the AVX-512 path.
+// y[M, N] = epilogue(prologue(x[M, K]) @ W.T + bias) (bias [N] or null; fusion null: no prologue
+// or epilogue). Returns 0 on success, 1 if `isa` cannot run here, 2 if out of memory, 3 on bad
+// sizes. The AMX path hands products of fewer than 16 rows to the AVX-512 path.
 BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const float* x, int64_t M,
-                            const float* bias, float* y) {
+                            const float* bias, float* y, const Fusion* fusion) {
   const int64_t K = wt->K, N = wt->N, group_size = wt->group_size;
   if (M < 0 || K <= 0 || N < 0 || group_size < 0 || (group_size > 0) != (wt->group_scale != nullptr) ||
       wt->rank < 0 || (wt->rank > 0 && (!wt->lowrank_v || !wt->lowrank_ut)))
+    return 3;
+  if (fusion && (fusion->rows_per_sample < 1 || (!fusion->shift != !fusion->scale) ||
+                 (fusion->shift && !fusion->layer_norm) || fusion->norm_cols < 0 ||
+                 fusion->norm_cols > N ||
+                 (fusion->norm_cols && (fusion->norm_dim < 1 || fusion->norm_groups < 1 || !fusion->norm_weight ||
+                                        fusion->norm_cols % (fusion->norm_dim * fusion->norm_groups))) ||
+                 (fusion->gate && !fusion->residual)))
     return 3;
   const Ops* ops = ops_for(isa);
   if (!ops) return 1;
   if (isa == ISA_AMX && M < AMX_MIN_ROWS) ops = avx512_ops();
   Problem p = {x, M, K, N, wt->signs, (K + 7) / 8, wt->row_scale, wt->group_scale, wt->col_scale, wt->row_offset,
-               wt->rank, (wt->rank + 15) / 16 * 16, wt->lowrank_v, wt->lowrank_ut, bias, y, 0, 0, 0, 0};
+               wt->rank, (wt->rank + 15) / 16 * 16, wt->lowrank_v, wt->lowrank_ut, bias, y, fusion, 0, 0, 0, 0};
   const int KU = ops->kunit;
   p.gsize = group_size > 0 && group_size < K ? group_size : K;
   p.gpad = (p.gsize + KU - 1) / KU * KU;
@@ -302,7 +314,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   // scales and low-rank factors, and per-thread panel and tile scratch.
   int8_t *q, *rows;
   int32_t *sumx, *accall;
-  float *scale, *gsall, *fall;
+  float *scale, *gsall, *fall, *xrows;
   uint8_t* wall;
   auto carve = [&](char* base) {  // with base null: only the size
     Carver c = {base};
@@ -310,6 +322,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     sumx = c.take<int32_t>((size_t)(npm * MR * p.ngroups));
     scale = c.take<float>((size_t)M * (2 + p.rank_pad));  // scale, xsum, low-rank factors
     rows = c.take<int8_t>(row_tmp * nt);
+    xrows = c.take<float>((size_t)(fusion ? K : 0) * nt);  // prologue output rows
     wall = c.take<uint8_t>(wbytes * nt);
     gsall = c.take<float>(gsn * nt);
     accall = c.take<int32_t>(tile_n * nt);
@@ -333,8 +346,9 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     const int t = 0;
 #endif
     int8_t* qrow = rows + row_tmp * t;
+    float* xrow = xrows + (fusion ? K : 0) * t;
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) place_row(p, *ops, m, q, sumx, scale, xsum, lrt, qrow, qrow + p.K);
+    for (int64_t m = 0; m < M; ++m) place_row(p, *ops, m, q, sumx, scale, xsum, lrt, xrow, qrow, qrow + p.K);
 
     uint8_t* w = wall + wbytes * t;
     float* gs = gsall + gsn * t;
@@ -370,6 +384,10 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
       }
     }
     if (ops->thread_end) ops->thread_end();
+    if (fusion && (fusion->gelu || fusion->norm_cols || fusion->residual)) {
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < M; ++m) ops->epilogue_row(p, m, y + m * N);
+    }
   }
   workspace.trim();
   return 0;

@@ -14,6 +14,32 @@ enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_NEON = 3, ISA
 constexpr int PANEL = 32;
 constexpr int PANEL_BYTES = PANEL * 4;  // one k4 step of an expanded panel
 
+// Row-wise operations fused into one call (mirrored by binding.Fusion; each part
+// optional; what they compute is defined by bonsai/kernels/fusion.py). Row m belongs to sample
+// m / rows_per_sample, which selects its row of shift, scale and gate.
+struct Fusion {
+  int64_t rows_per_sample;
+  // Prologue (when layer_norm), on each row of x before quantization: LayerNorm over K, then
+  // x * (1 + scale) + shift (when shift and scale are given).
+  int64_t layer_norm;
+  float ln_eps;
+  const float* ln_weight;   // [K] or null
+  const float* ln_bias;     // [K] or null
+  const float* shift;       // [B, K] or null
+  const float* scale;       // [B, K] or null
+  // Epilogue, on each finished row of y: tanh-GELU (when gelu), then RMSNorm of each head of
+  // norm_dim columns among the first norm_cols, which are norm_groups equal parts (the heads of
+  // part g weighted by norm_weight[g]), then residual + gate * y.
+  int64_t gelu;
+  int64_t norm_cols;
+  int64_t norm_dim;
+  int64_t norm_groups;
+  float norm_eps;
+  const float* norm_weight;  // [norm_groups, norm_dim]
+  const float* residual;     // [M, N] or null
+  const float* gate;         // [B, N] or null
+};
+
 // One call: y[M, N] = x[M, K] @ W.T + bias with W given by the stored 1-bit layout, its scales and
 // its low-rank residual U @ V.
 struct Problem {
@@ -31,6 +57,7 @@ struct Problem {
   const float* lowrank_ut;       // [rank, N] float32 (U transposed) or null
   const float* bias;             // [N] or null
   float* y;                      // [M, N]
+  const Fusion* fusion;          // row-wise prologue / epilogue, or null
   // Derived layout: K is split into groups, each zero-padded to a multiple of Ops::kunit columns.
   int64_t gsize;                 // columns per group (K when there are no group scales)
   int64_t gpad;                  // gsize rounded up to kunit
@@ -73,6 +100,10 @@ struct Ops {
   // The tile's output, y[r, c] for c < ncols (row stride N), from f of the finished tile:
   // scale[r] * f[r][c] + row_offset[n0 + c] * xsum[r] + bias[n0 + c] + sum_j lrt[r][j] * ut[j][n0 + c].
   void (*write_tile)(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols, float* y);
+  // The fused prologue of row m: out[K] = modulate(layer_norm(x[K])) (p.fusion is set).
+  void (*prologue_row)(const Problem& p, int64_t m, const float* x, float* out);
+  // The fused epilogue of the finished row m of y, in place (p.fusion is set).
+  void (*epilogue_row)(const Problem& p, int64_t m, float* y);
   // Per-thread set-up and tear-down around the kernel calls (AMX tile configuration), or null.
   void (*thread_begin)();
   void (*thread_end)();
@@ -89,6 +120,9 @@ bool x86_has(Isa isa);    // this x86 CPU (and OS) runs the AVX2 / AVX-512 path
 // them), and the AVX-512 pieces the AMX path reuses.
 void lowrank_row_scalar(const Problem& p, const float* x, float* t);
 void write_tile_scalar(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols, float* y);
+// Fused row operations (bitmm_rows.cpp): one source, compiled for each vector width.
+void prologue_row_scalar(const Problem& p, int64_t m, const float* x, float* out);
+void epilogue_row_scalar(const Problem& p, int64_t m, float* y);
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define BONSAI_X86 1
@@ -96,6 +130,10 @@ void write_tile_scalar(const Problem& p, const ActPanel& a, const float* f, int6
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 namespace x86 {
+TARGET_AVX2 void prologue_row_avx2(const Problem& p, int64_t m, const float* x, float* out);
+TARGET_AVX2 void epilogue_row_avx2(const Problem& p, int64_t m, float* y);
+TARGET_AVX512 void prologue_row_avx512(const Problem& p, int64_t m, const float* x, float* out);
+TARGET_AVX512 void epilogue_row_avx512(const Problem& p, int64_t m, float* y);
 TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum);
 TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w);
 TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t);

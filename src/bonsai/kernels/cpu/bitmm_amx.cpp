@@ -137,8 +137,8 @@ bool amx_usable() {
 }
 
 const Ops AMX_OPS = {AMX_MR,           TILE_BYTES,         x86::quantize_row_avx512, x86::lowrank_row_avx512,
-                     x86::expand_panel_avx512, kernel_amx, x86::write_tile_avx512, amx_begin,
-                     amx_end};
+                     x86::expand_panel_avx512, kernel_amx, x86::write_tile_avx512, x86::prologue_row_avx512,
+                     x86::epilogue_row_avx512, amx_begin, amx_end};
 
 }  // namespace
 
