@@ -5,8 +5,10 @@ For each fusion, on every ISA path this machine runs, with fresh random inputs o
    weight. The kernel's error is its int8 activation quantization (see test_kernel_cpu.py),
    passed through the epilogue: relative error below 2e-2.
 2. against the unfused kernel: the same product with the prologue and epilogue done by torch in
-   float32 around it. Only float32 rounding separates the two (a rounding that moves one activation
-   across an int8 step shifts one term by one step): relative error below 1e-4.
+   float32 around it. Only float32 rounding separates the two: ~1e-7, except where it moves an
+   activation of the prologue's output across an int8 rounding boundary, which shifts that row by
+   one quantization step of one term (~3e-4 relative each, rare): relative error below 2e-3, five
+   times below the quantization error of check 1.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def test_fused_rows_match_float64_and_the_unfused_kernel(monkeypatch, isa: str, 
     xs = x if prologue is None else apply_prologue(x, prologue)
     unfused = bitmatmul_cpu(xs, w, bias)
     unfused = unfused if epilogue is None else apply_epilogue(unfused, epilogue)
-    assert rel(y, unfused) < 1e-4
+    assert rel(y, unfused) < 2e-3
 
 
 def test_dispatcher_composes_the_reference_ops_for_kernels_that_do_not_fuse(reference_kernel) -> None:

@@ -30,25 +30,39 @@ _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class CpuWeight:
     """The tensors the kernel reads, contiguous, and their C view. No repacking of the signs (the
     kernel expands the stored bit layout on the fly, so CPU weight memory stays at 1 bit); only the
-    small low-rank factors are kept in float32 (V [r, K] and U.T [r, N]) for the fused epilogue."""
+    small low-rank factors are kept in float32 (V [r, K] and U.T [r, N]) for the fused
+    epilogue, and U once more in bfloat16 AMX tiles for the AMX path."""
 
     tensors: tuple[torch.Tensor | None, ...]
     c_weight: binding.Weight
+
+
+def _lowrank_tiles(u: torch.Tensor) -> torch.Tensor:
+    """U [N, r] in the AMX-BF16 B-tile layout of bitmm.h (Problem::lowrank_ub): [ceil(N / 32) * 2,
+    r rounded up to 32 / 2, 16, 2] bfloat16, i.e. per 16 output columns, pairs of ranks interleaved."""
+    n, r = u.shape
+    blocks, rank_bf = -(-n // 32) * 2, -(-r // 32) * 32
+    padded = torch.zeros(blocks * 16, rank_bf, dtype=torch.bfloat16)
+    padded[:n, :r] = u
+    return padded.view(blocks, 16, rank_bf // 2, 2).transpose(1, 2).contiguous()
 
 
 def _prepare(weight: PackedWeight) -> CpuWeight:
     def contiguous(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         return None if t is None else t.to(dtype or t.dtype).contiguous()
 
-    v = contiguous(weight.lowrank_v, torch.float32)
-    ut = None if weight.lowrank_u is None else contiguous(weight.lowrank_u.T, torch.float32)
+    v = ut = ub = None
+    if weight.rank:
+        v = contiguous(weight.lowrank_v, torch.float32)
+        ut = contiguous(weight.lowrank_u.T, torch.float32)
+        ub = _lowrank_tiles(weight.lowrank_u)
     tensors = (
         contiguous(weight.signs), contiguous(weight.row_scale), contiguous(weight.group_scale),
-        contiguous(weight.col_scale), contiguous(weight.row_offset), v, ut,
+        contiguous(weight.col_scale), contiguous(weight.row_offset), v, ut, ub,
     )  # fmt: skip
     signs, row_scale, group_scale, col_scale, row_offset = tensors[:5]
     c_weight = binding.make_weight(
-        signs, weight.in_features, row_scale, weight.group_size, group_scale, col_scale, row_offset, v, ut
+        signs, weight.in_features, row_scale, weight.group_size, group_scale, col_scale, row_offset, v, ut, ub
     )
     return CpuWeight(tensors, c_weight)
 

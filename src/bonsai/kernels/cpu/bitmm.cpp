@@ -99,7 +99,7 @@ void kernel_scalar(const Problem& p, const ActPanel& a, const uint8_t* w, const 
 }
 
 const Ops SCALAR_OPS = {4, 4, quantize_row_scalar, lowrank_row_scalar, expand_panel_scalar, kernel_scalar,
-                        write_tile_scalar, prologue_row_scalar, epilogue_row_scalar, nullptr, nullptr};
+                        write_tile_scalar, prologue_row_scalar, epilogue_cols_scalar, epilogue_norms_scalar, nullptr, nullptr};
 
 float half_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
@@ -219,7 +219,9 @@ void lowrank_row_scalar(const Problem& p, const float* x, float* t) {
   }
 }
 
-void write_tile_scalar(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols, float* y) {
+void write_tile_scalar(const Problem& p, const ActPanel& a, Tile tile, int ncols, float* y) {
+  const float* f = tile.f;
+  const int64_t n0 = tile.n0;
   for (int r = 0; r < a.mr; ++r) {
     float* yr = y + r * p.N;
     const float* t = a.lrt + r * p.rank_pad;
@@ -257,6 +259,7 @@ struct BonsaiWeight {
   int64_t rank;                  // 0: no low-rank residual
   const float* lowrank_v;        // [rank, K] float32
   const float* lowrank_ut;       // [rank, N] float32
+  const uint16_t* lowrank_ub;    // U for the AMX path (Problem::lowrank_ub), or null
 };
 
 BONSAI_API int bonsai_bitmm_has_isa(int isa) { return ops_for(isa) != nullptr; }
@@ -285,9 +288,11 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     return 3;
   const Ops* ops = ops_for(isa);
   if (!ops) return 1;
+  if (isa == ISA_AMX && wt->rank > 0 && !wt->lowrank_ub) return 3;
   if (isa == ISA_AMX && M < AMX_MIN_ROWS) ops = avx512_ops();
   Problem p = {x, M, K, N, wt->signs, (K + 7) / 8, wt->row_scale, wt->group_scale, wt->col_scale, wt->row_offset,
-               wt->rank, (wt->rank + 15) / 16 * 16, wt->lowrank_v, wt->lowrank_ut, bias, y, fusion, 0, 0, 0, 0};
+               wt->rank, (wt->rank + 15) / 16 * 16, wt->lowrank_v, wt->lowrank_ut, wt->lowrank_ub, bias, y, fusion,
+               0, 0, 0, 0};
   const int KU = ops->kunit;
   p.gsize = group_size > 0 && group_size < K ? group_size : K;
   p.gpad = (p.gsize + KU - 1) / KU * KU;
@@ -335,6 +340,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   carve(base);
   float* xsum = scale + M;
   float* lrt = scale + 2 * M;
+  const bool epilogue_cols = fusion && (fusion->gelu || (fusion->residual && !fusion->norm_cols));
   const float* row_scale = p.row_scale;
   const uint16_t* group_scale = p.group_scale;
 
@@ -377,16 +383,20 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
           const int64_t m0 = mp * MR;
           const ActPanel a = {q + m0 * p.kpad, sumx + m0 * p.ngroups, scale + m0, xsum + m0,
                               lrt + m0 * p.rank_pad, (int)(M - m0 < MR ? M - m0 : MR)};
-          const Tile tile = {acc + (mp - mp0) * MR * PANEL, f + (mp - mp0) * MR * PANEL};
+          const Tile tile = {acc + (mp - mp0) * MR * PANEL, f + (mp - mp0) * MR * PANEL, n0};
           ops->kernel(p, a, w, gs, tile, j0, j1, ncols);
-          if (j1 == k4) ops->write_tile(p, a, tile.f, n0, ncols, y + m0 * N + n0);
+          if (j1 == k4) {
+            ops->write_tile(p, a, tile, ncols, y + m0 * N + n0);
+            if (epilogue_cols)
+              for (int r = 0; r < a.mr; ++r) ops->epilogue_cols(p, m0 + r, n0, ncols, y + (m0 + r) * N + n0);
+          }
         }
       }
     }
     if (ops->thread_end) ops->thread_end();
-    if (fusion && (fusion->gelu || fusion->norm_cols || fusion->residual)) {
+    if (fusion && fusion->norm_cols) {
 #pragma omp for schedule(static)
-      for (int64_t m = 0; m < M; ++m) ops->epilogue_row(p, m, y + m * N);
+      for (int64_t m = 0; m < M; ++m) ops->epilogue_norms(p, m, y + m * N);
     }
   }
   workspace.trim();

@@ -55,6 +55,9 @@ struct Problem {
   int64_t rank_pad;              // rank rounded up to 16: row stride of the per-row factors x @ V.T
   const float* lowrank_v;        // [rank, K] float32 or null
   const float* lowrank_ut;       // [rank, N] float32 (U transposed) or null
+  // U in AMX-BF16 B-tile layout, [ceil(N / 32) * 2][rank rounded up to 32 / 2][16][2] bfloat16:
+  // 16-column blocks of U.T, pairs of ranks interleaved, zero-padded (or null: no AMX path).
+  const uint16_t* lowrank_ub;
   const float* bias;             // [N] or null
   float* y;                      // [M, N]
   const Fusion* fusion;          // row-wise prologue / epilogue, or null
@@ -80,6 +83,7 @@ struct ActPanel {
 struct Tile {
   int32_t* acc;  // [mr][PANEL] integer sum of the group in progress (when a chunk ends mid-group)
   float* f;      // [mr][PANEL] sum over finished groups of gs * (dot - sumx); zeroed by the driver
+  int64_t n0;    // the weight panel's first output column
 };
 
 // The pieces each ISA provides; the driver in bitmm.cpp does the rest.
@@ -97,13 +101,17 @@ struct Ops {
   // each group g finished in the range (columns c >= ncols may be skipped).
   void (*kernel)(const Problem& p, const ActPanel& a, const uint8_t* wbuf, const float* gs, Tile t, int64_t j0,
                  int64_t j1, int ncols);
-  // The tile's output, y[r, c] for c < ncols (row stride N), from f of the finished tile:
-  // scale[r] * f[r][c] + row_offset[n0 + c] * xsum[r] + bias[n0 + c] + sum_j lrt[r][j] * ut[j][n0 + c].
-  void (*write_tile)(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols, float* y);
+  // The tile's output, y[r, c] for c < ncols (row stride N), from t.f of the finished tile:
+  // scale[r] * f[r][c] + row_offset[n0 + c] * xsum[r] + bias[n0 + c] + sum_j lrt[r][j] * ut[j][n0 + c]
+  // (the AMX path has the low-rank sum in t.acc already, as float32).
+  void (*write_tile)(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y);
   // The fused prologue of row m: out[K] = modulate(layer_norm(x[K])) (p.fusion is set).
   void (*prologue_row)(const Problem& p, int64_t m, const float* x, float* out);
-  // The fused epilogue of the finished row m of y, in place (p.fusion is set).
-  void (*epilogue_row)(const Problem& p, int64_t m, float* y);
+  // The fused epilogue, in place (p.fusion is set), in two parts: columns n0 .. n0 + ncols - 1 of the
+  // finished row m (y points at column n0; run on each tile while it is in L1): tanh-GELU, then the
+  // residual unless there are head norms; and the whole finished row m: head norms, then the residual.
+  void (*epilogue_cols)(const Problem& p, int64_t m, int64_t n0, int ncols, float* y);
+  void (*epilogue_norms)(const Problem& p, int64_t m, float* y);
   // Per-thread set-up and tear-down around the kernel calls (AMX tile configuration), or null.
   void (*thread_begin)();
   void (*thread_end)();
@@ -119,10 +127,11 @@ bool x86_has(Isa isa);    // this x86 CPU (and OS) runs the AVX2 / AVX-512 path
 // Shared between ISA paths: the scalar low-rank row product and tile write (compilers vectorize
 // them), and the AVX-512 pieces the AMX path reuses.
 void lowrank_row_scalar(const Problem& p, const float* x, float* t);
-void write_tile_scalar(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols, float* y);
+void write_tile_scalar(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y);
 // Fused row operations (bitmm_rows.cpp): one source, compiled for each vector width.
 void prologue_row_scalar(const Problem& p, int64_t m, const float* x, float* out);
-void epilogue_row_scalar(const Problem& p, int64_t m, float* y);
+void epilogue_cols_scalar(const Problem& p, int64_t m, int64_t n0, int ncols, float* y);
+void epilogue_norms_scalar(const Problem& p, int64_t m, float* y);
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define BONSAI_X86 1
@@ -131,14 +140,17 @@ void epilogue_row_scalar(const Problem& p, int64_t m, float* y);
 #define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 namespace x86 {
 TARGET_AVX2 void prologue_row_avx2(const Problem& p, int64_t m, const float* x, float* out);
-TARGET_AVX2 void epilogue_row_avx2(const Problem& p, int64_t m, float* y);
+TARGET_AVX2 void epilogue_cols_avx2(const Problem& p, int64_t m, int64_t n0, int ncols, float* y);
+TARGET_AVX2 void epilogue_norms_avx2(const Problem& p, int64_t m, float* y);
 TARGET_AVX512 void prologue_row_avx512(const Problem& p, int64_t m, const float* x, float* out);
-TARGET_AVX512 void epilogue_row_avx512(const Problem& p, int64_t m, float* y);
+TARGET_AVX512 void epilogue_cols_avx512(const Problem& p, int64_t m, int64_t n0, int ncols, float* y);
+TARGET_AVX512 void epilogue_norms_avx512(const Problem& p, int64_t m, float* y);
 TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum);
 TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w);
 TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t);
-TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols,
-                                     float* y);
+// The tile's output with the low-rank sum taken from lowrank [mr][PANEL] when given (else computed).
+TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, const float* lowrank,
+                                     int64_t n0, int ncols, float* y);
 // Adds gs[g][c] * (acc[r][c] - sumx[g][r]) to f[r][c] for rows r < a.mr, all PANEL columns.
 TARGET_AVX512 void flush_group_avx512(const ActPanel& a, const int32_t* acc, const float* gs, int64_t g, float* f);
 }  // namespace x86

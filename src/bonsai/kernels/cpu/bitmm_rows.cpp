@@ -1,7 +1,7 @@
 // Row-wise operations fused into a bitmm call (struct Fusion in bitmm.h; bonsai/kernels/fusion.py
 // is the reference): the prologue normalizes and modulates each activation row before it is
 // quantized, the epilogue applies tanh-GELU, per-head RMSNorm and a gated residual to each output
-// row. Doing them in the kernel saves the framework's separate passes over the tensors (and their
+// row (GELU and residual on each output tile while it is in L1, head norms on finished rows). Doing them in the kernel saves the framework's separate passes over the tensors (and their
 // temporaries); torch's tanh-GELU alone costs more than a bonsai-emoji fc1 product on 2 cores.
 //
 // One source for every path: the bodies below are plain loops without library calls (exp is a
@@ -62,11 +62,26 @@ ROW_INLINE void prologue_row_body(const Problem& p, int64_t m, const float* x, f
   }
 }
 
-ROW_INLINE void epilogue_row_body(const Problem& p, int64_t m, float* y) {
+// Residual + gate * y on columns n0 .. n0 + ncols - 1 of row m (y points at column n0).
+ROW_INLINE void add_residual(const Fusion& f, int64_t N, int64_t m, int64_t n0, int ncols, float* y) {
+  const float* res = f.residual + m * N + n0;
+  if (f.gate) {
+    const float* gate = f.gate + m / f.rows_per_sample * N + n0;
+    for (int c = 0; c < ncols; ++c) y[c] = res[c] + gate[c] * y[c];
+  } else {
+    for (int c = 0; c < ncols; ++c) y[c] = res[c] + y[c];
+  }
+}
+
+ROW_INLINE void epilogue_cols_body(const Problem& p, int64_t m, int64_t n0, int ncols, float* y) {
   const Fusion& f = *p.fusion;
-  const int64_t N = p.N, b = m / f.rows_per_sample;
   if (f.gelu)
-    for (int64_t n = 0; n < N; ++n) y[n] = gelu_tanh(y[n]);
+    for (int c = 0; c < ncols; ++c) y[c] = gelu_tanh(y[c]);
+  if (f.residual && !f.norm_cols) add_residual(f, p.N, m, n0, ncols, y);
+}
+
+ROW_INLINE void epilogue_norms_body(const Problem& p, int64_t m, float* y) {
+  const Fusion& f = *p.fusion;
   for (int64_t h = 0; h < f.norm_cols; h += f.norm_dim) {
     float* yh = y + h;
     const float* w = f.norm_weight + h / (f.norm_cols / f.norm_groups) * f.norm_dim;
@@ -76,32 +91,33 @@ ROW_INLINE void epilogue_row_body(const Problem& p, int64_t m, float* y) {
     const float r = 1.f / sqrtf(sq / (float)f.norm_dim + f.norm_eps);
     for (int64_t c = 0; c < f.norm_dim; ++c) yh[c] = yh[c] * r * w[c];
   }
-  if (f.residual) {
-    const float* res = f.residual + m * N;
-    if (f.gate) {
-      const float* gate = f.gate + b * N;
-      for (int64_t n = 0; n < N; ++n) y[n] = res[n] + gate[n] * y[n];
-    } else {
-      for (int64_t n = 0; n < N; ++n) y[n] = res[n] + y[n];
-    }
-  }
+  if (f.residual) add_residual(f, p.N, m, 0, (int)p.N, y);
 }
 
 }  // namespace
 
 void prologue_row_scalar(const Problem& p, int64_t m, const float* x, float* out) { prologue_row_body(p, m, x, out); }
-void epilogue_row_scalar(const Problem& p, int64_t m, float* y) { epilogue_row_body(p, m, y); }
+void epilogue_cols_scalar(const Problem& p, int64_t m, int64_t n0, int ncols, float* y) {
+  epilogue_cols_body(p, m, n0, ncols, y);
+}
+void epilogue_norms_scalar(const Problem& p, int64_t m, float* y) { epilogue_norms_body(p, m, y); }
 
 #ifdef BONSAI_X86
 namespace x86 {
 TARGET_AVX2 void prologue_row_avx2(const Problem& p, int64_t m, const float* x, float* out) {
   prologue_row_body(p, m, x, out);
 }
-TARGET_AVX2 void epilogue_row_avx2(const Problem& p, int64_t m, float* y) { epilogue_row_body(p, m, y); }
+TARGET_AVX2 void epilogue_cols_avx2(const Problem& p, int64_t m, int64_t n0, int ncols, float* y) {
+  epilogue_cols_body(p, m, n0, ncols, y);
+}
+TARGET_AVX2 void epilogue_norms_avx2(const Problem& p, int64_t m, float* y) { epilogue_norms_body(p, m, y); }
 TARGET_AVX512 void prologue_row_avx512(const Problem& p, int64_t m, const float* x, float* out) {
   prologue_row_body(p, m, x, out);
 }
-TARGET_AVX512 void epilogue_row_avx512(const Problem& p, int64_t m, float* y) { epilogue_row_body(p, m, y); }
+TARGET_AVX512 void epilogue_cols_avx512(const Problem& p, int64_t m, int64_t n0, int ncols, float* y) {
+  epilogue_cols_body(p, m, n0, ncols, y);
+}
+TARGET_AVX512 void epilogue_norms_avx512(const Problem& p, int64_t m, float* y) { epilogue_norms_body(p, m, y); }
 }  // namespace x86
 #endif
 

@@ -167,7 +167,7 @@ const Ops AVX2_OPS = {AVX2_MR,           4,
                       quantize_row_avx2, lowrank_row_scalar,
                       expand_panel_avx2, kernel_avx2,
                       write_tile_scalar, x86::prologue_row_avx2,
-                      x86::epilogue_row_avx2, nullptr,
+                      x86::epilogue_cols_avx2, x86::epilogue_norms_avx2, nullptr,
                       nullptr};
 
 // ---------------------------------------------------------------- AVX-512 BW + VNNI
@@ -272,17 +272,18 @@ TARGET_AVX512 void flush_group_avx512(const ActPanel& a, const int32_t* acc, con
 
 // One 16-column half at a time: the half's bias, row offsets and 16 columns of U.T stay in
 // registers across the tile's rows; rows go eight at a time, interleaved (independent FMA chains).
-TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols,
-                                     float* y) {
+TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, const float* lowrank,
+                                     int64_t n0, int ncols, float* y) {
   constexpr int RB = 8;
+  const bool fma_rank = p.rank && !lowrank;
   for (int h = 0; h * 16 < ncols; ++h) {
     const __mmask16 m = tail_mask16(ncols - 16 * h);
     const int64_t c0 = n0 + 16 * h;
     const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(m, p.bias + c0) : _mm512_setzero_ps();
     const __m512 ro = p.row_offset ? _mm512_maskz_loadu_ps(m, p.row_offset + c0) : _mm512_setzero_ps();
-    for (int64_t j0 = 0; j0 < p.rank_pad || j0 == 0; j0 += 16) {
+    for (int64_t j0 = 0; j0 == 0 || (fma_rank && j0 < p.rank_pad); j0 += 16) {
       __m512 u[16];
-      for (int jj = 0; jj < 16; ++jj)
+      for (int jj = 0; fma_rank && jj < 16; ++jj)
         u[jj] = j0 + jj < p.rank ? _mm512_maskz_loadu_ps(m, p.lowrank_ut + (j0 + jj) * p.N + c0) : _mm512_setzero_ps();
       for (int r0 = 0; r0 < a.mr; r0 += RB) {
         __m512 acc[RB];
@@ -292,9 +293,10 @@ TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const 
           acc[i] = j0 == 0 ? _mm512_add_ps(_mm512_fmadd_ps(ro, _mm512_set1_ps(a.xsum[r]), bias),
                                            _mm512_mul_ps(_mm512_set1_ps(a.scale[r]), _mm512_loadu_ps(f + r * PANEL + 16 * h)))
                            : _mm512_maskz_loadu_ps(m, y + r * p.N + 16 * h);
+          if (lowrank) acc[i] = _mm512_add_ps(acc[i], _mm512_loadu_ps(lowrank + r * PANEL + 16 * h));
           t[i] = a.lrt + r * p.rank_pad + j0;
         }
-        if (p.rank)
+        if (fma_rank)
           for (int jj = 0; jj < 16; ++jj)
             for (int i = 0; i < RB; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[i][jj]), u[jj], acc[i]);
         for (int i = 0; i < RB && r0 + i < a.mr; ++i) _mm512_mask_storeu_ps(y + (r0 + i) * p.N + 16 * h, m, acc[i]);
@@ -356,11 +358,15 @@ void kernel_avx512(const Problem& p, const ActPanel& a, const uint8_t* w, const 
   by_rows[a.mr - 1](p, a, w, gs, t, j0, j1, ncols);
 }
 
+void write_tile_avx512(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y) {
+  x86::write_tile_avx512(p, a, t.f, nullptr, t.n0, ncols, y);
+}
+
 const Ops AVX512_OPS = {AVX512_MR,     4,
                         quantize_row_avx512, x86::lowrank_row_avx512,
                         expand_panel_avx512, kernel_avx512,
-                        x86::write_tile_avx512, x86::prologue_row_avx512,
-                        x86::epilogue_row_avx512, nullptr,
+                        write_tile_avx512, x86::prologue_row_avx512,
+                        x86::epilogue_cols_avx512, x86::epilogue_norms_avx512, nullptr,
                         nullptr};
 
 }  // namespace
