@@ -375,15 +375,16 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
         }
       }
       const int64_t mp0 = bm * mc, mp1 = (bm + 1) * mc < npm ? (bm + 1) * mc : npm;
-      memset(f, 0, sizeof(float) * (size_t)((mp1 - mp0) * MR * PANEL));
-      // K-chunks outside, activation panels inside: the weight chunk stays in L1.
+      // K-chunks outside, activation panels inside: the weight chunk stays in L1. With one K-chunk
+      // every panel is finished before the next starts, so they share one tile's scratch (in L1).
       for (int64_t j0 = 0; j0 < k4; j0 += KC_STEPS) {
         const int64_t j1 = j0 + KC_STEPS < k4 ? j0 + KC_STEPS : k4;
         for (int64_t mp = mp0; mp < mp1; ++mp) {
-          const int64_t m0 = mp * MR;
+          const int64_t m0 = mp * MR, slot = (k4 <= KC_STEPS ? 0 : mp - mp0) * MR * PANEL;
           const ActPanel a = {q + m0 * p.kpad, sumx + m0 * p.ngroups, scale + m0, xsum + m0,
                               lrt + m0 * p.rank_pad, (int)(M - m0 < MR ? M - m0 : MR)};
-          const Tile tile = {acc + (mp - mp0) * MR * PANEL, f + (mp - mp0) * MR * PANEL, n0};
+          const Tile tile = {acc + slot, f + slot, n0};
+          if (j0 == 0) memset(tile.f, 0, sizeof(float) * (size_t)(MR * PANEL));
           ops->kernel(p, a, w, gs, tile, j0, j1, ncols);
           if (j1 == k4) {
             ops->write_tile(p, a, tile, ncols, y + m0 * N + n0);
