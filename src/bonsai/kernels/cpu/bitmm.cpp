@@ -99,7 +99,7 @@ void kernel_scalar(const Problem& p, const ActPanel& a, const uint8_t* w, const 
 }
 
 const Ops SCALAR_OPS = {4, 4, quantize_row_scalar, lowrank_row_scalar, expand_panel_scalar, kernel_scalar,
-                        write_tile_scalar, prologue_row_scalar, epilogue_cols_scalar, epilogue_norms_scalar, nullptr, nullptr};
+                        write_tile_scalar, prologue_row_scalar, epilogue_tile_scalar, epilogue_norms_scalar, nullptr, nullptr};
 
 float half_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
@@ -340,7 +340,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   carve(base);
   float* xsum = scale + M;
   float* lrt = scale + 2 * M;
-  const bool epilogue_cols = fusion && (fusion->gelu || (fusion->residual && !fusion->norm_cols));
+  const bool epilogue_tile = fusion && (fusion->gelu || (fusion->residual && !fusion->norm_cols));
   const float* row_scale = p.row_scale;
   const uint16_t* group_scale = p.group_scale;
 
@@ -388,8 +388,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
           ops->kernel(p, a, w, gs, tile, j0, j1, ncols);
           if (j1 == k4) {
             ops->write_tile(p, a, tile, ncols, y + m0 * N + n0);
-            if (epilogue_cols)
-              for (int r = 0; r < a.mr; ++r) ops->epilogue_cols(p, m0 + r, n0, ncols, y + (m0 + r) * N + n0);
+            if (epilogue_tile) ops->epilogue_tile(p, m0, a.mr, n0, ncols, y + m0 * N + n0);
           }
         }
       }

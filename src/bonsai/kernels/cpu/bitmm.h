@@ -107,10 +107,11 @@ struct Ops {
   void (*write_tile)(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y);
   // The fused prologue of row m: out[K] = modulate(layer_norm(x[K])) (p.fusion is set).
   void (*prologue_row)(const Problem& p, int64_t m, const float* x, float* out);
-  // The fused epilogue, in place (p.fusion is set), in two parts: columns n0 .. n0 + ncols - 1 of the
-  // finished row m (y points at column n0; run on each tile while it is in L1): tanh-GELU, then the
-  // residual unless there are head norms; and the whole finished row m: head norms, then the residual.
-  void (*epilogue_cols)(const Problem& p, int64_t m, int64_t n0, int ncols, float* y);
+  // The fused epilogue, in place (p.fusion is set), in two parts: on a finished tile, rows m0 ..
+  // m0 + rows - 1 and columns n0 .. n0 + ncols - 1 (y points at (m0, n0), row stride N; run while it
+  // is in L1): tanh-GELU, then the residual unless there are head norms; and on the whole finished
+  // row m: head norms, then the residual.
+  void (*epilogue_tile)(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y);
   void (*epilogue_norms)(const Problem& p, int64_t m, float* y);
   // Per-thread set-up and tear-down around the kernel calls (AMX tile configuration), or null.
   void (*thread_begin)();
@@ -130,7 +131,7 @@ void lowrank_row_scalar(const Problem& p, const float* x, float* t);
 void write_tile_scalar(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y);
 // Fused row operations (bitmm_rows.cpp): one source, compiled for each vector width.
 void prologue_row_scalar(const Problem& p, int64_t m, const float* x, float* out);
-void epilogue_cols_scalar(const Problem& p, int64_t m, int64_t n0, int ncols, float* y);
+void epilogue_tile_scalar(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y);
 void epilogue_norms_scalar(const Problem& p, int64_t m, float* y);
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -140,10 +141,11 @@ void epilogue_norms_scalar(const Problem& p, int64_t m, float* y);
 #define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 namespace x86 {
 TARGET_AVX2 void prologue_row_avx2(const Problem& p, int64_t m, const float* x, float* out);
-TARGET_AVX2 void epilogue_cols_avx2(const Problem& p, int64_t m, int64_t n0, int ncols, float* y);
+TARGET_AVX2 void epilogue_tile_avx2(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y);
 TARGET_AVX2 void epilogue_norms_avx2(const Problem& p, int64_t m, float* y);
 TARGET_AVX512 void prologue_row_avx512(const Problem& p, int64_t m, const float* x, float* out);
-TARGET_AVX512 void epilogue_cols_avx512(const Problem& p, int64_t m, int64_t n0, int ncols, float* y);
+TARGET_AVX512 void epilogue_tile_avx512(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols,
+                                        float* y);
 TARGET_AVX512 void epilogue_norms_avx512(const Problem& p, int64_t m, float* y);
 TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum);
 TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w);

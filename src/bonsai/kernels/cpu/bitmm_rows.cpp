@@ -1,15 +1,24 @@
 // Row-wise operations fused into a bitmm call (struct Fusion in bitmm.h; bonsai/kernels/fusion.py
 // is the reference): the prologue normalizes and modulates each activation row before it is
 // quantized, the epilogue applies tanh-GELU, per-head RMSNorm and a gated residual to each output
-// row (GELU and residual on each output tile while it is in L1, head norms on finished rows). Doing them in the kernel saves the framework's separate passes over the tensors (and their
+// row (GELU and residual on each output tile while it is in L1, head norms on finished rows).
+// Doing them in the kernel saves the framework's separate passes over the tensors (and their
 // temporaries); torch's tanh-GELU alone costs more than a bonsai-emoji fc1 product on 2 cores.
 //
 // One source for every path: the bodies below are plain loops without library calls (exp is a
 // polynomial, reductions are `omp simd`), inlined into a baseline function and into AVX2 and
-// AVX-512 target functions, where the compiler vectorizes them for that width.
+// AVX-512 target functions, where the compiler vectorizes them for that width. One exception:
+// AVX-512 GELU is written out, to replace its division by a refined reciprocal (vdivps alone
+// would take most of its time).
 #include <math.h>
 
+#include <initializer_list>
+
 #include "bitmm.h"
+
+#ifdef BONSAI_X86
+#include <immintrin.h>
+#endif
 
 namespace bonsai {
 namespace {
@@ -73,11 +82,40 @@ ROW_INLINE void add_residual(const Fusion& f, int64_t N, int64_t m, int64_t n0, 
   }
 }
 
-ROW_INLINE void epilogue_cols_body(const Problem& p, int64_t m, int64_t n0, int ncols, float* y) {
+ROW_INLINE void gelu_loop(float* y, int n) {
+  for (int c = 0; c < n; ++c) y[c] = gelu_tanh(y[c]);
+}
+
+#ifdef BONSAI_X86
+// gelu_tanh on 16 lanes: the same exp polynomial (vscalefps applies 2^n), and 1 / (1 + e) as rcp14
+// plus one Newton step (relative error ~1e-7).
+TARGET_AVX512 void gelu_avx512(float* y, int n) {
+  const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+  for (int c = 0; c < n; c += 16) {
+    const __mmask16 m = n - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - c)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, y + c);
+    const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), _mm512_mul_ps(v, _mm512_set1_ps(0.044715f)));
+    __m512 t = _mm512_mul_ps(_mm512_set1_ps(-1.59576912f), _mm512_add_ps(v, cube));
+    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-87.f)), _mm512_set1_ps(87.f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), t);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 e = _mm512_set1_ps(1.f / 720);
+    for (const float coef : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(coef));
+    const __m512 d = _mm512_add_ps(one, _mm512_scalef_ps(e, k));
+    const __m512 r0 = _mm512_rcp14_ps(d);
+    _mm512_mask_storeu_ps(y + c, m, _mm512_mul_ps(v, _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, two))));
+  }
+}
+#endif
+
+template <void (*Gelu)(float*, int)>
+ROW_INLINE void epilogue_tile_body(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y) {
   const Fusion& f = *p.fusion;
-  if (f.gelu)
-    for (int c = 0; c < ncols; ++c) y[c] = gelu_tanh(y[c]);
-  if (f.residual && !f.norm_cols) add_residual(f, p.N, m, n0, ncols, y);
+  for (int r = 0; r < rows; ++r) {
+    if (f.gelu) Gelu(y + r * p.N, ncols);
+    if (f.residual && !f.norm_cols) add_residual(f, p.N, m0 + r, n0, ncols, y + r * p.N);
+  }
 }
 
 ROW_INLINE void epilogue_norms_body(const Problem& p, int64_t m, float* y) {
@@ -97,8 +135,8 @@ ROW_INLINE void epilogue_norms_body(const Problem& p, int64_t m, float* y) {
 }  // namespace
 
 void prologue_row_scalar(const Problem& p, int64_t m, const float* x, float* out) { prologue_row_body(p, m, x, out); }
-void epilogue_cols_scalar(const Problem& p, int64_t m, int64_t n0, int ncols, float* y) {
-  epilogue_cols_body(p, m, n0, ncols, y);
+void epilogue_tile_scalar(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y) {
+  epilogue_tile_body<gelu_loop>(p, m0, rows, n0, ncols, y);
 }
 void epilogue_norms_scalar(const Problem& p, int64_t m, float* y) { epilogue_norms_body(p, m, y); }
 
@@ -107,15 +145,15 @@ namespace x86 {
 TARGET_AVX2 void prologue_row_avx2(const Problem& p, int64_t m, const float* x, float* out) {
   prologue_row_body(p, m, x, out);
 }
-TARGET_AVX2 void epilogue_cols_avx2(const Problem& p, int64_t m, int64_t n0, int ncols, float* y) {
-  epilogue_cols_body(p, m, n0, ncols, y);
+TARGET_AVX2 void epilogue_tile_avx2(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y) {
+  epilogue_tile_body<gelu_loop>(p, m0, rows, n0, ncols, y);
 }
 TARGET_AVX2 void epilogue_norms_avx2(const Problem& p, int64_t m, float* y) { epilogue_norms_body(p, m, y); }
 TARGET_AVX512 void prologue_row_avx512(const Problem& p, int64_t m, const float* x, float* out) {
   prologue_row_body(p, m, x, out);
 }
-TARGET_AVX512 void epilogue_cols_avx512(const Problem& p, int64_t m, int64_t n0, int ncols, float* y) {
-  epilogue_cols_body(p, m, n0, ncols, y);
+TARGET_AVX512 void epilogue_tile_avx512(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y) {
+  epilogue_tile_body<gelu_avx512>(p, m0, rows, n0, ncols, y);
 }
 TARGET_AVX512 void epilogue_norms_avx512(const Problem& p, int64_t m, float* y) { epilogue_norms_body(p, m, y); }
 }  // namespace x86

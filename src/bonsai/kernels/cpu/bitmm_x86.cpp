@@ -167,7 +167,7 @@ const Ops AVX2_OPS = {AVX2_MR,           4,
                       quantize_row_avx2, lowrank_row_scalar,
                       expand_panel_avx2, kernel_avx2,
                       write_tile_scalar, x86::prologue_row_avx2,
-                      x86::epilogue_cols_avx2, x86::epilogue_norms_avx2, nullptr,
+                      x86::epilogue_tile_avx2, x86::epilogue_norms_avx2, nullptr,
                       nullptr};
 
 // ---------------------------------------------------------------- AVX-512 BW + VNNI
@@ -366,7 +366,7 @@ const Ops AVX512_OPS = {AVX512_MR,     4,
                         quantize_row_avx512, x86::lowrank_row_avx512,
                         expand_panel_avx512, kernel_avx512,
                         write_tile_avx512, x86::prologue_row_avx512,
-                        x86::epilogue_cols_avx512, x86::epilogue_norms_avx512, nullptr,
+                        x86::epilogue_tile_avx512, x86::epilogue_norms_avx512, nullptr,
                         nullptr};
 
 }  // namespace
