@@ -24,6 +24,7 @@ except ImportError as err:
     raise
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NO_PROLOGUE, _NO_EPILOGUE = Prologue(0.0), Epilogue()
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,15 @@ def _fusion(
     to (which the caller keeps alive during the call)."""
     if prologue is None and epilogue is None:
         return None, ()
-    pro, epi = prologue or Prologue(0.0), epilogue or Epilogue()
-    per_sample = [t for t in (pro.shift, epi.gate) if t is not None]
-    rows_per_sample = x.shape[-2] if per_sample else 1
-    if per_sample and (x.dim() != 3 or any(t.shape[0] != x.shape[0] for t in per_sample)):
-        raise ValueError(f"bitmatmul: per-sample shift/scale/gate need x [B, T, K] with B rows each, x is {tuple(x.shape)}")
+    pro, epi = prologue or _NO_PROLOGUE, epilogue or _NO_EPILOGUE
+    rows_per_sample = 1
+    for t in (pro.shift, epi.gate):
+        if t is not None:
+            if x.dim() != 3 or t.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"bitmatmul: per-sample shift/scale/gate need x [B, T, K] with B rows each, x is {tuple(x.shape)}"
+                )
+            rows_per_sample = x.shape[1]
     residual = None if epi.residual is None else _f32(epi.residual.reshape(-1, n))
     keep = (_f32(pro.weight), _f32(pro.bias), _f32(pro.shift), _f32(pro.scale), _f32(epi.norm_weight), residual, _f32(epi.gate))
     ln_weight, ln_bias, shift, scale, norm_weight, residual, gate = (binding.pointer(t) for t in keep)
