@@ -240,20 +240,40 @@ TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w)
   });
 }
 
+// Sums of the lanes of a[0..15], as one vector: out[j] = sum of a[j] (a transposing add tree).
+TARGET_AVX512 static __m512 lane_sums16(const __m512 a[16]) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: a[2i] pair sums, a[2i+1] pair sums, interleaved
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane sums of a[4i .. 4i + 3]
+    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(t[2 * i]), _mm512_castps_pd(t[2 * i + 1]));
+    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(t[2 * i]), _mm512_castps_pd(t[2 * i + 1]));
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xee));
+  const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xdd));
+}
+
 // 16 low-rank columns at a time, k outermost: x is loaded once per 16 FMAs. Rows of V past the rank
-// are read as its last row (finite, never stored).
+// are read as its last row (finite) and their sums zeroed.
 TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t) {
   for (int64_t j0 = 0; j0 < p.rank; j0 += 16) {
     const float* v[16];
     for (int jj = 0; jj < 16; ++jj) v[jj] = p.lowrank_v + (j0 + jj < p.rank ? j0 + jj : p.rank - 1) * p.K;
     __m512 acc[16];
     for (int jj = 0; jj < 16; ++jj) acc[jj] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < p.K; k += 16) {
+    int64_t k = 0;
+    for (; k + 16 <= p.K; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + k);
+      for (int jj = 0; jj < 16; ++jj) acc[jj] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(v[jj] + k), acc[jj]);
+    }
+    if (k < p.K) {
       const __mmask16 m = tail_mask16(p.K - k);
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
       for (int jj = 0; jj < 16; ++jj) acc[jj] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, v[jj] + k), acc[jj]);
     }
-    for (int jj = 0; jj < 16; ++jj) t[j0 + jj] = j0 + jj < p.rank ? _mm512_reduce_add_ps(acc[jj]) : 0.f;
+    _mm512_storeu_ps(t + j0, _mm512_maskz_mov_ps(tail_mask16(p.rank - j0), lane_sums16(acc)));
   }
 }
 
