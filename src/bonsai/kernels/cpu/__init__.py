@@ -40,12 +40,14 @@ class CpuWeight:
 
 def _lowrank_tiles(u: torch.Tensor) -> torch.Tensor:
     """U [N, r] in the AMX-BF16 B-tile layout of bitmm.h (Problem::lowrank_ub): [ceil(N / 32) * 2,
-    r rounded up to 32 / 2, 16, 2] bfloat16, i.e. per 16 output columns, pairs of ranks interleaved."""
+    r rounded up to 16 / 2, 16, 2] bfloat16 (per 16 output columns, pairs of ranks interleaved), then
+    8 zero rows of [16, 2] that a tile load of the last half-used block reads."""
     n, r = u.shape
-    blocks, rank_bf = -(-n // 32) * 2, -(-r // 32) * 32
-    padded = torch.zeros(blocks * 16, rank_bf, dtype=torch.bfloat16)
+    blocks, rank_pad = -(-n // 32) * 2, -(-r // 16) * 16
+    padded = torch.zeros(blocks * 16, rank_pad, dtype=torch.bfloat16)
     padded[:n, :r] = u
-    return padded.view(blocks, 16, rank_bf // 2, 2).transpose(1, 2).contiguous()
+    tiles = padded.view(blocks, 16, rank_pad // 2, 2).transpose(1, 2).reshape(-1, 16, 2)
+    return torch.cat([tiles, tiles.new_zeros(8, 16, 2)])
 
 
 def _prepare(weight: PackedWeight) -> CpuWeight:

@@ -55,8 +55,8 @@ struct Problem {
   int64_t rank_pad;              // rank rounded up to 16: row stride of the per-row factors x @ V.T
   const float* lowrank_v;        // [rank, K] float32 or null
   const float* lowrank_ut;       // [rank, N] float32 (U transposed) or null
-  // U in AMX-BF16 B-tile layout, [ceil(N / 32) * 2][rank rounded up to 32 / 2][16][2] bfloat16:
-  // 16-column blocks of U.T, pairs of ranks interleaved, zero-padded (or null: no AMX path).
+  // U in AMX-BF16 B-tile layout, [ceil(N / 32) * 2][rank_pad / 2][16][2] bfloat16 and 8 more rows
+  // of 16 x 2: 16-column blocks of U.T, pairs of ranks interleaved, zero-padded (or null: no AMX path).
   const uint16_t* lowrank_ub;
   const float* bias;             // [N] or null
   float* y;                      // [M, N]

@@ -89,15 +89,16 @@ TARGET_AMX void zero_acc() {
 
 // Low-rank sums of the tile into t.acc as float32 [mr][PANEL]: lrt (rounded to bfloat16, ranks in
 // chunks of 32 = one A tile row) times U.T in the tile layout of p.lowrank_ub. Rows past a.mr
-// repeat the last row (finite, never stored).
+// repeat the last row (finite, never stored). When the rank ends 16 into a chunk, the A tile's last
+// 16 columns are zero and the B tile's last 8 rows read the next block (finite): they add nothing.
 template <bool TWO>
 TARGET_AMX void lowrank_tiles(const Problem& p, const ActPanel& a, Tile t) {
   constexpr int ROWS = TWO ? 32 : 16;
   alignas(64) uint16_t lrb[ROWS * 32];
-  const int64_t rank_bf = (p.rank + 31) / 32 * 32;
+  const int64_t pairs = p.rank_pad / 2;  // B-tile rows per 16-column block
   const __m512i round = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
   zero_acc<TWO>();
-  for (int64_t c0 = 0; c0 < rank_bf; c0 += 32) {
+  for (int64_t c0 = 0; c0 < p.rank_pad; c0 += 32) {
     for (int r = 0; r < ROWS; ++r) {
       const float* src = a.lrt + (r < a.mr ? r : a.mr - 1) * p.rank_pad + c0;
       for (int v = 0; v < 2; ++v) {  // float32 -> bfloat16, round half to even
@@ -108,10 +109,10 @@ TARGET_AMX void lowrank_tiles(const Problem& p, const ActPanel& a, Tile t) {
       }
     }
     memory_barrier();
-    const uint16_t* ub = p.lowrank_ub + ((t.n0 / 16) * (rank_bf / 2) + c0 / 2) * 32;
+    const uint16_t* ub = p.lowrank_ub + ((t.n0 / 16) * pairs + c0 / 2) * 32;
     _tile_loadd(4, lrb, TILE_BYTES);
     _tile_loadd(6, ub, TILE_BYTES);
-    _tile_loadd(7, ub + rank_bf / 2 * 32, TILE_BYTES);
+    _tile_loadd(7, ub + pairs * 32, TILE_BYTES);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if (TWO) {
