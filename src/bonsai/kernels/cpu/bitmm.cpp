@@ -48,7 +48,7 @@ constexpr int64_t WORK_PER_THREAD = 1 << 21;  // multiply-adds below which one m
 constexpr int64_t AMX_MIN_ROWS = 16;      // fewer rows than one tile: the AVX-512 path is faster
 constexpr size_t KEEP_WORKSPACE = 16 << 20;   // workspace bytes kept between calls (per calling thread)
 
-void quantize_row_scalar(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum) {
+void quantize_row_scalar(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum, int32_t* qsum) {
   float amax = 0.f, sum = 0.f;
   for (int64_t k = 0; k < p.K; ++k) {
     sum += x[k];
@@ -58,12 +58,15 @@ void quantize_row_scalar(const Problem& p, const float* x, int8_t* q, float* sca
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   *scale = amax / 127.f;
   *xsum = sum;
+  int32_t s = 0;
   for (int64_t k = 0; k < p.K; ++k) {
     const float v = p.col_scale ? x[k] * p.col_scale[k] : x[k];
     float r = rintf(v * inv);
     r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
     q[k] = (int8_t)r;
+    s += q[k];
   }
+  *qsum = s;
 }
 
 void expand_panel_scalar(const Problem& p, int64_t n0, uint8_t* w) {
@@ -137,13 +140,14 @@ void place_row(const Problem& p, const Ops& ops, int64_t m, int8_t* qall, int32_
     ops.prologue_row(p, m, x, xrow);
     x = xrow;
   }
-  ops.quantize_row(p, x, qrow, &scale[m], &xsum[m]);
+  int32_t qsum;
+  ops.quantize_row(p, x, qrow, &scale[m], &xsum[m], &qsum);
   if (p.rank) ops.lowrank_row(p, x, lrt + m * p.rank_pad);
   int32_t* sumx = sumx_all + mp * MR * p.ngroups;
   for (int64_t g = 0; g < p.ngroups; ++g) {
     const int64_t start = g * p.gsize, len = p.K - start < p.gsize ? p.K - start : p.gsize;
-    int32_t s = 0;
-    for (int64_t c = 0; c < len; ++c) s += qrow[start + c];
+    int32_t s = p.ngroups == 1 ? qsum : 0;  // one group: its sum is the row's
+    for (int64_t c = 0; p.ngroups > 1 && c < len; ++c) s += qrow[start + c];
     memcpy(padded + g * p.gpad, qrow + start, (size_t)len);
     memset(padded + g * p.gpad + len, 0, (size_t)(p.gpad - len));
     sumx[g * mr + r] = s;

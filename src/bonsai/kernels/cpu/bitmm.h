@@ -90,8 +90,8 @@ struct Tile {
 struct Ops {
   int mr;     // rows per activation panel
   int kunit;  // bytes per row and activation chunk; groups are zero-padded to a multiple of it
-  // q[K] = round(x * col_scale / scale), scale = absmax / 127; xsum = sum of raw x.
-  void (*quantize_row)(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum);
+  // q[K] = round(x * col_scale / scale), scale = absmax / 127; xsum = sum of raw x; qsum = sum of q.
+  void (*quantize_row)(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum, int32_t* qsum);
   // t[rank_pad] = V @ x for one raw row x[K], zero past the rank (float32; the low-rank residual's
   // first factor).
   void (*lowrank_row)(const Problem& p, const float* x, float* t);
@@ -147,7 +147,8 @@ TARGET_AVX512 void prologue_row_avx512(const Problem& p, int64_t m, const float*
 TARGET_AVX512 void epilogue_tile_avx512(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols,
                                         float* y);
 TARGET_AVX512 void epilogue_norms_avx512(const Problem& p, int64_t m, float* y);
-TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum);
+TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum,
+                                       int32_t* qsum);
 TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w);
 TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t);
 // The tile's output with the low-rank sum taken from lowrank [mr][PANEL] when given (else computed).

@@ -35,7 +35,8 @@ TARGET_AVX2 __m256 load_scaled8(const Problem& p, const float* x, int64_t k, __m
   return p.col_scale ? _mm256_mul_ps(v, _mm256_maskload_ps(p.col_scale + k, mask)) : v;
 }
 
-TARGET_AVX2 void quantize_row_avx2(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum) {
+TARGET_AVX2 void quantize_row_avx2(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum,
+                                   int32_t* qsum) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
   for (int64_t k = 0; k < p.K; k += 8) {
@@ -48,10 +49,12 @@ TARGET_AVX2 void quantize_row_avx2(const Problem& p, const float* x, int8_t* q, 
   *scale = am / 127.f;
   *xsum = hsum8(sum);
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  __m256i qs = _mm256_setzero_si256();  // lanes past K quantize 0
   for (int64_t k = 0; k < p.K; k += 8) {
     const __m256i mask = tail_mask8(p.K - k);
     __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(load_scaled8(p, x, k, mask), inv));
     i = _mm256_min_epi32(_mm256_max_epi32(i, lo), hi);
+    qs = _mm256_add_epi32(qs, i);
     const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
     const __m128i b8 = _mm_packs_epi16(w16, w16);
     if (p.K - k >= 8) {
@@ -62,6 +65,9 @@ TARGET_AVX2 void quantize_row_avx2(const Problem& p, const float* x, int8_t* q, 
       memcpy(q + k, tmp, (size_t)(p.K - k));
     }
   }
+  const __m128i q4 = _mm_add_epi32(_mm256_castsi256_si128(qs), _mm256_extracti128_si256(qs, 1));
+  const __m128i q2 = _mm_add_epi32(q4, _mm_unpackhi_epi64(q4, q4));
+  *qsum = _mm_cvtsi128_si32(_mm_add_epi32(q2, _mm_shuffle_epi32(q2, 1)));
 }
 
 // 32 sign bits -> 32 bytes, byte i = 2 if bit i is set else 0.
@@ -181,7 +187,8 @@ TARGET_AVX512 __mmask16 tail_mask16(int64_t n) {
 
 namespace x86 {
 
-TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum) {
+TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum,
+                                       int32_t* qsum) {
   __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
   for (int64_t k = 0; k < p.K; k += 16) {
     const __mmask16 m = tail_mask16(p.K - k);
@@ -195,13 +202,16 @@ TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t*
   *scale = am / 127.f;
   *xsum = _mm512_reduce_add_ps(sum);
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  __m512i qs = _mm512_setzero_si512();  // lanes past K quantize 0
   for (int64_t k = 0; k < p.K; k += 16) {
     const __mmask16 m = tail_mask16(p.K - k);
     __m512 v = _mm512_maskz_loadu_ps(m, x + k);
     if (p.col_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.col_scale + k));
     const __m512i i = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
+    qs = _mm512_add_epi32(qs, i);
     _mm512_mask_cvtepi32_storeu_epi8(q + k, m, i);
   }
+  *qsum = _mm512_reduce_add_epi32(qs);
 }
 
 // In-register transpose of a 16x16 matrix of 32-bit elements.
