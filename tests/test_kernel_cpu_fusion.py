@@ -17,11 +17,12 @@ import pytest
 import torch
 from torch import nn
 
-from bonsai.kernels import Epilogue, Prologue, bitmatmul, fuses_rows, set_kernel
+from bonsai.kernels import Epilogue, Prologue, bitmatmul, dispatch, fuses_rows, set_kernel
 from bonsai.kernels.cpu import available_isas, bitmatmul_cpu
 from bonsai.kernels.fusion import apply_epilogue, apply_prologue
 from bonsai.lora.layers import LoRALayer
 from bonsai.models import DiT, DiTConfig, dit_fused
+from bonsai.pipeline import Pipeline
 from bonsai.quant import BinarizeConfig, QuantPolicy, quantize_
 
 from test_kernel_cpu import random_weight
@@ -179,6 +180,19 @@ def test_dit_fused_block_matches_the_reference_path() -> None:
     assert rel(fused, reference) < 2e-2
 
 
+def test_without_the_compiled_kernel_blocks_run_dit_forward(monkeypatch) -> None:
+    monkeypatch.setattr(dispatch, "_registry", [])  # as when bonsai.kernels.cpu could not be imported
+    model, inputs = one_bit_dit(), dit_inputs()
+    with torch.no_grad():
+        assert not dit_fused.applies(model.blocks[0], torch.randn(2, 15, CONFIG.hidden_size))
+        out = model(*inputs)
+        set_kernel("reference")
+        try:
+            torch.testing.assert_close(out, model(*inputs), rtol=0, atol=0)
+        finally:
+            set_kernel(None)
+
+
 def test_fused_block_is_skipped_for_training_and_wrapped_layers() -> None:
     model = one_bit_dit()
     block, x = model.blocks[0], torch.randn(2, 15, CONFIG.hidden_size)
@@ -188,3 +202,12 @@ def test_fused_block_is_skipped_for_training_and_wrapped_layers() -> None:
     block.mlp.fc1 = LoRALayer(block.mlp.fc1)
     with torch.no_grad():
         assert not dit_fused.applies(block, x)
+
+
+def test_pipeline_on_cpu_runs_the_fused_blocks(tiny_checkpoint, monkeypatch) -> None:
+    pipe = Pipeline.from_pretrained(tiny_checkpoint, device="cpu")
+    calls = []
+    fused_forward = dit_fused.block_forward
+    monkeypatch.setattr(dit_fused, "block_forward", lambda *a: calls.append(1) or fused_forward(*a))
+    pipe.generate("a red apple", steps=2, seed=0)
+    assert len(calls) == 2 * pipe.denoiser.config.depth  # every block of every step (CFG: one batch of 2)
