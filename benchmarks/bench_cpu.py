@@ -13,6 +13,7 @@ processes, though not to a busy sibling hyperthread.
     python benchmarks/bench_cpu.py --cpu-time         # on a machine shared with other work
     python benchmarks/bench_cpu.py --models emoji --m 512 --rank 16 --bias   # bonsai-emoji's layers
     python benchmarks/bench_cpu.py --e2e              # seconds per bonsai-emoji image: kernel, reference, fp32
+    python benchmarks/bench_cpu.py --breakdown        # where one bonsai-emoji denoiser step spends its time
 """
 
 from __future__ import annotations
@@ -146,6 +147,62 @@ def end_to_end(prompt: str, steps: int, repeats: int) -> None:
               f"(per round {min(ratios):.2f}-{max(ratios):.2f}x)")
 
 
+# Profiler op names of each group in --breakdown ("bonsai::bitmm" is the compiled kernel's call).
+OP_GROUPS = {
+    "1-bit GEMMs (kernel, with fused ops)": ("bonsai::bitmm",),
+    "fp32 GEMMs": ("aten::addmm", "aten::mm", "aten::bmm"),
+    "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "GELU": ("aten::gelu",),
+    "LayerNorm": ("aten::native_layer_norm",),
+    "q/k RMSNorm": ("aten::_fused_rms_norm",),
+    "add / mul (modulate, gates, residuals)": ("aten::add", "aten::mul", "aten::add_", "aten::mul_"),
+    "copies (copy_, cat, stack)": ("aten::copy_", "aten::cat", "aten::stack"),
+    "patch-embedding conv": ("aten::mkldnn_convolution",),
+}
+
+
+def step_breakdown(forwards: int = 10) -> None:
+    """Wall time of one denoiser forward (one sampler step: batch 2 x 256 tokens) and the profiler's
+    self time per op group, for the 1-bit model on the kernel and the same model in fp32."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from bonsai.kernels import set_kernel
+    from bonsai.kernels.cpu import binding
+    from bonsai.pipeline import Pipeline
+
+    one_bit = Pipeline.from_pretrained("bonsai-emoji", device="cpu").denoiser
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    mask[:, 12:] = False
+    inputs = (torch.randn(2, 3, 64, 64, generator=gen), torch.full((2,), 0.5), torch.randn(2, 32, 384, generator=gen), mask)
+    call = binding.call_bitmm
+
+    def recorded(*args):
+        with record_function("bonsai::bitmm"):
+            return call(*args)
+
+    rows = {}
+    for label, kernel, model in (("1-bit", "cpu", one_bit), ("fp32", "reference", dense_copy(one_bit))):
+        set_kernel(kernel)
+        with torch.no_grad():
+            walls = interleaved_medians([lambda: model(*inputs)])
+            binding.call_bitmm = recorded
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(forwards):
+                    model(*inputs)
+            binding.call_bitmm = call
+        self_ms = {e.key: e.self_cpu_time_total / forwards / 1e3 for e in prof.key_averages()}
+        groups = {name: sum(self_ms.get(op, 0.0) for op in ops) for name, ops in OP_GROUPS.items()}
+        groups["other ops"] = sum(self_ms.values()) - sum(groups.values())
+        rows[label] = (walls[0] * 1e3, groups)
+    set_kernel(None)
+    (w1, g1), (w32, g32) = rows["1-bit"], rows["fp32"]
+    print(f"\none denoiser step (bonsai-emoji, batch 2 x 256 tokens): wall {w1:.1f} ms (1-bit) vs {w32:.1f} ms "
+          f"(fp32) = {w32 / w1:.2f}x; profiler self time per op group, ms (the profiler adds its own overhead):")
+    for name in g1:
+        print(f"  {name:40s} {g1[name]:7.1f} {g32[name]:7.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -159,6 +216,7 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true", help="one thread each, timed by thread CPU time")
     parser.add_argument("--e2e", action="store_true", help="also time whole bonsai-emoji images")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end part")
+    parser.add_argument("--breakdown", action="store_true", help="only the per-op breakdown of one denoiser step")
     args = parser.parse_args()
     if args.cpu_time:
         args.threads = 1
@@ -170,6 +228,9 @@ def main() -> None:
     os.environ.setdefault("BONSAI_CPU_THREADS", str(torch.get_num_threads()))
 
     print(machine_line())
+    if args.breakdown:
+        step_breakdown()
+        return
     if args.e2e_only:
         end_to_end("grinning face, grinning, smileys & emotion, noto style", steps=20, repeats=args.repeats)
         return
