@@ -30,9 +30,9 @@ _NO_PROLOGUE, _NO_EPILOGUE = Prologue(0.0), Epilogue()
 @dataclass(frozen=True)
 class CpuWeight:
     """The tensors the kernel reads, contiguous, and their C view. No repacking of the signs (the
-    kernel expands the stored bit layout on the fly, so CPU weight memory stays at 1 bit); only the
-    small low-rank factors are kept in float32 (V [r, K] and U.T [r, N]) for the fused
-    epilogue, and U once more in bfloat16 AMX tiles for the AMX path."""
+    kernel expands the stored bit layout on the fly, so CPU weight memory stays at 1 bit); of the
+    low-rank factors, V is kept in float32 (x V.T runs in float32 FMAs) and U in bfloat16 tiles (the
+    same size as U), which every path reads."""
 
     tensors: tuple[torch.Tensor | None, ...]
     c_weight: binding.Weight
@@ -54,18 +54,17 @@ def _prepare(weight: PackedWeight) -> CpuWeight:
     def contiguous(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         return None if t is None else t.to(dtype or t.dtype).contiguous()
 
-    v = ut = ub = None
+    v = ub = None
     if weight.rank:
         v = contiguous(weight.lowrank_v, torch.float32)
-        ut = contiguous(weight.lowrank_u.T, torch.float32)
         ub = _lowrank_tiles(weight.lowrank_u)
     tensors = (
         contiguous(weight.signs), contiguous(weight.row_scale), contiguous(weight.group_scale),
-        contiguous(weight.col_scale), contiguous(weight.row_offset), v, ut, ub,
+        contiguous(weight.col_scale), contiguous(weight.row_offset), v, ub,
     )  # fmt: skip
     signs, row_scale, group_scale, col_scale, row_offset = tensors[:5]
     c_weight = binding.make_weight(
-        signs, weight.in_features, row_scale, weight.group_size, group_scale, col_scale, row_offset, v, ut, ub
+        signs, weight.in_features, row_scale, weight.group_size, group_scale, col_scale, row_offset, v, ub
     )
     return CpuWeight(tensors, c_weight)
 

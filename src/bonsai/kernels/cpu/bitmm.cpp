@@ -235,7 +235,7 @@ void write_tile_scalar(const Problem& p, const ActPanel& a, Tile tile, int ncols
     if (p.bias)
       for (int c = 0; c < ncols; ++c) yr[c] += p.bias[n0 + c];
     for (int64_t j = 0; j < p.rank; ++j)
-      for (int c = 0; c < ncols; ++c) yr[c] += t[j] * p.lowrank_ut[j * p.N + n0 + c];
+      for (int c = 0; c < ncols; ++c) yr[c] += t[j] * lowrank_u(p, n0 + c, j);
   }
 }
 
@@ -262,8 +262,7 @@ struct BonsaiWeight {
   const float* row_offset;       // [N] or null
   int64_t rank;                  // 0: no low-rank residual
   const float* lowrank_v;        // [rank, K] float32
-  const float* lowrank_ut;       // [rank, N] float32
-  const uint16_t* lowrank_ub;    // U for the AMX path (Problem::lowrank_ub), or null
+  const uint16_t* lowrank_ub;    // U in tiles (Problem::lowrank_ub)
 };
 
 BONSAI_API int bonsai_bitmm_has_isa(int isa) { return ops_for(isa) != nullptr; }
@@ -281,7 +280,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
                             const float* bias, float* y, const Fusion* fusion) {
   const int64_t K = wt->K, N = wt->N, group_size = wt->group_size;
   if (M < 0 || K <= 0 || N < 0 || group_size < 0 || (group_size > 0) != (wt->group_scale != nullptr) ||
-      wt->rank < 0 || (wt->rank > 0 && (!wt->lowrank_v || !wt->lowrank_ut)))
+      wt->rank < 0 || (wt->rank > 0 && (!wt->lowrank_v || !wt->lowrank_ub)))
     return 3;
   if (fusion && (fusion->rows_per_sample < 1 || (!fusion->shift != !fusion->scale) ||
                  (fusion->shift && !fusion->layer_norm) || fusion->norm_cols < 0 ||
@@ -292,10 +291,9 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     return 3;
   const Ops* ops = ops_for(isa);
   if (!ops) return 1;
-  if (isa == ISA_AMX && wt->rank > 0 && !wt->lowrank_ub) return 3;
   if (isa == ISA_AMX && M < AMX_MIN_ROWS) ops = avx512_ops();
   Problem p = {x, M, K, N, wt->signs, (K + 7) / 8, wt->row_scale, wt->group_scale, wt->col_scale, wt->row_offset,
-               wt->rank, (wt->rank + 15) / 16 * 16, wt->lowrank_v, wt->lowrank_ut, wt->lowrank_ub, bias, y, fusion,
+               wt->rank, (wt->rank + 15) / 16 * 16, wt->lowrank_v, wt->lowrank_ub, bias, y, fusion,
                0, 0, 0, 0};
   const int KU = ops->kunit;
   p.gsize = group_size > 0 && group_size < K ? group_size : K;

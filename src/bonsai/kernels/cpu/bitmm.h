@@ -54,9 +54,9 @@ struct Problem {
   int64_t rank;                  // columns of U (0: no low-rank residual)
   int64_t rank_pad;              // rank rounded up to 16: row stride of the per-row factors x @ V.T
   const float* lowrank_v;        // [rank, K] float32 or null
-  const float* lowrank_ut;       // [rank, N] float32 (U transposed) or null
-  // U in AMX-BF16 B-tile layout, [ceil(N / 32) * 2][rank_pad / 2][16][2] bfloat16 and 8 more rows
-  // of 16 x 2: 16-column blocks of U.T, pairs of ranks interleaved, zero-padded (or null: no AMX path).
+  // U as stored (bfloat16) in the AMX-BF16 B-tile layout, which every path reads:
+  // [ceil(N / 32) * 2][rank_pad / 2][16][2] and 8 more rows of 16 x 2 (16-column blocks of U.T, pairs
+  // of ranks interleaved, zero-padded), or null.
   const uint16_t* lowrank_ub;
   const float* bias;             // [N] or null
   float* y;                      // [M, N]
@@ -158,6 +158,14 @@ TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const 
 TARGET_AVX512 void flush_group_avx512(const ActPanel& a, const int32_t* acc, const float* gs, int64_t g, float* f);
 }  // namespace x86
 #endif
+
+// U[n][j] (bfloat16 in the layout of Problem::lowrank_ub) as float.
+static inline float lowrank_u(const Problem& p, int64_t n, int64_t j) {
+  const uint32_t bits = (uint32_t)p.lowrank_ub[((n / 16) * (p.rank_pad / 2) + j / 2) * 32 + (n % 16) * 2 + (j & 1)] << 16;
+  float u;
+  memcpy(&u, &bits, 4);
+  return u;
+}
 
 // n (1..64) bits of a packed row starting at bit `start`, never reading past row_bytes.
 static inline uint64_t read_bits(const uint8_t* row, int64_t row_bytes, int64_t start, int n) {

@@ -313,8 +313,11 @@ TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const 
     const __m512 ro = p.row_offset ? _mm512_maskz_loadu_ps(m, p.row_offset + c0) : _mm512_setzero_ps();
     for (int64_t j0 = 0; j0 == 0 || (fma_rank && j0 < p.rank_pad); j0 += 16) {
       __m512 u[16];
-      for (int jj = 0; fma_rank && jj < 16; ++jj)
-        u[jj] = j0 + jj < p.rank ? _mm512_maskz_loadu_ps(m, p.lowrank_ut + (j0 + jj) * p.N + c0) : _mm512_setzero_ps();
+      for (int jj = 0; fma_rank && jj < 16; jj += 2) {  // one 64-byte tile row: two ranks of 16 columns
+        const __m512i pair = _mm512_loadu_si512(p.lowrank_ub + ((c0 / 16) * (p.rank_pad / 2) + (j0 + jj) / 2) * 32);
+        u[jj] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+        u[jj + 1] = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xffff0000u)));
+      }
       for (int r0 = 0; r0 < a.mr; r0 += RB) {
         __m512 acc[RB];
         const float* t[RB];
