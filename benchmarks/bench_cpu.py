@@ -10,7 +10,7 @@ processes, though not to a busy sibling hyperthread.
 
     python benchmarks/bench_cpu.py                   # all shapes, M = 1, 64, 256, 1024, 2048
     python benchmarks/bench_cpu.py --models 4b --m 256 --group-size 128 --isa avx2
-    python benchmarks/bench_cpu.py --cpu-time         # on a machine shared with other work
+    python benchmarks/bench_cpu.py --cpu-time         # on a machine shared with other work (also --e2e)
     python benchmarks/bench_cpu.py --models emoji --m 512 --rank 16 --bias   # bonsai-emoji's layers
     python benchmarks/bench_cpu.py --e2e              # seconds per bonsai-emoji image: kernel, reference, fp32
     python benchmarks/bench_cpu.py --breakdown        # where one bonsai-emoji denoiser step spends its time
@@ -37,6 +37,7 @@ SHAPES = {  # (K, N) of each linear layer
     "emoji": [(320, 960), (320, 320), (320, 640), (320, 1280), (1280, 320)],
     "4b": [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072)],
 }
+PROMPT = "grinning face, grinning, smileys & emotion, noto style"
 TIME_BUDGET_S = 1.5  # per (shape, M) and side; at least 2 repeats after a warm-up call
 
 
@@ -112,9 +113,10 @@ def dense_copy(model: torch.nn.Module) -> torch.nn.Module:
     return dense
 
 
-def end_to_end(prompt: str, steps: int, repeats: int) -> None:
+def end_to_end(prompt: str, steps: int, repeats: int, clock=time.perf_counter) -> None:
     """Seconds per 64x64 bonsai-emoji image (text encoding, denoising, decoding; model loaded), three
-    ways in one run, repeats interleaved so that other load on the machine hits all three alike."""
+    ways in one run, repeats interleaved so that other load on the machine hits all three alike
+    (with --cpu-time: one thread's CPU time, the whole image on that thread)."""
     from bonsai.kernels import set_kernel
     from bonsai.pipeline import Pipeline
 
@@ -123,7 +125,8 @@ def end_to_end(prompt: str, steps: int, repeats: int) -> None:
     variants = {"1-bit, compiled kernel": ("cpu", one_bit), "1-bit, reference path": ("reference", one_bit),
                 "same model, fp32 dense": ("reference", dense_copy(one_bit))}
     print(f"\nend to end: bonsai-emoji, 64x64, {steps} steps, cfg 4 (batch of 2 with guidance), "
-          f"{repeats} interleaved repeats; kernel ISA {chosen_isa()}")
+          f"{repeats} interleaved repeats; kernel ISA {chosen_isa()}; "
+          f"{'thread CPU time, 1 thread' if clock is time.thread_time else 'wall clock'}")
     runs: dict[str, list[float]] = {label: [] for label in variants}
     for kernel, model in variants.values():  # warm-up
         set_kernel(kernel)
@@ -133,9 +136,9 @@ def end_to_end(prompt: str, steps: int, repeats: int) -> None:
         for label, (kernel, model) in variants.items():
             set_kernel(kernel)
             pipe.denoiser = model
-            t = time.perf_counter()
+            t = clock()
             pipe.generate(prompt, steps=steps, seed=i)
-            runs[label].append(time.perf_counter() - t)
+            runs[label].append(clock() - t)
     set_kernel(None)
     pipe.denoiser = one_bit
     base = runs["same model, fp32 dense"]
@@ -228,11 +231,12 @@ def main() -> None:
     os.environ.setdefault("BONSAI_CPU_THREADS", str(torch.get_num_threads()))
 
     print(machine_line())
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     if args.breakdown:
         step_breakdown()
         return
     if args.e2e_only:
-        end_to_end("grinning face, grinning, smileys & emotion, noto style", steps=20, repeats=args.repeats)
+        end_to_end(PROMPT, steps=20, repeats=args.repeats, clock=clock)
         return
     print(f"timing: {'thread CPU time, 1 thread' if args.cpu_time else 'wall clock'}; "
           f"load average at start: {os.getloadavg()[0]:.2f}; weight: row scale + row offset"
@@ -250,7 +254,6 @@ def main() -> None:
             for m in args.m:
                 x = torch.randn(m, k)
                 ops = 2.0 * m * n * k
-                clock = time.thread_time if args.cpu_time else time.perf_counter
                 fns = [lambda: F.linear(x, w_fp32, b), lambda: bitmatmul_cpu(x, w, b)]
                 t_fp32, t_bit = interleaved_medians(fns, clock)
                 fp32 = f"{t_fp32 * 1e3:9.3f} {ops / t_fp32 / 1e9:8.1f}"
@@ -262,7 +265,7 @@ def main() -> None:
         ratio = f"{packed / 2**20:8.3f} MiB vs {fp32 / 2**20:8.2f} MiB = 1/{fp32 / packed:.1f}"
         print(f"{model:6} {f'{k}->{n}':>12}: {ratio}")
     if args.e2e:
-        end_to_end("grinning face, grinning, smileys & emotion, noto style", steps=20, repeats=args.repeats)
+        end_to_end(PROMPT, steps=20, repeats=args.repeats, clock=clock)
 
 
 if __name__ == "__main__":
