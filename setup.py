@@ -21,7 +21,9 @@ AMX_PROBE = (
     '__attribute__((target("amx-tile,amx-int8"))) void f(void* p) { _tile_loadd(1, p, 64); _tile_dpbsud(0, 1, 2); }\n'
     "int main() { return 0; }\n"
 )
-SOURCES = [f"{CPU_DIR}/bitmm.cpp", f"{CPU_DIR}/bitmm_x86.cpp", f"{CPU_DIR}/bitmm_amx.cpp", f"{CPU_DIR}/bitmm_neon.cpp"]
+SOURCES = [
+    f"{CPU_DIR}/{name}.cpp" for name in ("bitmm", "bitmm_rows", "bitmm_x86", "bitmm_amx", "bitmm_neon")
+]
 
 
 class BuildCpuKernel(build_ext):

@@ -10,9 +10,10 @@ processes, though not to a busy sibling hyperthread.
 
     python benchmarks/bench_cpu.py                   # all shapes, M = 1, 64, 256, 1024, 2048
     python benchmarks/bench_cpu.py --models 4b --m 256 --group-size 128 --isa avx2
-    python benchmarks/bench_cpu.py --cpu-time         # on a machine shared with other work
+    python benchmarks/bench_cpu.py --cpu-time         # on a machine shared with other work (also --e2e)
     python benchmarks/bench_cpu.py --models emoji --m 512 --rank 16 --bias   # bonsai-emoji's layers
     python benchmarks/bench_cpu.py --e2e              # seconds per bonsai-emoji image: kernel, reference, fp32
+    python benchmarks/bench_cpu.py --breakdown        # where one bonsai-emoji denoiser step spends its time
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ SHAPES = {  # (K, N) of each linear layer
     "emoji": [(320, 960), (320, 320), (320, 640), (320, 1280), (1280, 320)],
     "4b": [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072)],
 }
+PROMPT = "grinning face, grinning, smileys & emotion, noto style"
 TIME_BUDGET_S = 1.5  # per (shape, M) and side; at least 2 repeats after a warm-up call
 
 
@@ -111,9 +113,10 @@ def dense_copy(model: torch.nn.Module) -> torch.nn.Module:
     return dense
 
 
-def end_to_end(prompt: str, steps: int, repeats: int) -> None:
+def end_to_end(prompt: str, steps: int, repeats: int, clock=time.perf_counter) -> None:
     """Seconds per 64x64 bonsai-emoji image (text encoding, denoising, decoding; model loaded), three
-    ways in one run, repeats interleaved so that other load on the machine hits all three alike."""
+    ways in one run, repeats interleaved so that other load on the machine hits all three alike
+    (with --cpu-time: one thread's CPU time, the whole image on that thread)."""
     from bonsai.kernels import set_kernel
     from bonsai.pipeline import Pipeline
 
@@ -122,7 +125,8 @@ def end_to_end(prompt: str, steps: int, repeats: int) -> None:
     variants = {"1-bit, compiled kernel": ("cpu", one_bit), "1-bit, reference path": ("reference", one_bit),
                 "same model, fp32 dense": ("reference", dense_copy(one_bit))}
     print(f"\nend to end: bonsai-emoji, 64x64, {steps} steps, cfg 4 (batch of 2 with guidance), "
-          f"{repeats} interleaved repeats; kernel ISA {chosen_isa()}")
+          f"{repeats} interleaved repeats; kernel ISA {chosen_isa()}; "
+          f"{'thread CPU time, 1 thread' if clock is time.thread_time else 'wall clock'}")
     runs: dict[str, list[float]] = {label: [] for label in variants}
     for kernel, model in variants.values():  # warm-up
         set_kernel(kernel)
@@ -132,9 +136,9 @@ def end_to_end(prompt: str, steps: int, repeats: int) -> None:
         for label, (kernel, model) in variants.items():
             set_kernel(kernel)
             pipe.denoiser = model
-            t = time.perf_counter()
+            t = clock()
             pipe.generate(prompt, steps=steps, seed=i)
-            runs[label].append(time.perf_counter() - t)
+            runs[label].append(clock() - t)
     set_kernel(None)
     pipe.denoiser = one_bit
     base = runs["same model, fp32 dense"]
@@ -144,6 +148,62 @@ def end_to_end(prompt: str, steps: int, repeats: int) -> None:
         print(f"{label:26s} {statistics.median(ts):7.2f}s {min(ts):6.2f}s {max(ts):6.2f}s | "
               f"{statistics.median(base) / statistics.median(ts):5.2f}x {min(base) / min(ts):5.2f}x "
               f"(per round {min(ratios):.2f}-{max(ratios):.2f}x)")
+
+
+# Profiler op names of each group in --breakdown ("bonsai::bitmm" is the compiled kernel's call).
+OP_GROUPS = {
+    "1-bit GEMMs (kernel, with fused ops)": ("bonsai::bitmm",),
+    "fp32 GEMMs": ("aten::addmm", "aten::mm", "aten::bmm"),
+    "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "GELU": ("aten::gelu",),
+    "LayerNorm": ("aten::native_layer_norm",),
+    "q/k RMSNorm": ("aten::_fused_rms_norm",),
+    "add / mul (modulate, gates, residuals)": ("aten::add", "aten::mul", "aten::add_", "aten::mul_"),
+    "copies (copy_, cat, stack)": ("aten::copy_", "aten::cat", "aten::stack"),
+    "patch-embedding conv": ("aten::mkldnn_convolution",),
+}
+
+
+def step_breakdown(forwards: int = 10) -> None:
+    """Wall time of one denoiser forward (one sampler step: batch 2 x 256 tokens) and the profiler's
+    self time per op group, for the 1-bit model on the kernel and the same model in fp32."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from bonsai.kernels import set_kernel
+    from bonsai.kernels.cpu import binding
+    from bonsai.pipeline import Pipeline
+
+    one_bit = Pipeline.from_pretrained("bonsai-emoji", device="cpu").denoiser
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    mask[:, 12:] = False
+    inputs = (torch.randn(2, 3, 64, 64, generator=gen), torch.full((2,), 0.5), torch.randn(2, 32, 384, generator=gen), mask)
+    call = binding.call_bitmm
+
+    def recorded(*args):
+        with record_function("bonsai::bitmm"):
+            return call(*args)
+
+    rows = {}
+    for label, kernel, model in (("1-bit", "cpu", one_bit), ("fp32", "reference", dense_copy(one_bit))):
+        set_kernel(kernel)
+        with torch.no_grad():
+            walls = interleaved_medians([lambda: model(*inputs)])
+            binding.call_bitmm = recorded
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(forwards):
+                    model(*inputs)
+            binding.call_bitmm = call
+        self_ms = {e.key: e.self_cpu_time_total / forwards / 1e3 for e in prof.key_averages()}
+        groups = {name: sum(self_ms.get(op, 0.0) for op in ops) for name, ops in OP_GROUPS.items()}
+        groups["other ops"] = sum(self_ms.values()) - sum(groups.values())
+        rows[label] = (walls[0] * 1e3, groups)
+    set_kernel(None)
+    (w1, g1), (w32, g32) = rows["1-bit"], rows["fp32"]
+    print(f"\none denoiser step (bonsai-emoji, batch 2 x 256 tokens): wall {w1:.1f} ms (1-bit) vs {w32:.1f} ms "
+          f"(fp32) = {w32 / w1:.2f}x; profiler self time per op group, ms (the profiler adds its own overhead):")
+    for name in g1:
+        print(f"  {name:40s} {g1[name]:7.1f} {g32[name]:7.1f}")
 
 
 def main() -> None:
@@ -159,6 +219,7 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true", help="one thread each, timed by thread CPU time")
     parser.add_argument("--e2e", action="store_true", help="also time whole bonsai-emoji images")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end part")
+    parser.add_argument("--breakdown", action="store_true", help="only the per-op breakdown of one denoiser step")
     args = parser.parse_args()
     if args.cpu_time:
         args.threads = 1
@@ -170,8 +231,12 @@ def main() -> None:
     os.environ.setdefault("BONSAI_CPU_THREADS", str(torch.get_num_threads()))
 
     print(machine_line())
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    if args.breakdown:
+        step_breakdown()
+        return
     if args.e2e_only:
-        end_to_end("grinning face, grinning, smileys & emotion, noto style", steps=20, repeats=args.repeats)
+        end_to_end(PROMPT, steps=20, repeats=args.repeats, clock=clock)
         return
     print(f"timing: {'thread CPU time, 1 thread' if args.cpu_time else 'wall clock'}; "
           f"load average at start: {os.getloadavg()[0]:.2f}; weight: row scale + row offset"
@@ -189,7 +254,6 @@ def main() -> None:
             for m in args.m:
                 x = torch.randn(m, k)
                 ops = 2.0 * m * n * k
-                clock = time.thread_time if args.cpu_time else time.perf_counter
                 fns = [lambda: F.linear(x, w_fp32, b), lambda: bitmatmul_cpu(x, w, b)]
                 t_fp32, t_bit = interleaved_medians(fns, clock)
                 fp32 = f"{t_fp32 * 1e3:9.3f} {ops / t_fp32 / 1e9:8.1f}"
@@ -201,7 +265,7 @@ def main() -> None:
         ratio = f"{packed / 2**20:8.3f} MiB vs {fp32 / 2**20:8.2f} MiB = 1/{fp32 / packed:.1f}"
         print(f"{model:6} {f'{k}->{n}':>12}: {ratio}")
     if args.e2e:
-        end_to_end("grinning face, grinning, smileys & emotion, noto style", steps=20, repeats=args.repeats)
+        end_to_end(PROMPT, steps=20, repeats=args.repeats, clock=clock)
 
 
 if __name__ == "__main__":

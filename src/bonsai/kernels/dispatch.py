@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .fusion import Epilogue, Prologue, apply_epilogue, apply_prologue
 from .packed import PackedWeight
 from .reference import bitmatmul_reference
 
@@ -30,6 +31,7 @@ class Kernel:
     fn: KernelFn
     supports: Callable[[torch.Tensor, PackedWeight], bool] = lambda x, w: True
     fuses_bias: bool = False  # fn(x, weight, bias) adds the bias itself (one pass over the output)
+    fuses_rows: bool = False  # fn(x, weight, bias, prologue, epilogue) also applies fusion.py's row ops
 
 
 REFERENCE = Kernel("reference", ("cpu", "cuda", "mps"), bitmatmul_reference)
@@ -87,13 +89,31 @@ def select_kernel(x: torch.Tensor, weight: PackedWeight) -> Kernel:
     return REFERENCE
 
 
-def bitmatmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W.T + bias for x [..., K], a packed 1-bit W [N, K] and bias [N] or None; returns
-    [..., N] in x.dtype."""
+def fuses_rows(x: torch.Tensor, weight: PackedWeight) -> bool:
+    """Whether bitmatmul(x, weight, ...) runs its prologue and epilogue inside the kernel."""
+    return select_kernel(x, weight).fuses_rows
+
+
+def bitmatmul(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    bias: torch.Tensor | None = None,
+    prologue: Prologue | None = None,
+    epilogue: Epilogue | None = None,
+) -> torch.Tensor:
+    """y = epilogue(prologue(x) @ W.T + bias) for x [..., K] ([B, T, K] when the prologue or
+    epilogue has per-sample rows), a packed 1-bit W [N, K] and bias [N] or None; returns [..., N]
+    in x.dtype. Prologue and epilogue (fusion.py) are optional."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"bitmatmul: x has K={x.shape[-1]}, weight expects K={weight.in_features}")
     kernel = select_kernel(x, weight)
+    if kernel.fuses_rows:
+        return kernel.fn(x, weight, bias, prologue, epilogue)
+    if prologue is not None:
+        x = apply_prologue(x, prologue)
     if kernel.fuses_bias:
-        return kernel.fn(x, weight, bias)
-    y = kernel.fn(x, weight)
-    return y if bias is None else y + bias.to(y.dtype)
+        y = kernel.fn(x, weight, bias)
+    else:
+        y = kernel.fn(x, weight)
+        y = y if bias is None else y + bias.to(y.dtype)
+    return y if epilogue is None else apply_epilogue(y, epilogue)

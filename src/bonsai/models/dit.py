@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dit_fused
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -148,6 +150,8 @@ class DiTBlock(nn.Module):
         self.modulation_table = nn.Parameter(torch.empty(6, D))
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        if dit_fused.applies(self, x):  # the same block with its norms, GELU and residuals in the 1-bit kernel
+            return dit_fused.block_forward(self, x, mod, text, text_mask)
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation_table[None]).unbind(1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
         x = x + self.cross(self.norm2(x), text, text_mask)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.dispatch import bitmatmul
+from ..kernels.fusion import Epilogue, Prologue
 from ..kernels.packed import GROUP_SCALE_DTYPE, LOWRANK_DTYPE, SCALE_DTYPE, PackedWeight
 from ..kernels.packing import packed_width
 from .binarize import BinarizeConfig, binarize, binary_factors, fake_quantize, lowrank_residual
@@ -76,8 +77,10 @@ class BitLinear(nn.Module):
             self._packed = PackedWeight(in_features=self.in_features, group_size=self.config.group_size, **fields)
         return self._packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bitmatmul(x, self.packed, self.bias)
+    def forward(self, x: torch.Tensor, prologue: Prologue | None = None, epilogue: Epilogue | None = None) -> torch.Tensor:
+        """epilogue(prologue(x) @ W.T + b): the optional row operations run inside the kernel where it
+        fuses them (bonsai.kernels.fusion)."""
+        return bitmatmul(x, self.packed, self.bias, prologue, epilogue)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dispatch import Kernel, register_kernel
+from ..fusion import Epilogue, Prologue
 from ..packed import PackedWeight
 from . import binding
 
@@ -23,31 +24,47 @@ except ImportError as err:
     raise
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NO_PROLOGUE, _NO_EPILOGUE = Prologue(0.0), Epilogue()
 
 
 @dataclass(frozen=True)
 class CpuWeight:
     """The tensors the kernel reads, contiguous, and their C view. No repacking of the signs (the
-    kernel expands the stored bit layout on the fly, so CPU weight memory stays at 1 bit); only the
-    small low-rank factors are kept in float32 (V [r, K] and U.T [r, N]) for the fused epilogue."""
+    kernel expands the stored bit layout on the fly, so CPU weight memory stays at 1 bit); of the
+    low-rank factors, V is kept in float32 (x V.T runs in float32 FMAs) and U in bfloat16 tiles (the
+    same size as U), which every path reads."""
 
     tensors: tuple[torch.Tensor | None, ...]
     c_weight: binding.Weight
+
+
+def _lowrank_tiles(u: torch.Tensor) -> torch.Tensor:
+    """U [N, r] in the AMX-BF16 B-tile layout of bitmm.h (Problem::lowrank_ub): [ceil(N / 32) * 2,
+    r rounded up to 16 / 2, 16, 2] bfloat16 (per 16 output columns, pairs of ranks interleaved), then
+    8 zero rows of [16, 2] that a tile load of the last half-used block reads."""
+    n, r = u.shape
+    blocks, rank_pad = -(-n // 32) * 2, -(-r // 16) * 16
+    padded = torch.zeros(blocks * 16, rank_pad, dtype=torch.bfloat16)
+    padded[:n, :r] = u
+    tiles = padded.view(blocks, 16, rank_pad // 2, 2).transpose(1, 2).reshape(-1, 16, 2)
+    return torch.cat([tiles, tiles.new_zeros(8, 16, 2)])
 
 
 def _prepare(weight: PackedWeight) -> CpuWeight:
     def contiguous(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         return None if t is None else t.to(dtype or t.dtype).contiguous()
 
-    v = contiguous(weight.lowrank_v, torch.float32)
-    ut = None if weight.lowrank_u is None else contiguous(weight.lowrank_u.T, torch.float32)
+    v = ub = None
+    if weight.rank:
+        v = contiguous(weight.lowrank_v, torch.float32)
+        ub = _lowrank_tiles(weight.lowrank_u)
     tensors = (
         contiguous(weight.signs), contiguous(weight.row_scale), contiguous(weight.group_scale),
-        contiguous(weight.col_scale), contiguous(weight.row_offset), v, ut,
+        contiguous(weight.col_scale), contiguous(weight.row_offset), v, ub,
     )  # fmt: skip
     signs, row_scale, group_scale, col_scale, row_offset = tensors[:5]
     c_weight = binding.make_weight(
-        signs, weight.in_features, row_scale, weight.group_size, group_scale, col_scale, row_offset, v, ut
+        signs, weight.in_features, row_scale, weight.group_size, group_scale, col_scale, row_offset, v, ub
     )
     return CpuWeight(tensors, c_weight)
 
@@ -62,22 +79,65 @@ def chosen_isa() -> str:
     return binding.chosen_isa(_lib)
 
 
-def bitmatmul_cpu(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W.T + bias for x [..., K] (float32, or bf16/fp16 converted to float32) and bias [N] or
-    None; returns [..., N] in x.dtype.
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as a contiguous float32 tensor (itself when it already is one: this runs per call)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
 
-    Activations are quantized to int8 per row (absmax), so the result matches the reference to
-    about 1e-2 relative error; the low-rank term and the bias are added in float32 in the kernel."""
+
+def _fusion(
+    x: torch.Tensor, n: int, prologue: Prologue | None, epilogue: Epilogue | None
+) -> tuple[binding.Fusion | None, tuple[torch.Tensor | None, ...]]:
+    """The C view of the row operations for x [..., K] -> [..., N], and the float32 tensors it points
+    to (which the caller keeps alive during the call)."""
+    if prologue is None and epilogue is None:
+        return None, ()
+    pro, epi = prologue or _NO_PROLOGUE, epilogue or _NO_EPILOGUE
+    rows_per_sample = 1
+    for t in (pro.shift, epi.gate):
+        if t is not None:
+            if x.dim() != 3 or t.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"bitmatmul: per-sample shift/scale/gate need x [B, T, K] with B rows each, x is {tuple(x.shape)}"
+                )
+            rows_per_sample = x.shape[1]
+    residual = None if epi.residual is None else _f32(epi.residual.reshape(-1, n))
+    keep = (_f32(pro.weight), _f32(pro.bias), _f32(pro.shift), _f32(pro.scale), _f32(epi.norm_weight), residual, _f32(epi.gate))
+    ln_weight, ln_bias, shift, scale, norm_weight, residual, gate = (binding.pointer(t) for t in keep)
+    groups, norm_dim = (0, 0) if epi.norm_weight is None else epi.norm_weight.shape
+    fusion = binding.Fusion(
+        rows_per_sample, prologue is not None, pro.eps, ln_weight, ln_bias, shift, scale,
+        epi.gelu, epi.norm_cols, norm_dim, groups, epi.norm_eps, norm_weight, residual, gate,
+    )  # fmt: skip
+    return fusion, keep
+
+
+def bitmatmul_cpu(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    bias: torch.Tensor | None = None,
+    prologue: Prologue | None = None,
+    epilogue: Epilogue | None = None,
+) -> torch.Tensor:
+    """y = epilogue(prologue(x) @ W.T + bias) for x [..., K] (float32, or bf16/fp16 converted to
+    float32), bias [N] or None and the optional row operations of bonsai.kernels.fusion; returns
+    [..., N] in x.dtype.
+
+    Activations are quantized to int8 per row (absmax, after the prologue), so the result matches
+    the reference to about 1e-2 relative error; the low-rank term, the bias and the epilogue are
+    computed in float32 in the kernel."""
     k, n = weight.in_features, weight.out_features
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    x2 = _f32(x.reshape(-1, k))
     w = weight.prepared("cpu", _prepare)
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    y = binding.call_bitmm(_lib, binding.chosen_isa(_lib), binding.thread_count(), x2, w.c_weight, b)
-    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+    fusion, _alive = _fusion(x, n, prologue, epilogue)
+    y = binding.call_bitmm(_lib, binding.chosen_isa(_lib), binding.thread_count(), x2, w.c_weight, _f32(bias), fusion)
+    y = y.view(*x.shape[:-1], n)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _supports(x: torch.Tensor, weight: PackedWeight) -> bool:
     return x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in _INPUT_DTYPES
 
 
-register_kernel(Kernel("cpu", ("cpu",), bitmatmul_cpu, _supports, fuses_bias=True))
+register_kernel(Kernel("cpu", ("cpu",), bitmatmul_cpu, _supports, fuses_bias=True, fuses_rows=True))

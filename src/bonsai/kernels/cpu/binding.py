@@ -7,6 +7,7 @@ and independent of the torch version installed), and ctypes releases the GIL dur
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.machinery
 import os
 import warnings
@@ -26,7 +27,20 @@ class Weight(ctypes.Structure):
         ("signs", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
         ("row_scale", ctypes.c_void_p), ("group_size", ctypes.c_int64), ("group_scale", ctypes.c_void_p),
         ("col_scale", ctypes.c_void_p), ("row_offset", ctypes.c_void_p),
-        ("rank", ctypes.c_int64), ("lowrank_v", ctypes.c_void_p), ("lowrank_ut", ctypes.c_void_p),
+        ("rank", ctypes.c_int64), ("lowrank_v", ctypes.c_void_p), ("lowrank_ub", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+class Fusion(ctypes.Structure):
+    """The C struct Fusion (bitmm.h): a call's row-wise prologue and epilogue (null pointer: absent)."""
+
+    _fields_ = [
+        ("rows_per_sample", ctypes.c_int64),
+        ("layer_norm", ctypes.c_int64), ("ln_eps", ctypes.c_float), ("ln_weight", ctypes.c_void_p),
+        ("ln_bias", ctypes.c_void_p), ("shift", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+        ("gelu", ctypes.c_int64), ("norm_cols", ctypes.c_int64), ("norm_dim", ctypes.c_int64),
+        ("norm_groups", ctypes.c_int64), ("norm_eps", ctypes.c_float), ("norm_weight", ctypes.c_void_p),
+        ("residual", ctypes.c_void_p), ("gate", ctypes.c_void_p),
     ]  # fmt: skip
 
 
@@ -49,7 +63,9 @@ def load_library(path: Path | None) -> ctypes.CDLL:
     except OSError as err:
         raise ImportError(f"cannot load the compiled CPU kernel {path}: {err}") from err
     ptr = ctypes.c_void_p
-    lib.bonsai_bitmm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(Weight), ptr, ctypes.c_int64, ptr, ptr]
+    lib.bonsai_bitmm.argtypes = [
+        ctypes.c_int, ctypes.c_int, ctypes.POINTER(Weight), ptr, ctypes.c_int64, ptr, ptr, ctypes.POINTER(Fusion)
+    ]  # fmt: skip
     lib.bonsai_bitmm.restype = ctypes.c_int
     lib.bonsai_bitmm_has_isa.argtypes = [ctypes.c_int]
     lib.bonsai_bitmm_has_isa.restype = ctypes.c_int
@@ -75,12 +91,17 @@ def available_isas(lib: ctypes.CDLL) -> list[str]:
     return [name for name, code in ISAS.items() if lib.bonsai_bitmm_has_isa(code)]
 
 
+@functools.cache
+def _best_isa(lib: ctypes.CDLL) -> str:
+    best = lib.bonsai_bitmm_best_isa()
+    return next(k for k, v in ISAS.items() if v == best)
+
+
 def chosen_isa(lib: ctypes.CDLL) -> str:
     """BONSAI_CPU_ISA (auto|scalar|avx2|avx512|neon|amx), or the fastest path this CPU runs."""
     name = os.environ.get("BONSAI_CPU_ISA", "auto").strip().lower() or "auto"
     if name == "auto":
-        best = lib.bonsai_bitmm_best_isa()
-        return next(k for k, v in ISAS.items() if v == best)
+        return _best_isa(lib)
     if name not in ISAS:
         raise ValueError(f"BONSAI_CPU_ISA={name!r}: expected auto or one of {', '.join(ISAS)}")
     if not lib.bonsai_bitmm_has_isa(ISAS[name]):
@@ -98,7 +119,7 @@ def thread_count() -> int:
     return torch.get_num_threads()
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
+def pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
@@ -111,23 +132,35 @@ def make_weight(
     col_scale: torch.Tensor | None,
     row_offset: torch.Tensor | None,
     lowrank_v: torch.Tensor | None,
-    lowrank_ut: torch.Tensor | None,
+    lowrank_ub: torch.Tensor | None,
 ) -> Weight:
     """The C view of contiguous weight tensors (signs uint8 [N, ceil(K/8)], scales float32, group
-    scales float16, low-rank factors float32 V [r, K] and U.T [r, N]); the caller keeps them alive."""
+    scales float16, the low-rank factor V [r, K] in float32 and U in bfloat16 tiles (bitmm.h,
+    Problem::lowrank_ub)); the caller keeps them alive."""
     rank = 0 if lowrank_v is None else lowrank_v.shape[0]
     return Weight(
-        _ptr(signs), signs.shape[0], in_features, _ptr(row_scale), group_size if group_scale is not None else 0,
-        _ptr(group_scale), _ptr(col_scale), _ptr(row_offset), rank, _ptr(lowrank_v), _ptr(lowrank_ut),
+        pointer(signs), signs.shape[0], in_features, pointer(row_scale), group_size if group_scale is not None else 0,
+        pointer(group_scale), pointer(col_scale), pointer(row_offset), rank, pointer(lowrank_v), pointer(lowrank_ub),
     )  # fmt: skip
 
 
 def call_bitmm(
-    lib: ctypes.CDLL, isa: str, threads: int, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None
+    lib: ctypes.CDLL,
+    isa: str,
+    threads: int,
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    fusion: Fusion | None = None,
 ) -> torch.Tensor:
-    """y [M, N] float32 = x @ W.T + bias for x float32 [M, K] contiguous, bias float32 [N] contiguous or None."""
+    """y [M, N] float32 = epilogue(prologue(x) @ W.T + bias) for x float32 [M, K] contiguous, bias
+    float32 [N] contiguous or None, and the fused row operations (None: none); the caller keeps the
+    fusion's tensors alive."""
     y = torch.empty(x.shape[0], weight.n, dtype=torch.float32)
-    status = lib.bonsai_bitmm(ISAS[isa], threads, ctypes.byref(weight), x.data_ptr(), x.shape[0], _ptr(bias), y.data_ptr())
+    status = lib.bonsai_bitmm(
+        ISAS[isa], threads, ctypes.byref(weight), x.data_ptr(), x.shape[0], pointer(bias), y.data_ptr(),
+        None if fusion is None else ctypes.byref(fusion),
+    )  # fmt: skip
     if status:
         raise RuntimeError(f"CPU bitmm kernel ({isa}) failed: {_ERRORS.get(status, f'status {status}')}")
     return y

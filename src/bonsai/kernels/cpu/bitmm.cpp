@@ -48,7 +48,7 @@ constexpr int64_t WORK_PER_THREAD = 1 << 21;  // multiply-adds below which one m
 constexpr int64_t AMX_MIN_ROWS = 16;      // fewer rows than one tile: the AVX-512 path is faster
 constexpr size_t KEEP_WORKSPACE = 16 << 20;   // workspace bytes kept between calls (per calling thread)
 
-void quantize_row_scalar(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum) {
+void quantize_row_scalar(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum, int32_t* qsum) {
   float amax = 0.f, sum = 0.f;
   for (int64_t k = 0; k < p.K; ++k) {
     sum += x[k];
@@ -58,12 +58,15 @@ void quantize_row_scalar(const Problem& p, const float* x, int8_t* q, float* sca
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   *scale = amax / 127.f;
   *xsum = sum;
+  int32_t s = 0;
   for (int64_t k = 0; k < p.K; ++k) {
     const float v = p.col_scale ? x[k] * p.col_scale[k] : x[k];
     float r = rintf(v * inv);
     r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
     q[k] = (int8_t)r;
+    s += q[k];
   }
+  *qsum = s;
 }
 
 void expand_panel_scalar(const Problem& p, int64_t n0, uint8_t* w) {
@@ -99,7 +102,7 @@ void kernel_scalar(const Problem& p, const ActPanel& a, const uint8_t* w, const 
 }
 
 const Ops SCALAR_OPS = {4, 4, quantize_row_scalar, lowrank_row_scalar, expand_panel_scalar, kernel_scalar,
-                        write_tile_scalar, nullptr, nullptr};
+                        write_tile_scalar, prologue_row_scalar, epilogue_tile_scalar, epilogue_norms_scalar, nullptr, nullptr};
 
 float half_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
@@ -124,21 +127,27 @@ const Ops* ops_for(int isa) {
   }
 }
 
-// Quantize row m and place it in its panel: q[kpad / kunit][mr][kunit] with group padding, plus
-// group sums and the row's low-rank factor x @ V.T.
+// Quantize row m (after the fused prologue, if any, into xrow) and place it in its panel:
+// q[kpad / kunit][mr][kunit] with group padding, plus group sums and the row's low-rank factor x @ V.T.
 void place_row(const Problem& p, const Ops& ops, int64_t m, int8_t* qall, int32_t* sumx_all,
-               float* scale, float* xsum, float* lrt, int8_t* qrow, int8_t* padded) {
+               float* scale, float* xsum, float* lrt, float* xrow, int8_t* qrow, int8_t* padded) {
   const int MR = ops.mr, KU = ops.kunit;
   const int64_t mp = m / MR;
   const int r = (int)(m % MR);
   const int mr = (int)(p.M - mp * MR < MR ? p.M - mp * MR : MR);
-  ops.quantize_row(p, p.x + m * p.K, qrow, &scale[m], &xsum[m]);
-  if (p.rank) ops.lowrank_row(p, p.x + m * p.K, lrt + m * p.rank_pad);
+  const float* x = p.x + m * p.K;
+  if (p.fusion && p.fusion->layer_norm) {
+    ops.prologue_row(p, m, x, xrow);
+    x = xrow;
+  }
+  int32_t qsum;
+  ops.quantize_row(p, x, qrow, &scale[m], &xsum[m], &qsum);
+  if (p.rank) ops.lowrank_row(p, x, lrt + m * p.rank_pad);
   int32_t* sumx = sumx_all + mp * MR * p.ngroups;
   for (int64_t g = 0; g < p.ngroups; ++g) {
     const int64_t start = g * p.gsize, len = p.K - start < p.gsize ? p.K - start : p.gsize;
-    int32_t s = 0;
-    for (int64_t c = 0; c < len; ++c) s += qrow[start + c];
+    int32_t s = p.ngroups == 1 ? qsum : 0;  // one group: its sum is the row's
+    for (int64_t c = 0; p.ngroups > 1 && c < len; ++c) s += qrow[start + c];
     memcpy(padded + g * p.gpad, qrow + start, (size_t)len);
     memset(padded + g * p.gpad + len, 0, (size_t)(p.gpad - len));
     sumx[g * mr + r] = s;
@@ -214,7 +223,9 @@ void lowrank_row_scalar(const Problem& p, const float* x, float* t) {
   }
 }
 
-void write_tile_scalar(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols, float* y) {
+void write_tile_scalar(const Problem& p, const ActPanel& a, Tile tile, int ncols, float* y) {
+  const float* f = tile.f;
+  const int64_t n0 = tile.n0;
   for (int r = 0; r < a.mr; ++r) {
     float* yr = y + r * p.N;
     const float* t = a.lrt + r * p.rank_pad;
@@ -224,7 +235,7 @@ void write_tile_scalar(const Problem& p, const ActPanel& a, const float* f, int6
     if (p.bias)
       for (int c = 0; c < ncols; ++c) yr[c] += p.bias[n0 + c];
     for (int64_t j = 0; j < p.rank; ++j)
-      for (int c = 0; c < ncols; ++c) yr[c] += t[j] * p.lowrank_ut[j * p.N + n0 + c];
+      for (int c = 0; c < ncols; ++c) yr[c] += t[j] * lowrank_u(p, n0 + c, j);
   }
 }
 
@@ -251,7 +262,7 @@ struct BonsaiWeight {
   const float* row_offset;       // [N] or null
   int64_t rank;                  // 0: no low-rank residual
   const float* lowrank_v;        // [rank, K] float32
-  const float* lowrank_ut;       // [rank, N] float32
+  const uint16_t* lowrank_ub;    // U in tiles (Problem::lowrank_ub)
 };
 
 BONSAI_API int bonsai_bitmm_has_isa(int isa) { return ops_for(isa) != nullptr; }
@@ -262,20 +273,28 @@ BONSAI_API int bonsai_bitmm_best_isa(void) {
   return ISA_SCALAR;
 }
 
-// y[M, N] = x[M, K] @ W.T + bias (bias [N] or null). Returns 0 on success, 1 if `isa` cannot run
-// here, 2 if out of memory, 3 on bad sizes. The AMX path hands products of fewer than 16 rows to
-// the AVX-512 path.
+// y[M, N] = epilogue(prologue(x[M, K]) @ W.T + bias) (bias [N] or null; fusion null: no prologue
+// or epilogue). Returns 0 on success, 1 if `isa` cannot run here, 2 if out of memory, 3 on bad
+// sizes. The AMX path hands products of fewer than 16 rows to the AVX-512 path.
 BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const float* x, int64_t M,
-                            const float* bias, float* y) {
+                            const float* bias, float* y, const Fusion* fusion) {
   const int64_t K = wt->K, N = wt->N, group_size = wt->group_size;
   if (M < 0 || K <= 0 || N < 0 || group_size < 0 || (group_size > 0) != (wt->group_scale != nullptr) ||
-      wt->rank < 0 || (wt->rank > 0 && (!wt->lowrank_v || !wt->lowrank_ut)))
+      wt->rank < 0 || (wt->rank > 0 && (!wt->lowrank_v || !wt->lowrank_ub)))
+    return 3;
+  if (fusion && (fusion->rows_per_sample < 1 || (!fusion->shift != !fusion->scale) ||
+                 (fusion->shift && !fusion->layer_norm) || fusion->norm_cols < 0 ||
+                 fusion->norm_cols > N ||
+                 (fusion->norm_cols && (fusion->norm_dim < 1 || fusion->norm_groups < 1 || !fusion->norm_weight ||
+                                        fusion->norm_cols % (fusion->norm_dim * fusion->norm_groups))) ||
+                 (fusion->gate && !fusion->residual)))
     return 3;
   const Ops* ops = ops_for(isa);
   if (!ops) return 1;
   if (isa == ISA_AMX && M < AMX_MIN_ROWS) ops = avx512_ops();
   Problem p = {x, M, K, N, wt->signs, (K + 7) / 8, wt->row_scale, wt->group_scale, wt->col_scale, wt->row_offset,
-               wt->rank, (wt->rank + 15) / 16 * 16, wt->lowrank_v, wt->lowrank_ut, bias, y, 0, 0, 0, 0};
+               wt->rank, (wt->rank + 15) / 16 * 16, wt->lowrank_v, wt->lowrank_ub, bias, y, fusion,
+               0, 0, 0, 0};
   const int KU = ops->kunit;
   p.gsize = group_size > 0 && group_size < K ? group_size : K;
   p.gpad = (p.gsize + KU - 1) / KU * KU;
@@ -302,7 +321,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   // scales and low-rank factors, and per-thread panel and tile scratch.
   int8_t *q, *rows;
   int32_t *sumx, *accall;
-  float *scale, *gsall, *fall;
+  float *scale, *gsall, *fall, *xrows;
   uint8_t* wall;
   auto carve = [&](char* base) {  // with base null: only the size
     Carver c = {base};
@@ -310,6 +329,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     sumx = c.take<int32_t>((size_t)(npm * MR * p.ngroups));
     scale = c.take<float>((size_t)M * (2 + p.rank_pad));  // scale, xsum, low-rank factors
     rows = c.take<int8_t>(row_tmp * nt);
+    xrows = c.take<float>((size_t)(fusion ? K : 0) * nt);  // prologue output rows
     wall = c.take<uint8_t>(wbytes * nt);
     gsall = c.take<float>(gsn * nt);
     accall = c.take<int32_t>(tile_n * nt);
@@ -322,6 +342,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   carve(base);
   float* xsum = scale + M;
   float* lrt = scale + 2 * M;
+  const bool epilogue_tile = fusion && (fusion->gelu || (fusion->residual && !fusion->norm_cols));
   const float* row_scale = p.row_scale;
   const uint16_t* group_scale = p.group_scale;
 
@@ -333,8 +354,9 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     const int t = 0;
 #endif
     int8_t* qrow = rows + row_tmp * t;
+    float* xrow = xrows + (fusion ? K : 0) * t;
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) place_row(p, *ops, m, q, sumx, scale, xsum, lrt, qrow, qrow + p.K);
+    for (int64_t m = 0; m < M; ++m) place_row(p, *ops, m, q, sumx, scale, xsum, lrt, xrow, qrow, qrow + p.K);
 
     uint8_t* w = wall + wbytes * t;
     float* gs = gsall + gsn * t;
@@ -355,21 +377,29 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
         }
       }
       const int64_t mp0 = bm * mc, mp1 = (bm + 1) * mc < npm ? (bm + 1) * mc : npm;
-      memset(f, 0, sizeof(float) * (size_t)((mp1 - mp0) * MR * PANEL));
-      // K-chunks outside, activation panels inside: the weight chunk stays in L1.
+      // K-chunks outside, activation panels inside: the weight chunk stays in L1. With one K-chunk
+      // every panel is finished before the next starts, so they share one tile's scratch (in L1).
       for (int64_t j0 = 0; j0 < k4; j0 += KC_STEPS) {
         const int64_t j1 = j0 + KC_STEPS < k4 ? j0 + KC_STEPS : k4;
         for (int64_t mp = mp0; mp < mp1; ++mp) {
-          const int64_t m0 = mp * MR;
+          const int64_t m0 = mp * MR, slot = (k4 <= KC_STEPS ? 0 : mp - mp0) * MR * PANEL;
           const ActPanel a = {q + m0 * p.kpad, sumx + m0 * p.ngroups, scale + m0, xsum + m0,
                               lrt + m0 * p.rank_pad, (int)(M - m0 < MR ? M - m0 : MR)};
-          const Tile tile = {acc + (mp - mp0) * MR * PANEL, f + (mp - mp0) * MR * PANEL};
+          const Tile tile = {acc + slot, f + slot, n0};
+          if (j0 == 0) memset(tile.f, 0, sizeof(float) * (size_t)(MR * PANEL));
           ops->kernel(p, a, w, gs, tile, j0, j1, ncols);
-          if (j1 == k4) ops->write_tile(p, a, tile.f, n0, ncols, y + m0 * N + n0);
+          if (j1 == k4) {
+            ops->write_tile(p, a, tile, ncols, y + m0 * N + n0);
+            if (epilogue_tile) ops->epilogue_tile(p, m0, a.mr, n0, ncols, y + m0 * N + n0);
+          }
         }
       }
     }
     if (ops->thread_end) ops->thread_end();
+    if (fusion && fusion->norm_cols) {
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < M; ++m) ops->epilogue_norms(p, m, y + m * N);
+    }
   }
   workspace.trim();
   return 0;

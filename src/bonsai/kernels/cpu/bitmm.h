@@ -14,6 +14,32 @@ enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_NEON = 3, ISA
 constexpr int PANEL = 32;
 constexpr int PANEL_BYTES = PANEL * 4;  // one k4 step of an expanded panel
 
+// Row-wise operations fused into one call (mirrored by binding.Fusion; each part
+// optional; what they compute is defined by bonsai/kernels/fusion.py). Row m belongs to sample
+// m / rows_per_sample, which selects its row of shift, scale and gate.
+struct Fusion {
+  int64_t rows_per_sample;
+  // Prologue (when layer_norm), on each row of x before quantization: LayerNorm over K, then
+  // x * (1 + scale) + shift (when shift and scale are given).
+  int64_t layer_norm;
+  float ln_eps;
+  const float* ln_weight;   // [K] or null
+  const float* ln_bias;     // [K] or null
+  const float* shift;       // [B, K] or null
+  const float* scale;       // [B, K] or null
+  // Epilogue, on each finished row of y: tanh-GELU (when gelu), then RMSNorm of each head of
+  // norm_dim columns among the first norm_cols, which are norm_groups equal parts (the heads of
+  // part g weighted by norm_weight[g]), then residual + gate * y.
+  int64_t gelu;
+  int64_t norm_cols;
+  int64_t norm_dim;
+  int64_t norm_groups;
+  float norm_eps;
+  const float* norm_weight;  // [norm_groups, norm_dim]
+  const float* residual;     // [M, N] or null
+  const float* gate;         // [B, N] or null
+};
+
 // One call: y[M, N] = x[M, K] @ W.T + bias with W given by the stored 1-bit layout, its scales and
 // its low-rank residual U @ V.
 struct Problem {
@@ -28,9 +54,13 @@ struct Problem {
   int64_t rank;                  // columns of U (0: no low-rank residual)
   int64_t rank_pad;              // rank rounded up to 16: row stride of the per-row factors x @ V.T
   const float* lowrank_v;        // [rank, K] float32 or null
-  const float* lowrank_ut;       // [rank, N] float32 (U transposed) or null
+  // U as stored (bfloat16) in the AMX-BF16 B-tile layout, which every path reads:
+  // [ceil(N / 32) * 2][rank_pad / 2][16][2] and 8 more rows of 16 x 2 (16-column blocks of U.T, pairs
+  // of ranks interleaved, zero-padded), or null.
+  const uint16_t* lowrank_ub;
   const float* bias;             // [N] or null
   float* y;                      // [M, N]
+  const Fusion* fusion;          // row-wise prologue / epilogue, or null
   // Derived layout: K is split into groups, each zero-padded to a multiple of Ops::kunit columns.
   int64_t gsize;                 // columns per group (K when there are no group scales)
   int64_t gpad;                  // gsize rounded up to kunit
@@ -53,14 +83,15 @@ struct ActPanel {
 struct Tile {
   int32_t* acc;  // [mr][PANEL] integer sum of the group in progress (when a chunk ends mid-group)
   float* f;      // [mr][PANEL] sum over finished groups of gs * (dot - sumx); zeroed by the driver
+  int64_t n0;    // the weight panel's first output column
 };
 
 // The pieces each ISA provides; the driver in bitmm.cpp does the rest.
 struct Ops {
   int mr;     // rows per activation panel
   int kunit;  // bytes per row and activation chunk; groups are zero-padded to a multiple of it
-  // q[K] = round(x * col_scale / scale), scale = absmax / 127; xsum = sum of raw x.
-  void (*quantize_row)(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum);
+  // q[K] = round(x * col_scale / scale), scale = absmax / 127; xsum = sum of raw x; qsum = sum of q.
+  void (*quantize_row)(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum, int32_t* qsum);
   // t[rank_pad] = V @ x for one raw row x[K], zero past the rank (float32; the low-rank residual's
   // first factor).
   void (*lowrank_row)(const Problem& p, const float* x, float* t);
@@ -70,9 +101,18 @@ struct Ops {
   // each group g finished in the range (columns c >= ncols may be skipped).
   void (*kernel)(const Problem& p, const ActPanel& a, const uint8_t* wbuf, const float* gs, Tile t, int64_t j0,
                  int64_t j1, int ncols);
-  // The tile's output, y[r, c] for c < ncols (row stride N), from f of the finished tile:
-  // scale[r] * f[r][c] + row_offset[n0 + c] * xsum[r] + bias[n0 + c] + sum_j lrt[r][j] * ut[j][n0 + c].
-  void (*write_tile)(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols, float* y);
+  // The tile's output, y[r, c] for c < ncols (row stride N), from t.f of the finished tile:
+  // scale[r] * f[r][c] + row_offset[n0 + c] * xsum[r] + bias[n0 + c] + sum_j lrt[r][j] * ut[j][n0 + c]
+  // (the AMX path has the low-rank sum in t.acc already, as float32).
+  void (*write_tile)(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y);
+  // The fused prologue of row m: out[K] = modulate(layer_norm(x[K])) (p.fusion is set).
+  void (*prologue_row)(const Problem& p, int64_t m, const float* x, float* out);
+  // The fused epilogue, in place (p.fusion is set), in two parts: on a finished tile, rows m0 ..
+  // m0 + rows - 1 and columns n0 .. n0 + ncols - 1 (y points at (m0, n0), row stride N; run while it
+  // is in L1): tanh-GELU, then the residual unless there are head norms; and on the whole finished
+  // row m: head norms, then the residual.
+  void (*epilogue_tile)(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y);
+  void (*epilogue_norms)(const Problem& p, int64_t m, float* y);
   // Per-thread set-up and tear-down around the kernel calls (AMX tile configuration), or null.
   void (*thread_begin)();
   void (*thread_end)();
@@ -88,7 +128,11 @@ bool x86_has(Isa isa);    // this x86 CPU (and OS) runs the AVX2 / AVX-512 path
 // Shared between ISA paths: the scalar low-rank row product and tile write (compilers vectorize
 // them), and the AVX-512 pieces the AMX path reuses.
 void lowrank_row_scalar(const Problem& p, const float* x, float* t);
-void write_tile_scalar(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols, float* y);
+void write_tile_scalar(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y);
+// Fused row operations (bitmm_rows.cpp): one source, compiled for each vector width.
+void prologue_row_scalar(const Problem& p, int64_t m, const float* x, float* out);
+void epilogue_tile_scalar(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y);
+void epilogue_norms_scalar(const Problem& p, int64_t m, float* y);
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define BONSAI_X86 1
@@ -96,15 +140,32 @@ void write_tile_scalar(const Problem& p, const ActPanel& a, const float* f, int6
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 namespace x86 {
-TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum);
+TARGET_AVX2 void prologue_row_avx2(const Problem& p, int64_t m, const float* x, float* out);
+TARGET_AVX2 void epilogue_tile_avx2(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y);
+TARGET_AVX2 void epilogue_norms_avx2(const Problem& p, int64_t m, float* y);
+TARGET_AVX512 void prologue_row_avx512(const Problem& p, int64_t m, const float* x, float* out);
+TARGET_AVX512 void epilogue_tile_avx512(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols,
+                                        float* y);
+TARGET_AVX512 void epilogue_norms_avx512(const Problem& p, int64_t m, float* y);
+TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum,
+                                       int32_t* qsum);
 TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w);
 TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t);
-TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols,
-                                     float* y);
+// The tile's output with the low-rank sum taken from lowrank [mr][PANEL] when given (else computed).
+TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, const float* lowrank,
+                                     int64_t n0, int ncols, float* y);
 // Adds gs[g][c] * (acc[r][c] - sumx[g][r]) to f[r][c] for rows r < a.mr, all PANEL columns.
 TARGET_AVX512 void flush_group_avx512(const ActPanel& a, const int32_t* acc, const float* gs, int64_t g, float* f);
 }  // namespace x86
 #endif
+
+// U[n][j] (bfloat16 in the layout of Problem::lowrank_ub) as float.
+static inline float lowrank_u(const Problem& p, int64_t n, int64_t j) {
+  const uint32_t bits = (uint32_t)p.lowrank_ub[((n / 16) * (p.rank_pad / 2) + j / 2) * 32 + (n % 16) * 2 + (j & 1)] << 16;
+  float u;
+  memcpy(&u, &bits, 4);
+  return u;
+}
 
 // n (1..64) bits of a packed row starting at bit `start`, never reading past row_bytes.
 static inline uint64_t read_bits(const uint8_t* row, int64_t row_bytes, int64_t start, int n) {

@@ -4,7 +4,9 @@
 // wbuf[k4][32][4], already is the B-tile layout (16 k4 rows of one 16-column half, row stride 128
 // bytes); activations are placed in 64-byte chunks per row (Ops::kunit = 64) so that 16 rows of a
 // chunk are one A tile. Quantization, panel expansion, group flushes and the epilogue are the
-// AVX-512 pieces; the AVX-512 kernel is this kernel's reference.
+// AVX-512 pieces; the AVX-512 kernel is this kernel's reference. The low-rank residual's second
+// product, (x V.T) U.T, runs on AMX-BF16 tiles as well (tdpbf16ps: x V.T rounded to bfloat16, U is
+// stored in bfloat16, float32 sums): at K = 320 its rank-16 FMAs cost more than the 1-bit product.
 // Linux hands out tile state only after arch_prctl(ARCH_REQ_XCOMP_PERM); without it, without the
 // CPU feature, on other systems or with a compiler that lacks AMX (setup.py then defines
 // BONSAI_NO_AMX), amx_ops() is null and the AVX-512 path runs.
@@ -18,7 +20,7 @@
 #include <unistd.h>
 
 #define TARGET_AMX \
-  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")))
+  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8,amx-bf16")))
 
 namespace bonsai {
 namespace {
@@ -85,8 +87,46 @@ TARGET_AMX void zero_acc() {
   }
 }
 
+// Low-rank sums of the tile into t.acc as float32 [mr][PANEL]: lrt (rounded to bfloat16, ranks in
+// chunks of 32 = one A tile row) times U.T in the tile layout of p.lowrank_ub. Rows past a.mr
+// repeat the last row (finite, never stored). When the rank ends 16 into a chunk, the A tile's last
+// 16 columns are zero and the B tile's last 8 rows read the next block (finite): they add nothing.
+template <bool TWO>
+TARGET_AMX void lowrank_tiles(const Problem& p, const ActPanel& a, Tile t) {
+  constexpr int ROWS = TWO ? 32 : 16;
+  alignas(64) uint16_t lrb[ROWS * 32];
+  const int64_t pairs = p.rank_pad / 2;  // B-tile rows per 16-column block
+  const __m512i round = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+  zero_acc<TWO>();
+  for (int64_t c0 = 0; c0 < p.rank_pad; c0 += 32) {
+    for (int r = 0; r < ROWS; ++r) {
+      const float* src = a.lrt + (r < a.mr ? r : a.mr - 1) * p.rank_pad + c0;
+      for (int v = 0; v < 2; ++v) {  // float32 -> bfloat16, round half to even
+        const __m512i bits = c0 + 16 * v < p.rank_pad ? _mm512_loadu_si512(src + 16 * v) : _mm512_setzero_si512();
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+        const __m512i bf = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(round, odd)), 16);
+        _mm256_store_si256((__m256i*)(lrb + r * 32 + 16 * v), _mm512_cvtepi32_epi16(bf));
+      }
+    }
+    memory_barrier();
+    const uint16_t* ub = p.lowrank_ub + ((t.n0 / 16) * pairs + c0 / 2) * 32;
+    _tile_loadd(4, lrb, TILE_BYTES);
+    _tile_loadd(6, ub, TILE_BYTES);
+    _tile_loadd(7, ub + pairs * 32, TILE_BYTES);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (TWO) {
+      _tile_loadd(5, lrb + 16 * 32, TILE_BYTES);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  store_acc<TWO>(t.acc);
+}
+
 // Up to 16 (TWO: up to 32) rows x 32 columns. Rows past a.mr of a tile read neighbouring (or
-// slack) bytes of the activation buffer; their sums are never used.
+// slack) bytes of the activation buffer; their sums are never used. The last K-chunk leaves the
+// tile's low-rank sums in t.acc.
 template <bool TWO>
 TARGET_AMX void kernel_amx_rows(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t,
                                 int64_t j0, int64_t j1) {
@@ -116,7 +156,10 @@ TARGET_AMX void kernel_amx_rows(const Problem& p, const ActPanel& a, const uint8
       zero_acc<TWO>();
     }
   }
-  if (j1 % g4) store_acc<TWO>(t.acc);
+  if (j1 % g4)
+    store_acc<TWO>(t.acc);
+  else if (p.rank && j1 == p.kpad / 4)
+    lowrank_tiles<TWO>(p, a, t);
 }
 
 void kernel_amx(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
@@ -127,18 +170,24 @@ void kernel_amx(const Problem& p, const ActPanel& a, const uint8_t* w, const flo
     kernel_amx_rows<false>(p, a, w, gs, t, j0, j1);
 }
 
-// CPU has AMX-TILE and AMX-INT8 (CPUID.7.0:EDX bits 24, 25) and the kernel lets this process use
-// tile data (permission is per process and covers threads started later as well).
+void write_tile_amx(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y) {
+  x86::write_tile_avx512(p, a, t.f, p.rank ? (const float*)t.acc : nullptr, t.n0, ncols, y);
+}
+
+// CPU has AMX-BF16, AMX-TILE and AMX-INT8 (CPUID.7.0:EDX bits 22, 24, 25) and the kernel lets this
+// process use tile data (permission is per process and covers threads started later as well).
 bool amx_usable() {
   unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !((edx >> 24) & 1) || !((edx >> 25) & 1)) return false;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !((edx >> 22) & 1) || !((edx >> 24) & 1) ||
+      !((edx >> 25) & 1))
+    return false;
   constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 
 const Ops AMX_OPS = {AMX_MR,           TILE_BYTES,         x86::quantize_row_avx512, x86::lowrank_row_avx512,
-                     x86::expand_panel_avx512, kernel_amx, x86::write_tile_avx512, amx_begin,
-                     amx_end};
+                     x86::expand_panel_avx512, kernel_amx, write_tile_amx, x86::prologue_row_avx512,
+                     x86::epilogue_tile_avx512, x86::epilogue_norms_avx512, amx_begin, amx_end};
 
 }  // namespace
 

@@ -74,7 +74,7 @@ void kernel_neon(const Problem& p, const ActPanel& a, const uint8_t* w, const fl
 
 const Ops* neon_ops() {
   static const Ops ops = {NEON_MR,     4,  scalar_ops()->quantize_row, lowrank_row_scalar, scalar_ops()->expand_panel,
-                          kernel_neon, write_tile_scalar, nullptr, nullptr};
+                          kernel_neon, write_tile_scalar, prologue_row_scalar, epilogue_tile_scalar, epilogue_norms_scalar, nullptr, nullptr};
   return &ops;
 }
 

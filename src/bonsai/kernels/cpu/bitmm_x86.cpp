@@ -35,7 +35,8 @@ TARGET_AVX2 __m256 load_scaled8(const Problem& p, const float* x, int64_t k, __m
   return p.col_scale ? _mm256_mul_ps(v, _mm256_maskload_ps(p.col_scale + k, mask)) : v;
 }
 
-TARGET_AVX2 void quantize_row_avx2(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum) {
+TARGET_AVX2 void quantize_row_avx2(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum,
+                                   int32_t* qsum) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
   for (int64_t k = 0; k < p.K; k += 8) {
@@ -48,10 +49,12 @@ TARGET_AVX2 void quantize_row_avx2(const Problem& p, const float* x, int8_t* q, 
   *scale = am / 127.f;
   *xsum = hsum8(sum);
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  __m256i qs = _mm256_setzero_si256();  // lanes past K quantize 0
   for (int64_t k = 0; k < p.K; k += 8) {
     const __m256i mask = tail_mask8(p.K - k);
     __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(load_scaled8(p, x, k, mask), inv));
     i = _mm256_min_epi32(_mm256_max_epi32(i, lo), hi);
+    qs = _mm256_add_epi32(qs, i);
     const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
     const __m128i b8 = _mm_packs_epi16(w16, w16);
     if (p.K - k >= 8) {
@@ -62,6 +65,9 @@ TARGET_AVX2 void quantize_row_avx2(const Problem& p, const float* x, int8_t* q, 
       memcpy(q + k, tmp, (size_t)(p.K - k));
     }
   }
+  const __m128i q4 = _mm_add_epi32(_mm256_castsi256_si128(qs), _mm256_extracti128_si256(qs, 1));
+  const __m128i q2 = _mm_add_epi32(q4, _mm_unpackhi_epi64(q4, q4));
+  *qsum = _mm_cvtsi128_si32(_mm_add_epi32(q2, _mm_shuffle_epi32(q2, 1)));
 }
 
 // 32 sign bits -> 32 bytes, byte i = 2 if bit i is set else 0.
@@ -163,8 +169,12 @@ void kernel_avx2(const Problem& p, const ActPanel& a, const uint8_t* w, const fl
   by_rows[a.mr - 1](p, a, w, gs, t, j0, j1, ncols);
 }
 
-const Ops AVX2_OPS = {AVX2_MR,     4,       quantize_row_avx2, lowrank_row_scalar, expand_panel_avx2,
-                      kernel_avx2, write_tile_scalar, nullptr,      nullptr};
+const Ops AVX2_OPS = {AVX2_MR,           4,
+                      quantize_row_avx2, lowrank_row_scalar,
+                      expand_panel_avx2, kernel_avx2,
+                      write_tile_scalar, x86::prologue_row_avx2,
+                      x86::epilogue_tile_avx2, x86::epilogue_norms_avx2, nullptr,
+                      nullptr};
 
 // ---------------------------------------------------------------- AVX-512 BW + VNNI
 constexpr int AVX512_MR = 12;
@@ -177,7 +187,8 @@ TARGET_AVX512 __mmask16 tail_mask16(int64_t n) {
 
 namespace x86 {
 
-TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum) {
+TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum,
+                                       int32_t* qsum) {
   __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
   for (int64_t k = 0; k < p.K; k += 16) {
     const __mmask16 m = tail_mask16(p.K - k);
@@ -191,13 +202,16 @@ TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t*
   *scale = am / 127.f;
   *xsum = _mm512_reduce_add_ps(sum);
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  __m512i qs = _mm512_setzero_si512();  // lanes past K quantize 0
   for (int64_t k = 0; k < p.K; k += 16) {
     const __mmask16 m = tail_mask16(p.K - k);
     __m512 v = _mm512_maskz_loadu_ps(m, x + k);
     if (p.col_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.col_scale + k));
     const __m512i i = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
+    qs = _mm512_add_epi32(qs, i);
     _mm512_mask_cvtepi32_storeu_epi8(q + k, m, i);
   }
+  *qsum = _mm512_reduce_add_epi32(qs);
 }
 
 // In-register transpose of a 16x16 matrix of 32-bit elements.
@@ -236,20 +250,40 @@ TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w)
   });
 }
 
+// Sums of the lanes of a[0..15], as one vector: out[j] = sum of a[j] (a transposing add tree).
+TARGET_AVX512 static __m512 lane_sums16(const __m512 a[16]) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: a[2i] pair sums, a[2i+1] pair sums, interleaved
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane sums of a[4i .. 4i + 3]
+    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(t[2 * i]), _mm512_castps_pd(t[2 * i + 1]));
+    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(t[2 * i]), _mm512_castps_pd(t[2 * i + 1]));
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xee));
+  const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xdd));
+}
+
 // 16 low-rank columns at a time, k outermost: x is loaded once per 16 FMAs. Rows of V past the rank
-// are read as its last row (finite, never stored).
+// are read as its last row (finite) and their sums zeroed.
 TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t) {
   for (int64_t j0 = 0; j0 < p.rank; j0 += 16) {
     const float* v[16];
     for (int jj = 0; jj < 16; ++jj) v[jj] = p.lowrank_v + (j0 + jj < p.rank ? j0 + jj : p.rank - 1) * p.K;
     __m512 acc[16];
     for (int jj = 0; jj < 16; ++jj) acc[jj] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < p.K; k += 16) {
+    int64_t k = 0;
+    for (; k + 16 <= p.K; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + k);
+      for (int jj = 0; jj < 16; ++jj) acc[jj] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(v[jj] + k), acc[jj]);
+    }
+    if (k < p.K) {
       const __mmask16 m = tail_mask16(p.K - k);
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
       for (int jj = 0; jj < 16; ++jj) acc[jj] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, v[jj] + k), acc[jj]);
     }
-    for (int jj = 0; jj < 16; ++jj) t[j0 + jj] = j0 + jj < p.rank ? _mm512_reduce_add_ps(acc[jj]) : 0.f;
+    _mm512_storeu_ps(t + j0, _mm512_maskz_mov_ps(tail_mask16(p.rank - j0), lane_sums16(acc)));
   }
 }
 
@@ -267,31 +301,37 @@ TARGET_AVX512 void flush_group_avx512(const ActPanel& a, const int32_t* acc, con
 }
 
 // One 16-column half at a time: the half's bias, row offsets and 16 columns of U.T stay in
-// registers across the tile's rows; rows go four at a time (independent FMA chains).
-TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, int64_t n0, int ncols,
-                                     float* y) {
-  constexpr int RB = 4;
+// registers across the tile's rows; rows go eight at a time, interleaved (independent FMA chains).
+TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, const float* lowrank,
+                                     int64_t n0, int ncols, float* y) {
+  constexpr int RB = 8;
+  const bool fma_rank = p.rank && !lowrank;
   for (int h = 0; h * 16 < ncols; ++h) {
     const __mmask16 m = tail_mask16(ncols - 16 * h);
     const int64_t c0 = n0 + 16 * h;
     const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(m, p.bias + c0) : _mm512_setzero_ps();
     const __m512 ro = p.row_offset ? _mm512_maskz_loadu_ps(m, p.row_offset + c0) : _mm512_setzero_ps();
-    for (int64_t j0 = 0; j0 < p.rank_pad || j0 == 0; j0 += 16) {
+    for (int64_t j0 = 0; j0 == 0 || (fma_rank && j0 < p.rank_pad); j0 += 16) {
       __m512 u[16];
-      for (int jj = 0; jj < 16; ++jj)
-        u[jj] = j0 + jj < p.rank ? _mm512_maskz_loadu_ps(m, p.lowrank_ut + (j0 + jj) * p.N + c0) : _mm512_setzero_ps();
+      for (int jj = 0; fma_rank && jj < 16; jj += 2) {  // one 64-byte tile row: two ranks of 16 columns
+        const __m512i pair = _mm512_loadu_si512(p.lowrank_ub + ((c0 / 16) * (p.rank_pad / 2) + (j0 + jj) / 2) * 32);
+        u[jj] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+        u[jj + 1] = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xffff0000u)));
+      }
       for (int r0 = 0; r0 < a.mr; r0 += RB) {
         __m512 acc[RB];
+        const float* t[RB];
         for (int i = 0; i < RB; ++i) {
           const int r = r0 + i < a.mr ? r0 + i : a.mr - 1;  // past the tile: recompute the last row, not stored
           acc[i] = j0 == 0 ? _mm512_add_ps(_mm512_fmadd_ps(ro, _mm512_set1_ps(a.xsum[r]), bias),
                                            _mm512_mul_ps(_mm512_set1_ps(a.scale[r]), _mm512_loadu_ps(f + r * PANEL + 16 * h)))
                            : _mm512_maskz_loadu_ps(m, y + r * p.N + 16 * h);
-          if (p.rank) {
-            const float* t = a.lrt + r * p.rank_pad + j0;
-            for (int jj = 0; jj < 16; ++jj) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[jj]), u[jj], acc[i]);
-          }
+          if (lowrank) acc[i] = _mm512_add_ps(acc[i], _mm512_loadu_ps(lowrank + r * PANEL + 16 * h));
+          t[i] = a.lrt + r * p.rank_pad + j0;
         }
+        if (fma_rank)
+          for (int jj = 0; jj < 16; ++jj)
+            for (int i = 0; i < RB; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[i][jj]), u[jj], acc[i]);
         for (int i = 0; i < RB && r0 + i < a.mr; ++i) _mm512_mask_storeu_ps(y + (r0 + i) * p.N + 16 * h, m, acc[i]);
       }
     }
@@ -351,10 +391,15 @@ void kernel_avx512(const Problem& p, const ActPanel& a, const uint8_t* w, const 
   by_rows[a.mr - 1](p, a, w, gs, t, j0, j1, ncols);
 }
 
+void write_tile_avx512(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y) {
+  x86::write_tile_avx512(p, a, t.f, nullptr, t.n0, ncols, y);
+}
+
 const Ops AVX512_OPS = {AVX512_MR,     4,
                         quantize_row_avx512, x86::lowrank_row_avx512,
                         expand_panel_avx512, kernel_avx512,
-                        x86::write_tile_avx512, nullptr,
+                        write_tile_avx512, x86::prologue_row_avx512,
+                        x86::epilogue_tile_avx512, x86::epilogue_norms_avx512, nullptr,
                         nullptr};
 
 }  // namespace
