@@ -132,9 +132,10 @@ const Ops* ops_for(int isa) {
 }
 
 // Quantize row m (after the fused prologue, if any, into xrow) and place it in its panel:
-// q[kpad / kunit][mr][kunit] with group padding, plus group sums and the row's low-rank factor x @ V.T.
+// q[kpad / kunit][mr][kunit] with group padding, plus group sums and (when lowrank) the row's
+// low-rank factor x @ V.T.
 void place_row(const Problem& p, const Ops& ops, int64_t m, int8_t* qall, int32_t* sumx_all,
-               float* scale, float* xsum, float* lrt, float* xrow, int8_t* qrow, int8_t* padded) {
+               float* scale, float* xsum, float* lrt, float* xrow, int8_t* qrow, int8_t* padded, bool lowrank) {
   const int MR = ops.mr, KU = ops.kunit;
   const int64_t mp = m / MR;
   const int r = (int)(m % MR);
@@ -146,7 +147,7 @@ void place_row(const Problem& p, const Ops& ops, int64_t m, int8_t* qall, int32_
   }
   int32_t qsum;
   ops.quantize_row(p, x, qrow, &scale[m], &xsum[m], &qsum);
-  if (p.rank) ops.lowrank_row(p, x, lrt + m * p.rank_pad);
+  if (lowrank) ops.lowrank_row(p, x, lrt + m * p.rank_pad);
   int32_t* sumx = sumx_all + mp * MR * p.ngroups;
   for (int64_t g = 0; g < p.ngroups; ++g) {
     const int64_t start = g * p.gsize, len = p.K - start < p.gsize ? p.K - start : p.gsize;
@@ -375,6 +376,8 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   std::unique_ptr<WorkRange[]> ranges(new (std::nothrow) WorkRange[nt]);
   if (!ranges) return 2;
   for (int i = 0; i < nt; ++i) ranges[i].reset(items * i / nt, items * (i + 1) / nt);
+  // Raw rows (no prologue): the low-rank factors of LOWRANK_ROWS rows at a time, in one pass over V.
+  const bool block_lowrank = p.rank && ops->lowrank_rows && !(fusion && fusion->layer_norm);
   const bool epilogue_tile = fusion && (fusion->gelu || (fusion->residual && !fusion->norm_cols));
   const float* row_scale = p.row_scale;
   const uint16_t* group_scale = p.group_scale;
@@ -389,7 +392,12 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     int8_t* qrow = rows + row_tmp * t;
     float* xrow = xrows + (fusion ? K : 0) * t;
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) place_row(p, *ops, m, q, sumx, scale, xsum, lrt, xrow, qrow, qrow + p.K);
+    for (int64_t m0 = 0; m0 < M; m0 += LOWRANK_ROWS) {
+      const int rows = (int)(M - m0 < LOWRANK_ROWS ? M - m0 : LOWRANK_ROWS);
+      for (int64_t m = m0; m < m0 + rows; ++m)
+        place_row(p, *ops, m, q, sumx, scale, xsum, lrt, xrow, qrow, qrow + p.K, p.rank && !block_lowrank);
+      if (block_lowrank) ops->lowrank_rows(p, x + m0 * K, rows, lrt + m0 * p.rank_pad);
+    }
 
     uint8_t* w = wall + wbytes * t;
     float* gs = gsall + gsn * t;
