@@ -116,7 +116,12 @@ struct Ops {
   // Per-thread set-up and tear-down around the kernel calls (AMX tile configuration), or null.
   void (*thread_begin)();
   void (*thread_end)();
+  // lowrank_row for rows <= LOWRANK_ROWS consecutive raw rows x[rows][K] (t: row stride rank_pad),
+  // bit-identical to it, or null (then lowrank_row runs per row).
+  void (*lowrank_rows)(const Problem& p, const float* x, int rows, float* t);
 };
+
+constexpr int LOWRANK_ROWS = 4;
 
 const Ops* scalar_ops();
 const Ops* avx2_ops();    // null when not compiled in
@@ -151,6 +156,7 @@ TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t*
                                        int32_t* qsum);
 TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w);
 TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t);
+TARGET_AVX512 void lowrank_rows_avx512(const Problem& p, const float* x, int rows, float* t);
 // The tile's output with the low-rank sum taken from lowrank [mr][PANEL] when given (else computed).
 TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, const float* lowrank,
                                      int64_t n0, int ncols, float* y);

@@ -187,7 +187,8 @@ bool amx_usable() {
 
 const Ops AMX_OPS = {AMX_MR,           TILE_BYTES,         x86::quantize_row_avx512, x86::lowrank_row_avx512,
                      x86::expand_panel_avx512, kernel_amx, write_tile_amx, x86::prologue_row_avx512,
-                     x86::epilogue_tile_avx512, x86::epilogue_norms_avx512, amx_begin, amx_end};
+                     x86::epilogue_tile_avx512, x86::epilogue_norms_avx512, amx_begin, amx_end,
+                     x86::lowrank_rows_avx512};
 
 }  // namespace
 
