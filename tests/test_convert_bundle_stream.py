@@ -21,6 +21,22 @@ def test_binarize_by_row_blocks_equals_whole(config, dtype):
     assert all(torch.equal(whole[k], blocks[k]) for k in whole)  # bit for bit, over 5 blocks of rows
 
 
+@pytest.mark.parametrize("config", [BinarizeConfig("onebit", rank=4), BinarizeConfig("mean", rank=3), BinarizeConfig("xnor", 16, 2)])
+def test_streaming_binarization_equals_the_in_memory_layers(config):
+    from torch import nn
+
+    from bonsai.convert.stream import _binarize_module
+    from bonsai.quant.layers import binarize_conv, binarize_linear
+
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(48, 40).bfloat16(), nn.Conv2d(8, 12, 3, padding=1).bfloat16()
+    pairs = [(_binarize_module(linear, config), binarize_linear(linear.float(), config)),
+             (_binarize_module(conv, config), binarize_conv(conv.float(), config))]
+    for streamed, in_memory in pairs:
+        a, b = streamed.state_dict(), in_memory.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_not_row_separable():
     assert not row_separable(BinarizeConfig("onebit")) and not row_separable(BinarizeConfig("mean", rank=2))
 

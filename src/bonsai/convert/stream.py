@@ -21,8 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..quant import BinarizeConfig, BitConv2d, BitLinear, QuantPolicy
-from ..quant.binarize import binarize, row_separable
-from ..quant.layers import binarize_conv, binarize_linear
+from ..quant.binarize import binarize
 from .adapters import Adapter
 from .source import Source, SourceError
 
@@ -65,11 +64,8 @@ def release_freed_memory() -> None:
 
 
 def _binarize_module(module: nn.Module, config: BinarizeConfig) -> nn.Module:
-    """The packed form of a loaded nn.Linear / nn.Conv2d (its weight in the stored dtype)."""
-    if not row_separable(config):
-        module.float()
-        return binarize_linear(module, config) if isinstance(module, nn.Linear) else binarize_conv(module, config)
-    # binarize() works a block of rows at a time here: no float32 copy of the whole layer
+    """The packed form of a loaded nn.Linear / nn.Conv2d (its weight in the stored dtype; binarize()
+    takes row-separable schemes a block of rows at a time, so no float32 copy of the layer is made)."""
     linear = BitLinear.from_packed(binarize(module.weight.reshape(module.weight.shape[0], -1), config), module.bias, config)
     if isinstance(module, nn.Linear):
         return linear
