@@ -37,7 +37,7 @@ def _parse_models(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per denoiser batch.")
 @click.option("--grid-rows", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts shown in the sample grid.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, mps or auto.")
-@click.option("--prompt-form", type=click.Choice(PROMPT_FORMS), default="full", show_default=True,
+@click.option("--prompt-form", type=click.Choice(list(PROMPT_FORMS)), default="full", show_default=True,
               help="Prompt with the full training caption or the bare emoji name; adherence is scored against the full caption either way.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for eval.json, eval.md, samples.png.")
 def eval_cmd(model_specs, reference, data, evaluator, prompts, seed, steps, cfg, batch_size, grid_rows, device, prompt_form, out) -> None:

@@ -24,16 +24,11 @@ from .generate import generate_prompts
 DEFAULT_EVALUATOR = Path(__file__).resolve().parent.parent / "weights" / "emoji-evaluator"
 
 
-# "full": the training caption ("grinning face, grinning, smileys & emotion, noto style");
-# "name": the bare name ("grinning face"), what people type.
-PROMPT_FORMS = ("full", "name")
-
-
-def prompts_in_form(records: list[dict], form: str) -> list[str]:
-    """The prompt of each held-out record in `form` (see PROMPT_FORMS)."""
-    from ..train.captions import caption_variants
-
-    return [r["caption"] if form == "full" else caption_variants(r)["name"] for r in records]
+# What the models are prompted with (form -> description); retrieval always targets the full caption.
+PROMPT_FORMS = {
+    "full": "full training captions",  # "grinning face, grinning, smileys & emotion, noto style"
+    "name": "bare names; retrieval targets the full caption",  # "grinning face", what people type
+}
 
 
 @dataclass(frozen=True)
@@ -45,7 +40,7 @@ class EvalConfig:
     batch_size: int = 32
     reference: str | None = "teacher"  # the model whose images PSNR/SSIM compare against
     device: str = "cpu"
-    prompt_form: str = "full"  # what the models are prompted with: PROMPT_FORMS; retrieval always targets the full caption
+    prompt_form: str = "full"  # a key of PROMPT_FORMS
 
     def __post_init__(self) -> None:
         if self.prompt_form not in PROMPT_FORMS:
@@ -99,7 +94,9 @@ def compare_models(
     elif not held.records:
         raise ValueError(f"{data}: the bundle has no caption records, so prompt form {config.prompt_form!r} cannot be built")
     else:
-        prompts = prompts_in_form([held.records[i] for i in pick], config.prompt_form)
+        from ..train.captions import caption_variants
+
+        prompts = [caption_variants(held.records[i])["name"] for i in pick]
     seeds = [config.seed + i for i in range(len(pick))]
     evaluator = load_evaluator(evaluator_dir)
 

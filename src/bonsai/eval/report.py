@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 
 from ..atomic import atomic_write
 from ..pipeline import to_pil
+from .compare import PROMPT_FORMS
 
-_FORMS = {"full": "full training captions", "name": "bare names; retrieval targets the full caption"}
 LABEL_HEIGHT = 14  # pixels above each column for its name (PIL's built-in bitmap font is 11 px)
 
 
@@ -39,7 +39,7 @@ def markdown_table(report: dict) -> str:
     cfg = report["config"]
     lines += [
         "",
-        f"{len(report['prompts'])} held-out prompts ({_FORMS[cfg.get('prompt_form', 'full')]}), one image each "
+        f"{len(report['prompts'])} held-out prompts ({PROMPT_FORMS[cfg.get('prompt_form', 'full')]}), one image each "
         f"(seeds {report['seeds'][0]}..{report['seeds'][-1]}), "
         f"{cfg['steps']} steps, cfg {cfg['cfg']:g}; retrieval among {int(real['num_candidates'])} held-out captions; "
         f"FD against all held-out real images in the evaluator's feature space (the real row compares the chosen "
