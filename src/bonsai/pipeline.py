@@ -21,7 +21,7 @@ from PIL import Image
 
 from .limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS
 from .models.offload import on_device, sequential_offload
-from .sampling import SAMPLERS, cfg_velocity, flow_timesteps
+from .sampling import SAMPLERS, cfg_velocity, flow_timesteps, seeded_noise
 # normal: every part stays on the device; lean: one part at a time (text encoder -> denoiser ->
 # tiled decoder), weights kept in CPU memory between uses; offload: lean, and the denoiser's
 # blocks visit the device one at a time (for GPUs smaller than the denoiser).
@@ -202,8 +202,7 @@ class Pipeline:
     def noise(self, params: GenerationParams, batch: int) -> torch.Tensor:
         """Per-image seeded noise [B, C, H, W], drawn on the CPU so every device gets the same."""
         shape = (self.channels, params.height // self.latent_factor, params.width // self.latent_factor)
-        draws = [torch.randn(shape, generator=torch.Generator().manual_seed(params.seed + i)) for i in range(batch)]
-        return torch.stack(draws).to(self.device, self._dtype)
+        return seeded_noise(shape, [params.seed + i for i in range(batch)]).to(self.device, self._dtype)
 
     def encode_images(self, images: list[Image.Image], params: GenerationParams) -> torch.Tensor:
         """Init images -> the model's sample space [B, C, H, W] (pixels in [-1, 1] for pixel-space models)."""

@@ -18,6 +18,12 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, x, denoised)
 
 
+def seeded_noise(shape: tuple[int, ...], seeds: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """Starting noise float32 [len(seeds), *shape] on the CPU, one generator per seed, so an image's
+    noise depends on its seed alone (not on the batch or the device)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
 def flow_timesteps(steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
     """steps + 1 times from 1 to 0. shift > 1 spends more steps at high noise (SD3's time shift)."""
     if steps < 1:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..images import save_png
 from ..pipeline import to_pil
-from ..sampling import flow_timesteps, sample_euler
+from ..sampling import flow_timesteps, sample_euler, seeded_noise
 from .prompt_encoding import Conditioning
 
 Sampler = Callable[[nn.Module], torch.Tensor]  # model -> images [N, 3, H, W] in [-1, 1]
@@ -34,17 +34,13 @@ class SampleSpec:
     steps: int = 8
 
 
-def _noise(spec: SampleSpec, device: torch.device) -> torch.Tensor:
-    return torch.stack([torch.randn(spec.shape, generator=torch.Generator().manual_seed(s)) for s in spec.seeds]).to(device)
-
-
 def pixel_sampler(spec: SampleSpec) -> Sampler:
     """Euler sampling of a pixel-space model with the (x, t, text, mask) signature."""
 
     def sample(model: nn.Module) -> torch.Tensor:
         device = next(model.parameters()).device
         c = spec.cond
-        return sample_euler(lambda x, t: model(x, t, c.states, c.mask).float(), _noise(spec, device), flow_timesteps(spec.steps, device=device))
+        return sample_euler(lambda x, t: model(x, t, c.states, c.mask).float(), seeded_noise(spec.shape, spec.seeds).to(device), flow_timesteps(spec.steps, device=device))
 
     return sample
 
