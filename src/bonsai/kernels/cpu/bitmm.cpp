@@ -51,6 +51,12 @@ constexpr int64_t KC_STEPS = 128;         // k4 steps per K-chunk: 16 KiB of exp
 constexpr int64_t WORK_PER_THREAD = 1 << 21;  // multiply-adds below which one more thread does not pay
 constexpr int64_t AMX_MIN_ROWS = 16;      // fewer rows than one tile: the AVX-512 path is faster
 constexpr size_t KEEP_WORKSPACE = 16 << 20;   // workspace bytes kept between calls (per calling thread)
+// A layer whose expanded panels fit in this many bytes (L2) is expanded once per call and its
+// items go row block by row block: each thread then writes whole rows of y, ROW_BLOCK rows at a
+// time, instead of 32-column strips down all M rows (strided stores that miss the cache on every
+// row: at K = 320, N = 1280, M = 512 the stores of y took more time than the products).
+constexpr size_t SHARED_PANEL_BYTES = 1 << 19;
+constexpr int64_t ROW_BLOCK = 32;
 
 void quantize_row_scalar(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum, int32_t* qsum) {
   float amax = 0.f, sum = 0.f;
@@ -340,14 +346,18 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
 #endif
   const int MR = ops->mr;
   const int64_t npm = (M + MR - 1) / MR, npn = (N + PANEL - 1) / PANEL;
-  int64_t mc = BLOCK_BYTES / (MR * p.kpad);  // activation panels per M-block
-  mc = mc < 1 ? 1 : (mc > npm ? npm : mc);
-  const int64_t nbm = (npm + mc - 1) / mc;
   const int64_t k4 = p.kpad / 4;
   const size_t row_tmp = (size_t)(p.K + p.kpad + 64), wbytes = (size_t)(k4 * PANEL_BYTES);
+  const bool shared = wbytes * (size_t)npn <= SHARED_PANEL_BYTES;
+  int64_t mc = shared ? (ROW_BLOCK + MR - 1) / MR : BLOCK_BYTES / (MR * p.kpad);  // activation panels per M-block
+  mc = mc < 1 ? 1 : (mc > npm ? npm : mc);
+  const int64_t nbm = (npm + mc - 1) / mc;
+  const int64_t panel_sets = shared ? npn : nt;  // expanded panels (and their scales) held at once
   const size_t gsn = (size_t)(p.ngroups * PANEL), tile_n = (size_t)(mc * MR * PANEL);
   // One buffer: quantized rows (plus a tile of slack: AMX loads whole 16-row tiles), per-row sums,
   // scales and low-rank factors, and per-thread panel and tile scratch.
+  const bool bf16_rows = p.rank && ops->lowrank_bf16;
+  uint16_t* lrb;
   int8_t *q, *rows;
   int32_t *sumx, *accall;
   float *scale, *gsall, *fall, *xrows;
@@ -357,10 +367,11 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     q = c.take<int8_t>((size_t)(npm * MR * p.kpad + MR * 64));
     sumx = c.take<int32_t>((size_t)(npm * MR * p.ngroups));
     scale = c.take<float>((size_t)M * (2 + p.rank_pad));  // scale, xsum, low-rank factors
+    lrb = c.take<uint16_t>(bf16_rows ? (size_t)((npm * MR + 16) * lowrank_bf16_stride(p)) : 0);  // + a tile's slack
     rows = c.take<int8_t>(row_tmp * nt);
     xrows = c.take<float>((size_t)(fusion ? K : 0) * nt);  // prologue output rows
-    wall = c.take<uint8_t>(wbytes * nt);
-    gsall = c.take<float>(gsn * nt);
+    wall = c.take<uint8_t>(wbytes * panel_sets);
+    gsall = c.take<float>(gsn * panel_sets);
     accall = c.take<int32_t>(tile_n * nt);
     fall = c.take<float>(tile_n * nt);
     return c.used;
@@ -379,6 +390,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   // Raw rows (no prologue): the low-rank factors of LOWRANK_ROWS rows at a time, in one pass over V.
   const bool block_lowrank = p.rank && ops->lowrank_rows && !(fusion && fusion->layer_norm);
   const bool epilogue_tile = fusion && (fusion->gelu || (fusion->residual && !fusion->norm_cols));
+  const bool direct = ops->direct_single_group && p.ngroups == 1;
   const float* row_scale = p.row_scale;
   const uint16_t* group_scale = p.group_scale;
 
@@ -397,15 +409,13 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
       for (int64_t m = m0; m < m0 + rows; ++m)
         place_row(p, *ops, m, q, sumx, scale, xsum, lrt, xrow, qrow, qrow + p.K, p.rank && !block_lowrank);
       if (block_lowrank) ops->lowrank_rows(p, x + m0 * K, rows, lrt + m0 * p.rank_pad);
+      for (int64_t m = m0; bf16_rows && m < m0 + rows; ++m)
+        for (int64_t j = 0; j < lowrank_bf16_stride(p); ++j)
+          lrb[m * lowrank_bf16_stride(p) + j] = j < p.rank ? bf16_bits(lrt[m * p.rank_pad + j]) : 0;
     }
 
-    uint8_t* w = wall + wbytes * t;
-    float* gs = gsall + gsn * t;
-    int32_t* acc = accall + tile_n * t;
-    float* f = fall + tile_n * t;
-    if (ops->thread_begin) ops->thread_begin();
-    auto item = [&](int64_t it) {
-      const int64_t bm = it / npn, n0 = (it % npn) * PANEL;
+    // Panel n0 / PANEL expanded into w, with its columns' scales in gs.
+    auto prepare_panel = [&](int64_t n0, uint8_t* w, float* gs) {
       const int ncols = (int)(N - n0 < PANEL ? N - n0 : PANEL);
       ops->expand_panel(p, n0, w);
       for (int c = 0; c < PANEL; ++c) {
@@ -415,6 +425,21 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
           gs[g * PANEL + c] = c < ncols ? row_scale[n] * gscale : 0.f;
         }
       }
+    };
+    if (shared) {
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < npn; ++j) prepare_panel(j * PANEL, wall + wbytes * j, gsall + gsn * j);
+    }
+    int32_t* acc = accall + tile_n * t;
+    float* f = fall + tile_n * t;
+    if (ops->thread_begin) ops->thread_begin();
+    auto item = [&](int64_t it) {
+      const int64_t bm = it / npn, n0 = (it % npn) * PANEL;
+      const int ncols = (int)(N - n0 < PANEL ? N - n0 : PANEL);
+      const int64_t set = shared ? it % npn : t;
+      uint8_t* w = wall + wbytes * set;
+      float* gs = gsall + gsn * set;
+      if (!shared) prepare_panel(n0, w, gs);
       const int64_t mp0 = bm * mc, mp1 = (bm + 1) * mc < npm ? (bm + 1) * mc : npm;
       // K-chunks outside, activation panels inside: the weight chunk stays in L1. With one K-chunk
       // every panel is finished before the next starts, so they share one tile's scratch (in L1).
@@ -423,9 +448,10 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
         for (int64_t mp = mp0; mp < mp1; ++mp) {
           const int64_t m0 = mp * MR, slot = (k4 <= KC_STEPS ? 0 : mp - mp0) * MR * PANEL;
           const ActPanel a = {q + m0 * p.kpad, sumx + m0 * p.ngroups, scale + m0, xsum + m0,
-                              lrt + m0 * p.rank_pad, (int)(M - m0 < MR ? M - m0 : MR)};
-          const Tile tile = {acc + slot, f + slot, n0};
-          if (j0 == 0) memset(tile.f, 0, sizeof(float) * (size_t)(MR * PANEL));
+                              lrt + m0 * p.rank_pad, (int)(M - m0 < MR ? M - m0 : MR),
+                              bf16_rows ? lrb + m0 * lowrank_bf16_stride(p) : nullptr};
+          const Tile tile = {acc + slot, f + slot, n0, gs};
+          if (j0 == 0 && !direct) memset(tile.f, 0, sizeof(float) * (size_t)(MR * PANEL));
           ops->kernel(p, a, w, gs, tile, j0, j1, ncols);
           if (j1 == k4) {
             ops->write_tile(p, a, tile, ncols, y + m0 * N + n0);

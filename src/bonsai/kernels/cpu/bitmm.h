@@ -77,6 +77,7 @@ struct ActPanel {
   const float* xsum;    // [mr] sum of the raw x row (for row_offset)
   const float* lrt;     // [mr][rank_pad] x @ V.T of each row, zero past the rank (when rank > 0)
   int mr;
+  const uint16_t* lrb;  // [mr][lowrank_bf16_stride] lrt in bfloat16, zero past the rank (Ops::lowrank_bf16)
 };
 
 // Running sums of one activation panel against one weight panel, kept between K-chunks.
@@ -84,6 +85,7 @@ struct Tile {
   int32_t* acc;  // [mr][PANEL] integer sum of the group in progress (when a chunk ends mid-group)
   float* f;      // [mr][PANEL] sum over finished groups of gs * (dot - sumx); zeroed by the driver
   int64_t n0;    // the weight panel's first output column
+  const float* gs;  // [ngroups][PANEL] row_scale * group_scale of the panel's columns (0 past N)
 };
 
 // The pieces each ISA provides; the driver in bitmm.cpp does the rest.
@@ -119,9 +121,24 @@ struct Ops {
   // lowrank_row for rows <= LOWRANK_ROWS consecutive raw rows x[rows][K] (t: row stride rank_pad),
   // bit-identical to it, or null (then lowrank_row runs per row).
   void (*lowrank_rows)(const Problem& p, const float* x, int rows, float* t);
+  // With one group (no group scales within K) kernel and write_tile go from the integer sums in
+  // t.acc straight to y, and t.f holds the low-rank sums (or nothing): the driver need not zero it.
+  bool direct_single_group;
+  // The driver also keeps the low-rank factors in bfloat16 (ActPanel::lrb), rounded once per row.
+  bool lowrank_bf16;
 };
 
 constexpr int LOWRANK_ROWS = 4;
+
+// Row stride of ActPanel::lrb: the rank rounded up to 32 (one 64-byte AMX tile row of bfloat16).
+static inline int64_t lowrank_bf16_stride(const Problem& p) { return (p.rank + 31) / 32 * 32; }
+
+// float32 -> bfloat16 bits, rounding half to even (finite inputs).
+static inline uint16_t bf16_bits(float v) {
+  uint32_t bits;
+  memcpy(&bits, &v, 4);
+  return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 
 const Ops* scalar_ops();
 const Ops* avx2_ops();    // null when not compiled in

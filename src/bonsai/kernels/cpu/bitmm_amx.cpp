@@ -87,41 +87,31 @@ TARGET_AMX void zero_acc() {
   }
 }
 
-// Low-rank sums of the tile into t.acc as float32 [mr][PANEL]: lrt (rounded to bfloat16, ranks in
-// chunks of 32 = one A tile row) times U.T in the tile layout of p.lowrank_ub. Rows past a.mr
-// repeat the last row (finite, never stored). When the rank ends 16 into a chunk, the A tile's last
-// 16 columns are zero and the B tile's last 8 rows read the next block (finite): they add nothing.
+// Low-rank sums of the tile into out as float32 [mr][PANEL]: a.lrb (bfloat16, ranks in chunks of 32
+// = one A tile row) times U.T in the tile layout of p.lowrank_ub. Rows past a.mr read the next
+// rows or the buffer's slack (their sums are never stored). When the rank ends 16 into a chunk, the
+// A tile's last 16 columns are zero and the B tile's last 8 rows read the next block (finite): they
+// add nothing.
 template <bool TWO>
-TARGET_AMX void lowrank_tiles(const Problem& p, const ActPanel& a, Tile t) {
-  constexpr int ROWS = TWO ? 32 : 16;
-  alignas(64) uint16_t lrb[ROWS * 32];
+TARGET_AMX void lowrank_tiles(const Problem& p, const ActPanel& a, Tile t, float* out) {
   const int64_t pairs = p.rank_pad / 2;  // B-tile rows per 16-column block
-  const __m512i round = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+  const int64_t stride = lowrank_bf16_stride(p) * 2;  // bytes per row of a.lrb
   zero_acc<TWO>();
+  memory_barrier();
   for (int64_t c0 = 0; c0 < p.rank_pad; c0 += 32) {
-    for (int r = 0; r < ROWS; ++r) {
-      const float* src = a.lrt + (r < a.mr ? r : a.mr - 1) * p.rank_pad + c0;
-      for (int v = 0; v < 2; ++v) {  // float32 -> bfloat16, round half to even
-        const __m512i bits = c0 + 16 * v < p.rank_pad ? _mm512_loadu_si512(src + 16 * v) : _mm512_setzero_si512();
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-        const __m512i bf = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(round, odd)), 16);
-        _mm256_store_si256((__m256i*)(lrb + r * 32 + 16 * v), _mm512_cvtepi32_epi16(bf));
-      }
-    }
-    memory_barrier();
     const uint16_t* ub = p.lowrank_ub + ((t.n0 / 16) * pairs + c0 / 2) * 32;
-    _tile_loadd(4, lrb, TILE_BYTES);
+    _tile_loadd(4, a.lrb + c0, stride);
     _tile_loadd(6, ub, TILE_BYTES);
     _tile_loadd(7, ub + pairs * 32, TILE_BYTES);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if (TWO) {
-      _tile_loadd(5, lrb + 16 * 32, TILE_BYTES);
+      _tile_loadd(5, a.lrb + 16 * stride / 2 + c0, stride);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  store_acc<TWO>(t.acc);
+  store_acc<TWO>((int32_t*)out);
 }
 
 // Up to 16 (TWO: up to 32) rows x 32 columns. Rows past a.mr of a tile read neighbouring (or
@@ -152,6 +142,7 @@ TARGET_AMX void kernel_amx_rows(const Problem& p, const ActPanel& a, const uint8
     }
     if (end == gend) {
       store_acc<TWO>(t.acc);
+      if (p.ngroups == 1) break;  // write_tile_amx reads the sums from t.acc
       x86::flush_group_avx512(a, t.acc, gs, g, t.f);
       zero_acc<TWO>();
     }
@@ -159,7 +150,7 @@ TARGET_AMX void kernel_amx_rows(const Problem& p, const ActPanel& a, const uint8
   if (j1 % g4)
     store_acc<TWO>(t.acc);
   else if (p.rank && j1 == p.kpad / 4)
-    lowrank_tiles<TWO>(p, a, t);
+    lowrank_tiles<TWO>(p, a, t, p.ngroups == 1 ? t.f : (float*)t.acc);
 }
 
 void kernel_amx(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
@@ -170,7 +161,30 @@ void kernel_amx(const Problem& p, const ActPanel& a, const uint8_t* w, const flo
     kernel_amx_rows<false>(p, a, w, gs, t, j0, j1);
 }
 
+// One group: y = scale[r] * gs[c] * (acc[r][c] - sumx[r]) + low-rank + row_offset[c] * xsum[r] + bias[c]
+// in one pass over the integer sums (no float tile in between).
+TARGET_AMX void write_tile_direct(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y) {
+  const float* lowrank = p.rank ? t.f : nullptr;
+  for (int h = 0; h * 16 < ncols; ++h) {
+    const __mmask16 m = (__mmask16)(ncols - 16 * h >= 16 ? 0xffff : (1u << (ncols - 16 * h)) - 1);
+    const int64_t c0 = t.n0 + 16 * h;
+    const __m512 g = _mm512_loadu_ps(t.gs + 16 * h);
+    const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(m, p.bias + c0) : _mm512_setzero_ps();
+    const __m512 ro = p.row_offset ? _mm512_maskz_loadu_ps(m, p.row_offset + c0) : _mm512_setzero_ps();
+    const int32_t* acc = t.acc + 16 * h;
+    float* yh = y + 16 * h;
+    for (int r = 0; r < a.mr; ++r) {
+      const __m512i sums = _mm512_sub_epi32(_mm512_load_si512(acc + r * PANEL), _mm512_set1_epi32(a.sumx[r]));
+      __m512 v = _mm512_fmadd_ps(ro, _mm512_set1_ps(a.xsum[r]), bias);
+      if (lowrank) v = _mm512_add_ps(v, _mm512_load_ps(lowrank + r * PANEL + 16 * h));
+      v = _mm512_fmadd_ps(_mm512_mul_ps(g, _mm512_set1_ps(a.scale[r])), _mm512_cvtepi32_ps(sums), v);
+      _mm512_mask_storeu_ps(yh + r * p.N, m, v);
+    }
+  }
+}
+
 void write_tile_amx(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y) {
+  if (p.ngroups == 1) return write_tile_direct(p, a, t, ncols, y);
   x86::write_tile_avx512(p, a, t.f, p.rank ? (const float*)t.acc : nullptr, t.n0, ncols, y);
 }
 
@@ -188,7 +202,7 @@ bool amx_usable() {
 const Ops AMX_OPS = {AMX_MR,           TILE_BYTES,         x86::quantize_row_avx512, x86::lowrank_row_avx512,
                      x86::expand_panel_avx512, kernel_amx, write_tile_amx, x86::prologue_row_avx512,
                      x86::epilogue_tile_avx512, x86::epilogue_norms_avx512, amx_begin, amx_end,
-                     x86::lowrank_rows_avx512};
+                     x86::lowrank_rows_avx512, true, true};
 
 }  // namespace
 
