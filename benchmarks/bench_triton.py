@@ -1,11 +1,15 @@
 """Benchmark the Triton bitmatmul kernels against cuBLAS bf16 and torch._int_mm on one CUDA GPU.
 
     PYTHONPATH=src python benchmarks/bench_triton.py [--out DIR] [--models 4b,emoji] [--ms 1,16,1024,2048,4096]
+        [--variants k-major,fragment]
 
 For every GEMM shape of bonsai-4b and bonsai-emoji and every M it times, in one run with
 triton.testing.do_bench (median; do_bench clears L2 before each repetition, so weights are read
 from memory every time): torch.matmul in bf16 (cuBLAS), torch._int_mm in int8 (GEMM only, no
-activation quantization), our W1A16, and our W1A8 (including its activation quantization kernel).
+activation quantization), and for each kernel variant (ops.VARIANTS: "k-major" expands the weight
+into shared memory, "fragment" into the A-operand registers) our W1A16 and our W1A8 (including its
+activation quantization kernel). `--models 4b --ms 1024,2048,4096` restricts to the 4B
+compute-bound shapes.
 It first checks every kernel's relative error against a float64 reference. Prints a table last;
 with --out, writes the full results as JSON and the table as text.
 """
@@ -24,6 +28,7 @@ import triton.testing
 
 from bonsai.kernels import PackedWeight, pack_signs
 from bonsai.kernels.triton import quantize_rows, w1a8, w1a16
+from bonsai.kernels.triton.ops import VARIANTS
 
 SHAPES = {  # model -> [(K, N)]: qkv, attention out, (emoji: cross-attention kv,) MLP up, MLP down
     "4b": [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072)],
@@ -51,7 +56,13 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).norm() / ref.norm()).item()
 
 
-def check_errors(device: str) -> list[dict]:
+def kernels(variants: list[str]) -> list[tuple[str, object]]:
+    """(column name, fn(x, weight)) for W1A16 and W1A8 in each variant."""
+    return [(f"{name}:{v}", lambda x, w, fn=fn, v=v: fn(x, w, variant=v))
+            for v in variants for name, fn in (("w1a16", w1a16), ("w1a8", w1a8))]
+
+
+def check_errors(device: str, variants: list[str]) -> list[dict]:
     """Relative error vs float64 of every path, on a 4B shape and an odd one, plain and full weights."""
     rows = []
     for m, k, n in [(1024, 3072, 3072), (77, 3000, 1000), (5, 3072, 9216)]:
@@ -63,7 +74,7 @@ def check_errors(device: str) -> list[dict]:
                 ref = x.double() @ wd.T
                 row = {"M": m, "K": k, "N": n, "full": full, "dtype": str(dtype).split(".")[-1],
                        "cublas": rel_err(x @ w.dequantize(dtype).T, ref)}
-                for name, fn in (("w1a16", w1a16), ("w1a8", w1a8)):
+                for name, fn in kernels(variants):
                     try:
                         fn(x, w)  # the first call autotunes; check the launch path every later call takes
                         row[name] = rel_err(fn(x, w), ref)
@@ -84,27 +95,31 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def time_shape(k: int, n: int, m: int, device: str) -> dict:
+def time_shape(k: int, n: int, m: int, device: str, variants: list[str]) -> dict:
     w = random_weight(n, k, False, device)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     w_bf16 = w.dequantize(torch.bfloat16)
     row = {"K": k, "N": n, "M": m}
     row["bf16"] = bench(lambda: torch.matmul(x, w_bf16.t()))
-    w1a16(x, w)  # tune both kernels before timing anything of ours
-    w1a8(x, w)
+    ours = kernels(variants)
+    for key, fn in ours:  # tune every kernel before timing anything of ours
+        try:
+            fn(x, w)
+        except Exception as err:  # reported below, when timing it fails the same way
+            print(json.dumps({"K": k, "N": n, "M": m, "kernel": key, "tuning_error": describe(err)}), flush=True)
     q, _, _ = quantize_rows(x, None)
     w_int8 = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
     try:
         row["int8"] = bench(lambda: torch._int_mm(q, w_int8.t()))
     except RuntimeError as err:  # _int_mm rejects some shapes (e.g. M <= 16)
         row["int8"], row["int8_error"] = None, str(err).splitlines()[0]
-    for key, fn in (("w1a16", lambda: w1a16(x, w)), ("w1a8", lambda: w1a8(x, w)),
-                    ("quant", lambda: quantize_rows(x, None))):
+    timed = [(key, lambda fn=fn: fn(x, w)) for key, fn in ours] + [("quant", lambda: quantize_rows(x, None))]
+    for key, fn in timed:
         try:
             row[key] = bench(fn)
         except Exception as err:  # report and go on: one failing kernel must not hide the others
             row[key], row[f"{key}_error"] = None, describe(err)
-    for key in ("bf16", "int8", "w1a16", "w1a8"):
+    for key in ["bf16", "int8"] + [key for key, _ in ours]:
         if row[key] is not None:
             row[f"{key}_tflops"] = 2 * m * n * k / (row[key] * 1e-3) / 1e12
     return row
@@ -127,12 +142,17 @@ def _cell(r: dict, key: str, tflops: bool = True) -> str:
     return f"{r[key] * 1e3:8.1f} {r[key + '_tflops']:5.0f} {r['bf16'] / r[key]:6.2f}"
 
 
-def table(rows: list[dict]) -> str:
-    lines = [f"{'K->N':>12} {'M':>5} | {'bf16 us':>8} {'TF/s':>5} | {'int8 us':>8} | "
-             f"{'w1a16 us':>8} {'TF/s':>5} {'x bf16':>6} | {'w1a8 us':>8} {'TF/s':>5} {'x bf16':>6} | {'quant us':>8}"]
+def table(rows: list[dict], variants: list[str]) -> str:
+    """One line per shape; per kernel: microseconds, TF/s and cuBLAS bf16 time / our time (> 1: faster)."""
+    keys = [key for key, _ in kernels(variants)]
+    head = f"{'K->N':>12} {'M':>5} | {'bf16 us':>8} {'TF/s':>5} | {'int8 us':>8} | "
+    head += " | ".join(f"{key:>22}" for key in keys) + f" | {'quant us':>8}"
+    sub = f"{'':>12} {'':>5} | {'':>8} {'':>5} | {'':>8} | " + " | ".join(
+        f"{'us':>8} {'TF/s':>5} {'x bf16':>6}" for _ in keys) + f" | {'':>8}"
+    lines = [head, sub]
     for r in rows:
         lines.append(f"{r['K']:>5}->{r['N']:<6} {r['M']:>5} | {r['bf16'] * 1e3:8.1f} {r['bf16_tflops']:5.0f} | "
-                     f"{_cell(r, 'int8', False)} | {_cell(r, 'w1a16')} | {_cell(r, 'w1a8')} | "
+                     f"{_cell(r, 'int8', False)} | " + " | ".join(_cell(r, key) for key in keys) + " | "
                      f"{_cell(r, 'quant', False)}")
     return "\n".join(lines)
 
@@ -142,14 +162,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for results.json and table.txt")
     parser.add_argument("--models", default="4b,emoji")
     parser.add_argument("--ms", default="1,16,1024,2048,4096")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--skip-check", action="store_true")
     args = parser.parse_args()
+    variants = args.variants.split(",")
     device = "cuda"
     torch.manual_seed(0)
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "commit": commit(), "torch": torch.__version__, "triton": triton.__version__}
     print(json.dumps(meta), flush=True)
-    errors = [] if args.skip_check else check_errors(device)
+    errors = [] if args.skip_check else check_errors(device, variants)
     for e in errors:
         print(json.dumps(e), flush=True)
     rows = []
@@ -157,12 +179,12 @@ def main() -> None:
         for k, n in SHAPES[model]:
             for m in (int(s) for s in args.ms.split(",")):
                 try:
-                    rows.append(time_shape(k, n, m, device))
+                    rows.append(time_shape(k, n, m, device, variants))
                 except Exception as err:  # report and go on with the other shapes
                     print(json.dumps({"K": k, "N": n, "M": m, "error": describe(err)}))
                     continue
                 print(json.dumps(rows[-1]), flush=True)
-    text = table(rows)
+    text = table(rows, variants)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps({"meta": meta, "errors": errors, "rows": rows}, indent=1))

@@ -108,23 +108,28 @@ CASES = [
 TILE = triton_ops.TileConfig(16, 32, 64)
 
 
+VARIANTS = ["k-major", "fragment"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("m,n,k,features", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_w1a16_matches_float64_reference(interp, m, n, k, features, dtype):
+def test_w1a16_matches_float64_reference(interp, m, n, k, features, dtype, variant):
     gen = torch.Generator().manual_seed(m * 1000 + k)
     w = random_weight(n, k, gen=gen, **features)
     x = torch.randn(m, k, generator=gen).to(dtype)
-    y = interp.w1a16(x, w, config=TILE)
+    y = interp.w1a16(x, w, config=TILE, variant=variant)
     assert y.dtype == dtype and y.shape == (m, n)
     assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < (1e-2 if dtype != torch.float16 else 2e-3)
 
 
-def test_w1a16_group_not_multiple_of_tile_and_bias(interp):
+@pytest.mark.parametrize("variant", VARIANTS)  # "fragment" falls back to "k-major" for this group size
+def test_w1a16_group_not_multiple_of_tile_and_bias(interp, variant):
     gen = torch.Generator().manual_seed(1)
     w = random_weight(20, 150, group=48, col=True, gen=gen)
     x = torch.randn(2, 3, 150, generator=gen).half()
     bias = torch.randn(20, generator=gen).half()
-    y = interp.w1a16(x, w, bias=bias, config=triton_ops.TileConfig(16, 16, 32))
+    y = interp.w1a16(x, w, bias=bias, config=triton_ops.TileConfig(16, 16, 32), variant=variant)
     ref = x.double() @ w.dequantize(torch.float64).T + bias.double()
     assert y.shape == (2, 3, 20) and rel_err(y, ref) < 2e-3
 
@@ -141,9 +146,10 @@ def test_quantize_rows_error_within_half_step(interp):
     assert q.abs().max() == 127
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("m,n,k,features", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_w1a8_exact_on_quantized_input_and_within_derived_bound(interp, m, n, k, features, dtype):
+def test_w1a8_exact_on_quantized_input_and_within_derived_bound(interp, m, n, k, features, dtype, variant):
     """Two checks: (1) against float64 on the kernel's own quantized x, where only the fp32 epilogue and the
     output rounding err; (2) against the true reference, within the bound that per-token quantization allows:
     |q s - x'| <= s/2 elementwise (x' = x * col_scale, s = max|x'| / 127), so
@@ -151,7 +157,7 @@ def test_w1a8_exact_on_quantized_input_and_within_derived_bound(interp, m, n, k,
     gen = torch.Generator().manual_seed(m * 7 + k)
     w = random_weight(n, k, gen=gen, **features)
     x = torch.randn(m, k, generator=gen).to(dtype)
-    y = interp.w1a8(x, w, config=TILE)
+    y = interp.w1a8(x, w, config=TILE, variant=variant)
     assert y.dtype == dtype and y.shape == (m, n)
     ref = x.double() @ w.dequantize(torch.float64).T
     cs = w.col_scale.double() if w.col_scale is not None else torch.ones(k, dtype=torch.float64)
@@ -161,6 +167,49 @@ def test_w1a8_exact_on_quantized_input_and_within_derived_bound(interp, m, n, k,
     assert rel_err(y, ref + shift) < 2 * BF16_UNIT
     bound = (k * (scale.double() / 2).square().sum()).sqrt() * torch.linalg.matrix_norm(binary_part(w), ord=2)
     assert (y.double() - ref).norm() <= bound + 2 * BF16_UNIT * ref.norm()
+
+
+# Fragment kernels with several chunks per K step and a group scale the k-major fallback would not take.
+FRAGMENT_CASES = [
+    ("w1a16", 9, 72, 300, {"group": 128, "col": True, "offset": True, "rank": 4}, triton_ops.TileConfig(16, 64, 128)),
+    ("w1a16", 33, 40, 136, {}, triton_ops.TileConfig(32, 32, 128)),
+    ("w1a8", 9, 72, 300, {"group": 128, "col": True, "offset": True, "rank": 4}, triton_ops.TileConfig(16, 64, 256)),
+    ("w1a8", 33, 40, 520, {}, triton_ops.TileConfig(32, 32, 256)),
+]
+
+
+@pytest.mark.parametrize("kernel,m,n,k,features,tile", FRAGMENT_CASES)
+def test_fragment_kernels_with_wide_k_steps(interp, kernel, m, n, k, features, tile):
+    gen = torch.Generator().manual_seed(m + n + k)
+    w = random_weight(n, k, gen=gen, **features)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    y = getattr(interp, kernel)(x, w, config=tile, variant="fragment")
+    assert w.cache.keys() & {"triton-fragment-bf16", "triton-fragment-int8"}, "fragment kernel did not run"
+    tol = 1e-2 if kernel == "w1a16" else 3e-2  # W1A8: per-token int8 activations (see the bound test above)
+    assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < tol
+
+
+@pytest.mark.parametrize("build,chunk,set_means", [("bf16_words", 64, -1), ("int8_words", 128, 1)])
+def test_fragment_words_hold_every_sign_where_the_docstring_says(build, chunk, set_means):
+    """Decode the words with the index formulas of fragments.py and compare with the sign matrix."""
+    from bonsai.kernels.triton import fragments
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 37, 3 * chunk - 5
+    w = random_weight(n, k, gen=gen)
+    words = getattr(fragments, build)(w).long() & 0xFFFFFFFF
+    nn, kk = torch.meshgrid(torch.arange(n), torch.arange(k), indexing="ij")
+    g, rs, r0 = nn // 16, (nn // 8) % 2, nn % 8
+    kc, kin = kk // chunk, kk % chunk
+    if chunk == 64:
+        j, h, c, e = kin // 16, (kin // 8) % 2, (kin // 2) % 4, kin % 2
+        word, bit = 4 * r0 + c, 8 * rs + 2 * j + h + 16 * e
+    else:
+        t, h, c, i = kin // 32, (kin // 16) % 2, (kin // 4) % 4, kin % 4
+        word, bit = 2 * (4 * r0 + c) + t // 2, 4 * rs + 2 * (t % 2) + h + 8 * i
+    bits = (words[g, kc, word] >> bit) & 1
+    signs = torch.where(bits == 1, set_means, -set_means)
+    assert torch.equal(signs.float(), w.sign_matrix())
 
 
 def test_w1a8_rejects_group_sizes_it_cannot_tile(interp):

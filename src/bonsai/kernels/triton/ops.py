@@ -16,11 +16,16 @@ import triton
 import triton.testing
 
 from ..packed import PackedWeight
-from . import kernels
+from . import fragment_kernels, kernels
+from .fragments import BF16_CHUNK, INT8_CHUNK, bf16_words, int8_words
 from .layout import layout_of
 
 SMALL_M = 16
 MID_M = 256
+# "k-major": kernels.py (weight expanded into shared memory, the B operand). "fragment":
+# fragment_kernels.py (weight expanded into the A-operand registers; see benchmarks/triton_sass.py).
+VARIANTS = ("k-major", "fragment")
+DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "k-major")
 # +1.0 as a bit pattern, per activation dtype (W1A16 flips bit 15 for -1).
 _ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
 
@@ -55,6 +60,22 @@ _W1A8_TILES = {
 }
 
 
+# Fragment kernels: BLOCK_M counts tokens (the wgmma N side), BLOCK_N weight rows (16 per warp).
+_W1A16_FRAG_TILES = {
+    "small": [(16, 64, 256, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 128, 256, 4, 3)],
+    "mid": [(64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3)],
+    "large": [(256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 128, 8, 3),
+              (256, 64, 64, 4, 4), (128, 128, 64, 4, 4)],
+}
+_W1A8_FRAG_TILES = {
+    "small": [(16, 64, 256, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4)],
+    "mid": [(64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (128, 128, 128, 4, 3), (128, 128, 128, 8, 3)],
+    # 4-warp tiles leave room for two programs per SM: one unpacks while the other's (synchronous) int8 wgmma runs
+    "large": [(256, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 64, 128, 4, 3), (128, 128, 128, 4, 4),
+              (256, 128, 256, 8, 2)],
+}
+
+
 def _m_range(m_bucket: int) -> str:
     return "small" if m_bucket <= SMALL_M else "mid" if m_bucket <= MID_M else "large"
 
@@ -74,7 +95,7 @@ def _fit_group(block_k: int, group: int) -> int:
 
 def _prune(tiles: dict[str, list], per_group: bool, configs: list[triton.Config], named_args: dict,
            **kwargs) -> list[triton.Config]:
-    """Keep the tiles of this M range; for W1A8 (per_group) shrink BLOCK_K to divide the group size."""
+    """Keep the tiles of this M range; shrink BLOCK_K to divide the group size where the kernel needs it."""
     args = {**named_args, **kwargs}
     wanted = {tuple(t) for t in tiles[_m_range(args["M_BUCKET"])]}
     group = args["GROUP"] if per_group else 0
@@ -101,6 +122,10 @@ def _autotuned(kernel, tiles: dict[str, list], per_group: bool):
 
 _w1a16_tuned = _autotuned(kernels.w1a16_kernel, _W1A16_TILES, per_group=False)
 _w1a8_tuned = _autotuned(kernels.w1a8_kernel, _W1A8_TILES, per_group=True)
+_w1a16_frag_tuned = _autotuned(fragment_kernels.w1a16_frag_kernel, _W1A16_FRAG_TILES, per_group=True)
+_w1a8_frag_tuned = _autotuned(fragment_kernels.w1a8_frag_kernel, _W1A8_FRAG_TILES, per_group=True)
+# Kernels whose BLOCK_K must divide the group size (they apply group scales per K step or per group).
+_PER_GROUP = (kernels.w1a8_kernel, fragment_kernels.w1a16_frag_kernel, fragment_kernels.w1a8_frag_kernel)
 
 
 def _interpreting() -> bool:
@@ -128,7 +153,7 @@ def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, co
                      num_stages=chosen.num_stages)
         return
     config = config or TileConfig(SMALL_M, 32, 64)
-    block_k = _fit_group(config.block_k, consts.get("GROUP", 0) if kernel is kernels.w1a8_kernel else 0)
+    block_k = _fit_group(config.block_k, consts.get("GROUP", 0) if kernel in _PER_GROUP else 0)
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
     kernel[grid](*args, **consts, EVEN_K=k % block_k == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                  BLOCK_K=block_k, GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -180,9 +205,32 @@ def _finish(x: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], n)
 
 
+def fragment_supports_group(group_size: int, chunk: int) -> bool:
+    """The fragment kernels take group scales per K step, so a step (a multiple of the chunk) must fit in a group."""
+    return group_size == 0 or group_size % chunk == 0
+
+
+def _variant(variant: str | None) -> str:
+    variant = variant or DEFAULT_VARIANT
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown Triton kernel variant {variant!r}; choose from {VARIANTS}")
+    return variant
+
+
+def _fragment_config(config: TileConfig | None, chunk: int) -> TileConfig | None:
+    """A fixed tile for the fragment kernels: BLOCK_K at least one chunk, BLOCK_N a multiple of 16."""
+    if config is None:
+        return None
+    return TileConfig(config.block_m, max(16, config.block_n), max(chunk, config.block_k), config.num_warps,
+                      config.num_stages, config.group_m)
+
+
 def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
-          config: TileConfig | None = None) -> torch.Tensor:
-    """y = x @ W.T (+ bias) for x [..., K] bf16/fp16/fp32 (fp32 is computed in bf16); returns x.dtype."""
+          config: TileConfig | None = None, variant: str | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for x [..., K] bf16/fp16/fp32 (fp32 is computed in bf16); returns x.dtype.
+
+    variant: "k-major" or "fragment" (default DEFAULT_VARIANT); "fragment" falls back to "k-major" for
+    group sizes that are not a multiple of 64."""
     ops = _operands(x, weight, bias)
     layout = layout_of(weight)
     xc = ops.x2.to(torch.bfloat16) if ops.x2.dtype == torch.float32 else ops.x2
@@ -192,12 +240,21 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         gsb = weight.signs
     else:
         gsb = layout.group_bits_bf16 if xc.dtype == torch.bfloat16 else layout.group_bits_f16
-    cs = _or(weight.col_scale, weight.row_scale)
     r_s, ro, xsum, xv, ut, bias_t = _epilogue_args(weight, ops)
+    consts = {"ONE_BITS": _ONE_BITS[xc.dtype], "GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
+    if _variant(variant) == "fragment" and fragment_supports_group(weight.group_size, BF16_CHUNK):
+        if weight.col_scale is not None:  # x^T goes to shared memory as loaded: scale x first (as k-major does, in fp32)
+            xc = (xc.float() * weight.col_scale).to(xc.dtype)
+        words = weight.prepared("triton-fragment-bf16", bf16_words)
+        args = (xc, words, ops.out, r_s, gsb, ro, xsum, xv, ut, bias_t, m, n, k, words.shape[0], words.shape[1],
+                m_bucket(m))
+        _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k,
+                _fragment_config(config, BF16_CHUNK))
+        return _finish(x, ops.out, n)
+    cs = _or(weight.col_scale, weight.row_scale)
     args = (xc, layout.signs_t, ops.out, r_s, cs, gsb, ro, xsum, xv, ut, bias_t, m, n, k, m_bucket(m))
-    consts = {"ONE_BITS": _ONE_BITS[xc.dtype], "GROUP": weight.group_size,
-              "HAS_COL": weight.col_scale is not None, **_epilogue_consts(weight, ops)}
-    _launch(_w1a16_tuned, kernels.w1a16_kernel, args, consts, m, n, k, config)
+    _launch(_w1a16_tuned, kernels.w1a16_kernel, args, {**consts, "HAS_COL": weight.col_scale is not None}, m, n, k,
+            config)
     return _finish(x, ops.out, n)
 
 
@@ -218,8 +275,11 @@ def w1a8_supports_group(group_size: int) -> bool:
 
 
 def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
-         config: TileConfig | None = None) -> torch.Tensor:
-    """y = x @ W.T (+ bias) with x quantized per token to int8 (col_scale folded in); returns x.dtype."""
+         config: TileConfig | None = None, variant: str | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) with x quantized per token to int8 (col_scale folded in); returns x.dtype.
+
+    variant: "k-major" or "fragment" (default DEFAULT_VARIANT); "fragment" falls back to "k-major" for
+    group sizes that are not a multiple of 128."""
     if not w1a8_supports_group(weight.group_size):
         raise ValueError(f"triton-w1a8 needs group_size 0 or a multiple of 32, got {weight.group_size}; "
                          "use triton-w1a16")
@@ -230,7 +290,14 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     q, xs, qsum = quantize_rows(ops.x2, weight.col_scale)
     gs = _or(layout.group_scale_t, weight.row_scale)
     r_s, ro, xsum, xv, ut, bias_t = _epilogue_args(weight, ops)
-    args = (q, xs, qsum, layout.signs_t, ops.out, r_s, gs, ro, xsum, xv, ut, bias_t, m, n, k, m_bucket(m))
     consts = {"GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
+    if _variant(variant) == "fragment" and fragment_supports_group(weight.group_size, INT8_CHUNK):
+        words = weight.prepared("triton-fragment-int8", int8_words)
+        args = (q, xs, qsum, words, ops.out, r_s, gs, ro, xsum, xv, ut, bias_t, m, n, k, words.shape[0],
+                words.shape[1], m_bucket(m))
+        _launch(_w1a8_frag_tuned, fragment_kernels.w1a8_frag_kernel, args, consts, m, n, k,
+                _fragment_config(config, INT8_CHUNK))
+        return _finish(x, ops.out, n)
+    args = (q, xs, qsum, layout.signs_t, ops.out, r_s, gs, ro, xsum, xv, ut, bias_t, m, n, k, m_bucket(m))
     _launch(_w1a8_tuned, kernels.w1a8_kernel, args, consts, m, n, k, config)
     return _finish(x, ops.out, n)

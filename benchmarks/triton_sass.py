@@ -1,0 +1,152 @@
+"""Compile the Triton bitmatmul kernels for sm_90 without a GPU and count the main loop's SASS.
+
+    python benchmarks/triton_sass.py [--out DIR]
+
+Needs only the `triton` package (no torch, no GPU): triton.compile targets sm_90 offline and the
+cuobjdump shipped in Triton's wheel disassembles the cubin. Use the Triton version the GPU runs
+(the numbers depend on it). For each kernel and tile it prints, per thread and per K step of the
+main loop (the loop that holds the HGMMA): the instruction count, the opcodes that matter (integer
+ops that unpack signs, shared-memory stores/loads, barriers, HGMMA), registers, and from the TTGIR
+whether the weight operand stays in registers and how many wgmma groups stay in flight.
+Pointers and M, N, K are compiled as multiples of 16, as the 4B shapes launch them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def kernel_modules():
+    """bonsai.kernels.triton.{kernels, fragment_kernels} without running the package __init__ (torch)."""
+    for name in ("bonsai", "bonsai.kernels", "bonsai.kernels.triton"):
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__path__ = [str(SRC / Path(*name.split(".")))]
+            sys.modules[name] = module
+    return (importlib.import_module("bonsai.kernels.triton.kernels"),
+            importlib.import_module("bonsai.kernels.triton.fragment_kernels"))
+
+
+EPILOGUE = {"rs_ptr": "*fp32", "ro_ptr": "*fp32", "xsum_ptr": "*fp32", "xv_ptr": "*bf16", "ut_ptr": "*bf16",
+            "bias_ptr": "*bf16"}
+PLAIN = {"HAS_OFFSET": False, "RANK": 0, "HAS_BIAS": False, "EVEN_K": True, "GROUP": 0, "GROUP_M": 8}
+
+
+def variants():
+    """(label, kernel, signature, constexprs, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)) to compile."""
+    old, frag = kernel_modules()
+    w1a16_old = {"x_ptr": "*bf16", "wt_ptr": "*u8", "out_ptr": "*bf16", "rs_ptr": "*fp32", "cs_ptr": "*fp32",
+                 "gsb_ptr": "*i16", **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
+                 "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"}
+    w1a16_new = {"x_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "rs_ptr": "*fp32", "gsb_ptr": "*i16",
+                 **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
+                 "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "KC": "i32", "M_BUCKET": "i32"}
+    w1a8_old = {"q_ptr": "*i8", "xs_ptr": "*fp32", "qsum_ptr": "*i32", "wt_ptr": "*u8", "out_ptr": "*bf16",
+                "rs_ptr": "*fp32", "gs_ptr": "*fp32", **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
+                "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"}
+    w1a8_new = {**{k: v for k, v in w1a8_old.items() if k not in ("wt_ptr", "M", "N", "K", "M_BUCKET")},
+                "w_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "KC": "i32", "M_BUCKET": "i32"}
+    w1a8_new = {k: w1a8_new[k] for k in frag.w1a8_frag_kernel.arg_names if k in w1a8_new}
+    w1a16_new = {k: w1a16_new[k] for k in frag.w1a16_frag_kernel.arg_names if k in w1a16_new}
+    one = {"ONE_BITS": 0x3F80}
+    return [
+        ("w1a16 k-major", old.w1a16_kernel, w1a16_old, {**one, "HAS_COL": False, **PLAIN}, (128, 256, 64, 8, 3)),
+        ("w1a16 k-major", old.w1a16_kernel, w1a16_old, {**one, "HAS_COL": False, **PLAIN}, (256, 128, 64, 8, 3)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (256, 128, 64, 8, 3)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (128, 256, 64, 8, 3)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (256, 128, 128, 8, 3)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (16, 64, 256, 4, 4)),
+        ("w1a8 k-major", old.w1a8_kernel, w1a8_old, dict(PLAIN), (128, 256, 128, 8, 3)),
+        ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, dict(PLAIN), (256, 128, 128, 8, 3)),
+        ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, dict(PLAIN), (128, 256, 128, 8, 3)),
+    ]
+
+
+def compile_sm90(kernel, signature: dict, consts: dict, tile: tuple):
+    bm, bn, bk, warps, stages = tile
+    consts = {**consts, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    sig = {**signature, **{k: "constexpr" for k in consts}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t != "constexpr"}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def _tool(name: str, *args: str) -> str:
+    return subprocess.run([str(TOOLS / name), *args], capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(sass: str) -> list[str]:
+    """Instructions of the longest backward branch's body that holds an HGMMA (the K loop)."""
+    ins = [(int(m.group(1), 16), m.group(2).strip())
+           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    best = None
+    for addr, text in ins:
+        m = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            lo = int(m.group(1), 16)
+            if any(lo <= a <= addr and "GMMA" in t for a, t in ins) and (best is None or addr - lo > best[1] - best[0]):
+                best = (lo, addr)
+    return [t for a, t in ins if best and best[0] <= a <= best[1]]
+
+
+UNPACK_OPS = ("LOP3", "SHF", "IMAD", "PRMT", "IADD3", "SEL", "I2F", "F2F", "VIADD", "LEA")
+
+
+def summarize(label: str, ck, tile: tuple, cubin: Path) -> dict:
+    sass = _tool("cuobjdump", "-sass", str(cubin))
+    body = main_loop(sass)
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+    usage = re.search(r"REG:(\d+)", _tool("cuobjdump", "-res-usage", str(cubin)))
+    ttgir = ck.asm["ttgir"]
+    dots = re.findall(r"ttng\.warp_group_dot (\S+), (\S+),.*?: (\S+?)<", ttgir)
+    a_in_regs = bool(re.search(r"warp_group_dot %\S+, %\S+, .* : tensor<", ttgir))
+    pendings = sorted({int(p) for p in re.findall(r"pendings = (\d+)", ttgir)})
+    bm, bn, bk, warps, stages = tile
+    weights_per_thread = bn * bk // (32 * warps)
+    return {"kernel": label, "tile": f"{bm}x{bn}x{bk} w{warps} s{stages}", "regs": int(usage.group(1)) if usage else None,
+            "loop_instr": len(body), "weights_per_thread": weights_per_thread,
+            "unpack_alu": sum(ops[o] for o in UNPACK_OPS), "STS": ops["STS"], "LDS": ops["LDS"] + ops["LDSM"],
+            "BAR": ops["BAR"], "GMMA": ops["HGMMA"] + ops["IGMMA"], "LDGSTS": ops["LDGSTS"], "LDG": ops["LDG"],
+            "A_in_registers": a_in_regs, "wgmma_pendings": pendings, "n_dots": len(dots),
+            "ops": dict(ops.most_common())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/triton_sass"), help="folder for ttgir/ptx/sass")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"triton {triton.__version__}, target sm_90")
+    head = (f"{'kernel':<15} {'tile (BMxBNxBK)':<20} {'regs':>4} {'instr':>5} {'w/thr':>5} {'alu':>4} {'STS':>3} "
+            f"{'LDS':>3} {'BAR':>3} {'GMMA':>5}  A in regs, wgmma in flight")
+    print(head)
+    for i, (label, kernel, sig, consts, tile) in enumerate(variants()):
+        ck = compile_sm90(kernel, sig, consts, tile)
+        stem = args.out / f"{i:02d}_{label.replace(' ', '_')}"
+        for ext in ("ttgir", "ptx"):
+            stem.with_suffix("." + ext).write_text(ck.asm[ext])
+        cubin = stem.with_suffix(".cubin")
+        cubin.write_bytes(ck.asm["cubin"])
+        s = summarize(label, ck, tile, cubin)
+        stem.with_suffix(".sass").write_text(_tool("cuobjdump", "-sass", str(cubin)))
+        print(f"{s['kernel']:<15} {s['tile']:<20} {s['regs']:>4} {s['loop_instr']:>5} {s['weights_per_thread']:>5} "
+              f"{s['unpack_alu']:>4} {s['STS']:>3} {s['LDS']:>3} {s['BAR']:>3} {s['GMMA']:>5}  "
+              f"{s['A_in_registers']}, pendings {s['wgmma_pendings']}")
+        print(f"    {s['ops']}")
+
+
+if __name__ == "__main__":
+    main()
