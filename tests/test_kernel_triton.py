@@ -138,7 +138,9 @@ def test_quantize_rows_error_within_half_step(interp):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(9, 300, generator=gen).bfloat16()
     cs = torch.rand(300, generator=gen) + 0.5
-    q, scale, qsum = interp.quantize_rows(x, cs)
+    xsum = torch.empty(9)
+    q, scale, qsum = interp.quantize_rows(x, cs, xsum)
+    assert torch.allclose(xsum.double(), x.double().sum(1), rtol=1e-5, atol=1e-4)  # raw rows, before col_scale
     xc = x.double() * cs.double()
     assert torch.allclose(scale.double(), xc.abs().amax(1) / 127, rtol=1e-6)
     assert ((q.double() * scale.double()[:, None] - xc).abs() <= scale.double()[:, None] * (0.5 + 1e-5)).all()
@@ -252,11 +254,14 @@ def test_cuda_dispatch_matches_reference(kernel, m, tol):
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_automatic_choice_is_w1a16_for_large_layers():
+def test_cuda_automatic_choice_by_layer_and_rows():
     big, small = random_weight(3072, 3072).to("cuda"), random_weight(320, 1280).to("cuda")
+    grouped = random_weight(3072, 3072, group=64).to("cuda")  # the fragment W1A8 takes multiples of 128
     x_big, x_small = torch.randn(1024, 3072, device="cuda").bfloat16(), torch.randn(1024, 1280, device="cuda").bfloat16()
-    assert select_kernel(x_big, big).name == "triton-w1a16"
+    assert select_kernel(x_big, big).name == "triton-w1a8"  # compute-bound: int8 tensor cores
+    assert select_kernel(x_big[:1023], big).name == "triton-w1a16"
     assert select_kernel(x_big[:16], big).name == "triton-w1a16"
+    assert select_kernel(x_big, grouped).name == "triton-w1a16"
     assert select_kernel(x_small, small).name == "reference"  # launch-bound: dequantize + cuBLAS wins
 
 

@@ -1,11 +1,13 @@
 """Triton kernels for bitmatmul on CUDA: W1A16 (bf16/fp16 activations) and W1A8 (int8 activations).
 
 Importing registers "triton-w1a16" and "triton-w1a8" with the dispatcher; without the `triton`
-package the import raises ImportError, which the dispatcher tolerates. Automatic choice on CUDA is
-W1A16: W1A8 was faster than W1A16 on some large single GEMMs, but slower end to end on bonsai-4b
-(76.7 vs 65.5 ms per step on an H200, benchmarks/RESULTS.md) and less accurate (relative error ~9e-3
-against ~2e-3), so it runs only when forced: `BONSAI_KERNEL=triton-w1a16|triton-w1a8|reference`.
-Layers under MIN_AUTO_WEIGHTS weights go to the reference path instead: their GEMMs are
+package the import raises ImportError, which the dispatcher tolerates. Automatic choice on CUDA:
+W1A8 (fragment kernels) for products of at least W1A8_MIN_ROWS rows, where it beats cuBLAS bf16
+and W1A16 (bonsai-4b: 44.9 vs 55.9 ms per step on an H200, benchmarks/RESULTS.md); W1A16 below,
+where int8 quantization does not pay (and for group sizes the fragment W1A8 cannot take). W1A8 is
+less exact (relative error ~9e-3 against ~2e-3; on bonsai-emoji 36 dB PSNR against the reference
+path's images, Fréchet distance unchanged). `BONSAI_KERNEL=triton-w1a16|triton-w1a8|reference`
+forces one. Layers under MIN_AUTO_WEIGHTS weights go to the reference path instead: their GEMMs are
 launch-bound, and bonsai-emoji (largest layer 320 x 1280) drew 128 images 3.7x faster on an H200
 through the reference than through W1A16 (benchmarks/RESULTS.md, "Kernel choice and image quality").
 """
@@ -16,9 +18,13 @@ import torch
 
 from ..dispatch import Kernel, register_kernel
 from ..packed import PackedWeight
-from .ops import TileConfig, quantize_rows, w1a8, w1a8_supports_group, w1a16
+from . import ops
+from .fragments import INT8_CHUNK
+from .ops import TileConfig, fragment_supports_group, quantize_rows, w1a8, w1a8_supports_group, w1a16
 
-MIN_AUTO_WEIGHTS = 1 << 20  # bonsai-4b's smallest layers (1024 x 1024, text encoder) stay on W1A16
+MIN_AUTO_WEIGHTS = 1 << 20  # bonsai-4b's smallest layers (1024 x 1024, text encoder) stay on Triton
+W1A8_MIN_ROWS = 1024  # rows of x (tokens x batch) from which W1A8 is chosen
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def large_enough(weight: PackedWeight) -> bool:
@@ -27,14 +33,17 @@ def large_enough(weight: PackedWeight) -> bool:
 
 
 def _supports_w1a16(x: torch.Tensor, weight: PackedWeight) -> bool:
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and large_enough(weight)
+    return x.is_cuda and x.dtype in _DTYPES and large_enough(weight)
 
 
-def _never_automatic(x: torch.Tensor, weight: PackedWeight) -> bool:
-    return False
+def _supports_w1a8(x: torch.Tensor, weight: PackedWeight) -> bool:
+    rows = x.numel() // max(1, x.shape[-1])
+    return (_supports_w1a16(x, weight) and rows >= W1A8_MIN_ROWS and ops.DEFAULT_VARIANT == "fragment"
+            and fragment_supports_group(weight.group_size, INT8_CHUNK))
 
 
-register_kernel(Kernel("triton-w1a8", ("cuda",), w1a8, _never_automatic))
-register_kernel(Kernel("triton-w1a16", ("cuda",), w1a16, _supports_w1a16))
+# Later registrations are asked first: W1A8 where it applies, else W1A16. Both add the bias in their epilogue.
+register_kernel(Kernel("triton-w1a16", ("cuda",), w1a16, _supports_w1a16, fuses_bias=True))
+register_kernel(Kernel("triton-w1a8", ("cuda",), w1a8, _supports_w1a8, fuses_bias=True))
 
-__all__ = ["MIN_AUTO_WEIGHTS", "TileConfig", "large_enough", "quantize_rows", "w1a16", "w1a8", "w1a8_supports_group"]
+__all__ = ["MIN_AUTO_WEIGHTS", "W1A8_MIN_ROWS", "TileConfig", "large_enough", "quantize_rows", "w1a16", "w1a8", "w1a8_supports_group"]

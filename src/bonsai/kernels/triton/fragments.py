@@ -31,21 +31,23 @@ GROUP_ROWS = 16
 
 
 def _sign_bits(weight: PackedWeight, chunk: int) -> torch.Tensor:
-    """int64 [16 * NG, chunk * KC] of 1 (+1) / 0 (-1), zero padded."""
+    """uint8 [16 * NG, chunk * KC] of 1 (+1) / 0 (-1), zero padded (one byte per weight: the
+    largest bonsai-4b layer needs 38 MB for it while it is built, not 8 bytes per weight)."""
     n, k = weight.out_features, weight.in_features
     ng, kc = -(-n // GROUP_ROWS), -(-k // chunk)
-    shifts = torch.arange(8, device=weight.device)
-    bits = (weight.signs.long()[:, :, None] >> shifts) & 1  # [N, KB, 8]
-    bits = bits.reshape(n, -1)[:, :k]
+    shifts = torch.arange(8, device=weight.device, dtype=torch.uint8)
+    bits = (weight.signs[:, :, None] >> shifts) & 1  # [N, KB, 8]
     out = bits.new_zeros(ng * GROUP_ROWS, kc * chunk)
-    out[:n, :k] = bits
+    out[:n, :k] = bits.reshape(n, -1)[:, :k]
     return out
 
 
 def _to_words(bits: torch.Tensor) -> torch.Tensor:
-    """[..., 32] of 0/1 (bit index last) -> int32 [...], two's complement."""
-    value = (bits << torch.arange(32, device=bits.device)).sum(-1)
-    return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32)
+    """[..., 32] of 0/1 (bit index last) -> int32 [...] with bit i from bits[..., i] (bit 31 is the sign)."""
+    words = torch.zeros(bits.shape[:-1], dtype=torch.int32, device=bits.device)
+    for i in range(32):  # int32 shifts wrap at bit 31, which is what two's complement wants
+        words |= bits[..., i].to(torch.int32) << i
+    return words
 
 
 def bf16_words(weight: PackedWeight) -> torch.Tensor:

@@ -169,13 +169,16 @@ def w1a8_kernel(q_ptr, xs_ptr, qsum_ptr, wt_ptr, out_ptr, rs_ptr, gs_ptr, ro_ptr
 
 
 @triton.jit
-def quantize_rows_kernel(x_ptr, cs_ptr, q_ptr, xs_ptr, qsum_ptr, K,
-                         HAS_COL: tl.constexpr, BLOCK: tl.constexpr):
-    """One row per program: q = round(x * col_scale / s) in int8 with s = max|x * col_scale| / 127."""
+def quantize_rows_kernel(x_ptr, cs_ptr, q_ptr, xs_ptr, qsum_ptr, xsum_ptr, K,
+                         HAS_COL: tl.constexpr, HAS_XSUM: tl.constexpr, BLOCK: tl.constexpr):
+    """One row per program: q = round(x * col_scale / s) in int8 with s = max|x * col_scale| / 127;
+    with HAS_XSUM also the raw row sum (the row offset's term), which saves a pass over x."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_XSUM:
+        tl.store(xsum_ptr + row, tl.sum(x, axis=0))
     if HAS_COL:
         x = x * tl.load(cs_ptr + offs, mask=mask, other=0.0)
     amax = tl.max(tl.abs(x), axis=0)

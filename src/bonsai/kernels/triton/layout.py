@@ -1,9 +1,10 @@
-"""The weight layout the Triton kernels read, built once per PackedWeight.
+"""The weight layouts the Triton kernels read, built once per PackedWeight (and only when used).
 
-The GEMM tiles walk K in the inner loop and N across programs, so the signs are stored K-major:
-`signs_t` is uint8 [ceil(K/8), N], the transpose of PackedWeight.signs. Every byte keeps the
-packing.py bit order (bit j of byte b = column 8b + j), so a [BLOCK_K/8, BLOCK_N] tile is one
-coalesced load that expands to [BLOCK_K, BLOCK_N] signs in registers.
+- `layout_of`: scales and low-rank factors in the form both kernel families read.
+- `kmajor_signs`: the signs K-major for the "k-major" kernels (kernels.py): uint8 [ceil(K/8), N],
+  the transpose of PackedWeight.signs. Every byte keeps the packing.py bit order (bit j of byte b =
+  column 8b + j), so a [BLOCK_K/8, BLOCK_N] tile is one coalesced load that expands to
+  [BLOCK_K, BLOCK_N] signs in registers. The "fragment" kernels read fragments.py's words instead.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import torch
 from ..packed import PackedWeight
 
 LAYOUT_KEY = "triton"
+KMAJOR_KEY = "triton-k-major"
 MIN_DOT = 16  # smallest inner dimension tl.dot accepts
 
 
 @dataclass(frozen=True)
 class TritonLayout:
-    signs_t: torch.Tensor  # uint8 [ceil(K/8), N]
     group_scale_t: torch.Tensor | None  # float32 [ceil(K/G), N] (W1A8 epilogue)
     group_bits_bf16: torch.Tensor | None  # int16 [ceil(K/G), N]: bf16 bit patterns (W1A16 folds them into B)
     group_bits_f16: torch.Tensor | None  # int16 [ceil(K/G), N]: fp16 bit patterns
@@ -48,8 +49,12 @@ def build_layout(weight: PackedWeight) -> TritonLayout:
         v[:r] = weight.lowrank_v
         u_t = weight.lowrank_u.new_zeros(rp, weight.out_features)
         u_t[:r] = weight.lowrank_u.t()
-    return TritonLayout(weight.signs.t().contiguous(), gs_t, bits_bf16, bits_f16, v, u_t)
+    return TritonLayout(gs_t, bits_bf16, bits_f16, v, u_t)
 
 
 def layout_of(weight: PackedWeight) -> TritonLayout:
     return weight.prepared(LAYOUT_KEY, build_layout)
+
+
+def kmajor_signs(weight: PackedWeight) -> torch.Tensor:
+    return weight.prepared(KMAJOR_KEY, lambda w: w.signs.t().contiguous())

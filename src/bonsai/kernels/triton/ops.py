@@ -18,14 +18,15 @@ import triton.testing
 from ..packed import PackedWeight
 from . import fragment_kernels, kernels
 from .fragments import BF16_CHUNK, INT8_CHUNK, bf16_words, int8_words
-from .layout import layout_of
+from .layout import kmajor_signs, layout_of
 
 SMALL_M = 16
 MID_M = 256
 # "k-major": kernels.py (weight expanded into shared memory, the B operand). "fragment":
 # fragment_kernels.py (weight expanded into the A-operand registers; see benchmarks/triton_sass.py).
+# "fragment" is the default: 1.3-1.6x faster than "k-major" on bonsai-4b's GEMMs (benchmarks/RESULTS.md).
 VARIANTS = ("k-major", "fragment")
-DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "k-major")
+DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "fragment")
 # +1.0 as a bit pattern, per activation dtype (W1A16 flips bit 15 for -1).
 _ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
 
@@ -170,7 +171,8 @@ class _Operands:
     bias: torch.Tensor | None
 
 
-def _operands(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> _Operands:
+def _operands(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, row_sums: bool = True) -> _Operands:
+    """row_sums=False: leave them to the caller (W1A8's quantization kernel writes them into ops.xsum)."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x has K={x.shape[-1]}, weight expects K={weight.in_features}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -179,7 +181,9 @@ def _operands(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) 
         raise ValueError(f"bias: expected shape ({weight.out_features},), got {tuple(bias.shape)}")
     x2 = x.reshape(-1, weight.in_features).contiguous()
     out = torch.empty(x2.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
-    xsum = x2.float().sum(-1) if weight.row_offset is not None else None
+    xsum = None
+    if weight.row_offset is not None:  # one reduction, accumulated in float32 without a float32 copy of x
+        xsum = x2.sum(-1, dtype=torch.float32) if row_sums else torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     layout = layout_of(weight)
     xv = x2.to(torch.bfloat16) @ layout.lowrank_v.t() if layout.lowrank_v is not None else None
     return _Operands(x2, out, xsum, xv, None if bias is None else bias.contiguous())
@@ -252,20 +256,23 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
                 _fragment_config(config, BF16_CHUNK))
         return _finish(x, ops.out, n)
     cs = _or(weight.col_scale, weight.row_scale)
-    args = (xc, layout.signs_t, ops.out, r_s, cs, gsb, ro, xsum, xv, ut, bias_t, m, n, k, m_bucket(m))
+    args = (xc, kmajor_signs(weight), ops.out, r_s, cs, gsb, ro, xsum, xv, ut, bias_t, m, n, k, m_bucket(m))
     _launch(_w1a16_tuned, kernels.w1a16_kernel, args, {**consts, "HAS_COL": weight.col_scale is not None}, m, n, k,
             config)
     return _finish(x, ops.out, n)
 
 
-def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """x2 [M, K] -> (q int8 [M, K], scale f32 [M], row sums of q int32 [M]); col_scale f32 [K] folded in first."""
+def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None,
+                  xsum: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """x2 [M, K] -> (q int8 [M, K], scale f32 [M], row sums of q int32 [M]); col_scale f32 [K] folded in
+    first. With `xsum` (float32 [M]) the raw row sums of x2 are written there as well."""
     m, k = x2.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x2.device)
     scale = torch.empty(m, dtype=torch.float32, device=x2.device)
     qsum = torch.empty(m, dtype=torch.int32, device=x2.device)
     block = triton.next_power_of_2(k)
-    kernels.quantize_rows_kernel[(m,)](x2, _or(col_scale, scale), q, scale, qsum, k, HAS_COL=col_scale is not None,
+    kernels.quantize_rows_kernel[(m,)](x2, _or(col_scale, scale), q, scale, qsum, _or(xsum, scale), k,
+                                       HAS_COL=col_scale is not None, HAS_XSUM=xsum is not None,
                                        BLOCK=block, num_warps=min(16, max(1, block // 512)))
     return q, scale, qsum
 
@@ -283,11 +290,11 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     if not w1a8_supports_group(weight.group_size):
         raise ValueError(f"triton-w1a8 needs group_size 0 or a multiple of 32, got {weight.group_size}; "
                          "use triton-w1a16")
-    ops = _operands(x, weight, bias)
+    ops = _operands(x, weight, bias, row_sums=False)
     layout = layout_of(weight)
     m, k = ops.x2.shape
     n = weight.out_features
-    q, xs, qsum = quantize_rows(ops.x2, weight.col_scale)
+    q, xs, qsum = quantize_rows(ops.x2, weight.col_scale, ops.xsum)
     gs = _or(layout.group_scale_t, weight.row_scale)
     r_s, ro, xsum, xv, ut, bias_t = _epilogue_args(weight, ops)
     consts = {"GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
@@ -298,6 +305,6 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
         _launch(_w1a8_frag_tuned, fragment_kernels.w1a8_frag_kernel, args, consts, m, n, k,
                 _fragment_config(config, INT8_CHUNK))
         return _finish(x, ops.out, n)
-    args = (q, xs, qsum, layout.signs_t, ops.out, r_s, gs, ro, xsum, xv, ut, bias_t, m, n, k, m_bucket(m))
+    args = (q, xs, qsum, kmajor_signs(weight), ops.out, r_s, gs, ro, xsum, xv, ut, bias_t, m, n, k, m_bucket(m))
     _launch(_w1a8_tuned, kernels.w1a8_kernel, args, consts, m, n, k, config)
     return _finish(x, ops.out, n)
