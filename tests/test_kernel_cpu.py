@@ -41,6 +41,7 @@ CASES = [
     (11, 39, 1203, 600, False, True, 2, True),  # a group that spans two K-chunks
     (45, 71, 1203, 600, True, True, 17, True),  # the same on two 32-row panels; rank past 16 columns
     (301, 71, 4099, 0, False, True, 0, True),  # several M-blocks
+    (50, 70, 1100, 0, True, False, 40, True),  # rank 40: 16-rank blocks in a pair and alone (AMX x V.T)
 ]
 
 
@@ -136,7 +137,10 @@ def test_paths_agree_and_threads_do_not_change_results(monkeypatch) -> None:
             assert torch.equal(results[isa, "1"], results[isa, threads]), f"{isa}: {threads} threads changed the result"
     base = results["scalar", "1"]
     for (isa, _), y in results.items():  # same quantization and integer sums; float order may differ
-        assert torch.allclose(y, base, rtol=1e-5, atol=1e-5 * base.abs().max().item()), isa
+        # AMX also rounds x and x V.T to bfloat16 for the low-rank products (measured 1.3e-5 of max |y|
+        # here, where the int8 quantization's own error is 1e-2 of |y|)
+        tol = 1e-4 if isa == "amx" else 1e-5
+        assert torch.allclose(y, base, rtol=tol, atol=tol * base.abs().max().item()), isa
 
 
 def test_bitmatmul_dispatches_cpu_tensors_to_the_kernel(monkeypatch) -> None:

@@ -32,7 +32,7 @@ class CpuWeight:
     """The tensors the kernel reads, contiguous, and their C view. No repacking of the signs (the
     kernel expands the stored bit layout on the fly, so CPU weight memory stays at 1 bit); of the
     low-rank factors, V is kept in float32 (x V.T runs in float32 FMAs) and U in bfloat16 tiles (the
-    same size as U), which every path reads."""
+    same size as U), which every path reads, and V once more in bfloat16 tiles for the AMX path."""
 
     tensors: tuple[torch.Tensor | None, ...]
     c_weight: binding.Weight
@@ -50,21 +50,32 @@ def _lowrank_tiles(u: torch.Tensor) -> torch.Tensor:
     return torch.cat([tiles, tiles.new_zeros(8, 16, 2)])
 
 
+def _lowrank_v_tiles(v: torch.Tensor) -> torch.Tensor:
+    """V [r, K] in the AMX-BF16 B-tile layout of bitmm.h (Problem::lowrank_vb): [r rounded up to 16 / 16,
+    ceil(K / 32), 16, 16, 2] bfloat16 (per 16 ranks and 32 columns: pairs of columns by rank)."""
+    r, k = v.shape
+    blocks, kt = -(-r // 16), -(-k // 32)
+    padded = torch.zeros(blocks * 16, kt * 32, dtype=torch.bfloat16)
+    padded[:r, :k] = v
+    return padded.view(blocks, 16, kt, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
 def _prepare(weight: PackedWeight) -> CpuWeight:
     def contiguous(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         return None if t is None else t.to(dtype or t.dtype).contiguous()
 
-    v = ub = None
+    v = ub = vb = None
     if weight.rank:
         v = contiguous(weight.lowrank_v, torch.float32)
         ub = _lowrank_tiles(weight.lowrank_u)
+        vb = _lowrank_v_tiles(weight.lowrank_v)
     tensors = (
         contiguous(weight.signs), contiguous(weight.row_scale), contiguous(weight.group_scale),
-        contiguous(weight.col_scale), contiguous(weight.row_offset), v, ub,
+        contiguous(weight.col_scale), contiguous(weight.row_offset), v, ub, vb,
     )  # fmt: skip
     signs, row_scale, group_scale, col_scale, row_offset = tensors[:5]
     c_weight = binding.make_weight(
-        signs, weight.in_features, row_scale, weight.group_size, group_scale, col_scale, row_offset, v, ub
+        signs, weight.in_features, row_scale, weight.group_size, group_scale, col_scale, row_offset, v, ub, vb
     )
     return CpuWeight(tensors, c_weight)
 

@@ -28,6 +28,7 @@ class Weight(ctypes.Structure):
         ("row_scale", ctypes.c_void_p), ("group_size", ctypes.c_int64), ("group_scale", ctypes.c_void_p),
         ("col_scale", ctypes.c_void_p), ("row_offset", ctypes.c_void_p),
         ("rank", ctypes.c_int64), ("lowrank_v", ctypes.c_void_p), ("lowrank_ub", ctypes.c_void_p),
+        ("lowrank_vb", ctypes.c_void_p),
     ]  # fmt: skip
 
 
@@ -133,14 +134,16 @@ def make_weight(
     row_offset: torch.Tensor | None,
     lowrank_v: torch.Tensor | None,
     lowrank_ub: torch.Tensor | None,
+    lowrank_vb: torch.Tensor | None,
 ) -> Weight:
     """The C view of contiguous weight tensors (signs uint8 [N, ceil(K/8)], scales float32, group
-    scales float16, the low-rank factor V [r, K] in float32 and U in bfloat16 tiles (bitmm.h,
-    Problem::lowrank_ub)); the caller keeps them alive."""
+    scales float16, the low-rank factor V [r, K] in float32 and V and U in bfloat16 tiles (bitmm.h,
+    Problem::lowrank_vb and lowrank_ub)); the caller keeps them alive."""
     rank = 0 if lowrank_v is None else lowrank_v.shape[0]
     return Weight(
         pointer(signs), signs.shape[0], in_features, pointer(row_scale), group_size if group_scale is not None else 0,
         pointer(group_scale), pointer(col_scale), pointer(row_offset), rank, pointer(lowrank_v), pointer(lowrank_ub),
+        pointer(lowrank_vb),
     )  # fmt: skip
 
 

@@ -298,6 +298,7 @@ struct BonsaiWeight {
   int64_t rank;                  // 0: no low-rank residual
   const float* lowrank_v;        // [rank, K] float32
   const uint16_t* lowrank_ub;    // U in tiles (Problem::lowrank_ub)
+  const uint16_t* lowrank_vb;    // V in tiles (Problem::lowrank_vb)
 };
 
 BONSAI_API int bonsai_bitmm_has_isa(int isa) { return ops_for(isa) != nullptr; }
@@ -328,7 +329,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   if (!ops) return 1;
   if (isa == ISA_AMX && M < AMX_MIN_ROWS) ops = avx512_ops();
   Problem p = {x, M, K, N, wt->signs, (K + 7) / 8, wt->row_scale, wt->group_scale, wt->col_scale, wt->row_offset,
-               wt->rank, (wt->rank + 15) / 16 * 16, wt->lowrank_v, wt->lowrank_ub, bias, y, fusion,
+               wt->rank, (wt->rank + 15) / 16 * 16, wt->lowrank_v, wt->lowrank_ub, wt->lowrank_vb, bias, y, fusion,
                0, 0, 0, 0};
   const int KU = ops->kunit;
   p.gsize = group_size > 0 && group_size < K ? group_size : K;
@@ -369,7 +370,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     scale = c.take<float>((size_t)M * (2 + p.rank_pad));  // scale, xsum, low-rank factors
     lrb = c.take<uint16_t>(bf16_rows ? (size_t)((npm * MR + 16) * lowrank_bf16_stride(p)) : 0);  // + a tile's slack
     rows = c.take<int8_t>(row_tmp * nt);
-    xrows = c.take<float>((size_t)(fusion ? K : 0) * nt);  // prologue output rows
+    xrows = c.take<float>((size_t)(fusion ? K * LOWRANK_ROWS : 0) * nt);  // prologue output rows
     wall = c.take<uint8_t>(wbytes * panel_sets);
     gsall = c.take<float>(gsn * panel_sets);
     accall = c.take<int32_t>(tile_n * nt);
@@ -387,8 +388,9 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   std::unique_ptr<WorkRange[]> ranges(new (std::nothrow) WorkRange[nt]);
   if (!ranges) return 2;
   for (int i = 0; i < nt; ++i) ranges[i].reset(items * i / nt, items * (i + 1) / nt);
-  // Raw rows (no prologue): the low-rank factors of LOWRANK_ROWS rows at a time, in one pass over V.
-  const bool block_lowrank = p.rank && ops->lowrank_rows && !(fusion && fusion->layer_norm);
+  // The low-rank factors of LOWRANK_ROWS rows at a time (raw rows, or the prologue's output rows).
+  const bool block_lowrank = p.rank && ops->lowrank_rows;
+  const bool prologue = fusion && fusion->layer_norm;
   const bool epilogue_tile = fusion && (fusion->gelu || (fusion->residual && !fusion->norm_cols));
   const bool direct = ops->direct_single_group && p.ngroups == 1;
   const float* row_scale = p.row_scale;
@@ -402,13 +404,15 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     const int t = 0;
 #endif
     int8_t* qrow = rows + row_tmp * t;
-    float* xrow = xrows + (fusion ? K : 0) * t;
+    float* xblock = xrows + (fusion ? K * LOWRANK_ROWS : 0) * t;
+    if (ops->thread_begin) ops->thread_begin();
 #pragma omp for schedule(static)
     for (int64_t m0 = 0; m0 < M; m0 += LOWRANK_ROWS) {
       const int rows = (int)(M - m0 < LOWRANK_ROWS ? M - m0 : LOWRANK_ROWS);
       for (int64_t m = m0; m < m0 + rows; ++m)
-        place_row(p, *ops, m, q, sumx, scale, xsum, lrt, xrow, qrow, qrow + p.K, p.rank && !block_lowrank);
-      if (block_lowrank) ops->lowrank_rows(p, x + m0 * K, rows, lrt + m0 * p.rank_pad);
+        place_row(p, *ops, m, q, sumx, scale, xsum, lrt, xblock + (m - m0) * K, qrow, qrow + p.K,
+                  p.rank && !block_lowrank);
+      if (block_lowrank) ops->lowrank_rows(p, prologue ? xblock : x + m0 * K, rows, lrt + m0 * p.rank_pad);
       for (int64_t m = m0; bf16_rows && m < m0 + rows; ++m)
         for (int64_t j = 0; j < lowrank_bf16_stride(p); ++j)
           lrb[m * lowrank_bf16_stride(p) + j] = j < p.rank ? bf16_bits(lrt[m * p.rank_pad + j]) : 0;
@@ -432,7 +436,6 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     }
     int32_t* acc = accall + tile_n * t;
     float* f = fall + tile_n * t;
-    if (ops->thread_begin) ops->thread_begin();
     auto item = [&](int64_t it) {
       const int64_t bm = it / npn, n0 = (it % npn) * PANEL;
       const int ncols = (int)(N - n0 < PANEL ? N - n0 : PANEL);

@@ -58,6 +58,9 @@ struct Problem {
   // [ceil(N / 32) * 2][rank_pad / 2][16][2] and 8 more rows of 16 x 2 (16-column blocks of U.T, pairs
   // of ranks interleaved, zero-padded), or null.
   const uint16_t* lowrank_ub;
+  // V as stored (bfloat16) in AMX-BF16 B tiles: [rank_pad / 16][ceil(K / 32)][16][16][2] (per 16 ranks
+  // and 32 columns of K, pairs of columns interleaved, zero-padded), or null. Read by the AMX path.
+  const uint16_t* lowrank_vb;
   const float* bias;             // [N] or null
   float* y;                      // [M, N]
   const Fusion* fusion;          // row-wise prologue / epilogue, or null
@@ -118,8 +121,9 @@ struct Ops {
   // Per-thread set-up and tear-down around the kernel calls (AMX tile configuration), or null.
   void (*thread_begin)();
   void (*thread_end)();
-  // lowrank_row for rows <= LOWRANK_ROWS consecutive raw rows x[rows][K] (t: row stride rank_pad),
-  // bit-identical to it, or null (then lowrank_row runs per row).
+  // lowrank_row for rows <= LOWRANK_ROWS consecutive rows x[rows][K] (t: row stride rank_pad), or
+  // null (then lowrank_row runs per row). The AVX-512 version is bit-identical to lowrank_row; the
+  // AMX version rounds x to bfloat16 (V is stored in bfloat16) and sums in float32 on tiles.
   void (*lowrank_rows)(const Problem& p, const float* x, int rows, float* t);
   // With one group (no group scales within K) kernel and write_tile go from the integer sums in
   // t.acc straight to y, and t.f holds the low-rank sums (or nothing): the driver need not zero it.
@@ -128,7 +132,7 @@ struct Ops {
   bool lowrank_bf16;
 };
 
-constexpr int LOWRANK_ROWS = 4;
+constexpr int LOWRANK_ROWS = 16;  // one AMX tile of rows
 
 // Row stride of ActPanel::lrb: the rank rounded up to 32 (one 64-byte AMX tile row of bfloat16).
 static inline int64_t lowrank_bf16_stride(const Problem& p) { return (p.rank + 31) / 32 * 32; }

@@ -287,11 +287,11 @@ TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t
   }
 }
 
-// lowrank_row_avx512 on up to LOWRANK_ROWS rows with one pass over V per 4 ranks: at K = 1280, V
-// [16, K] (80 KiB) does not stay in L1, and a pass per row made the prologue L2-bound (~3600
-// cycles per row). Per row the same FMAs in the same order and the same sums: bit-identical.
-TARGET_AVX512 void lowrank_rows_avx512(const Problem& p, const float* x, int rows, float* t) {
-  constexpr int R = LOWRANK_ROWS, J = 4;
+// lowrank_row_avx512 on up to 4 rows with one pass over V per 4 ranks: at K = 1280, V [16, K]
+// (80 KiB) does not stay in L1, and a pass per row made the prologue L2-bound (~3600 cycles per
+// row). Per row the same FMAs in the same order and the same sums: bit-identical.
+TARGET_AVX512 static void lowrank_rows4(const Problem& p, const float* x, int rows, float* t) {
+  constexpr int R = 4, J = 4;
   const float* xr[R];
   for (int r = 0; r < R; ++r) xr[r] = x + (r < rows ? r : rows - 1) * p.K;  // past rows: recompute the last
   for (int64_t j0 = 0; j0 < p.rank; j0 += 16) {
@@ -317,6 +317,11 @@ TARGET_AVX512 void lowrank_rows_avx512(const Problem& p, const float* x, int row
     for (int r = 0; r < rows; ++r)
       _mm512_storeu_ps(t + r * p.rank_pad + j0, _mm512_maskz_mov_ps(tail_mask16(p.rank - j0), lane_sums16(sums[r])));
   }
+}
+
+TARGET_AVX512 void lowrank_rows_avx512(const Problem& p, const float* x, int rows, float* t) {
+  for (int r0 = 0; r0 < rows; r0 += 4)
+    lowrank_rows4(p, x + r0 * p.K, rows - r0 < 4 ? rows - r0 : 4, t + r0 * p.rank_pad);
 }
 
 TARGET_AVX512 void flush_group_avx512(const ActPanel& a, const int32_t* acc, const float* gs, int64_t g, float* f) {
