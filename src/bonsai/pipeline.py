@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cuda_graph import GraphedModule, use_cuda_graph
 from .limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS
 from .models.offload import on_device, sequential_offload
 from .sampling import SAMPLERS, cfg_velocity, flow_timesteps, seeded_noise
@@ -108,8 +109,12 @@ class Pipeline:
         name: str = "",
         decoder: torch.nn.Module | None = None,
         memory: str = "normal",
+        cuda_graph: bool | None = None,
     ):
-        """`decoder` maps denoised latents to images (None: the denoiser works in pixels)."""
+        """`decoder` maps denoised latents to images (None: the denoiser works in pixels).
+
+        `cuda_graph`: replay the denoiser from CUDA graphs (bonsai.cuda_graph); None chooses
+        automatically (BONSAI_CUDA_GRAPH=0/1 if set, else on for CUDA in the normal memory mode)."""
         if memory not in MEMORY_MODES:
             raise InvalidRequest(f"memory {memory!r} is not one of {', '.join(MEMORY_MODES)}")
         self.denoiser = denoiser
@@ -118,6 +123,12 @@ class Pipeline:
         self.metadata = metadata
         self.device = device
         self.memory = memory
+        self.cuda_graph = cuda_graph
+        try:
+            use_cuda_graph(cuda_graph, device, memory)  # a bad BONSAI_CUDA_GRAPH fails here, not mid-generation
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        self._graphs: GraphedModule | None = None
         self.lora_dir: str | None = None  # where `<lora:name:weight>` prompt tags find NAME.safetensors
         self.name = name or metadata.get("name", "")
         config = metadata["config"].get("denoiser", metadata["config"])
@@ -145,10 +156,12 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike[str] = "bonsai-emoji", device: str = "auto", memory: str = "normal"
+        cls, name_or_path: str | os.PathLike[str] = "bonsai-emoji", device: str = "auto", memory: str = "normal",
+        cuda_graph: bool | None = None,
     ) -> "Pipeline":
         """Load a model by catalog name or file path (see `bonsai models list`). The checkpoint's
-        metadata picks the text encoder and the decoder; `memory` is one of MEMORY_MODES."""
+        metadata picks the text encoder and the decoder; `memory` is one of MEMORY_MODES;
+        `cuda_graph` as in Pipeline()."""
         from .hub import resolve
         from .models import load_model
         from .text import TextEncoder
@@ -163,10 +176,10 @@ class Pipeline:
         if meta["architecture"] == "bonsai-t2i":  # text encoder and VAE decoder are stored in the checkpoint
             if (text_kind, decoder_kind) != ("bert", "vae"):
                 raise InvalidRequest(f"{path}: a bonsai-t2i model needs pipeline text_encoder 'bert' and decoder 'vae'")
-            return cls(model.denoiser, model.text_encoder, meta, dev, name, model.decoder, memory)
+            return cls(model.denoiser, model.text_encoder, meta, dev, name, model.decoder, memory, cuda_graph)
         if text_kind != "minilm" or decoder_kind != "pixels":
             raise InvalidRequest(f"{path}: text encoder {text_kind!r} / decoder {decoder_kind!r} is not supported by this Bonsai")
-        return cls(model, TextEncoder(), meta, dev, name, None, memory)
+        return cls(model, TextEncoder(), meta, dev, name, None, memory, cuda_graph)
 
     def check(self, params: GenerationParams, batch: int) -> None:
         """Raise InvalidRequest naming the first bad field."""
@@ -289,10 +302,36 @@ class Pipeline:
         with self._placed(self.text_encoder):
             cond = self._encode(prompts)
             uncond = self._encode(negative_prompts)
-        model = cfg_velocity(self.denoiser, cond, uncond, params.cfg)
         with self._placed(self.denoiser, offload_blocks=True):
-            samples = SAMPLERS[params.sampler](model, x, timesteps, callback)
+            model = cfg_velocity(self._sampling_denoiser(), cond, uncond, params.cfg)
+            try:
+                samples = SAMPLERS[params.sampler](model, x, timesteps, callback)
+            finally:
+                if self.memory != "normal":  # the weights' device copies are freed on leaving _placed
+                    self.release_cuda_graphs()
         return self.decode(samples)
+
+    @property
+    def cuda_graphs(self) -> GraphedModule | None:
+        """The CUDA-graph wrapper of the current denoiser (its `stats` say what ran), if one was made."""
+        graphs = self._graphs
+        return graphs if graphs is not None and graphs.module is self.denoiser else None
+
+    def release_cuda_graphs(self) -> None:
+        """Free the captured graphs' memory; the next generation captures anew."""
+        if self._graphs is not None:
+            self._graphs.reset()
+
+    def _sampling_denoiser(self) -> Callable[..., torch.Tensor]:
+        """The denoiser the sampler calls: graph replay where use_cuda_graph says so, else the module.
+        Called with the weights in place, so the graphs are checked against the weights that will run."""
+        if not use_cuda_graph(self.cuda_graph, self.device, self.memory):
+            self._graphs = None
+            return self.denoiser
+        if self.cuda_graphs is None:  # first use, or the denoiser was replaced (copy.copy of a pipeline shares _graphs)
+            self._graphs = GraphedModule(self.denoiser)
+        self._graphs.sync()
+        return self._graphs
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Denoised samples -> images [B, 3, H, W] in [-1, 1] (latents through the decoder)."""
