@@ -315,17 +315,19 @@ def test_pipeline_with_graphs_matches_eager_and_follows_loras(tiny_checkpoint: P
     assert graphed.cuda_graphs.stats.captures == 3
 
 
-class SyncsInForward(torch.nn.Module):
-    """Reads a value back to the host inside its forward: fine eagerly, impossible to capture."""
+class FailsUnderCapture(torch.nn.Module):
+    """Runs eagerly, raises while a CUDA graph captures it (as an op that cannot be captured does)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * 2 if x.sum().item() > 0 else x * 3
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return x * 2 if x.sum() > 0 else x * 3
 
 
 @pytest.mark.gpu
 @cuda_only
 def test_uncapturable_module_falls_back_to_eager_on_cuda() -> None:
-    module = SyncsInForward()
+    module = FailsUnderCapture().eval()  # modules in training mode run eagerly
     graphed = GraphedModule(module)
     x = torch.rand(4, 8, device=CUDA) + 0.1
     with torch.no_grad():
