@@ -249,9 +249,10 @@ def test_dit_fused_blocks_on_triton_kernels_match_dit_forward(interp, monkeypatc
         finally:
             set_kernel(None)
     assert torch.isfinite(fused).all() and fused.abs().max() > 0.1
-    # W1A8: both quantize activations to int8, at slightly different values; W1A16: bf16 products alike.
-    assert rel_err(fused, unfused.double()) < (3e-2 if name == "w1a8" else 1e-2)
-    assert rel_err(fused, reference.double()) < (5e-2 if name == "w1a8" else 2e-2)
+    # W1A8: both quantize activations to int8, at slightly different values (measured 7e-3). W1A16: the same
+    # bf16 products, only float32 rounding apart (measured 8e-8). Both against the reference: 7e-3, 2e-3.
+    assert rel_err(fused, unfused.double()) < (2e-2 if name == "w1a8" else 1e-5)
+    assert rel_err(fused, reference.double()) < (2e-2 if name == "w1a8" else 1e-2)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
