@@ -57,7 +57,11 @@ SHARES = [
 ]
 
 
-@pytest.mark.parametrize("fuses,gets_prologue,gets_parts", SHARES, ids=lambda v: "+".join(sorted(v)) if isinstance(v, frozenset) else None)
+def share_id(value) -> str | None:
+    return "+".join(sorted(value)) or "nothing" if isinstance(value, frozenset) else None
+
+
+@pytest.mark.parametrize("fuses,gets_prologue,gets_parts", SHARES, ids=share_id)
 def test_dispatcher_gives_the_kernel_its_share_and_applies_the_rest(use_kernel, fuses, gets_prologue, gets_parts):
     gen = torch.Generator().manual_seed(len(fuses) * 10 + len(gets_parts))
     b, t, k, n = 3, 5, 37, 40
@@ -78,7 +82,8 @@ def test_dispatcher_gives_the_kernel_its_share_and_applies_the_rest(use_kernel, 
     assert fused_parts(x, w) == fuses and fuses_rows(x, w) == (fuses == PARTS)
 
 
-@pytest.mark.parametrize("kinds", [("gelu",), ("residual",), ("gated",), ("heads",), ("gelu", "gated"), ("heads", "residual")])
+@pytest.mark.parametrize("kinds", [("gelu",), ("residual",), ("gated",), ("heads",), ("gelu", "gated"),
+                                   ("heads", "residual")])
 def test_split_keeps_the_order_for_every_epilogue(kinds):
     gen = torch.Generator().manual_seed(7)
     full = full_epilogue(2, 3, 32, gen)

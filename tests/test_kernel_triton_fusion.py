@@ -24,7 +24,9 @@ import pytest
 import torch
 from torch import nn
 
-from test_kernel_triton import _TRITON_PREIMPORTED, BF16_UNIT, TILE, binary_part, interp, random_weight, rel_err  # noqa: F401
+from test_kernel_triton import (  # noqa: F401  (interp: the fixture)
+    _TRITON_PREIMPORTED, BF16_UNIT, TILE, binary_part, interp, random_weight, rel_err,
+)  # fmt: skip
 
 from bonsai.kernels import Epilogue, Kernel, Prologue, dispatch, set_kernel  # noqa: E402
 from bonsai.kernels.fusion import apply_epilogue, apply_prologue  # noqa: E402
@@ -48,9 +50,12 @@ def test_interpreter_in_fresh_process():
 def make_prologue(kind: str | None, b: int, k: int, gen: torch.Generator) -> Prologue | None:
     if kind is None:
         return None
-    affine = {"weight": torch.rand(k, generator=gen) + 0.5, "bias": torch.randn(k, generator=gen) * 0.1} if "affine" in kind else {}
-    modulated = {"shift": torch.randn(b, k, generator=gen) * 0.5, "scale": torch.randn(b, k, generator=gen) * 0.5} if "modulated" in kind else {}
-    return Prologue(1e-6, **affine, **modulated)
+    parts = {}
+    if "affine" in kind:
+        parts.update(weight=torch.rand(k, generator=gen) + 0.5, bias=torch.randn(k, generator=gen) * 0.1)
+    if "modulated" in kind:
+        parts.update(shift=torch.randn(b, k, generator=gen) * 0.5, scale=torch.randn(b, k, generator=gen) * 0.5)
+    return Prologue(1e-6, **parts)
 
 
 def make_epilogue(kind: str | None, b: int, t: int, n: int, gen: torch.Generator) -> Epilogue | None:
@@ -124,7 +129,8 @@ def test_w1a8_fused_rows_match_float64(interp, b, t, k, n, features, pro, epi, t
     # Exactly, on the kernel's own int8 activations: only the binary part sees them.
     q, scale, _ = interp.quantize_rows(x.reshape(-1, k), w.col_scale, None, prologue, t)
     xp = x.double() if prologue is None else apply_prologue(x.double(), cast(prologue, torch.float64))
-    shift = (q.double() * scale.double()[:, None] - xp.reshape(-1, k) * (1 if w.col_scale is None else w.col_scale.double())) @ binary_part(w).T
+    cs = 1 if w.col_scale is None else w.col_scale.double()
+    shift = (q.double() * scale.double()[:, None] - xp.reshape(-1, k) * cs) @ binary_part(w).T
     exact = xp @ w.dequantize(torch.float64).T + bias.double() + shift.reshape(b, t, n)
     exact = exact if epilogue is None else apply_epilogue(exact, cast(epilogue, torch.float64))
     assert rel_err(y, exact) < 2 * BF16_UNIT
