@@ -269,13 +269,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kernel,m,tol", [("triton-w1a16", 300, 1e-2), ("triton-w1a8", 1024, 3e-2)])
 @pytest.mark.parametrize("pro,epi", [("modulated", "gelu"), ("affine", "gated"), (None, "gelu+gated")])
 def test_cuda_fused_rows_match_float64(kernel, m, tol, pro, epi):
-    """bonsai-4b's shapes (K = 3072, two samples), autotuned kernels through the dispatcher."""
+    """bonsai-4b's shapes (K = 3072, two samples), autotuned kernels through the dispatcher (which splits the
+    row operations: W1A16 gets no prologue)."""
     gen = torch.Generator().manual_seed(m)
     b, k, n = 2, 3072, 3072
     w = random_weight(n, k, offset=True, gen=gen).to("cuda")
     x = (torch.randn(b, m, k, generator=gen) * 2 + 0.3).bfloat16().cuda()
     bias = torch.randn(n, generator=gen).bfloat16().cuda()
-    prologue = cast(make_prologue(pro if kernel == "triton-w1a8" else None, b, k, gen), torch.bfloat16)
+    prologue = cast(make_prologue(pro, b, k, gen), torch.bfloat16)  # W1A16: the dispatcher applies it in torch
     epilogue = cast(make_epilogue(epi, b, m, n, gen), torch.bfloat16)
     prologue, epilogue = (None if op is None else type(op)(**{f: (v.cuda() if isinstance(v, torch.Tensor) else v)
                                                               for f, v in vars(op).items()}) for op in (prologue, epilogue))
