@@ -1,6 +1,6 @@
 """1-bit matmul kernels behind one dispatch point."""
 
-from .dispatch import Kernel, available_kernels, bitmatmul, fuses_rows, register_kernel, set_kernel
+from .dispatch import Kernel, available_kernels, bitmatmul, fused_parts, fuses_rows, register_kernel, set_kernel
 from .fusion import Epilogue, Prologue
 from .packed import PackedWeight
 from .packing import pack_signs, packed_width, unpack_signs
@@ -14,6 +14,7 @@ __all__ = [
     "available_kernels",
     "bitmatmul",
     "bitmatmul_reference",
+    "fused_parts",
     "fuses_rows",
     "pack_signs",
     "packed_width",

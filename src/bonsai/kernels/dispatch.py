@@ -3,6 +3,10 @@
 Kernels register themselves per device type, fastest first. The first registered kernel whose
 `supports(x, weight)` says yes runs; the reference path is always last and always works.
 `BONSAI_KERNEL=<name>` (or `set_kernel(name)`) forces one kernel, for comparisons.
+
+Row operations (fusion.py) around the product: a kernel names the parts it fuses (Kernel.fuses);
+the dispatcher gives it the largest share that keeps their order and applies the rest with the
+torch references before and after it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .fusion import Epilogue, Prologue, apply_epilogue, apply_prologue
+from .fusion import PARTS, Epilogue, Prologue, apply_epilogue, apply_prologue, split
 from .packed import PackedWeight
 from .reference import bitmatmul_reference
 
@@ -31,7 +35,21 @@ class Kernel:
     fn: KernelFn
     supports: Callable[[torch.Tensor, PackedWeight], bool] = lambda x, w: True
     fuses_bias: bool = False  # fn(x, weight, bias) adds the bias itself (one pass over the output)
-    fuses_rows: bool = False  # fn(x, weight, bias, prologue, epilogue) also applies fusion.py's row ops
+    # Parts of fusion.py's row operations the kernel applies itself (fusion.PARTS: "prologue", "gelu",
+    # "head_norm", "residual"). When not empty, fn(x, weight, bias, prologue, epilogue) is called with
+    # the share fusion.split gives it (and adds the bias).
+    fuses: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.fuses <= PARTS:
+            raise ValueError(f"kernel {self.name!r}: unknown fusion parts {sorted(self.fuses - PARTS)}")
+        if self.fuses and not self.fuses_bias:
+            raise ValueError(f"kernel {self.name!r}: a kernel that fuses row operations must add the bias too")
+
+    @property
+    def fuses_rows(self) -> bool:
+        """Whether it applies every row operation itself."""
+        return self.fuses == PARTS
 
 
 REFERENCE = Kernel("reference", ("cpu", "cuda", "mps"), bitmatmul_reference)
@@ -90,8 +108,13 @@ def select_kernel(x: torch.Tensor, weight: PackedWeight) -> Kernel:
 
 
 def fuses_rows(x: torch.Tensor, weight: PackedWeight) -> bool:
-    """Whether bitmatmul(x, weight, ...) runs its prologue and epilogue inside the kernel."""
+    """Whether bitmatmul(x, weight, ...) runs all of its prologue and epilogue inside the kernel."""
     return select_kernel(x, weight).fuses_rows
+
+
+def fused_parts(x: torch.Tensor, weight: PackedWeight) -> frozenset[str]:
+    """The row operations (fusion.PARTS) the kernel chosen for bitmatmul(x, weight, ...) can run inside."""
+    return select_kernel(x, weight).fuses
 
 
 def bitmatmul(
@@ -107,13 +130,15 @@ def bitmatmul(
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"bitmatmul: x has K={x.shape[-1]}, weight expects K={weight.in_features}")
     kernel = select_kernel(x, weight)
-    if kernel.fuses_rows:
-        return kernel.fn(x, weight, bias, prologue, epilogue)
-    if prologue is not None:
-        x = apply_prologue(x, prologue)
-    if kernel.fuses_bias:
+    share = split(prologue, epilogue, kernel.fuses)
+    if share.before is not None:
+        x = apply_prologue(x, share.before)
+    if kernel.fuses:
+        y = kernel.fn(x, weight, bias, share.prologue, share.epilogue)
+    elif kernel.fuses_bias:
         y = kernel.fn(x, weight, bias)
     else:
         y = kernel.fn(x, weight)
         y = y if bias is None else y + bias.to(y.dtype)
-    return y if epilogue is None else apply_epilogue(y, epilogue)
+    # y is this call's own fresh output: the rest of the epilogue may overwrite it (unless autograd needs it)
+    return y if share.after is None else apply_epilogue(y, share.after, inplace=not y.requires_grad)

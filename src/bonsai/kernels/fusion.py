@@ -9,9 +9,14 @@
   and the heads of part g are weighted by norm_weight[g] of shape [d]), then residual + gate * y.
 
 x is [B, T, K] (or [M, K] when nothing is per sample): shift, scale and gate are [B, K] / [B, N]
-rows of sample b, applied to its T rows. A kernel that fuses these (Kernel.fuses_rows) computes
-the same as `apply_prologue` / `apply_epilogue` composed around its plain product, to within its
-own tolerance; every other kernel gets exactly that composition from the dispatcher.
+rows of sample b, applied to its T rows.
+
+A kernel may fuse some of these PARTS (Kernel.fuses): the prologue, and of the epilogue, whose
+parts run in the order gelu -> head_norm -> residual, a prefix of the parts a call has (a kernel
+that cannot normalize heads still takes the GELU before them, but then not the residual after
+them). `split` divides one call's row operations into the kernel's share and the rest, which the
+dispatcher applies with `apply_prologue` / `apply_epilogue` around the kernel. The kernel's share
+computes the same as those references, to within the kernel's own tolerance.
 """
 
 from __future__ import annotations
@@ -53,6 +58,74 @@ class Epilogue:
             raise ValueError("Epilogue: a gate needs a residual")
 
 
+PROLOGUE = "prologue"
+EPILOGUE_PARTS = ("gelu", "head_norm", "residual")  # the order the epilogue applies them in
+PARTS = frozenset((PROLOGUE, *EPILOGUE_PARTS))
+
+
+def epilogue_parts(epilogue: Epilogue) -> tuple[str, ...]:
+    """The parts `epilogue` has, in the order they apply."""
+    present = (epilogue.gelu, epilogue.norm_weight is not None, epilogue.residual is not None)
+    return tuple(part for part, has in zip(EPILOGUE_PARTS, present) if has)
+
+
+def _epilogue_of(epilogue: Epilogue, parts: tuple[str, ...]) -> Epilogue | None:
+    """The sub-epilogue made of `parts` of `epilogue` (None when empty)."""
+    if not parts:
+        return None
+    return Epilogue(
+        gelu=epilogue.gelu and "gelu" in parts,
+        **({"norm_weight": epilogue.norm_weight, "norm_cols": epilogue.norm_cols, "norm_eps": epilogue.norm_eps}
+           if "head_norm" in parts else {}),
+        **({"residual": epilogue.residual, "gate": epilogue.gate} if "residual" in parts else {}),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Split:
+    """One call's row operations divided between a kernel and the torch references around it:
+    y = after(kernel(before(x), prologue, epilogue))."""
+
+    before: Prologue | None  # applied to x by torch, before the kernel
+    prologue: Prologue | None  # the kernel's
+    epilogue: Epilogue | None  # the kernel's
+    after: Epilogue | None  # applied to the kernel's output by torch
+
+
+_NO_ROW_OPS = Split(None, None, None, None)
+
+
+def split(prologue: Prologue | None, epilogue: Epilogue | None, fuses: frozenset[str]) -> Split:
+    """Give a kernel that fuses `fuses` (a subset of PARTS) the largest share that keeps the order:
+    the prologue if it fuses it, and the longest prefix of the epilogue's parts that it fuses."""
+    if prologue is None and epilogue is None:  # most calls: nothing to divide
+        return _NO_ROW_OPS
+    unknown = fuses - PARTS
+    if unknown:
+        raise ValueError(f"unknown fusion parts {sorted(unknown)}; known: {sorted(PARTS)}")
+    takes_prologue = prologue is not None and PROLOGUE in fuses
+    before, kernel_prologue = (None, prologue) if takes_prologue else (prologue, None)
+    if epilogue is None:
+        return Split(before, kernel_prologue, None, None)
+    parts = epilogue_parts(epilogue)
+    taken = 0
+    while taken < len(parts) and parts[taken] in fuses:
+        taken += 1
+    return Split(before, kernel_prologue, _epilogue_of(epilogue, parts[:taken]), _epilogue_of(epilogue, parts[taken:]))
+
+
+def rows_per_sample(x: torch.Tensor, prologue: Prologue | None, epilogue: Epilogue | None) -> int:
+    """T for x [B, T, K] when a per-sample row (shift, scale, gate) is given; else 1. Raises
+    ValueError when x does not have the B samples those rows are for."""
+    per_sample_rows = [t for t in (prologue and prologue.shift, epilogue and epilogue.gate) if t is not None]
+    for t in per_sample_rows:
+        if x.dim() != 3 or t.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"bitmatmul: per-sample shift/scale/gate need x [B, T, K] with B rows each, x is {tuple(x.shape)}"
+            )
+    return x.shape[1] if per_sample_rows else 1
+
+
 def per_sample(t: torch.Tensor) -> torch.Tensor:
     """[B, C] -> [B, 1, C], broadcasting over the T rows of each sample (as DiT's modulate does)."""
     return t[:, None]
@@ -66,15 +139,19 @@ def apply_prologue(x: torch.Tensor, prologue: Prologue) -> torch.Tensor:
     return x
 
 
-def apply_epilogue(y: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
-    """The reference epilogue on y [..., N]."""
+def apply_epilogue(y: torch.Tensor, epilogue: Epilogue, inplace: bool = False) -> torch.Tensor:
+    """The reference epilogue on y [..., N]. inplace=True may overwrite y (for a kernel's fresh output:
+    the head norms then write their columns back instead of copying all N columns into a new tensor)."""
     if epilogue.gelu:
         y = F.gelu(y, approximate="tanh")
     if epilogue.norm_weight is not None:
         c, (groups, d) = epilogue.norm_cols, epilogue.norm_weight.shape
         heads = y[..., :c].unflatten(-1, (groups, c // (groups * d), d))
         normed = F.rms_norm(heads, (d,), eps=epilogue.norm_eps) * epilogue.norm_weight[:, None].to(y.dtype)
-        y = torch.cat([normed.flatten(-3), y[..., c:]], dim=-1)
+        if inplace:
+            y[..., :c] = normed.flatten(-3)
+        else:
+            y = torch.cat([normed.flatten(-3), y[..., c:]], dim=-1)
     if epilogue.residual is not None:
         y = epilogue.residual + (y if epilogue.gate is None else per_sample(epilogue.gate) * y)
     return y

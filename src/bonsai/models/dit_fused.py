@@ -7,8 +7,10 @@ q / k head norms epilogues of qkv, q and kv; the residual adds (with their gates
 the output projections and fc2. What is left outside the kernel is attention itself.
 
 Used only where it pays: every linear of the block is a plain BitLinear, no gradient is needed,
-and the kernel chosen for the input fuses row operations (the compiled CPU kernel). Anywhere else
-(GPU, training, LoRA-wrapped layers, the reference path) dit.py's own forward runs.
+and the kernel chosen for the input fuses row operations (all of them: the compiled CPU kernel;
+some: the Triton kernels, with the dispatcher running the rest in torch, as dit.py would).
+Anywhere else (training, LoRA-wrapped layers, dense models, the reference path) dit.py's own
+forward runs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import Epilogue, Prologue, fuses_rows
+from ..kernels import Epilogue, Prologue, fused_parts
 from ..quant import BitLinear
 
 _LINEARS = ("attn.qkv", "attn.proj", "cross.q", "cross.kv", "cross.proj", "mlp.fc1", "mlp.fc2")
@@ -28,7 +30,8 @@ def applies(block: nn.Module, x: torch.Tensor) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
         return False
     layers = [block.get_submodule(name) for name in _LINEARS]
-    return all(type(layer) is BitLinear for layer in layers) and fuses_rows(x, layers[0].packed)
+    # A kernel that fuses nothing would run every row operation in torch, as dit.py does, only regrouped.
+    return all(type(layer) is BitLinear for layer in layers) and bool(fused_parts(x, layers[0].packed))
 
 
 def head_norms(norms: list[nn.RMSNorm], dim: int) -> Epilogue:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dispatch import Kernel, register_kernel
-from ..fusion import Epilogue, Prologue
+from ..fusion import PARTS, Epilogue, Prologue, rows_per_sample
 from ..packed import PackedWeight
 from . import binding
 
@@ -105,20 +105,13 @@ def _fusion(
     if prologue is None and epilogue is None:
         return None, ()
     pro, epi = prologue or _NO_PROLOGUE, epilogue or _NO_EPILOGUE
-    rows_per_sample = 1
-    for t in (pro.shift, epi.gate):
-        if t is not None:
-            if x.dim() != 3 or t.shape[0] != x.shape[0]:
-                raise ValueError(
-                    f"bitmatmul: per-sample shift/scale/gate need x [B, T, K] with B rows each, x is {tuple(x.shape)}"
-                )
-            rows_per_sample = x.shape[1]
+    rows = rows_per_sample(x, prologue, epilogue)
     residual = None if epi.residual is None else _f32(epi.residual.reshape(-1, n))
     keep = (_f32(pro.weight), _f32(pro.bias), _f32(pro.shift), _f32(pro.scale), _f32(epi.norm_weight), residual, _f32(epi.gate))
     ln_weight, ln_bias, shift, scale, norm_weight, residual, gate = (binding.pointer(t) for t in keep)
     groups, norm_dim = (0, 0) if epi.norm_weight is None else epi.norm_weight.shape
     fusion = binding.Fusion(
-        rows_per_sample, prologue is not None, pro.eps, ln_weight, ln_bias, shift, scale,
+        rows, prologue is not None, pro.eps, ln_weight, ln_bias, shift, scale,
         epi.gelu, epi.norm_cols, norm_dim, groups, epi.norm_eps, norm_weight, residual, gate,
     )  # fmt: skip
     return fusion, keep
@@ -151,4 +144,4 @@ def _supports(x: torch.Tensor, weight: PackedWeight) -> bool:
     return x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in _INPUT_DTYPES
 
 
-register_kernel(Kernel("cpu", ("cpu",), bitmatmul_cpu, _supports, fuses_bias=True, fuses_rows=True))
+register_kernel(Kernel("cpu", ("cpu",), bitmatmul_cpu, _supports, fuses_bias=True, fuses=PARTS))

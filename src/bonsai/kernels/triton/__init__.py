@@ -20,7 +20,9 @@ from ..dispatch import Kernel, register_kernel
 from ..packed import PackedWeight
 from . import ops
 from .fragments import INT8_CHUNK
-from .ops import TileConfig, fragment_supports_group, quantize_rows, w1a8, w1a8_supports_group, w1a16
+from .ops import (
+    W1A8_FUSES, W1A16_FUSES, TileConfig, fragment_supports_group, quantize_rows, w1a8, w1a8_supports_group, w1a16,
+)  # fmt: skip
 
 MIN_AUTO_WEIGHTS = 1 << 20  # bonsai-4b's smallest layers (1024 x 1024, text encoder) stay on Triton
 W1A8_MIN_ROWS = 1024  # rows of x (tokens x batch) from which W1A8 is chosen
@@ -42,8 +44,9 @@ def _supports_w1a8(x: torch.Tensor, weight: PackedWeight) -> bool:
             and fragment_supports_group(weight.group_size, INT8_CHUNK))
 
 
-# Later registrations are asked first: W1A8 where it applies, else W1A16. Both add the bias in their epilogue.
-register_kernel(Kernel("triton-w1a16", ("cuda",), w1a16, _supports_w1a16, fuses_bias=True))
-register_kernel(Kernel("triton-w1a8", ("cuda",), w1a8, _supports_w1a8, fuses_bias=True))
+# Later registrations are asked first: W1A8 where it applies, else W1A16. Both add the bias, GELU and the
+# gated residual in their epilogue; W1A8 also runs the prologue (LayerNorm, modulation) as it quantizes x.
+register_kernel(Kernel("triton-w1a16", ("cuda",), w1a16, _supports_w1a16, fuses_bias=True, fuses=W1A16_FUSES))
+register_kernel(Kernel("triton-w1a8", ("cuda",), w1a8, _supports_w1a8, fuses_bias=True, fuses=W1A8_FUSES))
 
-__all__ = ["MIN_AUTO_WEIGHTS", "W1A8_MIN_ROWS", "TileConfig", "large_enough", "quantize_rows", "w1a16", "w1a8", "w1a8_supports_group"]
+__all__ = ["MIN_AUTO_WEIGHTS", "W1A8_FUSES", "W1A8_MIN_ROWS", "W1A16_FUSES", "TileConfig", "large_enough", "quantize_rows", "w1a16", "w1a8", "w1a8_supports_group"]

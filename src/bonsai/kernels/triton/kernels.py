@@ -11,6 +11,11 @@ global memory.
   signs expand to {0, 1} int8 and the int8 dot accumulates in int32. With s = 2b - 1,
   sum_k q_k s_k = 2 sum_k q_k b_k - sum_k q_k, so the row sums of q finish the +-1 product.
   Group scales are applied per group, which needs BLOCK_K to divide the group size.
+
+Row operations (bonsai.kernels.fusion): quantize_rows_kernel applies the prologue (LayerNorm,
+modulation) to its row before quantizing it; `_epilogue`, shared by all four GEMM kernels, applies
+tanh-GELU and the gated residual after the bias. Head norms are left to torch (a head's RMSNorm
+needs all its columns in one tile, which would tie BLOCK_N to the head size).
 """
 
 from __future__ import annotations
@@ -51,9 +56,20 @@ def _sign_mask15(v, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _gelu_tanh(y):
+    """0.5 y (1 + tanh(u)) = y sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3): one exp (it may overflow to
+    inf for very negative y, which gives the right limit 0)."""
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return y / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-              HAS_OFFSET: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """acc [BM, BN] fp32 (binary part without row scale) -> out = full formula, stored in out's dtype."""
+              res_ptr, gate_ptr, RPS,
+              HAS_OFFSET: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr):
+    """acc [BM, BN] fp32 (binary part without row scale) -> out = full formula, then the fused row
+    operations: GELU, residual [M, N] + gate [M // RPS, N] * y (RPS: rows per sample). Stored in out's dtype."""
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = acc * tl.load(rs_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -67,15 +83,24 @@ def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_p
         acc = tl.dot(xv, ut, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = _gelu_tanh(acc)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        if HAS_GATE:
+            gate_ptrs = gate_ptr + (offs_m // RPS)[:, None] * N + offs_n[None, :]
+            acc = acc * tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(res_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def w1a16_kernel(x_ptr, wt_ptr, out_ptr, rs_ptr, cs_ptr, gsb_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-                 M, N, K, M_BUCKET,
+                 res_ptr, gate_ptr, M, N, K, M_BUCKET, RPS,
                  ONE_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_COL: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                 RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                 RANK: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """x [M, K] bf16/fp16, wt uint8 [ceil(K/8), N] -> out [M, N] in x's dtype. M_BUCKET only keys the autotuner."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -113,7 +138,7 @@ def w1a16_kernel(x_ptr, wt_ptr, out_ptr, rs_ptr, cs_ptr, gsb_ptr, ro_ptr, xsum_p
         x_ptrs += BLOCK_K
         w_ptrs += (BLOCK_K // 8) * N
     _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-              HAS_OFFSET, RANK, HAS_BIAS)
+              res_ptr, gate_ptr, RPS, HAS_OFFSET, RANK, HAS_BIAS, GELU, HAS_RESIDUAL, HAS_GATE)
 
 
 @triton.jit
@@ -137,9 +162,9 @@ def _load_int8_step(q_ptr, wt_ptr, offs_m, offs_n, k0, M, N, K,
 
 @triton.jit
 def w1a8_kernel(q_ptr, xs_ptr, qsum_ptr, wt_ptr, out_ptr, rs_ptr, gs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-                M, N, K, M_BUCKET,
+                res_ptr, gate_ptr, M, N, K, M_BUCKET, RPS,
                 GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                EVEN_K: tl.constexpr,
+                GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """q int8 [M, K] with per-row scale xs f32 [M] and row sums qsum int32 [M] -> out [M, N]."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -165,18 +190,37 @@ def w1a8_kernel(q_ptr, xs_ptr, qsum_ptr, wt_ptr, out_ptr, rs_ptr, gs_ptr, ro_ptr
             acc += (2 * acc_i - qsum[:, None]).to(tl.float32) * gs[None, :]
     acc = acc * tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-              HAS_OFFSET, RANK, HAS_BIAS)
+              res_ptr, gate_ptr, RPS, HAS_OFFSET, RANK, HAS_BIAS, GELU, HAS_RESIDUAL, HAS_GATE)
 
 
 @triton.jit
-def quantize_rows_kernel(x_ptr, cs_ptr, q_ptr, xs_ptr, qsum_ptr, xsum_ptr, K,
-                         HAS_COL: tl.constexpr, HAS_XSUM: tl.constexpr, BLOCK: tl.constexpr):
+def quantize_rows_kernel(x_ptr, cs_ptr, q_ptr, xs_ptr, qsum_ptr, xsum_ptr, lnw_ptr, lnb_ptr, shift_ptr, scale_ptr,
+                         xn_ptr, K, RPS, eps,
+                         HAS_COL: tl.constexpr, HAS_XSUM: tl.constexpr, NORM: tl.constexpr, LN_WEIGHT: tl.constexpr,
+                         LN_BIAS: tl.constexpr, MODULATE: tl.constexpr, STORE_XN: tl.constexpr, BLOCK: tl.constexpr):
     """One row per program: q = round(x * col_scale / s) in int8 with s = max|x * col_scale| / 127;
-    with HAS_XSUM also the raw row sum (the row offset's term), which saves a pass over x."""
+    with HAS_XSUM also the row sum of x (the row offset's term), which saves a pass over x.
+
+    With NORM, x is first the prologue's output (fusion.py): LayerNorm over K (optional weight and bias
+    [K]), then with MODULATE x * (1 + scale) + shift of the row's sample (row // RPS; shift, scale [B, K]).
+    The row sum is then of that output, and STORE_XN writes it to xn (in xn's dtype, for the low-rank term)."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        centered = tl.where(mask, x - tl.sum(x, axis=0) / K, 0.0)
+        x = centered * tl.rsqrt(tl.sum(centered * centered, axis=0) / K + eps)
+        if LN_WEIGHT:
+            x = x * tl.load(lnw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if LN_BIAS:
+            x += tl.load(lnb_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if MODULATE:
+            sample = row // RPS
+            mod_scale = tl.load(scale_ptr + sample * K + offs, mask=mask, other=0.0).to(tl.float32)
+            x = x * (1.0 + mod_scale) + tl.load(shift_ptr + sample * K + offs, mask=mask, other=0.0).to(tl.float32)
+    if STORE_XN:
+        tl.store(xn_ptr + row * K + offs, x.to(xn_ptr.dtype.element_ty), mask=mask)
     if HAS_XSUM:
         tl.store(xsum_ptr + row, tl.sum(x, axis=0))
     if HAS_COL:

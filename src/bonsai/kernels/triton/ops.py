@@ -1,5 +1,10 @@
 """Launchers for the Triton bitmatmul kernels: w1a16(x, weight) and w1a8(x, weight).
 
+Both take row operations of bonsai.kernels.fusion (W1A16_FUSES, W1A8_FUSES): GELU and the gated
+residual in the GEMM epilogue; W1A8 also the prologue, in the kernel that quantizes x anyway. W1A16
+reads x straight into the GEMM's tiles, so a prologue there would need a pass of its own (row
+statistics) and would redo the normalization in every column block: it is left to the dispatcher.
+
 On CUDA the tile shape is autotuned per (M bucket, N, K) from the config lists below: one list
 for M <= 16 (memory-bound: few rows, narrow N tiles so that every SM streams weights), one for
 mid M and one for large M (compute-bound: big tiles). Passing `config` runs one fixed tile
@@ -9,12 +14,13 @@ shape instead, which is how the tests run the kernels under TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.testing
 
+from ..fusion import PROLOGUE, Epilogue, Prologue, epilogue_parts, rows_per_sample
 from ..packed import PackedWeight
 from . import fragment_kernels, kernels
 from .fragments import BF16_CHUNK, INT8_CHUNK, bf16_words, int8_words
@@ -27,6 +33,9 @@ MID_M = 256
 # "fragment" is the default: 1.3-1.6x faster than "k-major" on bonsai-4b's GEMMs (benchmarks/RESULTS.md).
 VARIANTS = ("k-major", "fragment")
 DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "fragment")
+# Row operations each kernel fuses (fusion.PARTS); head norms stay in torch (kernels.py says why).
+W1A16_FUSES = frozenset({"gelu", "residual"})
+W1A8_FUSES = frozenset({PROLOGUE, "gelu", "residual"})
 # +1.0 as a bit pattern, per activation dtype (W1A16 flips bit 15 for -1).
 _ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
 
@@ -169,10 +178,42 @@ class _Operands:
     xsum: torch.Tensor | None  # float32 [M]: sum_k x[m, k], for the row offset
     xv: torch.Tensor | None  # bfloat16 [M, R]: x @ lowrank_v.T
     bias: torch.Tensor | None
+    gelu: bool = False
+    residual: torch.Tensor | None = None  # [M, N] contiguous
+    gate: torch.Tensor | None = None  # [B, N] contiguous
+    rows_per_sample: int = 1
 
 
-def _operands(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, row_sums: bool = True) -> _Operands:
-    """row_sums=False: leave them to the caller (W1A8's quantization kernel writes them into ops.xsum)."""
+def _check_share(name: str, fuses: frozenset[str], prologue: Prologue | None, epilogue: Epilogue | None) -> None:
+    if prologue is not None and PROLOGUE not in fuses:
+        raise ValueError(f"{name} does not fuse a prologue (bitmatmul applies it before the kernel)")
+    extra = set(epilogue_parts(epilogue)) - fuses if epilogue is not None else set()
+    if extra:
+        raise ValueError(f"{name} does not fuse {sorted(extra)} (bitmatmul applies them after the kernel)")
+
+
+def _with_epilogue(ops: _Operands, x: torch.Tensor, n: int, prologue: Prologue | None,
+                   epilogue: Epilogue | None) -> _Operands:
+    """ops with the fused epilogue's operands, checked against x [..., K] -> [..., N]."""
+    rps = rows_per_sample(x, prologue, epilogue)
+    if epilogue is None:
+        return replace(ops, rows_per_sample=rps)
+    residual = gate = None
+    if epilogue.residual is not None:
+        if tuple(epilogue.residual.shape) != (*x.shape[:-1], n):
+            raise ValueError(f"residual: expected shape {(*x.shape[:-1], n)}, got {tuple(epilogue.residual.shape)}")
+        residual = epilogue.residual.reshape(-1, n).contiguous()
+    if epilogue.gate is not None:
+        if tuple(epilogue.gate.shape) != (x.shape[0], n):
+            raise ValueError(f"gate: expected shape {(x.shape[0], n)}, got {tuple(epilogue.gate.shape)}")
+        gate = epilogue.gate.contiguous()
+    return replace(ops, gelu=epilogue.gelu, residual=residual, gate=gate, rows_per_sample=rps)
+
+
+def _operands(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, row_sums: bool = True,
+              lowrank: bool = True) -> _Operands:
+    """row_sums=False: leave them to the caller (W1A8's quantization kernel writes them into ops.xsum);
+    lowrank=False: leave x @ V.T to the caller (W1A8 with a prologue: it multiplies the prologue's output)."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x has K={x.shape[-1]}, weight expects K={weight.in_features}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -185,20 +226,22 @@ def _operands(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, 
     if weight.row_offset is not None:  # one reduction, accumulated in float32 without a float32 copy of x
         xsum = x2.sum(-1, dtype=torch.float32) if row_sums else torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     layout = layout_of(weight)
-    xv = x2.to(torch.bfloat16) @ layout.lowrank_v.t() if layout.lowrank_v is not None else None
+    xv = x2.to(torch.bfloat16) @ layout.lowrank_v.t() if layout.lowrank_v is not None and lowrank else None
     return _Operands(x2, out, xsum, xv, None if bias is None else bias.contiguous())
 
 
 def _epilogue_args(weight: PackedWeight, ops: _Operands) -> tuple:
+    """The pointers of _epilogue: row scale, offset, x row sums, x V^T, U^T, bias, residual, gate."""
     layout = layout_of(weight)
     dummy = weight.row_scale  # any tensor: pointers of absent terms are never read
     return (weight.row_scale, _or(weight.row_offset, dummy), _or(ops.xsum, dummy), _or(ops.xv, dummy),
-            _or(layout.lowrank_u_t, dummy), _or(ops.bias, dummy))
+            _or(layout.lowrank_u_t, dummy), _or(ops.bias, dummy), _or(ops.residual, dummy), _or(ops.gate, dummy))
 
 
 def _epilogue_consts(weight: PackedWeight, ops: _Operands) -> dict:
     return {"HAS_OFFSET": weight.row_offset is not None, "RANK": 0 if ops.xv is None else ops.xv.shape[1],
-            "HAS_BIAS": ops.bias is not None}
+            "HAS_BIAS": ops.bias is not None, "GELU": ops.gelu, "HAS_RESIDUAL": ops.residual is not None,
+            "HAS_GATE": ops.gate is not None}
 
 
 def _or(t: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
@@ -230,12 +273,15 @@ def _fragment_config(config: TileConfig | None, chunk: int) -> TileConfig | None
 
 
 def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
+          prologue: None = None, epilogue: Epilogue | None = None,
           config: TileConfig | None = None, variant: str | None = None) -> torch.Tensor:
-    """y = x @ W.T (+ bias) for x [..., K] bf16/fp16/fp32 (fp32 is computed in bf16); returns x.dtype.
+    """y = epilogue(x @ W.T (+ bias)) for x [..., K] bf16/fp16/fp32 (fp32 is computed in bf16); returns
+    x.dtype. The epilogue may have the parts of W1A16_FUSES (GELU, residual + gate); no prologue.
 
     variant: "k-major" or "fragment" (default DEFAULT_VARIANT); "fragment" falls back to "k-major" for
     group sizes that are not a multiple of 64."""
-    ops = _operands(x, weight, bias)
+    _check_share("triton-w1a16", W1A16_FUSES, prologue, epilogue)
+    ops = _with_epilogue(_operands(x, weight, bias), x, weight.out_features, prologue, epilogue)
     layout = layout_of(weight)
     xc = ops.x2.to(torch.bfloat16) if ops.x2.dtype == torch.float32 else ops.x2
     m, k = xc.shape
@@ -244,36 +290,47 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         gsb = weight.signs
     else:
         gsb = layout.group_bits_bf16 if xc.dtype == torch.bfloat16 else layout.group_bits_f16
-    r_s, ro, xsum, xv, ut, bias_t = _epilogue_args(weight, ops)
+    epi_args = _epilogue_args(weight, ops)
     consts = {"ONE_BITS": _ONE_BITS[xc.dtype], "GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
     if _variant(variant) == "fragment" and fragment_supports_group(weight.group_size, BF16_CHUNK):
         if weight.col_scale is not None:  # x^T goes to shared memory as loaded: scale x first (as k-major does, in fp32)
             xc = (xc.float() * weight.col_scale).to(xc.dtype)
         words = weight.prepared("triton-fragment-bf16", bf16_words)
-        args = (xc, words, ops.out, r_s, gsb, ro, xsum, xv, ut, bias_t, m, n, k, words.shape[0], words.shape[1],
-                m_bucket(m))
+        r_s, *rest = epi_args
+        args = (xc, words, ops.out, r_s, gsb, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
+                ops.rows_per_sample)
         _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k,
                 _fragment_config(config, BF16_CHUNK))
         return _finish(x, ops.out, n)
     cs = _or(weight.col_scale, weight.row_scale)
-    args = (xc, kmajor_signs(weight), ops.out, r_s, cs, gsb, ro, xsum, xv, ut, bias_t, m, n, k, m_bucket(m))
+    r_s, *rest = epi_args
+    args = (xc, kmajor_signs(weight), ops.out, r_s, cs, gsb, *rest, m, n, k, m_bucket(m), ops.rows_per_sample)
     _launch(_w1a16_tuned, kernels.w1a16_kernel, args, {**consts, "HAS_COL": weight.col_scale is not None}, m, n, k,
             config)
     return _finish(x, ops.out, n)
 
 
-def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None,
-                  xsum: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None, xsum: torch.Tensor | None = None,
+                  prologue: Prologue | None = None, rows_per_sample: int = 1,
+                  xn: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """x2 [M, K] -> (q int8 [M, K], scale f32 [M], row sums of q int32 [M]); col_scale f32 [K] folded in
-    first. With `xsum` (float32 [M]) the raw row sums of x2 are written there as well."""
+    first. With a prologue (fusion.py; its shift / scale rows [B, K] for rows_per_sample rows each) x2's
+    rows go through it before anything else. With `xsum` (float32 [M]) the row sums of x2 (after the
+    prologue, before col_scale) are written there as well, and with `xn` ([M, K]) the rows themselves."""
     m, k = x2.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x2.device)
     scale = torch.empty(m, dtype=torch.float32, device=x2.device)
     qsum = torch.empty(m, dtype=torch.int32, device=x2.device)
+    pro = prologue or Prologue(0.0)
+    ln_weight, ln_bias, shift, mod_scale = (None if t is None else t.contiguous()
+                                            for t in (pro.weight, pro.bias, pro.shift, pro.scale))
     block = triton.next_power_of_2(k)
-    kernels.quantize_rows_kernel[(m,)](x2, _or(col_scale, scale), q, scale, qsum, _or(xsum, scale), k,
-                                       HAS_COL=col_scale is not None, HAS_XSUM=xsum is not None,
-                                       BLOCK=block, num_warps=min(16, max(1, block // 512)))
+    kernels.quantize_rows_kernel[(m,)](
+        x2, _or(col_scale, scale), q, scale, qsum, _or(xsum, scale), _or(ln_weight, scale), _or(ln_bias, scale),
+        _or(shift, scale), _or(mod_scale, scale), _or(xn, scale), k, rows_per_sample, pro.eps,
+        HAS_COL=col_scale is not None, HAS_XSUM=xsum is not None, NORM=prologue is not None,
+        LN_WEIGHT=ln_weight is not None, LN_BIAS=ln_bias is not None, MODULATE=shift is not None,
+        STORE_XN=xn is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)))
     return q, scale, qsum
 
 
@@ -282,29 +339,39 @@ def w1a8_supports_group(group_size: int) -> bool:
 
 
 def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
+         prologue: Prologue | None = None, epilogue: Epilogue | None = None,
          config: TileConfig | None = None, variant: str | None = None) -> torch.Tensor:
-    """y = x @ W.T (+ bias) with x quantized per token to int8 (col_scale folded in); returns x.dtype.
+    """y = epilogue(prologue(x) @ W.T (+ bias)) with prologue(x) quantized per token to int8 (col_scale
+    folded in); returns x.dtype. The epilogue may have the parts of W1A8_FUSES (GELU, residual + gate).
 
     variant: "k-major" or "fragment" (default DEFAULT_VARIANT); "fragment" falls back to "k-major" for
     group sizes that are not a multiple of 128."""
     if not w1a8_supports_group(weight.group_size):
         raise ValueError(f"triton-w1a8 needs group_size 0 or a multiple of 32, got {weight.group_size}; "
                          "use triton-w1a16")
-    ops = _operands(x, weight, bias, row_sums=False)
+    _check_share("triton-w1a8", W1A8_FUSES, prologue, epilogue)
+    ops = _operands(x, weight, bias, row_sums=False, lowrank=prologue is None)
+    ops = _with_epilogue(ops, x, weight.out_features, prologue, epilogue)
     layout = layout_of(weight)
     m, k = ops.x2.shape
     n = weight.out_features
-    q, xs, qsum = quantize_rows(ops.x2, weight.col_scale, ops.xsum)
+    # The low-rank term multiplies the prologue's output: the quantization kernel writes it out for that.
+    xn = None
+    if prologue is not None and layout.lowrank_v is not None:
+        xn = torch.empty(m, k, dtype=torch.bfloat16, device=x.device)
+    q, xs, qsum = quantize_rows(ops.x2, weight.col_scale, ops.xsum, prologue, ops.rows_per_sample, xn)
+    if xn is not None:
+        ops = replace(ops, xv=xn @ layout.lowrank_v.t())
     gs = _or(layout.group_scale_t, weight.row_scale)
-    r_s, ro, xsum, xv, ut, bias_t = _epilogue_args(weight, ops)
+    r_s, *rest = _epilogue_args(weight, ops)
     consts = {"GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
     if _variant(variant) == "fragment" and fragment_supports_group(weight.group_size, INT8_CHUNK):
         words = weight.prepared("triton-fragment-int8", int8_words)
-        args = (q, xs, qsum, words, ops.out, r_s, gs, ro, xsum, xv, ut, bias_t, m, n, k, words.shape[0],
-                words.shape[1], m_bucket(m))
+        args = (q, xs, qsum, words, ops.out, r_s, gs, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
+                ops.rows_per_sample)
         _launch(_w1a8_frag_tuned, fragment_kernels.w1a8_frag_kernel, args, consts, m, n, k,
                 _fragment_config(config, INT8_CHUNK))
         return _finish(x, ops.out, n)
-    args = (q, xs, qsum, kmajor_signs(weight), ops.out, r_s, gs, ro, xsum, xv, ut, bias_t, m, n, k, m_bucket(m))
+    args = (q, xs, qsum, kmajor_signs(weight), ops.out, r_s, gs, *rest, m, n, k, m_bucket(m), ops.rows_per_sample)
     _launch(_w1a8_tuned, kernels.w1a8_kernel, args, consts, m, n, k, config)
     return _finish(x, ops.out, n)
