@@ -288,6 +288,10 @@ def test_cuda_fused_rows_match_float64(kernel, m, tol, pro, epi):
         y = bitmatmul(x, w, bias, prologue, epilogue)
     finally:
         set_kernel(None)
+    if kernel == "triton-w1a16" and pro is not None:
+        # torch applies the prologue in bf16 (LayerNorm, then x * (1 + scale) + shift, each rounded to bf16)
+        # before the product; measured 1.4e-2 for the modulated prologue on an H200
+        tol = 2e-2
     assert rel_err(y, ref) < tol
 
 
