@@ -178,13 +178,10 @@ def run_gpu(args) -> list[dict]:
         del pipe
         gc.collect()
         torch.cuda.empty_cache()
-    if "lean" in args.variants:  # weights visit the device anew each image: no graphs (the automatic choice)
+    if "lean" in args.variants:  # weights visit the device anew each image: graphs are captured per image
         _kernels.clear()
-        pipe = Pipeline.from_pretrained(str(path), device="cuda", memory="lean", cuda_graph=False)
-        r = measure_gpu(pipe, args, 1)
-        r.pop("samples")
-        rows.append({"model": "1-bit", "memory": "lean", "checkpoint_gb": file_gb, "kernels": dict(_kernels), **r, "graphs": "off"})
-        print(json.dumps(rows[-1]), flush=True)
+        pipe = Pipeline.from_pretrained(str(path), device="cuda", memory="lean")
+        rows += measure_graph_modes(pipe, args, "1-bit", "lean", {"checkpoint_gb": file_gb}, "1-bit lean")
         del pipe
         gc.collect()
         torch.cuda.empty_cache()

@@ -30,13 +30,14 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
     "option,env,device,memory,expected",
     [
         (None, None, CUDA, "normal", True),  # automatic: CUDA, everything resident
-        (None, None, CUDA, "lean", False),
+        (None, None, CUDA, "lean", True),  # captured anew for each generation
         (None, None, CUDA, "offload", False),
         (None, None, CPU, "normal", False),
         (None, None, torch.device("mps"), "normal", False),
         (None, "0", CUDA, "normal", False),  # the environment overrides the automatic choice
         (None, "1", CUDA, "lean", True),
-        (None, "auto", CUDA, "lean", False),
+        (None, "auto", CUDA, "lean", True),
+        (None, "0", CUDA, "lean", False),
         (False, "1", CUDA, "normal", False),  # an explicit option overrides the environment
         (True, "0", CUDA, "lean", True),
         (True, "1", CUDA, "offload", False),  # never: offload hooks move weights inside the forward
