@@ -47,7 +47,7 @@ def _writable_dir(path: Path) -> Path:
 @click.option("--memory", type=click.Choice(["normal", "lean", "offload"]), default="normal", show_default=True,
               help="lean: one model part on the device at a time, tiled decoding; offload: lean plus denoiser blocks one at a time.")
 @click.option("--cuda-graph/--no-cuda-graph", "cuda_graph", default=None,
-              help="Replay the denoiser from CUDA graphs (default: on for CUDA with --memory normal; BONSAI_CUDA_GRAPH=0/1 overrides the default).")
+              help="Replay the denoiser from CUDA graphs (default: on for CUDA with --memory normal or lean; BONSAI_CUDA_GRAPH=0/1 overrides the default).")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"), show_default=True)
 @click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of NAME.safetensors LoRAs for <lora:NAME:weight> tags in the prompt.")

@@ -114,7 +114,7 @@ class Pipeline:
         """`decoder` maps denoised latents to images (None: the denoiser works in pixels).
 
         `cuda_graph`: replay the denoiser from CUDA graphs (bonsai.cuda_graph); None chooses
-        automatically (BONSAI_CUDA_GRAPH=0/1 if set, else on for CUDA in the normal memory mode)."""
+        automatically (BONSAI_CUDA_GRAPH=0/1 if set, else on for CUDA in the normal and lean memory modes)."""
         if memory not in MEMORY_MODES:
             raise InvalidRequest(f"memory {memory!r} is not one of {', '.join(MEMORY_MODES)}")
         self.denoiser = denoiser
