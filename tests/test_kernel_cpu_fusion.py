@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from bonsai.kernels import Epilogue, Prologue, bitmatmul, dispatch, fuses_rows, set_kernel
 from bonsai.kernels.cpu import available_isas, bitmatmul_cpu
 from bonsai.kernels.fusion import apply_epilogue, apply_prologue
 from bonsai.lora.layers import LoRALayer
-from bonsai.models import DiT, DiTConfig, dit_fused
+from bonsai.models import dit_fused
 from bonsai.pipeline import Pipeline
-from bonsai.quant import BinarizeConfig, QuantPolicy, quantize_
 
 from test_kernel_cpu import random_weight
+from tiny_dits import CONFIG, dit_inputs, one_bit_dit
 
 ISAS = available_isas()
 
@@ -122,32 +121,6 @@ def test_malformed_fusions_are_clear_errors() -> None:
         Epilogue(gate=torch.ones(1, 16))
     with pytest.raises(ValueError, match="shift and scale must be given together"):
         Prologue(1e-6, shift=torch.ones(1, 24))
-
-
-# Odd sizes for a DiT: head dim 12, 3 heads, 5 x 3 patches, 7 text tokens.
-CONFIG = DiTConfig(hidden_size=36, depth=2, num_heads=3, sample_size=16, patch_size=4, text_dim=24)
-
-
-def one_bit_dit() -> DiT:
-    torch.manual_seed(0)
-    model = DiT(CONFIG)
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.2)
-            nn.init.normal_(module.bias, std=0.1)
-    for block in model.blocks:  # norms with non-trivial weights, so that the test sees them
-        for norm in (block.norm2, block.attn.q_norm, block.attn.k_norm, block.cross.q_norm, block.cross.k_norm):
-            nn.init.uniform_(norm.weight, 0.5, 1.5)
-        nn.init.normal_(block.norm2.bias, std=0.1)
-    quantize_(model, QuantPolicy(binarize=BinarizeConfig(rank=4), min_params=256))
-    return model.eval()
-
-
-def dit_inputs() -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(5)
-    mask = torch.ones(2, 7, dtype=torch.bool)
-    mask[1, 4:] = False
-    return torch.randn(2, 3, 20, 12, generator=g), torch.rand(2, generator=g), torch.randn(2, 7, 24, generator=g), mask
 
 
 def test_dit_takes_the_fused_block_on_cpu_and_matches_its_own_forward(monkeypatch) -> None:

@@ -32,7 +32,8 @@ from bonsai.kernels import Epilogue, Kernel, Prologue, dispatch, set_kernel  # n
 from bonsai.kernels.fusion import apply_epilogue, apply_prologue  # noqa: E402
 from bonsai.kernels.triton import ops as triton_ops  # noqa: E402
 from bonsai.models import DiT, DiTConfig, dit_fused  # noqa: E402
-from bonsai.quant import BinarizeConfig, QuantPolicy, quantize_  # noqa: E402
+from bonsai.quant import QuantPolicy, quantize_  # noqa: E402
+from tiny_dits import CONFIG, dit_inputs, one_bit_dit  # noqa: E402
 
 VARIANTS = ["k-major", "fragment"]
 # The GELU's exp(-2u) overflows to inf for very negative inputs, by design (its limit, 0, is right); numpy says so.
@@ -198,33 +199,6 @@ def test_launchers_refuse_what_they_do_not_fuse(interp):
         interp.w1a8(x.reshape(6, 64), w, prologue=make_prologue("modulated", 2, 64, gen), config=TILE)
     with pytest.raises(ValueError, match="residual: expected shape"):
         interp.w1a8(x, w, epilogue=Epilogue(residual=torch.randn(2, 3, 15)), config=TILE)
-
-
-# A 1-bit DiT of odd sizes (head dim 12, 5 x 3 patches, 7 text tokens) whose linears run the interpreted kernels.
-CONFIG = DiTConfig(hidden_size=36, depth=2, num_heads=3, sample_size=16, patch_size=4, text_dim=24)
-
-
-def one_bit_dit() -> DiT:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = DiT(CONFIG)
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.2)
-                nn.init.normal_(module.bias, std=0.1)
-        for block in model.blocks:  # norms with non-trivial weights, so that the test sees them
-            for norm in (block.norm2, block.attn.q_norm, block.attn.k_norm, block.cross.q_norm, block.cross.k_norm):
-                nn.init.uniform_(norm.weight, 0.5, 1.5)
-            nn.init.normal_(block.norm2.bias, std=0.1)
-    quantize_(model, QuantPolicy(binarize=BinarizeConfig(rank=4), min_params=256))  # row offsets and low rank
-    return model.eval()
-
-
-def dit_inputs() -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(5)
-    mask = torch.ones(2, 7, dtype=torch.bool)
-    mask[1, 4:] = False
-    return torch.randn(2, 3, 20, 12, generator=g), torch.rand(2, generator=g), torch.randn(2, 7, 24, generator=g), mask
 
 
 @pytest.mark.parametrize("name", ["w1a8", "w1a16"])
