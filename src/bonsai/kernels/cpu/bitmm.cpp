@@ -89,7 +89,7 @@ void expand_panel_scalar(const Problem& p, int64_t n0, uint8_t* w) {
   });
 }
 
-void kernel_scalar(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+void kernel_scalar(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t, int64_t j0,
                    int64_t j1, int ncols) {
   const int64_t g4 = p.gpad / 4;
   for (int r = 0; r < a.mr; ++r) {
@@ -102,7 +102,7 @@ void kernel_scalar(const Problem& p, const ActPanel& a, const uint8_t* w, const 
         acc += wj[0] * qj[0] + wj[1] * qj[1] + wj[2] * qj[2] + wj[3] * qj[3];
         if ((j + 1) % g4 == 0) {
           const int64_t g = j / g4;
-          f += gs[g * PANEL + c] * (float)(acc - a.sumx[g * a.mr + r]);
+          f += t.gs[g * PANEL + c] * (float)(acc - a.sumx[g * a.mr + r]);
           acc = 0;
         }
       }
@@ -455,7 +455,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
                               bf16_rows ? lrb + m0 * lowrank_bf16_stride(p) : nullptr};
           const Tile tile = {acc + slot, f + slot, n0, gs};
           if (j0 == 0 && !direct) memset(tile.f, 0, sizeof(float) * (size_t)(MR * PANEL));
-          ops->kernel(p, a, w, gs, tile, j0, j1, ncols);
+          ops->kernel(p, a, w, tile, j0, j1, ncols);
           if (j1 == k4) {
             ops->write_tile(p, a, tile, ncols, y + m0 * N + n0);
             if (epilogue_tile) ops->epilogue_tile(p, m0, a.mr, n0, ncols, y + m0 * N + n0);

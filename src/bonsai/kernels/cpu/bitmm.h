@@ -102,9 +102,9 @@ struct Ops {
   void (*lowrank_row)(const Problem& p, const float* x, float* t);
   // Expand weight rows n0 .. n0 + PANEL - 1 (rows >= N read as zero) into wbuf[kpad/4][PANEL][4].
   void (*expand_panel)(const Problem& p, int64_t n0, uint8_t* wbuf);
-  // Accumulate k4 steps [j0, j1) into the tile: f[r][c] += gs[g][c] * (int dot_g - sumx_g[r]) for
+  // Accumulate k4 steps [j0, j1) into the tile: f[r][c] += t.gs[g][c] * (int dot_g - sumx_g[r]) for
   // each group g finished in the range (columns c >= ncols may be skipped).
-  void (*kernel)(const Problem& p, const ActPanel& a, const uint8_t* wbuf, const float* gs, Tile t, int64_t j0,
+  void (*kernel)(const Problem& p, const ActPanel& a, const uint8_t* wbuf, Tile t, int64_t j0,
                  int64_t j1, int ncols);
   // The tile's output, y[r, c] for c < ncols (row stride N), from t.f of the finished tile:
   // scale[r] * f[r][c] + row_offset[n0 + c] * xsum[r] + bias[n0 + c] + sum_j lrt[r][j] * ut[j][n0 + c]

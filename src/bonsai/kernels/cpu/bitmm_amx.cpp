@@ -176,7 +176,7 @@ TARGET_AMX void lowrank_rows_amx(const Problem& p, const float* x, int rows, flo
 // slack) bytes of the activation buffer; their sums are never used. The last K-chunk leaves the
 // tile's low-rank sums in t.acc.
 template <bool TWO>
-TARGET_AMX void kernel_amx_rows(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t,
+TARGET_AMX void kernel_amx_rows(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t,
                                 int64_t j0, int64_t j1) {
   const int64_t g4 = p.gpad / 4;  // a multiple of TILE_K4
   if (j0 % g4)
@@ -201,7 +201,7 @@ TARGET_AMX void kernel_amx_rows(const Problem& p, const ActPanel& a, const uint8
     if (end == gend) {
       store_acc<TWO>(t.acc);
       if (p.ngroups == 1) break;  // write_tile_amx reads the sums from t.acc
-      x86::flush_group_avx512(a, t.acc, gs, g, t.f);
+      x86::flush_group_avx512(a, t.acc, t.gs, g, t.f);
       zero_acc<TWO>();
     }
   }
@@ -211,12 +211,12 @@ TARGET_AMX void kernel_amx_rows(const Problem& p, const ActPanel& a, const uint8
     lowrank_tiles<TWO>(p, a, t, p.ngroups == 1 ? t.f : (float*)t.acc);
 }
 
-void kernel_amx(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+void kernel_amx(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t, int64_t j0,
                 int64_t j1, int) {
   if (a.mr > 16)
-    kernel_amx_rows<true>(p, a, w, gs, t, j0, j1);
+    kernel_amx_rows<true>(p, a, w, t, j0, j1);
   else
-    kernel_amx_rows<false>(p, a, w, gs, t, j0, j1);
+    kernel_amx_rows<false>(p, a, w, t, j0, j1);
 }
 
 // One group: y = scale[r] * gs[c] * (acc[r][c] - sumx[r]) + low-rank + row_offset[c] * xsum[r] + bias[c]
@@ -224,7 +224,7 @@ void kernel_amx(const Problem& p, const ActPanel& a, const uint8_t* w, const flo
 TARGET_AMX void write_tile_direct(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y) {
   const float* lowrank = p.rank ? t.f : nullptr;
   for (int h = 0; h * 16 < ncols; ++h) {
-    const __mmask16 m = (__mmask16)(ncols - 16 * h >= 16 ? 0xffff : (1u << (ncols - 16 * h)) - 1);
+    const __mmask16 m = lanes(ncols - 16 * h);
     const int64_t c0 = t.n0 + 16 * h;
     const __m512 g = _mm512_loadu_ps(t.gs + 16 * h);
     const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(m, p.bias + c0) : _mm512_setzero_ps();

@@ -15,7 +15,7 @@ constexpr int NEON_MR = 4;
 // MR rows x 8 columns (a quarter of a panel) over k4 steps [j0, j1): integer sums of a group that
 // continues past j1 wait in t.acc, finished groups go to t.f (as the scalar kernel does).
 template <int MR>
-void kernel_neon_quarter(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t,
+void kernel_neon_quarter(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t,
                          int64_t j0, int64_t j1, int qtr) {
   const int64_t g4 = p.gpad / 4;
   for (int64_t g = j0 / g4, j = j0; j < j1; ++g) {
@@ -46,7 +46,7 @@ void kernel_neon_quarter(const Problem& p, const ActPanel& a, const uint8_t* w, 
           continue;
         }
         float* f = t.f + r * PANEL + qtr * 8 + 4 * v;
-        const float32x4_t gv = vld1q_f32(gs + g * PANEL + qtr * 8 + 4 * v);
+        const float32x4_t gv = vld1q_f32(t.gs + g * PANEL + qtr * 8 + 4 * v);
         vst1q_f32(f, vfmaq_f32(vld1q_f32(f), gv, vcvtq_f32_s32(vsubq_s32(sum, corr))));
       }
     }
@@ -54,19 +54,19 @@ void kernel_neon_quarter(const Problem& p, const ActPanel& a, const uint8_t* w, 
 }
 
 template <int MR>
-void kernel_neon_mr(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+void kernel_neon_mr(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t, int64_t j0,
                     int64_t j1, int ncols) {
-  for (int qtr = 0; qtr < PANEL / 8 && qtr * 8 < ncols; ++qtr) kernel_neon_quarter<MR>(p, a, w, gs, t, j0, j1, qtr);
+  for (int qtr = 0; qtr < PANEL / 8 && qtr * 8 < ncols; ++qtr) kernel_neon_quarter<MR>(p, a, w, t, j0, j1, qtr);
 }
 
-void kernel_neon(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+void kernel_neon(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t, int64_t j0,
                  int64_t j1, int ncols) {
   static_assert(NEON_MR == 4, "dispatch below covers mr = 1..4");
   switch (a.mr) {
-    case 1: return kernel_neon_mr<1>(p, a, w, gs, t, j0, j1, ncols);
-    case 2: return kernel_neon_mr<2>(p, a, w, gs, t, j0, j1, ncols);
-    case 3: return kernel_neon_mr<3>(p, a, w, gs, t, j0, j1, ncols);
-    default: return kernel_neon_mr<4>(p, a, w, gs, t, j0, j1, ncols);
+    case 1: return kernel_neon_mr<1>(p, a, w, t, j0, j1, ncols);
+    case 2: return kernel_neon_mr<2>(p, a, w, t, j0, j1, ncols);
+    case 3: return kernel_neon_mr<3>(p, a, w, t, j0, j1, ncols);
+    default: return kernel_neon_mr<4>(p, a, w, t, j0, j1, ncols);
   }
 }
 

@@ -112,8 +112,8 @@ TARGET_AVX2 void expand_panel_avx2(const Problem& p, int64_t n0, uint8_t* w) {
 // MR rows x 16 columns (half of a panel): int16 sums over at most AVX2_CHUNK steps, then int32
 // and float running sums in the tile.
 template <int MR>
-TARGET_AVX2 void kernel_avx2_half(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs,
-                                  Tile t, int64_t j0, int64_t j1, int h) {
+TARGET_AVX2 void kernel_avx2_half(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t, int64_t j0,
+                                  int64_t j1, int h) {
   const int32_t* xq = (const int32_t*)a.q;
   const int64_t g4 = p.gpad / 4;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -148,7 +148,7 @@ TARGET_AVX2 void kernel_avx2_half(const Problem& p, const ActPanel& a, const uin
           const __m256i sum = _mm256_loadu_si256((const __m256i*)(t.acc + r * PANEL + c));
           const __m256 s = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, corr));
           float* f = t.f + r * PANEL + c;
-          _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_loadu_ps(gs + g * PANEL + c), s, _mm256_loadu_ps(f)));
+          _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_loadu_ps(t.gs + g * PANEL + c), s, _mm256_loadu_ps(f)));
         }
       }
     }
@@ -156,17 +156,17 @@ TARGET_AVX2 void kernel_avx2_half(const Problem& p, const ActPanel& a, const uin
 }
 
 template <int MR>
-TARGET_AVX2 void kernel_avx2_mr(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t,
+TARGET_AVX2 void kernel_avx2_mr(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t,
                                 int64_t j0, int64_t j1, int ncols) {
-  for (int h = 0; h < 2 && h * 16 < ncols; ++h) kernel_avx2_half<MR>(p, a, w, gs, t, j0, j1, h);
+  for (int h = 0; h < 2 && h * 16 < ncols; ++h) kernel_avx2_half<MR>(p, a, w, t, j0, j1, h);
 }
 
-using KernelFn = void (*)(const Problem&, const ActPanel&, const uint8_t*, const float*, Tile, int64_t, int64_t, int);
+using KernelFn = void (*)(const Problem&, const ActPanel&, const uint8_t*, Tile, int64_t, int64_t, int);
 
-void kernel_avx2(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+void kernel_avx2(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t, int64_t j0,
                  int64_t j1, int ncols) {
   static const KernelFn by_rows[AVX2_MR] = {kernel_avx2_mr<1>, kernel_avx2_mr<2>, kernel_avx2_mr<3>, kernel_avx2_mr<4>};
-  by_rows[a.mr - 1](p, a, w, gs, t, j0, j1, ncols);
+  by_rows[a.mr - 1](p, a, w, t, j0, j1, ncols);
 }
 
 const Ops AVX2_OPS = {AVX2_MR,           4,
@@ -384,7 +384,7 @@ using x86::expand_panel_avx512;
 
 // MR rows x 32 columns: int32 sums of the current group in registers, finished groups in t.f.
 template <int MR>
-TARGET_AVX512 void kernel_avx512_mr(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t,
+TARGET_AVX512 void kernel_avx512_mr(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t,
                                     int64_t j0, int64_t j1, int) {
   const int32_t* xq = (const int32_t*)a.q;
   const int64_t g4 = p.gpad / 4;
@@ -408,7 +408,7 @@ TARGET_AVX512 void kernel_avx512_mr(const Problem& p, const ActPanel& a, const u
         for (int v = 0; v < 2; ++v) {
           float* f = t.f + r * PANEL + 16 * v;
           const __m512 s = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], corr));
-          _mm512_storeu_ps(f, _mm512_fmadd_ps(_mm512_loadu_ps(gs + g * PANEL + 16 * v), s, _mm512_loadu_ps(f)));
+          _mm512_storeu_ps(f, _mm512_fmadd_ps(_mm512_loadu_ps(t.gs + g * PANEL + 16 * v), s, _mm512_loadu_ps(f)));
           acc[r][v] = _mm512_setzero_si512();
         }
       }
@@ -419,13 +419,13 @@ TARGET_AVX512 void kernel_avx512_mr(const Problem& p, const ActPanel& a, const u
       for (int v = 0; v < 2; ++v) _mm512_storeu_si512(t.acc + r * PANEL + 16 * v, acc[r][v]);
 }
 
-void kernel_avx512(const Problem& p, const ActPanel& a, const uint8_t* w, const float* gs, Tile t, int64_t j0,
+void kernel_avx512(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t, int64_t j0,
                    int64_t j1, int ncols) {
   static const KernelFn by_rows[AVX512_MR] = {
       kernel_avx512_mr<1>, kernel_avx512_mr<2>, kernel_avx512_mr<3>, kernel_avx512_mr<4>,
       kernel_avx512_mr<5>, kernel_avx512_mr<6>, kernel_avx512_mr<7>, kernel_avx512_mr<8>,
       kernel_avx512_mr<9>, kernel_avx512_mr<10>, kernel_avx512_mr<11>, kernel_avx512_mr<12>};
-  by_rows[a.mr - 1](p, a, w, gs, t, j0, j1, ncols);
+  by_rows[a.mr - 1](p, a, w, t, j0, j1, ncols);
 }
 
 void write_tile_avx512(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y) {
