@@ -97,12 +97,10 @@ _NO_ROW_OPS = Split(None, None, None, None)
 
 def split(prologue: Prologue | None, epilogue: Epilogue | None, fuses: frozenset[str]) -> Split:
     """Give a kernel that fuses `fuses` (a subset of PARTS) the largest share that keeps the order:
-    the prologue if it fuses it, and the longest prefix of the epilogue's parts that it fuses."""
+    the prologue if it fuses it, and the longest prefix of the epilogue's parts that it fuses
+    (Kernel checks its `fuses` against PARTS when it is made)."""
     if prologue is None and epilogue is None:  # most calls: nothing to divide
         return _NO_ROW_OPS
-    unknown = fuses - PARTS
-    if unknown:
-        raise ValueError(f"unknown fusion parts {sorted(unknown)}; known: {sorted(PARTS)}")
     takes_prologue = prologue is not None and PROLOGUE in fuses
     before, kernel_prologue = (None, prologue) if takes_prologue else (prologue, None)
     if epilogue is None:
