@@ -32,7 +32,7 @@ class CpuWeight:
     """The tensors the kernel reads, contiguous, and their C view. No repacking of the signs (the
     kernel expands the stored bit layout on the fly, so CPU weight memory stays at 1 bit); of the
     low-rank factors, V is kept in float32 (x V.T runs in float32 FMAs) and U in bfloat16 tiles (the
-    same size as U), which every path reads, and V once more in bfloat16 tiles for the AMX path."""
+    same size as U), which every path reads, and V once more in bfloat16 tiles where the AMX path can run."""
 
     tensors: tuple[torch.Tensor | None, ...]
     c_weight: binding.Weight
@@ -68,7 +68,8 @@ def _prepare(weight: PackedWeight) -> CpuWeight:
     if weight.rank:
         v = contiguous(weight.lowrank_v, torch.float32)
         ub = _lowrank_tiles(weight.lowrank_u)
-        vb = _lowrank_v_tiles(weight.lowrank_v)
+        if "amx" in available_isas():  # only the AMX path reads V in tiles (it falls back without them)
+            vb = _lowrank_v_tiles(weight.lowrank_v)
     tensors = (
         contiguous(weight.signs), contiguous(weight.row_scale), contiguous(weight.group_scale),
         contiguous(weight.col_scale), contiguous(weight.row_offset), v, ub, vb,
