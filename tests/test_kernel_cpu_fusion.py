@@ -24,7 +24,7 @@ from bonsai.models import dit_fused
 from bonsai.pipeline import Pipeline
 
 from test_kernel_cpu import random_weight
-from tiny_dits import CONFIG, dit_inputs, one_bit_dit
+from tiny_dits import CONFIG, dit_inputs, fused_and_unfused, one_bit_dit
 
 ISAS = available_isas()
 
@@ -124,15 +124,7 @@ def test_malformed_fusions_are_clear_errors() -> None:
 
 
 def test_dit_takes_the_fused_block_on_cpu_and_matches_its_own_forward(monkeypatch) -> None:
-    model, inputs = one_bit_dit(), dit_inputs()
-    calls = []
-    fused_forward = dit_fused.block_forward
-    monkeypatch.setattr(dit_fused, "block_forward", lambda *a: calls.append(1) or fused_forward(*a))
-    with torch.no_grad():
-        fused = model(*inputs)
-        assert len(calls) == CONFIG.depth
-        monkeypatch.setattr(dit_fused, "applies", lambda block, x: False)
-        unfused = model(*inputs)
+    fused, unfused = fused_and_unfused(one_bit_dit(), dit_inputs(), monkeypatch)
     assert torch.isfinite(fused).all() and fused.abs().max() > 0.1
     assert rel(fused, unfused) < 3e-2  # both quantize activations to int8, at slightly different values
 

@@ -59,8 +59,13 @@ def interp():
 
 @pytest.mark.skipif(not _TRITON_PREIMPORTED or torch.cuda.is_available(), reason="interpreter tests ran here")
 def test_interpreter_in_fresh_process():
+    run_under_interpreter(__file__)
+
+
+def run_under_interpreter(path: str) -> None:
+    """Run a test file's tests in a fresh process with TRITON_INTERPRET=1 (set before triton is imported)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+    run = subprocess.run([sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:]
 

@@ -16,16 +16,12 @@ The `gpu` tests run the same checks on CUDA through the dispatcher, at bonsai-4b
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
 
 from test_kernel_triton import (  # noqa: F401  (interp: the fixture)
-    _TRITON_PREIMPORTED, BF16_UNIT, TILE, binary_part, interp, random_weight, rel_err,
+    _TRITON_PREIMPORTED, BF16_UNIT, TILE, binary_part, interp, random_weight, rel_err, run_under_interpreter,
 )  # fmt: skip
 
 from bonsai.kernels import Epilogue, Kernel, Prologue, dispatch, set_kernel  # noqa: E402
@@ -33,7 +29,7 @@ from bonsai.kernels.fusion import apply_epilogue, apply_prologue  # noqa: E402
 from bonsai.kernels.triton import ops as triton_ops  # noqa: E402
 from bonsai.models import DiT, DiTConfig, dit_fused  # noqa: E402
 from bonsai.quant import QuantPolicy, quantize_  # noqa: E402
-from tiny_dits import CONFIG, dit_inputs, one_bit_dit  # noqa: E402
+from tiny_dits import dit_inputs, fused_and_unfused, one_bit_dit  # noqa: E402
 
 VARIANTS = ["k-major", "fragment"]
 # The GELU's exp(-2u) overflows to inf for very negative inputs, by design (its limit, 0, is right); numpy says so.
@@ -42,10 +38,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:Runt
 
 @pytest.mark.skipif(not _TRITON_PREIMPORTED or torch.cuda.is_available(), reason="interpreter tests ran here")
 def test_interpreter_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:]
+    run_under_interpreter(__file__)
 
 
 def make_prologue(kind: str | None, b: int, k: int, gen: torch.Generator) -> Prologue | None:
@@ -214,15 +207,9 @@ def test_dit_fused_blocks_on_triton_kernels_match_dit_forward(interp, monkeypatc
     monkeypatch.setattr(dispatch, "_registry", [Kernel(f"interpreted-{name}", ("cpu",), fn, fuses_bias=True, fuses=fuses)])
     monkeypatch.setattr(dispatch, "_plugins_loaded", True)
     model, inputs = one_bit_dit(), dit_inputs()
-    calls = []
-    fused_forward = dit_fused.block_forward
-    monkeypatch.setattr(dit_fused, "block_forward", lambda *a: calls.append(1) or fused_forward(*a))
+    fused, unfused = fused_and_unfused(model, inputs, monkeypatch)
+    assert any(pro for pro, _ in shares) == (name == "w1a8") and any(epi for _, epi in shares)
     with torch.no_grad():
-        fused = model(*inputs)
-        assert len(calls) == CONFIG.depth
-        assert any(pro for pro, _ in shares) == (name == "w1a8") and any(epi for _, epi in shares)
-        monkeypatch.setattr(dit_fused, "applies", lambda block, x: False)
-        unfused = model(*inputs)
         set_kernel("reference")
         try:
             reference = model(*inputs)

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from bonsai.models import DiT, DiTConfig
+from bonsai.models import DiT, DiTConfig, dit_fused
 from bonsai.quant import BinarizeConfig, QuantPolicy, quantize_
 
 CONFIG = DiTConfig(hidden_size=36, depth=2, num_heads=3, sample_size=16, patch_size=4, text_dim=24)
@@ -26,6 +27,20 @@ def one_bit_dit() -> DiT:
             nn.init.normal_(block.norm2.bias, std=0.1)
     quantize_(model, QuantPolicy(binarize=BinarizeConfig(rank=4), min_params=256))
     return model.eval()
+
+
+def fused_and_unfused(model: DiT, inputs: tuple, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's output with every block on its fused form (checked), then with dit.py's forward
+    (dit_fused.applies stays off for the rest of the test)."""
+    calls = []
+    fused_forward = dit_fused.block_forward
+    monkeypatch.setattr(dit_fused, "block_forward", lambda *a: calls.append(1) or fused_forward(*a))
+    with torch.no_grad():
+        fused = model(*inputs)
+        assert len(calls) == model.config.depth
+        monkeypatch.setattr(dit_fused, "applies", lambda block, x: False)
+        unfused = model(*inputs)
+    return fused, unfused
 
 
 def dit_inputs() -> tuple[torch.Tensor, ...]:
