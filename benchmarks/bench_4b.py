@@ -81,7 +81,8 @@ def timed_generate(pipe: Pipeline, size: int, steps: int, cfg: float, tokenizer:
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    result = pipe.generate(PROMPT, callback=on_step, steps=steps, cfg=cfg, seed=0, width=size, height=size)
+    with phase_timer(pipe) as phases:
+        result = pipe.generate(PROMPT, callback=on_step, steps=steps, cfg=cfg, seed=0, width=size, height=size)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -92,7 +93,52 @@ def timed_generate(pipe: Pipeline, size: int, steps: int, cfg: float, tokenizer:
     else:
         per_step = (marks[-1] - marks[0]) / (len(marks) - 1)
     finite = bool(torch.isfinite(result.samples).all())
-    return {"seconds": seconds, "per_step": per_step, "finite": finite, "samples": result.samples}
+    return {"seconds": seconds, "per_step": per_step, **phases.seconds(), "finite": finite, "samples": result.samples}
+
+
+class phase_timer:
+    """Time the prompt encoding and the decoding of one image (CUDA events on a GPU, the clock on a
+    CPU): the rest of an image beyond its steps. Wraps the pipeline's own methods (a graph replay
+    fires no module hooks); the wrappers are removed on exit."""
+
+    PARTS = {"encode_s": "_encode", "decode_s": "decode"}
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe, self.cuda = pipe, pipe.device.type == "cuda"
+        self.marks: dict[str, list] = {name: [] for name in self.PARTS}
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _timed(self, name: str, method):
+        def timed(*args, **kwargs):
+            self.marks[name].append(self._now())
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.marks[name].append(self._now())
+
+        return timed
+
+    def __enter__(self) -> "phase_timer":
+        for name, method in self.PARTS.items():
+            setattr(self.pipe, method, self._timed(name, getattr(self.pipe, method)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for method in self.PARTS.values():
+            delattr(self.pipe, method)  # the instance attribute goes, the class's method shows again
+
+    def seconds(self) -> dict[str, float]:
+        """Each part's total over its calls (pairs of start and end marks)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        span = (lambda a, b: a.elapsed_time(b) / 1000) if self.cuda else (lambda a, b: b - a)
+        return {name: sum(span(a, b) for a, b in zip(m[::2], m[1::2])) for name, m in self.marks.items()}
 
 
 def measure_gpu(pipe: Pipeline, args, repeats: int) -> dict:
@@ -250,14 +296,15 @@ def run_cpu(args) -> list[dict]:
 def table(mode: str, rows: list[dict], args) -> str:
     if mode == "gpu":
         lines = [f"bonsai-4b on {torch.cuda.get_device_name()} at {args.size}x{args.size}, {args.steps} steps, CFG {args.cfg:g}, batch 1",
-                 "| model | memory | CUDA graphs | checkpoint GB | s/image | first image s | s/step | peak GPU GiB | kernels | vs graphs off |",
-                 "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+                 "| model | memory | CUDA graphs | checkpoint GB | s/image | first image s | s/step | encode / decode | peak GPU GiB | kernels | vs graphs off |",
+                 "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
         for r in rows:
             graphs = r["graphs"] + (f" ({r['graph_captures']} captures, {r['graph_replays']} replays)" if "graph_captures" in r else "")
             first = f"{r['first_seconds']:.3f}" if "first_seconds" in r else ""
             vs = f"{r['vs_graphs_off']:.1e}" if "vs_graphs_off" in r else ""
             lines.append(f"| {r['model']} | {r['memory']} | {graphs} | {r['checkpoint_gb']:.3f} | {r['seconds']:.3f} | {first} | "
-                         f"{r['per_step'] * 1000:.1f} ms | {r['peak_gib']:.2f} | {','.join(sorted(r['kernels'])) or 'cuBLAS'} | {vs} |")  # fmt: skip
+                         f"{r['per_step'] * 1000:.1f} ms | {r['encode_s'] * 1000:.1f} / {r['decode_s'] * 1000:.1f} ms | "
+                         f"{r['peak_gib']:.2f} | {','.join(sorted(r['kernels'])) or 'cuBLAS'} | {vs} |")  # fmt: skip
         failures = [f"{r['model']}: {r['graph_failure']}" for r in rows if r.get("graph_failure")]
         lines += [f"CUDA graph capture failed for {f}" for f in failures]
     else:

@@ -41,8 +41,11 @@ def kernel_modules():
 
 
 EPILOGUE = {"rs_ptr": "*fp32", "ro_ptr": "*fp32", "xsum_ptr": "*fp32", "xv_ptr": "*bf16", "ut_ptr": "*bf16",
-            "bias_ptr": "*bf16"}
-PLAIN = {"HAS_OFFSET": False, "RANK": 0, "HAS_BIAS": False, "EVEN_K": True, "GROUP": 0, "GROUP_M": 8}
+            "bias_ptr": "*bf16", "res_ptr": "*bf16", "gate_ptr": "*bf16", "nw_ptr": "*bf16"}
+SCALARS = {"RPS": "i32", "NORM_COLS": "i32", "NORM_PART": "i32", "norm_eps": "fp32"}
+PLAIN = {"HAS_OFFSET": False, "RANK": 0, "HAS_BIAS": False, "GELU": False, "HEAD_DIM": 0, "HAS_RESIDUAL": False,
+         "HAS_GATE": False, "EVEN_K": True, "GROUP": 0, "GROUP_M": 8}
+HEADS = {"HAS_OFFSET": True, "HAS_BIAS": True, "HEAD_DIM": 128}  # bonsai-4b's qkv epilogue (whole 128-column heads)
 
 
 def variants():
@@ -50,15 +53,15 @@ def variants():
     old, frag = kernel_modules()
     w1a16_old = {"x_ptr": "*bf16", "wt_ptr": "*u8", "out_ptr": "*bf16", "rs_ptr": "*fp32", "cs_ptr": "*fp32",
                  "gsb_ptr": "*i16", **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
-                 "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"}
+                 "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", **SCALARS}
     w1a16_new = {"x_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "rs_ptr": "*fp32", "gsb_ptr": "*i16",
                  **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
-                 "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "KC": "i32", "M_BUCKET": "i32"}
+                 "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "KC": "i32", "M_BUCKET": "i32", **SCALARS}
     w1a8_old = {"q_ptr": "*i8", "xs_ptr": "*fp32", "qsum_ptr": "*i32", "wt_ptr": "*u8", "out_ptr": "*bf16",
                 "rs_ptr": "*fp32", "gs_ptr": "*fp32", **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
-                "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"}
+                "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", **SCALARS}
     w1a8_new = {**{k: v for k, v in w1a8_old.items() if k not in ("wt_ptr", "M", "N", "K", "M_BUCKET")},
-                "w_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "KC": "i32", "M_BUCKET": "i32"}
+                "w_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "KC": "i32", "M_BUCKET": "i32", **SCALARS}
     w1a8_new = {k: w1a8_new[k] for k in frag.w1a8_frag_kernel.arg_names if k in w1a8_new}
     w1a16_new = {k: w1a16_new[k] for k in frag.w1a16_frag_kernel.arg_names if k in w1a16_new}
     one = {"ONE_BITS": 0x3F80}
@@ -72,6 +75,8 @@ def variants():
         ("w1a8 k-major", old.w1a8_kernel, w1a8_old, dict(PLAIN), (128, 256, 128, 8, 3)),
         ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, dict(PLAIN), (256, 128, 128, 8, 3)),
         ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, dict(PLAIN), (128, 256, 128, 8, 3)),
+        ("w1a8 frag+heads", frag.w1a8_frag_kernel, w1a8_new, {**PLAIN, **HEADS}, (256, 128, 128, 8, 3)),
+        ("w1a16 frag+heads", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN, **HEADS}, (128, 128, 64, 4, 4)),
     ]
 
 

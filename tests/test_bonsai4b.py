@@ -4,6 +4,7 @@ latent pipeline; the full config's sizes against models/bonsai-4b/README.md."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,84 @@ def test_bert_text_encoder_matches_transformers_in_float64():
     real = mask[..., None]
     err = ((states.double() - expected) * real).norm() / (expected * real).norm()
     assert err < 1e-6, err
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_split_group_norm_matches_group_norm_in_float64(affine):
+    """The decoder's CUDA group norm (float32 statistics, one fused multiply-add) against torch's."""
+    from bonsai.models.vae import split_group_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 24, 20, generator=gen, dtype=torch.float64) * 3 + torch.randn(2, 64, 1, 1, generator=gen, dtype=torch.float64)
+    weight = torch.randn(64, generator=gen, dtype=torch.float64) if affine else None
+    bias = torch.randn(64, generator=gen, dtype=torch.float64) if affine else None
+    want = torch.nn.functional.group_norm(x, 8, weight, bias, 1e-6)
+    got = split_group_norm(x.float(), 8, weight, bias, 1e-6)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < 1e-6, err
+
+
+def test_decoder_group_norms_are_split_and_keep_their_keys(tiny_model):
+    from diffusers import AutoencoderKL
+
+    from bonsai.models.vae import SplitGroupNorm
+
+    decoder = tiny_model.decoder.vae.decoder
+    norms = [m for m in decoder.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(type(m) is SplitGroupNorm for m in norms)
+    plain = AutoencoderKL(**BONSAI_4B_TINY.vae).decoder
+    assert set(plain.state_dict()) == set(decoder.state_dict())
+    x = torch.randn(1, 4, 8, 8)
+    plain.load_state_dict(decoder.state_dict())
+    assert torch.equal(plain.float()(x), decoder.float()(x))  # on CPU it is nn.GroupNorm itself
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_split_group_norm_on_cuda(dtype, tol):
+    """Large inputs take the split path on CUDA; same result as nn.GroupNorm (float64 reference)."""
+    from bonsai.models.vae import SplitGroupNorm
+
+    norm = nn.GroupNorm(32, 128, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+        norm.bias.normal_(0.0, 0.3)
+    x = torch.randn(1, 128, 256, 256, device="cuda") * 2 + torch.randn(1, 128, 1, 1, device="cuda")
+    want = torch.nn.functional.group_norm(x.double(), 32, norm.weight.double().cuda(), norm.bias.double().cuda(), 1e-6)
+    norm.__class__ = SplitGroupNorm
+    norm = norm.to("cuda", dtype)
+    assert x[0, 0].numel() * 4 >= SplitGroupNorm.MIN_GROUP  # the split path runs
+    got = norm(x.to(dtype))
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < tol, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_text_encoder_replays_match_eager_encoding(monkeypatch):
+    """In the normal memory mode the 1-bit BERT runs from a CUDA graph: same states as the eager
+    encode, one capture for repeated generations. Token ids are drawn at random (the tokenizer's
+    vocabulary is not needed for this)."""
+    from bonsai.models.bonsai4b import PIPELINE_4B, T2IConfig
+
+    text = {**BONSAI_4B_TINY.text_encoder, "hidden_size": 1024, "num_attention_heads": 8, "intermediate_size": 2048}
+    config = T2IConfig(denoiser=replace(BONSAI_4B_TINY.denoiser, text_dim=1024), text_encoder=text, vae=BONSAI_4B_TINY.vae)
+    model = build_random(config, device="cuda", seed=2)
+    meta = {"config": config.to_dict(), "pipeline": PIPELINE_4B, "name": "t"}
+    pipe = Pipeline(model.denoiser, model.text_encoder, meta, torch.device("cuda"), "t", model.decoder, cuda_graph=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(1000, 30000, (2, text["max_tokens"]), device="cuda", generator=gen)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 5:] = False
+    monkeypatch.setattr(model.text_encoder, "tokens", lambda prompts: (ids[: len(prompts)], mask[: len(prompts)]))
+    with torch.no_grad():
+        want, _ = model.text_encoder.encode(["a", "b"])
+        for _ in range(3):
+            got, got_mask = pipe._encode(["a", "b"])
+            err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+            assert err < 1e-2 and torch.equal(got_mask, mask), err
+    stats = pipe._graphs["text_encoder"].stats
+    assert stats.captures == 1 and stats.replays == 3 and stats.failure is None
+    pipe.generate("a fox", steps=2, width=32, height=32, seed=1)
+    assert pipe._graphs["text_encoder"].stats.captures == 1  # the same signature: replayed, not captured again

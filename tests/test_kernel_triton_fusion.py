@@ -1,5 +1,6 @@
 """Row operations fused into the Triton kernels (bonsai.kernels.fusion): W1A8's quantization kernel
-runs the prologue, the GEMM epilogue of both kernels GELU and the gated residual.
+runs the prologue, the GEMM epilogue of both kernels GELU, the q / k head norms and the gated residual
+(heads of a size the tiles cannot hold whole, here 12, are finished in torch by the launcher).
 
 Under the interpreter (see test_kernel_triton.py), on odd shapes (K off the tile, odd M, several
 samples so that rows_per_sample matters), with fresh random inputs:
@@ -15,6 +16,8 @@ The `gpu` tests run the same checks on CUDA through the dispatcher, at bonsai-4b
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -52,12 +55,24 @@ def make_prologue(kind: str | None, b: int, k: int, gen: torch.Generator) -> Pro
     return Prologue(1e-6, **parts)
 
 
+# Head norms: (parts, head size). q alone, q and k, and a size that is not a power of two.
+HEADS = {"heads16-q": (1, 16), "heads8-qk": (2, 8), "heads12-q": (1, 12)}
+
+
 def make_epilogue(kind: str | None, b: int, t: int, n: int, gen: torch.Generator) -> Epilogue | None:
+    """kind: parts joined by '+': gelu, one of HEADS (whole heads over about 2/3 of the columns, the rest
+    untouched, as v is), residual, gated (a residual with a gate)."""
     if kind is None:
         return None
-    residual = torch.randn(b, t, n, generator=gen) if kind != "gelu" else None
-    gate = torch.randn(b, n, generator=gen) if "gated" in kind else None
-    return Epilogue(gelu="gelu" in kind, residual=residual, gate=gate)
+    parts = kind.split("+")
+    norm = {}
+    for name, (groups, d) in HEADS.items():
+        if name in parts:
+            heads = max(1, (2 * n // 3) // (groups * d))
+            norm = dict(norm_weight=torch.rand(groups, d, generator=gen) + 0.5, norm_cols=groups * d * heads, norm_eps=1e-6)
+    residual = torch.randn(b, t, n, generator=gen) if {"residual", "gated"} & set(parts) else None
+    gate = torch.randn(b, n, generator=gen) if "gated" in parts else None
+    return Epilogue(gelu="gelu" in parts, residual=residual, gate=gate, **norm)
 
 
 def cast(op, dtype: torch.dtype):
@@ -97,11 +112,12 @@ def test_quantize_rows_applies_the_prologue(interp, kind):
 # rank and row offset together with a prologue (both must see its output).
 W1A8_CASES = [
     (3, 5, 200, 48, {}, "modulated", "gelu", TILE),
-    (2, 9, 300, 72, {"group": 128, "col": True, "offset": True, "rank": 4}, "affine+modulated", "gated",
+    (2, 9, 300, 72, {"group": 128, "col": True, "offset": True, "rank": 4}, "affine+modulated", "heads8-qk+gated",
      triton_ops.TileConfig(16, 64, 256)),
-    (1, 7, 136, 33, {"col": True, "offset": True}, "affine", "residual", TILE),
-    (3, 3, 520, 40, {"rank": 3}, None, "gelu+gated", triton_ops.TileConfig(32, 32, 256)),
+    (1, 7, 136, 33, {"col": True, "offset": True}, "affine", "heads16-q+residual", TILE),
+    (3, 3, 520, 40, {"rank": 3}, None, "gelu+heads12-q+gated", triton_ops.TileConfig(32, 32, 256)),
     (2, 11, 256, 40, {"group": 64, "offset": True, "rank": 5}, "modulated", "gelu+gated", TILE),
+    (2, 6, 256, 96, {"offset": True}, "modulated", "gelu+heads16-q+gated", triton_ops.TileConfig(16, 32, 128)),
 ]
 
 
@@ -148,9 +164,11 @@ def test_w1a8_fused_rows_match_the_unfused_kernel(interp, b, t, k, n, features, 
 
 W1A16_CASES = [
     (3, 5, 200, 48, {}, "gelu", TILE),
-    (2, 9, 300, 72, {"group": 128, "col": True, "offset": True, "rank": 4}, "gated", triton_ops.TileConfig(16, 64, 128)),
-    (1, 7, 136, 33, {"col": True, "offset": True}, "residual", TILE),
-    (3, 3, 150, 40, {"group": 48, "rank": 3}, "gelu+gated", triton_ops.TileConfig(16, 16, 32)),
+    (2, 9, 300, 72, {"group": 128, "col": True, "offset": True, "rank": 4}, "heads8-qk+gated",
+     triton_ops.TileConfig(16, 64, 128)),
+    (1, 7, 136, 33, {"col": True, "offset": True}, "heads16-q+residual", TILE),
+    (3, 3, 150, 40, {"group": 48, "rank": 3}, "gelu+heads12-q+gated", triton_ops.TileConfig(16, 16, 32)),
+    (2, 6, 256, 96, {}, "gelu+heads16-q+gated", triton_ops.TileConfig(16, 32, 64)),
 ]
 
 
@@ -182,12 +200,12 @@ def test_w1a16_fused_epilogue_matches_the_unfused_kernel(interp, b, t, k, n, fea
 def test_launchers_refuse_what_they_do_not_fuse(interp):
     gen = torch.Generator().manual_seed(4)
     w, x = random_weight(16, 64, gen=gen), torch.randn(2, 3, 64, generator=gen)
-    heads = Epilogue(norm_weight=torch.ones(1, 8), norm_cols=16)
+    too_many_heads = Epilogue(norm_weight=torch.ones(1, 8), norm_cols=32)  # the output has 16 columns
     with pytest.raises(ValueError, match="does not fuse a prologue"):
         interp.w1a16(x, w, prologue=make_prologue("affine", 2, 64, gen), config=TILE)
     for launcher in (interp.w1a16, interp.w1a8):
-        with pytest.raises(ValueError, match="does not fuse \\['head_norm'\\]"):
-            launcher(x, w, epilogue=heads, config=TILE)
+        with pytest.raises(ValueError, match="head norms of 32 columns, but the output has 16"):
+            launcher(x, w, epilogue=too_many_heads, config=TILE)
     with pytest.raises(ValueError, match="per-sample shift/scale/gate need x"):
         interp.w1a8(x.reshape(6, 64), w, prologue=make_prologue("modulated", 2, 64, gen), config=TILE)
     with pytest.raises(ValueError, match="residual: expected shape"):
@@ -228,17 +246,21 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("kernel,m,tol", [("triton-w1a16", 300, 1e-2), ("triton-w1a8", 1024, 3e-2)])
-@pytest.mark.parametrize("pro,epi", [("modulated", "gelu"), ("affine", "gated"), (None, "gelu+gated")])
+@pytest.mark.parametrize("pro,epi", [("modulated", "gelu"), ("affine", "heads-qk+gated"), (None, "gelu+heads-q+gated")])
 def test_cuda_fused_rows_match_float64(kernel, m, tol, pro, epi):
     """bonsai-4b's shapes (K = 3072, two samples), autotuned kernels through the dispatcher (which splits the
     row operations: W1A16 gets no prologue)."""
     gen = torch.Generator().manual_seed(m)
-    b, k, n = 2, 3072, 3072
+    b, k, n = 2, 3072, 9216
     w = random_weight(n, k, offset=True, gen=gen).to("cuda")
     x = (torch.randn(b, m, k, generator=gen) * 2 + 0.3).bfloat16().cuda()
     bias = torch.randn(n, generator=gen).bfloat16().cuda()
     prologue = cast(make_prologue(pro, b, k, gen), torch.bfloat16)  # W1A16: the dispatcher applies it in torch
-    epilogue = cast(make_epilogue(epi, b, m, n, gen), torch.bfloat16)
+    epilogue = make_epilogue(epi.replace("heads-", "heads16-").replace("heads16-qk", "heads8-qk"), b, m, n, gen)
+    if epilogue.norm_weight is not None:  # bonsai-4b's heads: 128 columns, q (3072) or q and k (6144) of 9216
+        groups = epilogue.norm_weight.shape[0]
+        epilogue = replace(epilogue, norm_weight=torch.rand(groups, 128, generator=gen) + 0.5, norm_cols=groups * 3072)
+    epilogue = cast(epilogue, torch.bfloat16)
     prologue, epilogue = (None if op is None else type(op)(**{f: (v.cuda() if isinstance(v, torch.Tensor) else v)
                                                               for f, v in vars(op).items()}) for op in (prologue, epilogue))
     ref = float64_reference(x, w, bias, prologue, epilogue)

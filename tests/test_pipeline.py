@@ -4,6 +4,7 @@ seeds, batching, metadata, bad requests."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,25 @@ def test_a1111_text_without_negative_prompt() -> None:
 def test_invalid_requests(pipe: Pipeline, prompt: str, overrides: dict, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
         pipe.generate(prompt, seed=1, **overrides)
+
+
+@pytest.mark.parametrize("cfg,rows", [(3.0, 4), (1.0, 2)])
+def test_prompts_and_negatives_are_encoded_in_one_batch(pipe: Pipeline, cfg: float, rows: int) -> None:
+    """One text-encoder call per generation: prompts then negative prompts (none without guidance,
+    where they would not be used). The images equal guidance built from encoding each list alone."""
+    from bonsai.sampling import SAMPLERS, cfg_velocity, flow_timesteps
+
+    seen = []
+    handle = pipe.text_encoder.network.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    try:
+        got = pipe.generate(PROMPT, batch=2, seed=3, cfg=cfg, negative_prompt="blurry").samples
+    finally:
+        handle.remove()
+    assert seen == [rows]
+
+    params = replace(pipe.defaults, prompt=PROMPT, negative_prompt="blurry", seed=3, cfg=cfg)
+    cond, uncond = pipe.text_encoder.encode([PROMPT] * 2), pipe.text_encoder.encode(["blurry"] * 2)
+    model = cfg_velocity(pipe.denoiser, cond, uncond, cfg)
+    with torch.no_grad():
+        want = SAMPLERS["euler"](model, pipe.noise(params, 2), flow_timesteps(params.steps, params.shift), None)
+    assert torch.allclose(got, want.float(), atol=1e-5)

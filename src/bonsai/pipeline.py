@@ -113,8 +113,9 @@ class Pipeline:
     ):
         """`decoder` maps denoised latents to images (None: the denoiser works in pixels).
 
-        `cuda_graph`: replay the denoiser from CUDA graphs (bonsai.cuda_graph); None chooses
-        automatically (BONSAI_CUDA_GRAPH=0/1 if set, else on for CUDA in the normal and lean memory modes)."""
+        `cuda_graph`: replay the denoiser (and, in the normal memory mode, the text encoder's network)
+        from CUDA graphs (bonsai.cuda_graph); None chooses automatically (BONSAI_CUDA_GRAPH=0/1 if set,
+        else on for CUDA in the normal and lean memory modes)."""
         if memory not in MEMORY_MODES:
             raise InvalidRequest(f"memory {memory!r} is not one of {', '.join(MEMORY_MODES)}")
         self.denoiser = denoiser
@@ -128,7 +129,7 @@ class Pipeline:
             use_cuda_graph(cuda_graph, device, memory)  # a bad BONSAI_CUDA_GRAPH fails here, not mid-generation
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
-        self._graphs: GraphedModule | None = None
+        self._graphs: dict[str, GraphedModule] = {}  # part name -> its CUDA-graph replay
         self.lora_dir: str | None = None  # where `<lora:name:weight>` prompt tags find NAME.safetensors
         self.name = name or metadata.get("name", "")
         config = metadata["config"].get("denoiser", metadata["config"])
@@ -205,8 +206,11 @@ class Pipeline:
             raise InvalidRequest(f"strength must be in (0, 1], got {params.strength:g}")
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        states, mask = self.text_encoder.encode(prompts)
-        return states.to(self.device, self._dtype), mask.to(self.device)
+        ids, mask = self.text_encoder.tokens(prompts)
+        network = self.text_encoder.network
+        if self.memory == "normal":  # one call per image: a graph pays only where it is kept between images
+            network = self._replayed("text_encoder", network)
+        return network(ids, mask).to(self.device, self._dtype), mask.to(self.device)
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -299,11 +303,13 @@ class Pipeline:
         """The core of every generation: encode one prompt (and negative prompt) per sample, denoise
         the starting samples x [B, C, h, w] along `timesteps` with guidance params.cfg and sampler
         params.sampler, and decode: images [B, 3, H, W] in [-1, 1]."""
-        with self._placed(self.text_encoder):
-            cond = self._encode(prompts)
-            uncond = self._encode(negative_prompts)
+        with self._placed(self.text_encoder):  # prompts and negative prompts in one batch (none without guidance)
+            states, mask = self._encode(prompts + (negative_prompts if params.cfg != 1.0 else []))
+        n = len(prompts)
+        cond, uncond = (states[:n], mask[:n]), (states[n:], mask[n:])
         with self._placed(self.denoiser, offload_blocks=True):
-            model = cfg_velocity(self._sampling_denoiser(), cond, uncond, params.cfg)
+            denoiser = self._replayed("denoiser", self.denoiser)  # with the weights in place: graphs check them
+            model = cfg_velocity(denoiser, cond, uncond, params.cfg)
             try:
                 samples = SAMPLERS[params.sampler](model, x, timesteps, callback)
             finally:
@@ -314,24 +320,25 @@ class Pipeline:
     @property
     def cuda_graphs(self) -> GraphedModule | None:
         """The CUDA-graph wrapper of the current denoiser (its `stats` say what ran), if one was made."""
-        graphs = self._graphs
+        graphs = self._graphs.get("denoiser")
         return graphs if graphs is not None and graphs.module is self.denoiser else None
 
     def release_cuda_graphs(self) -> None:
         """Free the captured graphs' memory; the next generation captures anew."""
-        if self._graphs is not None:
-            self._graphs.reset()
+        for graphs in self._graphs.values():
+            graphs.reset()
 
-    def _sampling_denoiser(self) -> Callable[..., torch.Tensor]:
-        """The denoiser the sampler calls: graph replay where use_cuda_graph says so, else the module.
-        Called with the weights in place, so the graphs are checked against the weights that will run."""
+    def _replayed(self, part: str, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        """`module`, or its CUDA-graph replay where use_cuda_graph says so. Called with the weights in
+        place, so the graphs are checked against the weights that will run."""
         if not use_cuda_graph(self.cuda_graph, self.device, self.memory):
-            self._graphs = None
-            return self.denoiser
-        if self.cuda_graphs is None:  # first use, or the denoiser was replaced (copy.copy of a pipeline shares _graphs)
-            self._graphs = GraphedModule(self.denoiser)
-        self._graphs.sync()
-        return self._graphs
+            self._graphs.pop(part, None)
+            return module
+        graphs = self._graphs.get(part)
+        if graphs is None or graphs.module is not module:  # first use, or the part was replaced
+            graphs = self._graphs[part] = GraphedModule(module, name=part)
+        graphs.sync()
+        return graphs
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Denoised samples -> images [B, 3, H, W] in [-1, 1] (latents through the decoder)."""

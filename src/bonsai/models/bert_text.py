@@ -50,10 +50,19 @@ class BertTextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.bert.embeddings.word_embeddings.weight.device
 
+    @property
+    def network(self) -> nn.Module:
+        """The part that maps (ids, mask) to token states: what a pipeline may replay from a CUDA graph."""
+        return self.bert
+
+    def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids long [B, max_tokens] and mask bool [B, max_tokens] on this encoder's device."""
+        from ..text.minilm import tokenize
+
+        return tokenize(self.tokenizer, prompts, self.device)
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states float32 [B, max_tokens, hidden] and mask bool [B, max_tokens] (True = real token)."""
-        from ..text.minilm import tokenize
-
-        ids, mask = tokenize(self.tokenizer, prompts, self.device)
-        return self.bert(ids, mask).float(), mask
+        ids, mask = self.tokens(prompts)
+        return self.network(ids, mask).float(), mask

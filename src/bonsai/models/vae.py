@@ -37,6 +37,47 @@ def downsample_factor(config: dict) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
+class SplitGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and state-dict keys) that normalizes large CUDA inputs faster.
+
+    Why: PyTorch's CUDA group norm gives each (sample, group) to one thread block, so a 512x512
+    decode at batch 1 reduces 32 groups of a million values on 32 of the GPU's ~130 SMs: 0.34 ms per
+    call, half of bonsai-4b's decode time on an H200. Here the statistics come from torch's general
+    reduction (which splits long rows across blocks; float32 accumulation) and the normalization and
+    affine are one fused multiply-add per element. Elsewhere (CPU, MPS, small inputs) it is nn.GroupNorm."""
+
+    MIN_GROUP = 1 << 18  # values per group from which the split reduction pays (H200: 512 x 128 x 128 and up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda or x[0, 0].numel() * x.shape[1] // self.num_groups < self.MIN_GROUP:
+            return super().forward(x)
+        return split_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def split_group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.group_norm(x, groups, weight, bias, eps) as one reduction (float accumulation) and one
+    fused multiply-add."""
+    B, C = x.shape[:2]
+    var, mean = torch.var_mean(x.reshape(B, groups, -1), dim=-1, correction=0)
+
+    def per_channel(t: torch.Tensor) -> torch.Tensor:  # [B, groups] -> [B, C] (expand: no host sync)
+        return t.float()[:, :, None].expand(B, groups, C // groups).reshape(B, C)
+
+    scale = per_channel((var.float() + eps).rsqrt())
+    shift = -per_channel(mean) * scale
+    if weight is not None:
+        scale, shift = scale * weight.float(), shift * weight.float() + bias.float()
+    view = (B, C) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+
+
+def use_split_group_norm(module: nn.Module) -> None:
+    """Make every nn.GroupNorm under `module` a SplitGroupNorm (in place: same tensors, same keys)."""
+    for m in module.modules():
+        if type(m) is nn.GroupNorm:
+            m.__class__ = SplitGroupNorm
+
+
 class LatentDecoder(nn.Module):
     """Latents -> images through the decoder half of an AutoencoderKL built from `config`
     (AutoencoderKL keyword arguments, e.g. FLUX_STYLE_VAE)."""
@@ -53,6 +94,7 @@ class LatentDecoder(nn.Module):
         self.vae = AutoencoderKL(**config)
         self.vae.encoder = None  # decoding only: the encoder is never stored or loaded
         self.vae.quant_conv = None
+        use_split_group_norm(self.vae.decoder)
 
     def set_tiling(self, enabled: bool, tile_pixels: int = TILE_PIXELS) -> None:
         """Decode in overlapping tiles (bounded activation memory at any size) or in one piece."""

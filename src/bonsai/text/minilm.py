@@ -145,11 +145,20 @@ class TextEncoder(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def network(self) -> torch.nn.Module:
+        """The part that maps (ids, mask) to token states: what a pipeline may replay from a CUDA graph."""
+        return self.model
+
+    def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids long [B, max_tokens] and mask bool [B, max_tokens] on this encoder's device."""
+        return tokenize(self.tokenizer, prompts, self.device)
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states float32 [B, max_tokens, 384] and mask bool [B, max_tokens]."""
-        ids, mask = tokenize(self.tokenizer, prompts, self.device)
-        return self.model(ids, mask).float(), mask
+        ids, mask = self.tokens(prompts)
+        return self.network(ids, mask).float(), mask
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:

@@ -113,10 +113,10 @@ def _row_bases(gsb_ptr, pid_n, k0, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr
 
 @triton.jit
 def w1a16_frag_kernel(x_ptr, w_ptr, out_ptr, rs_ptr, gsb_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-                      res_ptr, gate_ptr, M, N, K, NG, KC, M_BUCKET, RPS,
+                      res_ptr, gate_ptr, nw_ptr, M, N, K, NG, KC, M_BUCKET, RPS, NORM_COLS, NORM_PART, norm_eps,
                       ONE_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                      RANK: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                      HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
+                      RANK: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """x [M, K] bf16/fp16 (column scale applied), w int32 [NG, KC, 32] fragment words -> out [M, N]."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -137,7 +137,8 @@ def w1a16_frag_kernel(x_ptr, w_ptr, out_ptr, rs_ptr, gsb_ptr, ro_ptr, xsum_ptr, 
         a = a.to(x_ptr.dtype.element_ty, bitcast=True)
         acc = tl.dot(a, xt, acc)
     _epilogue(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-              res_ptr, gate_ptr, RPS, HAS_OFFSET, RANK, HAS_BIAS, GELU, HAS_RESIDUAL, HAS_GATE)
+              res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, RANK, HAS_BIAS, GELU,
+              HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
 
 
 @triton.jit
@@ -155,9 +156,10 @@ def _int8_step(q_ptr, w_ptr, offs_m, pid_n, k0, M, K, NG, KC, EVEN_K: tl.constex
 
 @triton.jit
 def w1a8_frag_kernel(q_ptr, xs_ptr, qsum_ptr, w_ptr, out_ptr, rs_ptr, gs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr,
-                     bias_ptr, res_ptr, gate_ptr, M, N, K, NG, KC, M_BUCKET, RPS,
-                     GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
+                     bias_ptr, res_ptr, gate_ptr, nw_ptr, M, N, K, NG, KC, M_BUCKET, RPS, NORM_COLS, NORM_PART,
+                     norm_eps, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, RANK: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """q int8 [M, K] (scale xs, row sums qsum), w int32 [NG, KC, 64] fragment words -> out [M, N]."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -183,4 +185,5 @@ def w1a8_frag_kernel(q_ptr, xs_ptr, qsum_ptr, w_ptr, out_ptr, rs_ptr, gs_ptr, ro
             acc += (2 * acc_i - qsum[None, :]).to(tl.float32) * gs[:, None]
     acc = acc * tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)[None, :]
     _epilogue(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-              res_ptr, gate_ptr, RPS, HAS_OFFSET, RANK, HAS_BIAS, GELU, HAS_RESIDUAL, HAS_GATE)
+              res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, RANK, HAS_BIAS, GELU,
+              HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)

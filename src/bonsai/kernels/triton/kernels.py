@@ -14,8 +14,9 @@ global memory.
 
 Row operations (bonsai.kernels.fusion): quantize_rows_kernel applies the prologue (LayerNorm,
 modulation) to its row before quantizing it; `_epilogue`, shared by all four GEMM kernels, applies
-tanh-GELU and the gated residual after the bias. Head norms are left to torch (a head's RMSNorm
-needs all its columns in one tile, which would tie BLOCK_N to the head size).
+tanh-GELU, the q / k head RMSNorms and the gated residual after the bias. A head's RMSNorm needs
+all its columns in one tile: with HEAD_DIM > 0 the launcher only runs tiles whose BLOCK_N is a
+multiple of the head size (tiles start at multiples of BLOCK_N, so no head straddles two).
 """
 
 from __future__ import annotations
@@ -64,12 +65,28 @@ def _gelu_tanh(y):
 
 
 @triton.jit
+def _head_norms(y, offs_n, nw_ptr, NORM_COLS, NORM_PART, eps, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """RMSNorm of every HEAD_DIM-column head of y [BM, BLOCK_N] that lies in the first NORM_COLS columns,
+    weighted by nw [parts, HEAD_DIM] (part = column // NORM_PART); the tile holds whole heads."""
+    head = (tl.arange(0, BLOCK_N) // HEAD_DIM)[None, :]
+    rstd = tl.zeros_like(y)
+    for h in tl.static_range(BLOCK_N // HEAD_DIM):  # one masked row reduction per head of the tile
+        mean_sq = tl.sum(tl.where(head == h, y * y, 0.0), axis=1) / HEAD_DIM
+        rstd = tl.where(head == h, tl.rsqrt(mean_sq + eps)[:, None], rstd)
+    normed = offs_n < NORM_COLS
+    w = tl.load(nw_ptr + (offs_n // NORM_PART) * HEAD_DIM + offs_n % HEAD_DIM, mask=normed, other=1.0)
+    return tl.where(normed[None, :], y * rstd * w.to(tl.float32)[None, :], y)
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-              res_ptr, gate_ptr, RPS,
+              res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps,
               HAS_OFFSET: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-              GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr):
+              GELU: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     """acc [BM, BN] fp32 (binary part without row scale) -> out = full formula, then the fused row
-    operations: GELU, residual [M, N] + gate [M // RPS, N] * y (RPS: rows per sample). Stored in out's dtype."""
+    operations: GELU, head norms (HEAD_DIM > 0), residual [M, N] + gate [M // RPS, N] * y (RPS: rows per
+    sample). Stored in out's dtype."""
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = acc * tl.load(rs_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -85,6 +102,8 @@ def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_p
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if GELU:
         acc = _gelu_tanh(acc)
+    if HEAD_DIM > 0:
+        acc = _head_norms(acc, offs_n, nw_ptr, NORM_COLS, NORM_PART, norm_eps, HEAD_DIM, BLOCK_N)
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
         if HAS_GATE:
@@ -97,10 +116,10 @@ def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_p
 
 @triton.jit
 def w1a16_kernel(x_ptr, wt_ptr, out_ptr, rs_ptr, cs_ptr, gsb_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-                 res_ptr, gate_ptr, M, N, K, M_BUCKET, RPS,
+                 res_ptr, gate_ptr, nw_ptr, M, N, K, M_BUCKET, RPS, NORM_COLS, NORM_PART, norm_eps,
                  ONE_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_COL: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                 RANK: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
+                 RANK: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """x [M, K] bf16/fp16, wt uint8 [ceil(K/8), N] -> out [M, N] in x's dtype. M_BUCKET only keys the autotuner."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -138,7 +157,8 @@ def w1a16_kernel(x_ptr, wt_ptr, out_ptr, rs_ptr, cs_ptr, gsb_ptr, ro_ptr, xsum_p
         x_ptrs += BLOCK_K
         w_ptrs += (BLOCK_K // 8) * N
     _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-              res_ptr, gate_ptr, RPS, HAS_OFFSET, RANK, HAS_BIAS, GELU, HAS_RESIDUAL, HAS_GATE)
+              res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, RANK, HAS_BIAS, GELU,
+              HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
 
 
 @triton.jit
@@ -162,9 +182,10 @@ def _load_int8_step(q_ptr, wt_ptr, offs_m, offs_n, k0, M, N, K,
 
 @triton.jit
 def w1a8_kernel(q_ptr, xs_ptr, qsum_ptr, wt_ptr, out_ptr, rs_ptr, gs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-                res_ptr, gate_ptr, M, N, K, M_BUCKET, RPS,
+                res_ptr, gate_ptr, nw_ptr, M, N, K, M_BUCKET, RPS, NORM_COLS, NORM_PART, norm_eps,
                 GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
+                GELU: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
+                EVEN_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """q int8 [M, K] with per-row scale xs f32 [M] and row sums qsum int32 [M] -> out [M, N]."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -190,7 +211,8 @@ def w1a8_kernel(q_ptr, xs_ptr, qsum_ptr, wt_ptr, out_ptr, rs_ptr, gs_ptr, ro_ptr
             acc += (2 * acc_i - qsum[:, None]).to(tl.float32) * gs[None, :]
     acc = acc * tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-              res_ptr, gate_ptr, RPS, HAS_OFFSET, RANK, HAS_BIAS, GELU, HAS_RESIDUAL, HAS_GATE)
+              res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, RANK, HAS_BIAS, GELU,
+              HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
 
 
 @triton.jit

@@ -1,7 +1,9 @@
 """Launchers for the Triton bitmatmul kernels: w1a16(x, weight) and w1a8(x, weight).
 
-Both take row operations of bonsai.kernels.fusion (W1A16_FUSES, W1A8_FUSES): GELU and the gated
-residual in the GEMM epilogue; W1A8 also the prologue, in the kernel that quantizes x anyway. W1A16
+Both take row operations of bonsai.kernels.fusion (W1A16_FUSES, W1A8_FUSES): GELU, the q / k head
+norms and the gated residual in the GEMM epilogue (head norms for heads of a power-of-two size up to
+MAX_HEAD_DIM; others are finished in torch by the launcher); W1A8 also the prologue, in the kernel
+that quantizes x anyway. W1A16
 reads x straight into the GEMM's tiles, so a prologue there would need a pass of its own (row
 statistics) and would redo the normalization in every column block: it is left to the dispatcher.
 
@@ -20,7 +22,7 @@ import torch
 import triton
 import triton.testing
 
-from ..fusion import PROLOGUE, Epilogue, Prologue, epilogue_parts, rows_per_sample
+from ..fusion import PROLOGUE, Epilogue, Prologue, apply_epilogue, epilogue_parts, rows_per_sample, split
 from ..packed import PackedWeight
 from . import fragment_kernels, kernels
 from .fragments import BF16_CHUNK, INT8_CHUNK, bf16_words, int8_words
@@ -33,9 +35,10 @@ MID_M = 256
 # "fragment" is the default: 1.3-1.6x faster than "k-major" on bonsai-4b's GEMMs (benchmarks/RESULTS.md).
 VARIANTS = ("k-major", "fragment")
 DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "fragment")
-# Row operations each kernel fuses (fusion.PARTS); head norms stay in torch (kernels.py says why).
-W1A16_FUSES = frozenset({"gelu", "residual"})
-W1A8_FUSES = frozenset({PROLOGUE, "gelu", "residual"})
+# Row operations each kernel fuses (fusion.PARTS).
+W1A16_FUSES = frozenset({"gelu", "head_norm", "residual"})
+W1A8_FUSES = frozenset({PROLOGUE, "gelu", "head_norm", "residual"})
+MAX_HEAD_DIM = 256  # the widest tile: a head must fit in one tile's columns
 # +1.0 as a bit pattern, per activation dtype (W1A16 flips bit 15 for -1).
 _ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
 
@@ -105,14 +108,17 @@ def _fit_group(block_k: int, group: int) -> int:
 
 def _prune(tiles: dict[str, list], per_group: bool, configs: list[triton.Config], named_args: dict,
            **kwargs) -> list[triton.Config]:
-    """Keep the tiles of this M range; shrink BLOCK_K to divide the group size where the kernel needs it."""
+    """Keep the tiles of this M range (with head norms, those holding whole heads); shrink BLOCK_K to divide
+    the group size where the kernel needs it."""
     args = {**named_args, **kwargs}
     wanted = {tuple(t) for t in tiles[_m_range(args["M_BUCKET"])]}
     group = args["GROUP"] if per_group else 0
+    head_dim = args["HEAD_DIM"]
     kept = []
     for c in configs:
         kw = c.kwargs
-        if (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages) in wanted:
+        whole_heads = not head_dim or kw["BLOCK_N"] % head_dim == 0
+        if (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages) in wanted and whole_heads:
             kw = {**kw, "BLOCK_K": _fit_group(kw["BLOCK_K"], group)}
             kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
     return kept
@@ -126,7 +132,7 @@ def _autotuned(kernel, tiles: dict[str, list], per_group: bool):
     all_tiles = sorted({t for ts in tiles.values() for t in ts})
     even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(kernel)
     prune = lambda c, n, **kw: _prune(tiles, per_group, c, n, **kw)  # noqa: E731
-    return triton.autotune(configs=_configs(all_tiles), key=["M_BUCKET", "N", "K", "GROUP"],
+    return triton.autotune(configs=_configs(all_tiles), key=["M_BUCKET", "N", "K", "GROUP", "HEAD_DIM"],
                            prune_configs_by={"early_config_prune": prune}, do_bench=_bench)(even_k)
 
 
@@ -149,7 +155,7 @@ _chosen: dict[tuple, triton.Config] = {}
 
 def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, config: TileConfig | None) -> None:
     if config is None and not _interpreting():
-        key = (kernel.__name__, m_bucket(m), n, k, consts["GROUP"], args[0].dtype)
+        key = (kernel.__name__, m_bucket(m), n, k, consts["GROUP"], consts["HEAD_DIM"], args[0].dtype)
         chosen = _chosen.get(key)
         if chosen is None:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
@@ -164,8 +170,10 @@ def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, co
         return
     config = config or TileConfig(SMALL_M, 32, 64)
     block_k = _fit_group(config.block_k, consts.get("GROUP", 0) if kernel in _PER_GROUP else 0)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
-    kernel[grid](*args, **consts, EVEN_K=k % block_k == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+    head_dim = consts["HEAD_DIM"]
+    block_n = config.block_n if not head_dim else triton.cdiv(config.block_n, head_dim) * head_dim  # whole heads
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),)
+    kernel[grid](*args, **consts, EVEN_K=k % block_k == 0, BLOCK_M=config.block_m, BLOCK_N=block_n,
                  BLOCK_K=block_k, GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -182,6 +190,18 @@ class _Operands:
     residual: torch.Tensor | None = None  # [M, N] contiguous
     gate: torch.Tensor | None = None  # [B, N] contiguous
     rows_per_sample: int = 1
+    norm_weight: torch.Tensor | None = None  # [parts, head_dim] contiguous: head norms of the first norm_cols columns
+    norm_cols: int = 0
+    norm_eps: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return 0 if self.norm_weight is None else self.norm_weight.shape[1]
+
+    @property
+    def norm_part(self) -> int:
+        """Columns per part (q, k) of the normalized columns."""
+        return 1 if self.norm_weight is None else self.norm_cols // self.norm_weight.shape[0]
 
 
 def _check_share(name: str, fuses: frozenset[str], prologue: Prologue | None, epilogue: Epilogue | None) -> None:
@@ -190,6 +210,18 @@ def _check_share(name: str, fuses: frozenset[str], prologue: Prologue | None, ep
     extra = set(epilogue_parts(epilogue)) - fuses if epilogue is not None else set()
     if extra:
         raise ValueError(f"{name} does not fuse {sorted(extra)} (bitmatmul applies them after the kernel)")
+
+
+def _kernel_share(epilogue: Epilogue | None, fuses: frozenset[str]) -> tuple[Epilogue | None, Epilogue | None]:
+    """(the kernel's part of the epilogue, the rest for torch): all of it, unless its heads are not a
+    power of two <= MAX_HEAD_DIM (no tile holds whole heads then): from the head norms on, torch."""
+    if epilogue is None or epilogue.norm_weight is None:
+        return epilogue, None
+    d = epilogue.norm_weight.shape[1]
+    if d <= MAX_HEAD_DIM and d & (d - 1) == 0:
+        return epilogue, None
+    share = split(None, epilogue, fuses - {"head_norm"})
+    return share.epilogue, share.after
 
 
 def _with_epilogue(ops: _Operands, x: torch.Tensor, n: int, prologue: Prologue | None,
@@ -207,7 +239,12 @@ def _with_epilogue(ops: _Operands, x: torch.Tensor, n: int, prologue: Prologue |
         if tuple(epilogue.gate.shape) != (x.shape[0], n):
             raise ValueError(f"gate: expected shape {(x.shape[0], n)}, got {tuple(epilogue.gate.shape)}")
         gate = epilogue.gate.contiguous()
-    return replace(ops, gelu=epilogue.gelu, residual=residual, gate=gate, rows_per_sample=rps)
+    norm = {}
+    if epilogue.norm_weight is not None:
+        norm = dict(norm_weight=epilogue.norm_weight.contiguous(), norm_cols=epilogue.norm_cols, norm_eps=epilogue.norm_eps)
+        if epilogue.norm_cols > n:
+            raise ValueError(f"head norms of {epilogue.norm_cols} columns, but the output has {n}")
+    return replace(ops, gelu=epilogue.gelu, residual=residual, gate=gate, rows_per_sample=rps, **norm)
 
 
 def _operands(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, row_sums: bool = True,
@@ -231,25 +268,32 @@ def _operands(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, 
 
 
 def _epilogue_args(weight: PackedWeight, ops: _Operands) -> tuple:
-    """The pointers of _epilogue: row scale, offset, x row sums, x V^T, U^T, bias, residual, gate."""
+    """The pointers of _epilogue: row scale, offset, x row sums, x V^T, U^T, bias, residual, gate, head-norm weights."""
     layout = layout_of(weight)
     dummy = weight.row_scale  # any tensor: pointers of absent terms are never read
     return (weight.row_scale, _or(weight.row_offset, dummy), _or(ops.xsum, dummy), _or(ops.xv, dummy),
-            _or(layout.lowrank_u_t, dummy), _or(ops.bias, dummy), _or(ops.residual, dummy), _or(ops.gate, dummy))
+            _or(layout.lowrank_u_t, dummy), _or(ops.bias, dummy), _or(ops.residual, dummy), _or(ops.gate, dummy),
+            _or(ops.norm_weight, dummy))
+
+
+def _epilogue_scalars(ops: _Operands) -> tuple:
+    """The epilogue's numbers after the shapes: rows per sample, normalized columns, columns per part, eps."""
+    return ops.rows_per_sample, ops.norm_cols, ops.norm_part, ops.norm_eps
 
 
 def _epilogue_consts(weight: PackedWeight, ops: _Operands) -> dict:
     return {"HAS_OFFSET": weight.row_offset is not None, "RANK": 0 if ops.xv is None else ops.xv.shape[1],
-            "HAS_BIAS": ops.bias is not None, "GELU": ops.gelu, "HAS_RESIDUAL": ops.residual is not None,
-            "HAS_GATE": ops.gate is not None}
+            "HAS_BIAS": ops.bias is not None, "GELU": ops.gelu, "HEAD_DIM": ops.head_dim,
+            "HAS_RESIDUAL": ops.residual is not None, "HAS_GATE": ops.gate is not None}
 
 
 def _or(t: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
     return default if t is None else t
 
 
-def _finish(x: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tensor:
-    return out.reshape(*x.shape[:-1], n)
+def _finish(x: torch.Tensor, out: torch.Tensor, n: int, after: Epilogue | None = None) -> torch.Tensor:
+    y = out.reshape(*x.shape[:-1], n)
+    return y if after is None else apply_epilogue(y, after, inplace=True)
 
 
 def fragment_supports_group(group_size: int, chunk: int) -> bool:
@@ -281,6 +325,7 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
     variant: "k-major" or "fragment" (default DEFAULT_VARIANT); "fragment" falls back to "k-major" for
     group sizes that are not a multiple of 64."""
     _check_share("triton-w1a16", W1A16_FUSES, prologue, epilogue)
+    epilogue, after = _kernel_share(epilogue, W1A16_FUSES)
     ops = _with_epilogue(_operands(x, weight, bias), x, weight.out_features, prologue, epilogue)
     layout = layout_of(weight)
     xc = ops.x2.to(torch.bfloat16) if ops.x2.dtype == torch.float32 else ops.x2
@@ -298,16 +343,16 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         words = weight.prepared("triton-fragment-bf16", bf16_words)
         r_s, *rest = epi_args
         args = (xc, words, ops.out, r_s, gsb, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
-                ops.rows_per_sample)
+                *_epilogue_scalars(ops))
         _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k,
                 _fragment_config(config, BF16_CHUNK))
-        return _finish(x, ops.out, n)
+        return _finish(x, ops.out, n, after)
     cs = _or(weight.col_scale, weight.row_scale)
     r_s, *rest = epi_args
-    args = (xc, kmajor_signs(weight), ops.out, r_s, cs, gsb, *rest, m, n, k, m_bucket(m), ops.rows_per_sample)
+    args = (xc, kmajor_signs(weight), ops.out, r_s, cs, gsb, *rest, m, n, k, m_bucket(m), *_epilogue_scalars(ops))
     _launch(_w1a16_tuned, kernels.w1a16_kernel, args, {**consts, "HAS_COL": weight.col_scale is not None}, m, n, k,
             config)
-    return _finish(x, ops.out, n)
+    return _finish(x, ops.out, n, after)
 
 
 def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None, xsum: torch.Tensor | None = None,
@@ -350,6 +395,7 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
         raise ValueError(f"triton-w1a8 needs group_size 0 or a multiple of 32, got {weight.group_size}; "
                          "use triton-w1a16")
     _check_share("triton-w1a8", W1A8_FUSES, prologue, epilogue)
+    epilogue, after = _kernel_share(epilogue, W1A8_FUSES)
     ops = _operands(x, weight, bias, row_sums=False, lowrank=prologue is None)
     ops = _with_epilogue(ops, x, weight.out_features, prologue, epilogue)
     layout = layout_of(weight)
@@ -368,10 +414,10 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     if _variant(variant) == "fragment" and fragment_supports_group(weight.group_size, INT8_CHUNK):
         words = weight.prepared("triton-fragment-int8", int8_words)
         args = (q, xs, qsum, words, ops.out, r_s, gs, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
-                ops.rows_per_sample)
+                *_epilogue_scalars(ops))
         _launch(_w1a8_frag_tuned, fragment_kernels.w1a8_frag_kernel, args, consts, m, n, k,
                 _fragment_config(config, INT8_CHUNK))
-        return _finish(x, ops.out, n)
-    args = (q, xs, qsum, kmajor_signs(weight), ops.out, r_s, gs, *rest, m, n, k, m_bucket(m), ops.rows_per_sample)
+        return _finish(x, ops.out, n, after)
+    args = (q, xs, qsum, kmajor_signs(weight), ops.out, r_s, gs, *rest, m, n, k, m_bucket(m), *_epilogue_scalars(ops))
     _launch(_w1a8_tuned, kernels.w1a8_kernel, args, consts, m, n, k, config)
-    return _finish(x, ops.out, n)
+    return _finish(x, ops.out, n, after)
