@@ -11,7 +11,8 @@ into shared memory, "fragment" into the A-operand registers) our W1A16 and our W
 activation quantization kernel). `--models 4b --ms 1024,2048,4096` restricts to the 4B
 compute-bound shapes.
 It first checks every kernel's relative error against a float64 reference. Prints a table last;
-with --out, writes the full results as JSON and the table as text.
+with --out, writes the full results as JSON and the table as text. It also times a kernel that does
+nothing (one element += 1) the same way: the floor under every small-M time in the table.
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
+def launch_floor(device: str) -> float:
+    """do_bench's time (ms) for one trivial kernel: launch, events and the rest that any kernel pays."""
+    one = torch.zeros(1, device=device)
+    return bench(lambda: one.add_(1))
+
+
 def time_shape(k: int, n: int, m: int, device: str, variants: list[str]) -> dict:
     w = random_weight(n, k, False, device)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
@@ -169,7 +176,8 @@ def main() -> None:
     device = "cuda"
     torch.manual_seed(0)
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "commit": commit(), "torch": torch.__version__, "triton": triton.__version__}
+            "commit": commit(), "torch": torch.__version__, "triton": triton.__version__,
+            "floor_us": launch_floor(device) * 1e3}
     print(json.dumps(meta), flush=True)
     errors = [] if args.skip_check else check_errors(device, variants)
     for e in errors:
