@@ -54,7 +54,7 @@ def variants():
     w1a16_old = {"x_ptr": "*bf16", "wt_ptr": "*u8", "out_ptr": "*bf16", "rs_ptr": "*fp32", "cs_ptr": "*fp32",
                  "gsb_ptr": "*i16", **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
                  "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", **SCALARS}
-    w1a16_new = {"x_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "part_ptr": "*fp32", "rs_ptr": "*fp32", "gsb_ptr": "*i16",
+    w1a16_new = {"x_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "rs_ptr": "*fp32", "gsb_ptr": "*i16",
                  **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
                  "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "KC": "i32", "M_BUCKET": "i32", **SCALARS}
     w1a8_old = {"q_ptr": "*i8", "xs_ptr": "*fp32", "qsum_ptr": "*i32", "wt_ptr": "*u8", "out_ptr": "*bf16",
@@ -65,20 +65,18 @@ def variants():
     w1a8_new = {k: w1a8_new[k] for k in frag.w1a8_frag_kernel.arg_names if k in w1a8_new}
     w1a16_new = {k: w1a16_new[k] for k in frag.w1a16_frag_kernel.arg_names if k in w1a16_new}
     one = {"ONE_BITS": 0x3F80}
-    one_frag = {**one, "SPLIT_K": 1}
     return [
         ("w1a16 k-major", old.w1a16_kernel, w1a16_old, {**one, "HAS_COL": False, **PLAIN}, (128, 256, 64, 8, 3)),
         ("w1a16 k-major", old.w1a16_kernel, w1a16_old, {**one, "HAS_COL": False, **PLAIN}, (256, 128, 64, 8, 3)),
-        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one_frag, **PLAIN}, (256, 128, 64, 8, 3)),
-        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one_frag, **PLAIN}, (128, 256, 64, 8, 3)),
-        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one_frag, **PLAIN}, (256, 128, 128, 8, 3)),
-        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one_frag, **PLAIN}, (16, 64, 256, 4, 4)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (256, 128, 64, 8, 3)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (128, 256, 64, 8, 3)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (256, 128, 128, 8, 3)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (16, 64, 256, 4, 4)),
         ("w1a8 k-major", old.w1a8_kernel, w1a8_old, dict(PLAIN), (128, 256, 128, 8, 3)),
         ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, dict(PLAIN), (256, 128, 128, 8, 3)),
         ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, dict(PLAIN), (128, 256, 128, 8, 3)),
         ("w1a8 frag+heads", frag.w1a8_frag_kernel, w1a8_new, {**PLAIN, **HEADS}, (256, 128, 128, 8, 3)),
-        ("w1a16 frag+heads", frag.w1a16_frag_kernel, w1a16_new, {**one_frag, **PLAIN, **HEADS}, (128, 128, 64, 4, 4)),
-        ("w1a16 frag split", frag.w1a16_frag_kernel, w1a16_new, {**one_frag, **PLAIN, "SPLIT_K": 4}, (16, 64, 256, 4, 4)),
+        ("w1a16 frag+heads", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN, **HEADS}, (128, 128, 64, 4, 4)),
     ]
 
 

@@ -196,27 +196,6 @@ def test_fragment_kernels_with_wide_k_steps(interp, kernel, m, n, k, features, t
     assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < tol
 
 
-# Split K (fragment W1A16, M <= 16): (M, N, K, features, tile, expected split). K = 520 in 64-wide steps
-# is 9 steps over 4 ranges of 3: the last range is empty and must add nothing. M = 17: no split.
-SPLIT_CASES = [
-    (1, 96, 520, {"offset": True}, TILE, 4),
-    (16, 96, 520, {"group": 128, "col": True, "rank": 3}, TILE, 4),
-    (7, 40, 300, {}, triton_ops.TileConfig(16, 32, 128), 1),  # 3 steps: a split would leave ranges of 1 step
-    (17, 96, 520, {}, TILE, 1),
-]
-
-
-@pytest.mark.parametrize("m,n,k,features,tile,splits", SPLIT_CASES)
-def test_w1a16_split_k_for_few_rows(interp, m, n, k, features, tile, splits):
-    fragment_tile = triton_ops._fragment_config(tile, 64)
-    assert triton_ops.split_k(m, n, k, fragment_tile.block_m, fragment_tile.block_n, fragment_tile.block_k) == splits
-    gen = torch.Generator().manual_seed(m + k)
-    w = random_weight(n, k, gen=gen, **features)
-    x, bias = torch.randn(m, k, generator=gen).bfloat16(), torch.randn(n, generator=gen).bfloat16()
-    y = interp.w1a16(x, w, bias, config=tile, variant="fragment")
-    assert rel_err(y, x.double() @ w.dequantize(torch.float64).T + bias.double()) < 1e-2
-
-
 @pytest.mark.parametrize("build,chunk,set_means", [("bf16_words", 64, -1), ("int8_words", 128, 1)])
 def test_fragment_words_hold_every_sign_where_the_docstring_says(build, chunk, set_means):
     """Decode the words with the index formulas of fragments.py and compare with the sign matrix."""

@@ -9,10 +9,7 @@ expansion is one shift and one or two logic ops; the tl.join / tl.permute / tl.r
 names which register holds which element (compiled, it moves no data: see benchmarks/triton_sass.py).
 
 - w1a16_frag_kernel: bf16/fp16 x; signs become the bit pattern of +-1 or of +-group_scale.
-  Column scales are folded into x by the launcher (x^T goes to shared memory untouched). For a few
-  rows (M <= 16) it can split K over SPLIT_K programs per tile: a 3072-column output makes only 48
-  tiles of 64 rows for ~130 SMs, each streaming all of K. Each program then writes its partial
-  product to a float32 buffer, and kernels.splitk_epilogue_kernel sums them and applies the epilogue.
+  Column scales are folded into x by the launcher (x^T goes to shared memory untouched).
 - w1a8_frag_kernel: int8 x from quantize_rows_kernel; {0, 1} weights, finished with the row sums
   of q as in kernels.w1a8_kernel.
 Both need GROUP == 0 or GROUP % BLOCK_K == 0 (the launcher falls back to kernels.py otherwise).
@@ -115,29 +112,20 @@ def _row_bases(gsb_ptr, pid_n, k0, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def w1a16_frag_kernel(x_ptr, w_ptr, out_ptr, part_ptr, rs_ptr, gsb_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
+def w1a16_frag_kernel(x_ptr, w_ptr, out_ptr, rs_ptr, gsb_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
                       res_ptr, gate_ptr, nw_ptr, M, N, K, NG, KC, M_BUCKET, RPS, NORM_COLS, NORM_PART, norm_eps,
                       ONE_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                       RANK: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """x [M, K] bf16/fp16 (column scale applied), w int32 [NG, KC, 32] fragment words -> out [M, N]; with
-    SPLIT_K > 1, program (tile, s) writes the binary part over the s-th range of K to part [SPLIT_K, M, N]."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0) // SPLIT_K, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """x [M, K] bf16/fp16 (column scale applied), w int32 [NG, KC, 32] fragment words -> out [M, N]."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     G: tl.constexpr = BLOCK_N // 16
     KCH: tl.constexpr = BLOCK_K // 64
-    if SPLIT_K == 1:
-        k_lo = 0
-        k_hi = K
-    else:
-        split = tl.program_id(0) % SPLIT_K
-        span = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K  # whole K steps per range
-        k_lo = split * span
-        k_hi = tl.minimum(K, k_lo + span)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         xt = _x_tile(x_ptr, offs_m, k0, M, K, EVEN_K, BLOCK_K)
         w_ptrs, w_mask = _word_ptrs(w_ptr, pid_n, k0, NG, KC, 32, 64, BLOCK_N, BLOCK_K)
         w = tl.reshape(tl.load(w_ptrs, mask=w_mask, other=0), (G, KCH, 8, 4))
@@ -148,13 +136,9 @@ def w1a16_frag_kernel(x_ptr, w_ptr, out_ptr, part_ptr, rs_ptr, gsb_ptr, ro_ptr, 
             a = _bf16_operand(w, base0, base1, BLOCK_N, BLOCK_K)
         a = a.to(x_ptr.dtype.element_ty, bitcast=True)
         acc = tl.dot(a, xt, acc)
-    if SPLIT_K > 1:
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        tl.store(part_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], tl.trans(acc), mask=mask)
-    else:
-        _epilogue(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-                  res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, RANK, HAS_BIAS, GELU,
-                  HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
+    _epilogue(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
+              res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, RANK, HAS_BIAS, GELU,
+              HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
 
 
 @triton.jit
@@ -178,7 +162,7 @@ def w1a8_frag_kernel(q_ptr, xs_ptr, qsum_ptr, w_ptr, out_ptr, rs_ptr, gs_ptr, ro
                      HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """q int8 [M, K] (scale xs, row sums qsum), w int32 [NG, KC, 64] fragment words -> out [M, N]."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if GROUP == 0:

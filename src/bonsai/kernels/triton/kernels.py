@@ -26,8 +26,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tile number -> (row block, column block), grouped along M so neighbours share weight tiles in L2."""
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (row block, column block), grouped along M so neighbours share weight tiles in L2."""
+    pid = tl.program_id(0)
     num_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit'd helper; plain ops keep the interpreter simple
     num_n = (N + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * num_n
@@ -114,26 +115,6 @@ def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_p
 
 
 @triton.jit
-def splitk_epilogue_kernel(part_ptr, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr, res_ptr, gate_ptr,
-                           nw_ptr, M, N, RPS, NORM_COLS, NORM_PART, norm_eps, SPLIT_K: tl.constexpr,
-                           HAS_OFFSET: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The end of a split-K product: sum its SPLIT_K partial tiles (float32 [SPLIT_K, M, N], each the binary
-    part over one range of K) and apply the epilogue, as the GEMM kernel would have."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
-    acc = tl.load(ptrs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
-    _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-              res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, RANK, HAS_BIAS, GELU,
-              HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
-
-
-@triton.jit
 def w1a16_kernel(x_ptr, wt_ptr, out_ptr, rs_ptr, cs_ptr, gsb_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
                  res_ptr, gate_ptr, nw_ptr, M, N, K, M_BUCKET, RPS, NORM_COLS, NORM_PART, norm_eps,
                  ONE_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_COL: tl.constexpr, HAS_OFFSET: tl.constexpr,
@@ -141,7 +122,7 @@ def w1a16_kernel(x_ptr, wt_ptr, out_ptr, rs_ptr, cs_ptr, gsb_ptr, ro_ptr, xsum_p
                  HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """x [M, K] bf16/fp16, wt uint8 [ceil(K/8), N] -> out [M, N] in x's dtype. M_BUCKET only keys the autotuner."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -207,7 +188,7 @@ def w1a8_kernel(q_ptr, xs_ptr, qsum_ptr, wt_ptr, out_ptr, rs_ptr, gs_ptr, ro_ptr
                 EVEN_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """q int8 [M, K] with per-row scale xs f32 [M] and row sums qsum int32 [M] -> out [M, N]."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if GROUP == 0:

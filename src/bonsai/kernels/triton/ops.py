@@ -30,9 +30,6 @@ from .layout import kmajor_signs, layout_of
 
 SMALL_M = 16
 MID_M = 256
-# Split-K for M <= SMALL_M (fragment W1A16): aim for about two programs per SM of an H100/H200 (132 SMs).
-SPLIT_TARGET = 264
-MAX_SPLIT_K = 8
 # "k-major": kernels.py (weight expanded into shared memory, the B operand). "fragment":
 # fragment_kernels.py (weight expanded into the A-operand registers; see benchmarks/triton_sass.py).
 # "fragment" is the default: 1.3-1.6x faster than "k-major" on bonsai-4b's GEMMs (benchmarks/RESULTS.md).
@@ -101,15 +98,6 @@ def m_bucket(m: int) -> int:
     return SMALL_M if m <= SMALL_M else min(triton.next_power_of_2(m), 8192)
 
 
-def split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int) -> int:
-    """How many ranges of K each output tile is split over: for M <= SMALL_M, enough to give the GPU about
-    SPLIT_TARGET programs, at most MAX_SPLIT_K, each range at least two K steps; else 1."""
-    if m > SMALL_M:
-        return 1
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    return max(1, min(MAX_SPLIT_K, SPLIT_TARGET // tiles, triton.cdiv(k, block_k) // 2))
-
-
 def _fit_group(block_k: int, group: int) -> int:
     """Largest BLOCK_K <= block_k that divides the group size (W1A8 applies group scales per group)."""
     if group:
@@ -140,16 +128,9 @@ def _bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-def _split_k_of(args: dict) -> int:
-    return split_k(args["M"], args["N"], args["K"], args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"])
-
-
 def _autotuned(kernel, tiles: dict[str, list], per_group: bool):
     all_tiles = sorted({t for ts in tiles.values() for t in ts})
-    rules = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}
-    if "SPLIT_K" in kernel.arg_names:
-        rules["SPLIT_K"] = _split_k_of
-    even_k = triton.heuristics(rules)(kernel)
+    even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(kernel)
     prune = lambda c, n, **kw: _prune(tiles, per_group, c, n, **kw)  # noqa: E731
     return triton.autotune(configs=_configs(all_tiles), key=["M_BUCKET", "N", "K", "GROUP", "HEAD_DIM"],
                            prune_configs_by={"early_config_prune": prune}, do_bench=_bench)(even_k)
@@ -172,44 +153,28 @@ def _interpreting() -> bool:
 _chosen: dict[tuple, triton.Config] = {}
 
 
-def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, config: TileConfig | None) -> dict:
-    """Run `kernel` on one tile configuration (autotuned, cached, or `config`); returns its block sizes and,
-    for kernels that split K, SPLIT_K."""
-    splits = "SPLIT_K" in kernel.arg_names
+def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, config: TileConfig | None) -> None:
     if config is None and not _interpreting():
         key = (kernel.__name__, m_bucket(m), n, k, consts["GROUP"], consts["HEAD_DIM"], args[0].dtype)
         chosen = _chosen.get(key)
         if chosen is None:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])  # noqa: E731
-                                 * meta.get("SPLIT_K", 1),)
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
             tuned[grid](*args, **consts)
-            chosen = getattr(tuned, "best_config", None)
-            if chosen is None:
-                raise RuntimeError(f"{kernel.__name__}: the autotuner did not report the configuration it ran")
-            _chosen[key] = chosen
-            return _meta(chosen.kwargs, m, n, k, splits)
-        meta = _meta(chosen.kwargs, m, n, k, splits)
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]) * meta.get("SPLIT_K", 1),)
-        kernel[grid](*args, **consts, **meta, GROUP_M=chosen.kwargs["GROUP_M"], EVEN_K=k % meta["BLOCK_K"] == 0,
-                     num_warps=chosen.num_warps, num_stages=chosen.num_stages)
-        return meta
+            if getattr(tuned, "best_config", None) is not None:
+                _chosen[key] = tuned.best_config
+            return
+        kw = chosen.kwargs
+        grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]),)
+        kernel[grid](*args, **consts, **kw, EVEN_K=k % kw["BLOCK_K"] == 0, num_warps=chosen.num_warps,
+                     num_stages=chosen.num_stages)
+        return
     config = config or TileConfig(SMALL_M, 32, 64)
     block_k = _fit_group(config.block_k, consts.get("GROUP", 0) if kernel in _PER_GROUP else 0)
     head_dim = consts["HEAD_DIM"]
     block_n = config.block_n if not head_dim else triton.cdiv(config.block_n, head_dim) * head_dim  # whole heads
-    meta = _meta({"BLOCK_M": config.block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, m, n, k, splits)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n) * meta.get("SPLIT_K", 1),)
-    kernel[grid](*args, **consts, **meta, EVEN_K=k % block_k == 0, GROUP_M=config.group_m,
-                 num_warps=config.num_warps, num_stages=config.num_stages)
-    return meta
-
-
-def _meta(kw: dict, m: int, n: int, k: int, splits: bool) -> dict:
-    """The block sizes of a configuration (and SPLIT_K for kernels that split K)."""
-    meta = {"BLOCK_M": kw["BLOCK_M"], "BLOCK_N": kw["BLOCK_N"], "BLOCK_K": kw["BLOCK_K"]}
-    if splits:
-        meta["SPLIT_K"] = _split_k_of({"M": m, "N": n, "K": k, **meta})
-    return meta
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),)
+    kernel[grid](*args, **consts, EVEN_K=k % block_k == 0, BLOCK_M=config.block_m, BLOCK_N=block_n,
+                 BLOCK_K=block_k, GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 @dataclass(frozen=True)
@@ -376,15 +341,11 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         if weight.col_scale is not None:  # x^T goes to shared memory as loaded: scale x first (as k-major does, in fp32)
             xc = (xc.float() * weight.col_scale).to(xc.dtype)
         words = weight.prepared("triton-fragment-bf16", bf16_words)
-        # Partial products of a split K (M <= SMALL_M only; the split is known once the tile is).
-        part = torch.empty((MAX_SPLIT_K, m, n) if m <= SMALL_M else (1,), dtype=torch.float32, device=x.device)
         r_s, *rest = epi_args
-        args = (xc, words, ops.out, part, r_s, gsb, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
+        args = (xc, words, ops.out, r_s, gsb, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
                 *_epilogue_scalars(ops))
-        meta = _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k,
-                       _fragment_config(config, BF16_CHUNK))
-        if meta["SPLIT_K"] > 1:
-            _finish_split(part, meta["SPLIT_K"], ops, epi_args, consts, m, n)
+        _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k,
+                _fragment_config(config, BF16_CHUNK))
         return _finish(x, ops.out, n, after)
     cs = _or(weight.col_scale, weight.row_scale)
     r_s, *rest = epi_args
@@ -392,15 +353,6 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
     _launch(_w1a16_tuned, kernels.w1a16_kernel, args, {**consts, "HAS_COL": weight.col_scale is not None}, m, n, k,
             config)
     return _finish(x, ops.out, n, after)
-
-
-def _finish_split(part: torch.Tensor, splits: int, ops: _Operands, epi_args: tuple, consts: dict, m: int, n: int) -> None:
-    """Sum a split-K product's partial tiles into ops.out, with its epilogue (kernels.splitk_epilogue_kernel)."""
-    block_n = max(128, consts["HEAD_DIM"])  # whole heads in a tile
-    epilogue = {name: consts[name] for name in ("HAS_OFFSET", "RANK", "HAS_BIAS", "GELU", "HEAD_DIM", "HAS_RESIDUAL", "HAS_GATE")}
-    grid = (triton.cdiv(m, SMALL_M), triton.cdiv(n, block_n))
-    kernels.splitk_epilogue_kernel[grid](part, ops.out, *epi_args, m, n, *_epilogue_scalars(ops), SPLIT_K=splits,
-                                         **epilogue, BLOCK_M=SMALL_M, BLOCK_N=block_n, num_warps=4)
 
 
 def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None, xsum: torch.Tensor | None = None,
