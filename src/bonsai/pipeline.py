@@ -205,6 +205,7 @@ class Pipeline:
         if not 0 < params.strength <= 1:
             raise InvalidRequest(f"strength must be in (0, 1], got {params.strength:g}")
 
+    @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.text_encoder.tokens(prompts)
         network = self.text_encoder.network

@@ -49,7 +49,7 @@ class SplitGroupNorm(nn.GroupNorm):
     MIN_GROUP = 1 << 18  # values per group from which the split reduction pays (H200: 512 x 128 x 128 and up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda or x[0, 0].numel() * x.shape[1] // self.num_groups < self.MIN_GROUP:
+        if not x.is_cuda or x[0].numel() // self.num_groups < self.MIN_GROUP:
             return super().forward(x)
         return split_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
