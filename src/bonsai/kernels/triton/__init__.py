@@ -44,8 +44,9 @@ def _supports_w1a8(x: torch.Tensor, weight: PackedWeight) -> bool:
             and fragment_supports_group(weight.group_size, INT8_CHUNK))
 
 
-# Later registrations are asked first: W1A8 where it applies, else W1A16. Both add the bias, GELU and the
-# gated residual in their epilogue; W1A8 also runs the prologue (LayerNorm, modulation) as it quantizes x.
+# Later registrations are asked first: W1A8 where it applies, else W1A16. Both add the bias, GELU, the head
+# norms and the gated residual in their epilogue; W1A8 also runs the prologue (LayerNorm, modulation) as it
+# quantizes x.
 register_kernel(Kernel("triton-w1a16", ("cuda",), w1a16, _supports_w1a16, fuses_bias=True, fuses=W1A16_FUSES))
 register_kernel(Kernel("triton-w1a8", ("cuda",), w1a8, _supports_w1a8, fuses_bias=True, fuses=W1A8_FUSES))
 

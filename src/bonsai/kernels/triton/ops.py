@@ -3,9 +3,9 @@
 Both take row operations of bonsai.kernels.fusion (W1A16_FUSES, W1A8_FUSES): GELU, the q / k head
 norms and the gated residual in the GEMM epilogue (head norms for heads of a power-of-two size up to
 MAX_HEAD_DIM; others are finished in torch by the launcher); W1A8 also the prologue, in the kernel
-that quantizes x anyway. W1A16
-reads x straight into the GEMM's tiles, so a prologue there would need a pass of its own (row
-statistics) and would redo the normalization in every column block: it is left to the dispatcher.
+that quantizes x anyway. W1A16 reads x straight into the GEMM's tiles, so a prologue there would need
+a pass of its own (row statistics) and would redo the normalization in every column block: it is left
+to the dispatcher.
 
 On CUDA the tile shape is autotuned per (M bucket, N, K) from the config lists below: one list
 for M <= 16 (memory-bound: few rows, narrow N tiles so that every SM streams weights), one for
@@ -320,7 +320,7 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
           prologue: None = None, epilogue: Epilogue | None = None,
           config: TileConfig | None = None, variant: str | None = None) -> torch.Tensor:
     """y = epilogue(x @ W.T (+ bias)) for x [..., K] bf16/fp16/fp32 (fp32 is computed in bf16); returns
-    x.dtype. The epilogue may have the parts of W1A16_FUSES (GELU, residual + gate); no prologue.
+    x.dtype. The epilogue may have the parts of W1A16_FUSES (GELU, head norms, residual + gate); no prologue.
 
     variant: "k-major" or "fragment" (default DEFAULT_VARIANT); "fragment" falls back to "k-major" for
     group sizes that are not a multiple of 64."""
@@ -387,7 +387,8 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
          prologue: Prologue | None = None, epilogue: Epilogue | None = None,
          config: TileConfig | None = None, variant: str | None = None) -> torch.Tensor:
     """y = epilogue(prologue(x) @ W.T (+ bias)) with prologue(x) quantized per token to int8 (col_scale
-    folded in); returns x.dtype. The epilogue may have the parts of W1A8_FUSES (GELU, residual + gate).
+    folded in); returns x.dtype. The epilogue may have the parts of W1A8_FUSES (GELU, head norms, residual +
+    gate).
 
     variant: "k-major" or "fragment" (default DEFAULT_VARIANT); "fragment" falls back to "k-major" for
     group sizes that are not a multiple of 128."""
