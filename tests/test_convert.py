@@ -4,13 +4,14 @@ model -> 1-bit checkpoint -> loaded back -> images through its diffusers pipelin
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 
 import pytest
 import torch
 from click.testing import CliRunner
 from diffusers_tiny import MODELS, tiny_dc_vae, tiny_model, tiny_sd15_pipeline, tiny_vae, unet_to_ldm
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from bonsai.cli import main
 from bonsai.convert import ADAPTERS, SourceError, UnsupportedModel, quantize_model
@@ -162,3 +163,26 @@ def test_malformed_sources(tmp_path):
 
         save_model(DiT(DiTConfig.from_dict({})), tmp_path / "dit.safetensors", "dit", {})
         load_bonsai_model(tmp_path / "dit.safetensors")
+
+
+def test_source_tensors_and_json_checked_against_the_config(tmp_path):
+    tiny_model("sd3").save_pretrained(tmp_path / "sd3")  # its pos_embed is a persistent buffer
+    weights = tmp_path / "sd3" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    for key, bad, message in (
+        ("pos_embed.pos_embed", torch.randn(1, 4, 32), r"tensor 'pos_embed.pos_embed' has shape \(1, 4, 32\), the config implies \(1, 256, 32\)"),
+        ("pos_embed.proj.bias", torch.zeros(32, dtype=torch.int64), "tensor 'pos_embed.proj.bias' has dtype torch.int64, the model holds torch.float32"),
+    ):
+        save_file({**state, key: bad}, weights)
+        with pytest.raises(SourceError, match=message):
+            quantize_model(tmp_path / "sd3", tmp_path / "o.safetensors", progress=False)
+    save_file(state, weights)
+    index = tmp_path / "sd3" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "../elsewhere/diffusion_pytorch_model.safetensors"}}))
+    with pytest.raises(SourceError, match="weight_map must map tensor names to file names in"):
+        quantize_model(tmp_path / "sd3", tmp_path / "o.safetensors", progress=False)
+    index.unlink()
+    (tmp_path / "sd3" / "config.json").write_text("[]")
+    with pytest.raises(SourceError, match="config.json must hold a JSON object, not a list"):
+        quantize_model(tmp_path / "sd3", tmp_path / "o.safetensors", progress=False)
+    assert not (tmp_path / "o.safetensors").exists()

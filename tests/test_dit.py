@@ -158,7 +158,28 @@ def _rename_layer(old: str, new: str):
     return tensors, meta
 
 
+def _swap_layers(a: str, b: str):
+    """Exchange two packed layers' tensors and specs: each stays a consistent layer of the wrong size."""
+    to_b, to_a = _rename_layer(a, "swap"), _rename_layer(b, a)
+    last = _rename_layer("swap", b)
+    return (lambda ts: last[0](to_a[0](to_b[0](ts))), lambda m: last[1](to_a[1](to_b[1](m))))
+
+
+def _drop_bias(layer: str):
+    def tensors(ts: dict) -> dict:
+        return {k: v for k, v in ts.items() if k != f"{layer}.bias"}
+
+    def meta(m: dict) -> dict:
+        m["quantization"]["layers"][layer]["bias"] = False
+        return m
+
+    return tensors, meta
+
+
 _RENAMED = _rename_layer("blocks.0.mlp.fc2", "blocks.0.mlp.fc9")
+_NO_PARENT = _rename_layer("blocks.0.mlp.fc2", "blocks.7.mlp.fc2")
+_SWAPPED = _swap_layers(FC1, "blocks.0.mlp.fc2")
+_NO_BIAS = _drop_bias(FC1)
 MALFORMED = {
     # packed tensors: wrong shape, wrong dtype, non-finite scale
     "packed-shape": (dict(tensors=lambda ts: _edit(ts, **{f"{FC1}.signs": torch.zeros(128, 5, dtype=torch.uint8)})),
@@ -179,8 +200,20 @@ MALFORMED = {
                              "unknown DiT config fields: n_experts"),
     "bad-config-value": (dict(meta=lambda m: _edit(m, config={**m["config"], "num_heads": 3})),
                          "hidden_size 32 is not divisible by num_heads 3"),
+    "zero-heads": (dict(meta=lambda m: _edit(m, config={**m["config"], "num_heads": 0})),
+                   "DiT config field num_heads must be an integer >= 1, got 0"),
+    "config-value-of-wrong-type": (dict(meta=lambda m: _edit(m, config={**m["config"], "hidden_size": "32"})),
+                                   "DiT config field hidden_size must be an integer >= 1, got '32'"),
     "layer-not-in-model": (dict(tensors=_RENAMED[0], meta=_RENAMED[1]),
                            "packed layer 'blocks.0.mlp.fc9' has no module"),
+    "layer-parent-not-in-model": (dict(tensors=_NO_PARENT[0], meta=_NO_PARENT[1]),
+                                  "packed layer 'blocks.7.mlp.fc2' has no module"),
+    "layer-size-not-the-model's": (dict(tensors=_SWAPPED[0], meta=_SWAPPED[1]),
+                                   f"packed layer '{FC1}' has in 128, out 32, bias True, but the dit model has "
+                                   "in 32, out 128, bias True there"),
+    "layer-bias-dropped": (dict(tensors=_NO_BIAS[0], meta=_NO_BIAS[1]),
+                           f"packed layer '{FC1}' has in 32, out 128, bias False, but the dit model has "
+                           "in 32, out 128, bias True there"),
 }  # fmt: skip
 
 

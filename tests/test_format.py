@@ -23,6 +23,7 @@ from bonsai.format import (
     validate_tensors,
 )
 from bonsai.format import checkpoint as checkpoint_module
+from bonsai.format.header import read_layout
 from bonsai.kernels import PackedWeight, pack_signs
 
 QKV, FC1 = "blocks.0.attn.qkv", "blocks.0.mlp.fc1"
@@ -244,6 +245,10 @@ def test_structural_header_errors(tmp_path):
     path.write_bytes(_header_bytes({"a": entry}, bytes(10)))
     with pytest.raises(CheckpointError, match="2 bytes after the last tensor"):
         read_header(path)
+    for metadata in ([], 0, ""):
+        path.write_bytes(_header_bytes({"__metadata__": metadata, "a": entry}, bytes(8)))
+        with pytest.raises(CheckpointError, match="header __metadata__ must map strings to strings"):
+            read_layout(path)
     path.write_bytes(_header_bytes({"a": {**entry, "data_offsets": [0, 4]}}, bytes(4)))
     with pytest.raises(CheckpointError, match=r"tensor 'a' spans 4 bytes, but F32 \[2\] needs 8"):
         read_header(path)

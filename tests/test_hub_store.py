@@ -192,3 +192,32 @@ def test_module_resolve_uses_bonsai_home(home, tmp_path):
     assert resolve("piped") == home / "models" / entry.file
     with pytest.raises(ModelNotFound, match="no model named 'absent'"):
         resolve("absent")
+
+
+def test_names_sharing_a_file_name_never_overwrite_each_other(home, tmp_path):
+    store = Store.default()
+    first = store.add(tiny_checkpoint(tmp_path / "a.safetensors", 13, name="model-1.0", version="2"), "test")
+    second = tiny_checkpoint(tmp_path / "b.safetensors", 14, name="model", version="1.0-2")  # also model-1.0-2.safetensors
+    for mode in ("copy", "link"):
+        with pytest.raises(HubError, match=f"model@1.0-2 would be stored as {first.file}, the file of {first.ref}"):
+            store.add(second, "test", mode=mode)
+    assert store.entries() == [first] and store.problem(first, deep=True) is None
+    assert sorted(os.listdir(store.models_dir)) == [first.file]
+
+
+def test_names_with_a_trailing_newline_are_refused(home, tmp_path):
+    with pytest.raises(HubError, match="invalid model name"):
+        catalog.check_name("tiny\n")
+    with pytest.raises(HubError, match="invalid model version"):
+        Store.default().add(tiny_checkpoint(tmp_path / "n.safetensors", 15, version="1\n"), "test")
+    assert Store.default().entries() == []
+
+
+def test_link_replaces_a_leftover_file_no_entry_owns(home, tmp_path):
+    store = Store.default()
+    store.models_dir.mkdir(parents=True)
+    (store.models_dir / "left-1.safetensors").write_bytes(b"left over by an interrupted rm")
+    src = tiny_checkpoint(tmp_path / "l.safetensors", 16, name="left", version="1")
+    entry = store.add(src, "test", mode="link")
+    assert store.path_of(entry).stat().st_ino == src.stat().st_ino and store.problem(entry, deep=True) is None
+    assert sorted(os.listdir(store.models_dir)) == [entry.file]

@@ -165,3 +165,26 @@ def test_lora_for_another_model(bit_unet, tmp_path):
     assert loaded_loras(unet) == {} and torch.equal(run(unet), before)
     with pytest.raises(LoRAError, match="does not exist"):
         read_lora(tmp_path / "nope.safetensors", set())
+
+
+MALFORMED_FACTORS = {  # a LoRA of one Linear(8 -> 6) layer: (down, up, alpha) -> the error
+    "up not a matrix": ((torch.randn(2, 8), torch.randn(6), None), r"has up torch.float32 \(6,\)"),
+    "rank 0": ((torch.randn(0, 8), torch.randn(6, 0), None), r"has down torch.float32 \(0, 8\)"),
+    "integer factors": ((torch.ones(2, 8, dtype=torch.int32), torch.ones(6, 2, dtype=torch.int32), None), "has down torch.int32"),
+    "up of a 3x3 conv": ((torch.randn(2, 8), torch.randn(6, 2, 3, 3), None), "do not fit a layer of Linear shape"),
+    "alpha not one number": ((torch.randn(2, 8), torch.randn(6, 2), torch.tensor([1.0, 2.0])), r"has alpha of shape \(2,\)"),
+    "NaN alpha": ((torch.randn(2, 8), torch.randn(6, 2), torch.tensor(float("nan"))), "non-finite values in its alpha"),
+    "inf in up": ((torch.randn(2, 8), torch.full((6, 2), float("inf")), None), "non-finite values in its up"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_FACTORS)
+def test_malformed_factors_rejected_by_name(tmp_path, case):
+    (down, up, alpha), message = MALFORMED_FACTORS[case]
+    state = {"proj.lora_A.weight": down, "proj.lora_B.weight": up} | ({} if alpha is None else {"proj.alpha": alpha})
+    save_file(state, tmp_path / "bad.safetensors")
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 6))
+    with pytest.raises(LoRAError, match=message):
+        apply_lora(model, tmp_path / "bad.safetensors")
+    assert loaded_loras(model) == {} and isinstance(model.proj, torch.nn.Linear)

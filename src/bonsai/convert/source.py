@@ -109,11 +109,14 @@ class Source:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise SourceError(f"{path} is missing") from None
     except (OSError, ValueError) as e:
         raise SourceError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise SourceError(f"{path} must hold a JSON object, not a {type(doc).__name__}")
+    return doc
 
 
 def _component_dir(pipeline_dir: Path) -> Path:
@@ -131,7 +134,10 @@ def _component_dir(pipeline_dir: Path) -> Path:
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / f"{WEIGHTS}.safetensors.index.json"
     if index.exists():
-        return sorted({folder / f for f in _read_json(index).get("weight_map", {}).values()})
+        shards = _read_json(index).get("weight_map", {})
+        if not isinstance(shards, dict) or not all(isinstance(f, str) and f == Path(f).name for f in shards.values()):
+            raise SourceError(f"{index}: weight_map must map tensor names to file names in {folder}")
+        return sorted({folder / f for f in shards.values()})
     plain = folder / f"{WEIGHTS}.safetensors"
     if plain.exists():
         return [plain]

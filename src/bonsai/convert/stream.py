@@ -72,20 +72,28 @@ def _binarize_module(module: nn.Module, config: BinarizeConfig) -> nn.Module:
     return BitConv2d(linear, module.in_channels, module.kernel_size, module.stride, module.padding, module.dilation)
 
 
+def _get_like(source: Source, key: str, like: torch.Tensor) -> torch.Tensor:
+    """Source tensor `key`, checked against the shape and kind (float or not) the config implies for it."""
+    t = source.get(key)
+    if tuple(t.shape) != tuple(like.shape):
+        raise SourceError(f"{source.path}: tensor '{key}' has shape {tuple(t.shape)}, the config implies {tuple(like.shape)}")
+    if t.is_floating_point() != like.is_floating_point():
+        raise SourceError(f"{source.path}: tensor '{key}' has dtype {t.dtype}, the model holds {like.dtype} there")
+    return t
+
+
 def _load_direct(module: nn.Module, prefix: str, source: Source, dtype: torch.dtype | None) -> None:
     """Replace the module's own (not its children's) meta parameters and persistent buffers with
     source tensors, cast to `dtype` (None: as stored)."""
     for name, param in list(module._parameters.items()):
         if param is None:
             continue
-        t = source.get(prefix + name)
-        if tuple(t.shape) != tuple(param.shape):
-            raise SourceError(f"{source.path}: tensor '{prefix + name}' has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}")
+        t = _get_like(source, prefix + name, param)
         module._parameters[name] = nn.Parameter(t.to(dtype) if dtype and t.is_floating_point() else t, requires_grad=False)
     for name, buf in list(module._buffers.items()):
         if buf is None or name in module._non_persistent_buffers_set or prefix + name not in source:
             continue
-        module._buffers[name] = source.get(prefix + name).to(buf.dtype)
+        module._buffers[name] = _get_like(source, prefix + name, buf).to(buf.dtype)
 
 
 def quantize_source(

@@ -191,7 +191,8 @@ def read_layout(path: str | os.PathLike[str]) -> Layout:
         raise _fail(path, f"header is not valid JSON ({e})", "the file is corrupt or not a safetensors file") from None
     if not isinstance(doc, dict):
         raise _fail(path, f"header must be a JSON object, got {type(doc).__name__}")
-    raw_meta = doc.pop("__metadata__", None) or {}
+    raw_meta = doc.pop("__metadata__", None)
+    raw_meta = {} if raw_meta is None else raw_meta  # null is allowed; [], 0 or "" is not a metadata map
     if not isinstance(raw_meta, dict) or not all(isinstance(v, str) for v in raw_meta.values()):
         raise _fail(path, "header __metadata__ must map strings to strings")
     tensors = {name: _parse_tensor(path, name, entry) for name, entry in doc.items()}

@@ -43,7 +43,7 @@ class ModelEntry:
 
 def check_name(name: str, what: str = "name") -> str:
     """A model name (or version) usable in `name@version` and as part of a file name."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):  # match() would let '$' accept a trailing newline
         raise HubError(f"{name!r}: invalid model {what} (letters, digits, '.', '_', '-'; no '@' or '/'); choose one with --name")
     return name
 

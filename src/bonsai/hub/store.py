@@ -192,6 +192,10 @@ class Store:
                 return existing
             raise HubError(f"{existing.ref} is already in the store with other contents; run 'bonsai models rm {existing.ref}' first")
         dest = self.models_dir / f"{name}-{version}.safetensors"
+        # "a-b"@"c" and "a"@"b-c" share a file name; compared without case for case-insensitive disks
+        owner = next((e for e in self.entries() if e.file.casefold() == dest.name.casefold()), None)
+        if owner is not None:
+            raise HubError(f"{name}@{version} would be stored as {dest.name}, the file of {owner.ref}; choose another name with --name")
         self.models_dir.mkdir(parents=True, exist_ok=True)
         _place(path, dest, mode)
         entry = ModelEntry(
@@ -223,9 +227,13 @@ def _place(source: Path, dest: Path, mode: str) -> None:
     if mode == "move":
         os.replace(source, dest)
     elif mode == "link":
+        tmp = dest.with_name(dest.name + ".part")
+        tmp.unlink(missing_ok=True)
         try:
-            os.link(source, dest)
+            os.link(source, tmp)
+            os.replace(tmp, dest)  # over a leftover file that no catalog entry owns, as copy and move do
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise HubError(f"{source}: cannot hard-link into {dest.parent} ({exc.strerror}); import without --link") from None
             raise

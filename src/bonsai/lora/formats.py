@@ -81,6 +81,21 @@ def _strip(name: str, modules: set[str]) -> str | None:
     return None
 
 
+def _factor_problem(down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None) -> str | None:
+    """Why these tensors cannot be one layer's LoRA, or None. Non-finite values would make every image NaN."""
+    for part, t in (("down", down), ("up", up)):
+        if t.ndim not in (2, 4) or 0 in t.shape or not t.is_floating_point():
+            return f"has {part} {t.dtype} {tuple(t.shape)} (expected a float matrix, or a 4-D conv factor, with no empty side)"
+    if up.shape[1] != down.shape[0]:
+        return f"has down {tuple(down.shape)} and up {tuple(up.shape)} of different rank"
+    if alpha is not None and alpha.numel() != 1:
+        return f"has alpha of shape {tuple(alpha.shape)} (expected one number)"
+    for part, t in (("down", down), ("up", up), ("alpha", alpha)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return f"has non-finite values in its {part}"
+    return None
+
+
 def parse_lora(state: dict[str, torch.Tensor], modules: set[str], source: str = "<LoRA>") -> dict[str, LoRAFactors]:
     """Module name -> factors, for the modules of a model named in `modules`."""
     out = {}
@@ -88,8 +103,9 @@ def parse_lora(state: dict[str, torch.Tensor], modules: set[str], source: str = 
         if "down" not in parts or "up" not in parts:
             raise LoRAError(f"{source}: layer '{module}' has only {', '.join(sorted(parts))} (needs both down/A and up/B)")
         down, up = parts["down"], parts["up"]
-        if up.shape[1] != down.shape[0]:
-            raise LoRAError(f"{source}: layer '{module}' has down {tuple(down.shape)} and up {tuple(up.shape)} of different rank")
+        problem = _factor_problem(down, up, parts.get("alpha"))
+        if problem is not None:
+            raise LoRAError(f"{source}: layer '{module}' {problem}")
         alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
         out[module] = LoRAFactors(down, up, alpha)
     if not out:

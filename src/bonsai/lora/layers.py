@@ -61,14 +61,16 @@ class LoRALayer(nn.Module):
 def fit_factors(base: nn.Module, f: LoRAFactors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors in the layout the branch uses: Linear [r, K] / [N, r]; Conv [r, I, kh, kw] / [N, r, 1, 1]."""
     r = f.rank
+    up = f.up.reshape(f.up.shape[0], r) if f.up.numel() == f.up.shape[0] * r else f.up  # else a mismatch below
     if isinstance(base, _LINEAR):
         n, k = base.out_features, base.in_features
-        down, up = f.down.reshape(r, -1), f.up.reshape(f.up.shape[0], r)
+        down = f.down.reshape(r, -1)
         want = ((r, k), (n, r))
     else:
         kh, kw = base.kernel_size
         n, i = base.out_channels, base.in_channels
-        down, up = f.down.reshape(r, i, kh, kw) if f.down.numel() == r * i * kh * kw else f.down, f.up.reshape(f.up.shape[0], r, 1, 1)
+        down = f.down.reshape(r, i, kh, kw) if f.down.numel() == r * i * kh * kw else f.down
+        up = up.reshape(*up.shape, 1, 1) if up.ndim == 2 else up
         want = ((r, i, kh, kw), (n, r, 1, 1))
     if (tuple(down.shape), tuple(up.shape)) != want:
         raise LoRAError(

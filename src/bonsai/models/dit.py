@@ -34,6 +34,13 @@ class DiTConfig:
     sample_size: int = 64  # native H = W the model was trained at (pixels or latents)
 
     def __post_init__(self) -> None:
+        # A config read from a checkpoint's metadata must fail here with its field named, not deep in torch.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (type(value) is not int or value < 1):
+                raise ValueError(f"DiT config field {f.name} must be an integer >= 1, got {value!r}")
+            if f.type == "float" and (type(value) not in (int, float) or not 0 < value < math.inf):
+                raise ValueError(f"DiT config field {f.name} must be a positive number, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 4:

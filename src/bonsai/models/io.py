@@ -63,23 +63,44 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _matrix_of(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(in_features, out_features, has bias) of the weight matrix a 1-bit layer replaces, or None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, module.bias is not None
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        kh, kw = module.kernel_size
+        return module.in_channels * kh * kw, module.out_channels, module.bias is not None
+    return None
+
+
 def build_skeleton(architecture: str, config: dict, layers: dict[str, LayerSpec]) -> nn.Module:
     """The model on the meta device with empty 1-bit layers where `layers` says."""
     with torch.device("meta"):
         model = build_architecture(architecture, config)
     for name, spec in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            is_conv = child == "linear" and isinstance(parent, nn.Conv2d)  # a BitConv2d stores its matrix as .linear
+            original = parent if is_conv else model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"packed layer '{name}' has no module in a {architecture} model", "<metadata>") from None
+        # The spec sizes the 1-bit layer; one that disagrees with the architecture would load and fail (or drop a bias) later.
+        have, want = _matrix_of(original), (spec.in_features, spec.out_features, spec.bias)
+        if have != want:
+            there = "no linear or conv layer" if have is None else f"in {have[0]}, out {have[1]}, bias {have[2]}"
+            raise CheckpointError(
+                f"packed layer '{name}' has in {want[0]}, out {want[1]}, bias {want[2]}, but the {architecture} "
+                f"model has {there} there",
+                "<metadata>",
+                "the quantization metadata does not match the config: re-export the model",
+            )
         cfg = BinarizeConfig(spec.scheme, spec.group_size, spec.rank)
         bit = BitLinear(spec.in_features, spec.out_features, spec.bias, cfg, device="meta")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if child == "linear" and isinstance(parent, nn.Conv2d):  # a BitConv2d stores its matrix as .linear
+        if is_conv:
             conv = parent
             _replace(model, parent_name, BitConv2d(bit, conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation))
         else:
-            try:
-                model.get_submodule(name)
-            except AttributeError:
-                raise CheckpointError(f"packed layer '{name}' has no module in a {architecture} model", "<metadata>") from None
             _replace(model, name, bit)
     return model
 
