@@ -152,6 +152,10 @@ def test_validate_tensors_names_every_problem():
             rf"non-finite values in tensor '{QKV}.col_scale'",
         ),
         (
+            lambda t: t[f"{QKV}.lowrank_v"].view(-1)[3].fill_(float("nan")),
+            rf"non-finite values in tensor '{QKV}.lowrank_v'",
+        ),
+        (
             lambda t: t.update({f"{FC1}.row_scale": torch.full((16,), float("inf"))}),
             rf"non-finite values in tensor '{FC1}.row_scale'",
         ),

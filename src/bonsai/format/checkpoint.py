@@ -19,7 +19,7 @@ from bonsai.kernels.packed import PackedWeight
 
 from .errors import CheckpointError
 from .header import DTYPE_CODES, Header, read_header
-from .schema import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, SCALE_SUFFIXES, LayerSpec, TensorSpec, validate_metadata
+from .schema import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, FINITE_SUFFIXES, LayerSpec, TensorSpec, validate_metadata
 
 _MAX_LISTED = 8  # problems named in one error message; the rest are counted
 _MISMATCH_FIX = "the file does not match what was expected: re-export or re-convert the model"
@@ -76,9 +76,9 @@ def check_packed_layers(
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
-    """Raise if any scale or offset tensor (name ending in a SCALE_SUFFIXES entry) holds NaN or inf."""
+    """Raise if any scale, offset or low-rank tensor (name ending in a FINITE_SUFFIXES entry) holds NaN or inf."""
     for name, t in tensors.items():
-        if name.rsplit(".", 1)[-1] in SCALE_SUFFIXES and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if name.rsplit(".", 1)[-1] in FINITE_SUFFIXES and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"non-finite values in tensor '{name}'", path, "the model is broken: re-export it")
 
 

@@ -32,8 +32,9 @@ from .errors import CheckpointError
 FORMAT_NAME = "bonsai"
 FORMAT_VERSION = 1
 METADATA_KEY = "bonsai"  # key in the safetensors __metadata__ holding the JSON document
-# Tensors of a packed layer whose values must be finite (a NaN scale silently ruins every output).
-SCALE_SUFFIXES = ("row_scale", "group_scale", "col_scale", "row_offset")
+# Tensors of a packed layer whose values must be finite (a NaN scale or low-rank factor silently ruins
+# every output); all are small next to the signs, so checking them on load is cheap.
+FINITE_SUFFIXES = ("row_scale", "group_scale", "col_scale", "row_offset", "lowrank_u", "lowrank_v")
 
 # (dtype or None for "any floating dtype", shape)
 TensorSpec = tuple[torch.dtype | None, tuple[int, ...]]
