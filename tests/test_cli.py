@@ -43,7 +43,11 @@ CASES = {
 IN_PROCESS = {
     "size-not-divisible": Case(("--size", "18x16"), "width 18 must be a multiple of 4"),
     "cfg-out-of-range": Case(("--cfg", "99"), "Invalid value for '--cfg': 99.0 is not in the range 0.0<=x<=50.0"),
-    "batch-0": Case(("--batch", "0"), "Invalid value for '--batch': 0 is not in the range x>=1"),
+    "batch-0": Case(("--batch", "0"), "Invalid value for '--batch': 0 is not in the range 1<=x<=64"),
+    "batch-too-large": Case(("--batch", "100000"), "Invalid value for '--batch': 100000 is not in the range 1<=x<=64"),
+    "seed-negative": Case(("--seed", "-1"), "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
+    "seed-too-large": Case(("--seed", str(2**64)), f"Invalid value for '--seed': {2**64} is not in the range 0<=x<=4294967295"),
+    "model-path-missing": Case(("--model", "missing/model.safetensors"), "missing/model.safetensors: no such file"),
 }
 
 
@@ -115,6 +119,7 @@ def test_bad_input_fails_with_one_error_line(runs, name: str) -> None:
 @pytest.mark.parametrize("name", IN_PROCESS)
 def test_bad_request_fails_with_one_error_line(tiny_checkpoint: Path, tmp_path: Path, monkeypatch, name: str) -> None:
     monkeypatch.setenv("BONSAI_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # relative model paths resolve inside the test's folder
     out = tmp_path / "out"
     args = ["generate", PROMPT, "--model", str(tiny_checkpoint), "-o", str(out), *IN_PROCESS[name].args]
     result = CliRunner().invoke(main, args)

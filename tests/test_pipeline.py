@@ -105,6 +105,14 @@ def test_parameters_embedded_in_png(pipe: Pipeline, tmp_path: Path) -> None:
     assert [p.name for p in next_free_paths(tmp_path, [9])] == ["00003-9.png"]
 
 
+def test_numbering_goes_on_past_five_digits(tmp_path: Path) -> None:
+    # 99999 images in: the next one is 100000, the one after 100001 (not 100000 again, which would replace it)
+    (tmp_path / "99999-7.png").touch()
+    assert [p.name for p in next_free_paths(tmp_path, [1])] == ["100000-1.png"]
+    (tmp_path / "100000-1.png").touch()
+    assert [p.name for p in next_free_paths(tmp_path, [1, 2])] == ["100001-1.png", "100002-2.png"]
+
+
 def test_png_mode_follows_the_umask(pipe: Pipeline, tmp_path: Path) -> None:
     umask = os.umask(0o022)
     try:

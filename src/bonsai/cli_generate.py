@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .limits import CFG_RANGE, MAX_STEPS
+from .limits import CFG_RANGE, MAX_BATCH, MAX_SEED, MAX_STEPS
 
 SIZE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -38,9 +38,9 @@ def _writable_dir(path: Path) -> Path:
 @click.option("--negative", "negative_prompt", default="", help="What the image should not show.")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None, help="Sampling steps (default: the model's).")
 @click.option("--cfg", type=click.FloatRange(*CFG_RANGE), default=None, help="Classifier-free guidance scale (default: the model's).")
-@click.option("--seed", type=int, default=None, help="Seed of the first image; image i uses seed + i. Random if unset.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None, help="Seed of the first image; image i uses seed + i. Random if unset.")
 @click.option("--size", callback=_size, default=None, metavar="WxH", help="Image size, e.g. 64x64 (default: the model's).")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images to generate.")
+@click.option("--batch", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True, help="Images to generate.")
 @click.option("--sampler", type=click.Choice(["euler", "heun", "dpmpp_2m"]), default=None, help="Sampler (default: the model's).")
 @click.option("--model", default="bonsai-emoji", show_default=True, help="Model name (see `bonsai models list`) or checkpoint path.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .atomic import atomic_write
+
+NUMBERED = re.compile(r"^(\d{5,})-.*\.png$")  # NNNNN-SEED.png as next_free_paths names them
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
@@ -20,7 +23,8 @@ def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
 
 
 def next_free_paths(directory: Path, seeds: list[int]) -> list[Path]:
-    """Numbered names NNNNN-SEED.png that follow the highest number already in `directory`."""
-    numbers = [int(p.name[:5]) for p in directory.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
+    """Numbered names NNNNN-SEED.png that follow the highest number already in `directory` (past
+    99999 the numbers grow a digit and still count on)."""
+    numbers = [int(m.group(1)) for p in directory.glob("*.png") if (m := NUMBERED.match(p.name))]
     start = max(numbers, default=0) + 1
     return [directory / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]

@@ -131,7 +131,11 @@ class Store:
         path = Path(name_or_path).expanduser()
         if path.is_file():
             return path
-        entry = self.get(os.fspath(name_or_path))
+        ref = os.fspath(name_or_path)
+        meant_as_path = path.is_dir() or "/" in ref or os.sep in ref or ref.endswith(".safetensors")
+        if meant_as_path and self.find(ref) is None:  # say what is wrong with the path, not "no model named"
+            raise ModelNotFound(f"{ref}: {'a folder, not a checkpoint file' if path.is_dir() else 'no such file'}")
+        entry = self.get(ref)
         path = self.path_of(entry)
         if not path.is_file():
             fix = "reinstall bonsai" if entry.source == "built-in" else f"run 'bonsai models rm {entry.ref}' and pull it again"
