@@ -13,6 +13,7 @@ from bonsai.eval import load_evaluator
 from bonsai.eval.generate import generate_prompts
 from bonsai.eval.metrics import retrieval_ranks
 from bonsai.format import load_checkpoint, summarize
+from bonsai.kernels import available_kernels, set_kernel
 from bonsai.pipeline import Pipeline
 from bonsai.quant import BitLinear
 
@@ -108,3 +109,19 @@ def test_evaluator_matches_images_to_their_prompts(pipe: Pipeline, images: torch
     targets = torch.tensor([CANDIDATES.index(p) for p in PROMPTS])
     ranks = retrieval_ranks(image_emb, text_emb, targets)
     assert (ranks < 5).all(), f"ranks of the own caption among {len(CANDIDATES)}: {ranks.tolist()}"
+
+
+@pytest.mark.skipif("cpu" not in available_kernels(), reason="the compiled CPU kernel is not built")
+def test_batch_images_are_the_single_runs_bit_for_bit(pipe: Pipeline) -> None:
+    # The CPU kernel rounds activations to int8 per token, so a last-bit difference between a batched and
+    # a single product upstream (text encoder, embeddings, modulation) grows into other pixels: image i of
+    # a batch must still be the image that its seed in the PNG gives alone.
+    set_kernel("cpu")
+    try:
+        batch = pipe.generate(PROMPTS[0], batch=3, seed=5, steps=STEPS, cfg=4.0, negative_prompt="blurry")
+        for i in range(3):
+            single = pipe.generate(PROMPTS[0], seed=5 + i, steps=STEPS, cfg=4.0, negative_prompt="blurry")
+            gap = (batch.samples[i] - single.samples[0]).abs().max().item()
+            assert torch.equal(batch.samples[i], single.samples[0]), f"image {i} differs by up to {gap:.3g}"
+    finally:
+        set_kernel(None)

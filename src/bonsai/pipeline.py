@@ -22,6 +22,7 @@ from PIL import Image
 from .cuda_graph import GraphedModule, use_cuda_graph
 from .limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS
 from .models.offload import on_device, sequential_offload
+from .models.per_sample import per_sample
 from .sampling import SAMPLERS, cfg_velocity, flow_timesteps, seeded_noise
 # normal: every part stays on the device; lean: one part at a time (text encoder -> denoiser ->
 # tiled decoder), weights kept in CPU memory between uses; offload: lean, and the denoiser's
@@ -211,7 +212,13 @@ class Pipeline:
         network = self.text_encoder.network
         if self.memory == "normal":  # one call per image: a graph pays only where it is kept between images
             network = self._replayed("text_encoder", network)
-        return network(ids, mask).to(self.device, self._dtype), mask.to(self.device)
+        if ids.device.type == "cpu":  # each distinct prompt alone, as in a batch of one (see per_sample)
+            distinct, index = torch.unique(torch.cat([ids, mask.to(ids.dtype)], 1), dim=0, return_inverse=True)
+            distinct_ids, distinct_mask = distinct.split(ids.shape[1], dim=1)
+            states = per_sample(network, distinct_ids, distinct_mask.bool())[index]
+        else:
+            states = network(ids, mask)
+        return states.to(self.device, self._dtype), mask.to(self.device)
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dit_fused
+from .per_sample import per_sample
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,9 @@ class DiT(nn.Module):
         nn.init.zeros_(self.modulation[-1].weight)
         nn.init.zeros_(self.final_proj.weight)
 
+    def _condition(self, t_freq: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.time_embed(t_freq) + self.pool_embed(pooled)
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
@@ -206,19 +210,22 @@ class DiT(nn.Module):
         if H % p or W % p:
             raise ValueError(f"input size {H}x{W} is not divisible by the patch size {p}")
         h, w = H // p, W // p
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, T, D]
+        # The high-precision layers run sample by sample on CPU, where the rest is computed row by row, so
+        # that an image does not depend on the batch it is in (see per_sample).
+        each = per_sample if x.device.type == "cpu" else lambda fn, *xs: fn(*xs)
+        tokens = each(self.patch_embed, x).flatten(2).transpose(1, 2)  # [B, T, D]
         tokens = tokens + sincos_pos_embed(D, h, w, x.device, self.config.sample_size // p).to(tokens.dtype)
 
-        text = self.text_proj(text)  # [B, L, D]
+        text = each(self.text_proj, text)  # [B, L, D]
         m = text_mask.unsqueeze(-1).to(text.dtype)
         pooled = (text * m).sum(1) / m.sum(1).clamp(min=1)
-        cond = self.time_embed(timestep_embedding(t).to(tokens.dtype)) + self.pool_embed(pooled)  # [B, D]
-        mod = self.modulation(cond).reshape(B, 6, D)
+        cond = each(self._condition, timestep_embedding(t).to(tokens.dtype), pooled)  # [B, D]
+        mod = each(self.modulation, cond).reshape(B, 6, D)
 
         for block in self.blocks:
             tokens = block(tokens, mod, text, text_mask)
 
         shift, scale = (cond[:, None] + self.final_modulation_table[None]).unbind(1)
-        out = self.final_proj(modulate(self.final_norm(tokens), shift, scale))  # [B, T, p*p*C]
+        out = each(self.final_proj, modulate(self.final_norm(tokens), shift, scale))  # [B, T, p*p*C]
         out = out.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(B, C, H, W)
