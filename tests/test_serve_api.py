@@ -147,6 +147,8 @@ LONG = "x" * 2001
         ({"steps": 0}, "steps"),
         ({"steps": 100000}, "steps"),
         ({"width": 18}, "width"),
+        ({"width": 0}, "width"),
+        ({"height": 0}, "height"),
         ({"height": 99992}, "height"),
         ({"prompt": LONG}, "prompt"),
         ({"prompt": "   "}, "prompt"),
@@ -181,8 +183,26 @@ def test_invalid_fields_are_named(client, body, field):
 def test_missing_prompt_and_bad_json(client):
     r = client.post("/api/jobs", json={})
     assert (r.status_code, r.json()["error"]["field"]) == (422, "prompt")
-    r = client.post("/api/jobs", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    r = client.post("/api/jobs", content=b'{"prompt": "x",}', headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "body")
+    message = r.json()["error"]["message"]
+    assert message.startswith("body is not valid JSON") and "at character 15" in message
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_text_that_is_not_utf8_is_refused(client, field):
+    # A lone surrogate is valid JSON but not UTF-8: stored, it would break every history listing.
+    body = json.dumps({"prompt": "a cat", field: "a \ud800 cat"})  # json.dumps escapes it as \ud800
+    r = client.post("/api/jobs", content=body, headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
+    assert client.get("/api/jobs").json()["jobs"] == []
+
+
+def test_base64_with_line_breaks_is_accepted(client):
+    wrapped = base64.encodebytes(base64.b64decode(png_b64((40, 24))))  # MIME style: a newline every 76 characters
+    assert b"\n" in wrapped.strip()
+    job = wait(client, submit(client, init_image=wrapped.decode(), strength=0.5, steps=4))
+    assert job["status"] == "done", job
 
 
 def test_body_limit(tmp_path, tiny_checkpoint, gate):
@@ -353,7 +373,10 @@ def test_openai_endpoint(client):
     r = client.post("/v1/images/generations", json={"prompt": "cat", "response_format": "url"})
     url = r.json()["data"][0]["url"]
     assert url.startswith("http://testserver/api/jobs/") and client.get(url).status_code == 200
-    cases = [({"size": "1002x1000"}, "size"), ({"size": "4096x4096"}, "size"), ({"size": "big"}, "size"), ({"n": 20}, "n")]
+    cases = [
+        ({"size": "1002x1000"}, "size"), ({"size": "4096x4096"}, "size"), ({"size": "big"}, "size"), ({"size": "0x0"}, "size"),
+        ({"n": 20}, "n"),
+    ]
     for body, field in [*cases, ({"model": "dall-e-3"}, "model")]:
         r = client.post("/v1/images/generations", json={"prompt": "cat", **body})
         err = r.json()["error"]
