@@ -343,6 +343,9 @@ def test_a1111_endpoints(client, gate):
         ({"cfg_scale": 99}, "cfg_scale"), ({"batch_size": 5, "n_iter": 2}, "batch_size"), ({"sampler_name": "DDIM"}, "sampler_name"),
         ({"override_settings": {"sd_model_checkpoint": "sdxl"}}, "override_settings.sd_model_checkpoint"),
         ({"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, "hr_upscaler"),
+        ({"enable_hr": True, "hr_scale": 1}, "hr_scale"), ({"enable_hr": True, "denoising_strength": 2}, "denoising_strength"),
+        ({"override_settings": {"sd_model_checkpoint": 5}}, "override_settings.sd_model_checkpoint"),
+        ({"batch_size": -1, "n_iter": -1}, "batch_size"), ({"width": 0}, "width"),
     ]:
         r = client.post("/sdapi/v1/txt2img", json={"prompt": "cat", **body})
         assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
