@@ -385,3 +385,19 @@ def test_openai_endpoint(client):
         err = r.json()["error"]
         assert (r.status_code, err["param"], err["type"]) == (422, field, "invalid_request_error"), r.text
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == usable(client)
+
+
+def test_cli_bounds_the_shutdown_wait(tmp_path, tiny_checkpoint, monkeypatch):
+    # uvicorn waits for open requests before the app's shutdown cancels jobs; blocking A1111/OpenAI
+    # requests would hold Ctrl+C or SIGTERM until every job they wait on had finished.
+    import uvicorn
+    from click.testing import CliRunner
+
+    from bonsai.serve.cli import SHUTDOWN_GRACE_S, serve
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    result = CliRunner().invoke(serve, ["--data-dir", str(tmp_path / "serve"), "--model", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert calls[0]["host"] == "127.0.0.1"
+    assert 0 < calls[0]["timeout_graceful_shutdown"] == SHUTDOWN_GRACE_S <= 30
