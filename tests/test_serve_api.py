@@ -147,6 +147,8 @@ LONG = "x" * 2001
         ({"steps": 0}, "steps"),
         ({"steps": 100000}, "steps"),
         ({"width": 18}, "width"),
+        ({"width": 0}, "width"),
+        ({"height": 0}, "height"),
         ({"height": 99992}, "height"),
         ({"prompt": LONG}, "prompt"),
         ({"prompt": "   "}, "prompt"),
@@ -181,8 +183,26 @@ def test_invalid_fields_are_named(client, body, field):
 def test_missing_prompt_and_bad_json(client):
     r = client.post("/api/jobs", json={})
     assert (r.status_code, r.json()["error"]["field"]) == (422, "prompt")
-    r = client.post("/api/jobs", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    r = client.post("/api/jobs", content=b'{"prompt": "x",}', headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "body")
+    message = r.json()["error"]["message"]
+    assert message.startswith("body is not valid JSON") and "at character 15" in message
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_text_that_is_not_utf8_is_refused(client, field):
+    # A lone surrogate is valid JSON but not UTF-8: stored, it would break every history listing.
+    body = json.dumps({"prompt": "a cat", field: "a \ud800 cat"})  # json.dumps escapes it as \ud800
+    r = client.post("/api/jobs", content=body, headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
+    assert client.get("/api/jobs").json()["jobs"] == []
+
+
+def test_base64_with_line_breaks_is_accepted(client):
+    wrapped = base64.encodebytes(base64.b64decode(png_b64((40, 24))))  # MIME style: a newline every 76 characters
+    assert b"\n" in wrapped.strip()
+    job = wait(client, submit(client, init_image=wrapped.decode(), strength=0.5, steps=4))
+    assert job["status"] == "done", job
 
 
 def test_body_limit(tmp_path, tiny_checkpoint, gate):
@@ -323,6 +343,9 @@ def test_a1111_endpoints(client, gate):
         ({"cfg_scale": 99}, "cfg_scale"), ({"batch_size": 5, "n_iter": 2}, "batch_size"), ({"sampler_name": "DDIM"}, "sampler_name"),
         ({"override_settings": {"sd_model_checkpoint": "sdxl"}}, "override_settings.sd_model_checkpoint"),
         ({"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, "hr_upscaler"),
+        ({"enable_hr": True, "hr_scale": 1}, "hr_scale"), ({"enable_hr": True, "denoising_strength": 2}, "denoising_strength"),
+        ({"override_settings": {"sd_model_checkpoint": 5}}, "override_settings.sd_model_checkpoint"),
+        ({"batch_size": -1, "n_iter": -1}, "batch_size"), ({"width": 0}, "width"),
     ]:
         r = client.post("/sdapi/v1/txt2img", json={"prompt": "cat", **body})
         assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
@@ -353,9 +376,28 @@ def test_openai_endpoint(client):
     r = client.post("/v1/images/generations", json={"prompt": "cat", "response_format": "url"})
     url = r.json()["data"][0]["url"]
     assert url.startswith("http://testserver/api/jobs/") and client.get(url).status_code == 200
-    cases = [({"size": "1002x1000"}, "size"), ({"size": "4096x4096"}, "size"), ({"size": "big"}, "size"), ({"n": 20}, "n")]
+    cases = [
+        ({"size": "1002x1000"}, "size"), ({"size": "4096x4096"}, "size"), ({"size": "big"}, "size"), ({"size": "0x0"}, "size"),
+        ({"n": 20}, "n"),
+    ]
     for body, field in [*cases, ({"model": "dall-e-3"}, "model")]:
         r = client.post("/v1/images/generations", json={"prompt": "cat", **body})
         err = r.json()["error"]
         assert (r.status_code, err["param"], err["type"]) == (422, field, "invalid_request_error"), r.text
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == usable(client)
+
+
+def test_cli_bounds_the_shutdown_wait(tmp_path, tiny_checkpoint, monkeypatch):
+    # uvicorn waits for open requests before the app's shutdown cancels jobs; blocking A1111/OpenAI
+    # requests would hold Ctrl+C or SIGTERM until every job they wait on had finished.
+    import uvicorn
+    from click.testing import CliRunner
+
+    from bonsai.serve.cli import SHUTDOWN_GRACE_S, serve
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    result = CliRunner().invoke(serve, ["--data-dir", str(tmp_path / "serve"), "--model", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert calls[0]["host"] == "127.0.0.1"
+    assert 0 < calls[0]["timeout_graceful_shutdown"] == SHUTDOWN_GRACE_S <= 30

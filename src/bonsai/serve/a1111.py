@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bonsai.sampling import SAMPLERS
 
@@ -27,7 +27,7 @@ SAMPLER_TITLES = {"euler": "Euler", "heun": "Heun", "dpmpp_2m": "DPM++ 2M"}
 FIELD_NAMES = {
     "cfg": "cfg_scale", "batch": "batch_size", "sampler": "sampler_name", "init_image": "init_images",
     "strength": "denoising_strength", "hires.scale": "hr_scale", "hires.steps": "hr_second_pass_steps",
-    "hires.upscaler": "hr_upscaler", "model": "override_settings.sd_model_checkpoint",
+    "hires.strength": "denoising_strength", "hires.upscaler": "hr_upscaler", "model": "override_settings.sd_model_checkpoint",
 }
 # Every A1111 upscaler name maps to the pixel LANCZOS pass (latent upscaling is not implemented).
 UPSCALER_NAMES = {"latent", "latent (antialiased)", "latent (bicubic)", "latent (nearest)", "lanczos", "none", ""}
@@ -44,8 +44,8 @@ class Txt2ImgRequest(BaseModel):
     cfg_scale: float | None = None
     width: int | None = None
     height: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
     sampler_name: str | None = None
     sampler_index: str | None = None
     enable_hr: bool = False
@@ -70,21 +70,35 @@ def _sampler(name: str | None) -> str | None:
     raise FieldError("sampler_name", f"sampler_name {name!r} is not one of {known}")
 
 
+def _field_error(exc: ValidationError, prefix: str = "") -> FieldError:
+    """The first error of a native request built from an A1111 body, named as the A1111 field."""
+    first = exc.errors()[0]
+    field = prefix + ".".join(str(p) for p in first["loc"])
+    name = FIELD_NAMES.get(field, field)
+    return FieldError(name, f"{name}: {first['msg']}")
+
+
 def _to_job(body: Txt2ImgRequest, s: Server, init_image: str | None = None) -> JobRequest:
     hires = None
     if body.enable_hr and init_image is None:
         if (body.hr_upscaler or "").strip().lower() not in UPSCALER_NAMES:
             raise FieldError("hr_upscaler", f"hr_upscaler {body.hr_upscaler!r} is not available; use Lanczos")
-        hires = HiresRequest(
-            scale=body.hr_scale, strength=body.denoising_strength or 0.5, steps=body.hr_second_pass_steps or None
+        try:
+            hires = HiresRequest(
+                scale=body.hr_scale, strength=body.denoising_strength or 0.5, steps=body.hr_second_pass_steps or None
+            )
+        except ValidationError as exc:
+            raise _field_error(exc, "hires.") from None
+    try:
+        return JobRequest(
+            prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed, steps=body.steps, cfg=body.cfg_scale,
+            width=body.width, height=body.height, batch=body.batch_size * body.n_iter,
+            sampler=_sampler(body.sampler_name or body.sampler_index),
+            model=body.override_settings.get("sd_model_checkpoint") or s.catalog.default_name,
+            init_image=init_image, strength=body.denoising_strength if init_image is not None else None, hires=hires,
         )
-    return JobRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed, steps=body.steps, cfg=body.cfg_scale,
-        width=body.width, height=body.height, batch=body.batch_size * body.n_iter,
-        sampler=_sampler(body.sampler_name or body.sampler_index),
-        model=body.override_settings.get("sd_model_checkpoint") or s.catalog.default_name,
-        init_image=init_image, strength=body.denoising_strength if init_image is not None else None, hires=hires,
-    )
+    except ValidationError as exc:
+        raise _field_error(exc) from None
 
 
 async def _generate(req: JobRequest, s: Server, echo: dict[str, Any]) -> dict[str, Any]:

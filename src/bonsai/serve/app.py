@@ -37,6 +37,9 @@ def error_response(status: int, field: str | None, message: str, headers: dict[s
 
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
+    if first.get("type") == "json_invalid":  # its loc is ("body", character offset), not a field
+        reason = first.get("ctx", {}).get("error", "JSON decode error")
+        return error_response(422, "body", f"body is not valid JSON: {reason} at character {first['loc'][-1]}")
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
     field = ".".join(loc) or "body"
     return error_response(422, field, f"{field}: {first.get('msg', 'invalid value')}")

@@ -10,6 +10,10 @@ import click
 
 from .config import LOOPBACK_HOSTS
 
+# On Ctrl+C or SIGTERM, blocking A1111/OpenAI requests wait this long before they are cut off and
+# their jobs are cancelled; without a limit, uvicorn would wait for every job they wait on to finish.
+SHUTDOWN_GRACE_S = 5
+
 
 def _is_loopback(host: str) -> bool:
     try:
@@ -52,4 +56,4 @@ def serve(host, port, token, data_dir, models, default_model, device, max_queue,
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"Bonsai on http://{shown}:{port}/" + ("?token=..." if token else "") + f"  (data: {config.data_dir})", err=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

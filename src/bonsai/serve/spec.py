@@ -102,8 +102,8 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
     """base64 (or data: URL) -> RGB image; FieldError naming `field` when it is not a small image."""
     if data.startswith("data:"):
         data = data.partition(",")[2]
-    try:
-        raw = base64.b64decode(data, validate=True)
+    try:  # whitespace is dropped (MIME-style base64 breaks lines every 76 characters); other stray characters are refused
+        raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise FieldError(field, f"{field} is not valid base64") from None
     try:
@@ -140,9 +140,15 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
     if not req.prompt.strip():
         raise FieldError("prompt", "prompt is empty: describe the image you want")
     for name in ("prompt", "negative_prompt"):
-        if len(getattr(req, name)) > MAX_PROMPT_CHARS:
+        text = getattr(req, name)
+        if len(text) > MAX_PROMPT_CHARS:
             raise FieldError(name, f"{name} is longer than {MAX_PROMPT_CHARS} characters")
-    width, height = req.width or int(d["width"]), req.height or int(d["height"])
+        try:  # JSON allows lone surrogates (\ud800); UTF-8 does not, and no response could echo them
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FieldError(name, f"{name} is not valid Unicode text: it holds a lone surrogate (\\ud800-\\udfff)") from None
+    width = req.width if req.width is not None else int(d["width"])
+    height = req.height if req.height is not None else int(d["height"])
     _check_side("width", width, model.patch_size, cfg)
     _check_side("height", height, model.patch_size, cfg)
     steps = req.steps if req.steps is not None else int(d.get("steps", 20))
