@@ -52,6 +52,15 @@ class GatedPipeline:
 
         return self.pipe.generate(prompt, callback=gated if callback else None, **kwargs)
 
+    # The runner points the pipeline's prompt tags at the server's LoRA folder.
+    @property
+    def lora_dir(self) -> str | None:
+        return self.pipe.lora_dir
+
+    @lora_dir.setter
+    def lora_dir(self, value: str | None) -> None:
+        self.pipe.lora_dir = value
+
 
 def loader(gate: Gate):
     """A pipeline loader that loads each checkpoint once per test session and gates its steps."""

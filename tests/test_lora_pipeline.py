@@ -65,3 +65,12 @@ def test_missing_tag_lora_changes_nothing(pipe: Pipeline) -> None:
     with pytest.raises(InvalidRequest, match="missing.safetensors"):
         sample(pipe, f"{PROMPT} <lora:ink:1> <lora:missing:1>")
     assert torch.equal(sample(pipe), base)
+
+
+
+@pytest.mark.parametrize("name", ["../ink", "sub/../ink", "/tmp/ink.safetensors", "..\\ink"])
+def test_a_tag_names_a_file_in_the_lora_dir_never_a_path(pipe: Pipeline, tmp_path: Path, name: str) -> None:
+    pipe.lora_dir = str(tmp_path / "loras")  # ink.safetensors lies one level up
+    (tmp_path / "loras").mkdir()
+    with pytest.raises(InvalidRequest, match="not by a path"):
+        sample(pipe, f"{PROMPT} <lora:{name}:1>")

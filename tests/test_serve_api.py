@@ -14,13 +14,13 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
+from conftest import write_tiny_lora  # noqa: E402
 from serve_support import Gate, loader, make_config  # noqa: E402
 
 from bonsai.format import summarize  # noqa: E402
 from bonsai.pipeline import Pipeline  # noqa: E402
 from bonsai.serve.app import create_app  # noqa: E402
 from bonsai.serve.db import JobDB  # noqa: E402
-from bonsai.serve.runner import supports_loras  # noqa: E402
 
 FINAL = {"done", "failed", "cancelled", "interrupted"}
 
@@ -93,7 +93,7 @@ def test_models_config_loras(client, tiny_checkpoint, tmp_path):
     (tmp_path / "home" / "loras").mkdir(parents=True)
     (tmp_path / "home" / "loras" / "style.safetensors").write_bytes(b"x")
     loras = client.get("/api/loras").json()
-    assert loras == {"loras": ["style"], "supported": supports_loras(), "folder": str(tmp_path / "home" / "loras")}
+    assert loras == {"loras": ["style"], "folder": str(tmp_path / "home" / "loras")}
     assert "/api/jobs" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
     assert client.get("/api/health").json()["ok"] is True
@@ -114,6 +114,32 @@ def test_generate_matches_pipeline_and_embeds_parameters(client, tiny_checkpoint
         np.testing.assert_array_equal(np.asarray(image), np.asarray(expected.images[n]))
     r = client.get(job["images"][1] + "?download=1")
     assert r.headers["content-disposition"].startswith("attachment")
+
+
+def _pixels_and_parameters(client: TestClient, job_id: str) -> tuple[np.ndarray, str]:
+    job = wait(client, job_id)
+    assert job["status"] == "done", job
+    image = Image.open(io.BytesIO(client.get(job["images"][0]).content))
+    return np.asarray(image), image.info["parameters"]
+
+
+def test_loras_apply_from_the_lora_folder_only(client, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "home" / "loras"
+    folder.mkdir(parents=True)
+    write_tiny_lora(tiny_checkpoint, folder / "style.safetensors")
+    plain, _ = _pixels_and_parameters(client, submit(client, seed=3))
+    by_field, parameters = _pixels_and_parameters(client, submit(client, seed=3, loras=[{"name": "style", "weight": 1}]))
+    by_tag, _ = _pixels_and_parameters(client, submit(client, seed=3, prompt="a red circle <lora:style:1>"))
+    assert np.abs(by_field.astype(int) - plain).max() > 0
+    np.testing.assert_array_equal(by_field, by_tag)
+    assert parameters.startswith("a red circle <lora:style:1>\n")  # the image says how to make it again
+    np.testing.assert_array_equal(_pixels_and_parameters(client, submit(client, seed=3))[0], plain)  # off again
+    # A prompt comes from a client: its tags name files of the LoRA folder, never paths on the server.
+    outside = tmp_path / "outside.safetensors"
+    write_tiny_lora(tiny_checkpoint, outside)
+    for tag in [f"<lora:{outside}:1>", f"<lora:{outside.with_suffix('')}:1>", "<lora:../outside:1>", "<lora:gone:1>"]:
+        r = client.post("/api/jobs", json={"prompt": f"a red circle {tag}"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "prompt", (tag, r.text)
 
 
 def test_history_newest_first_with_cursor(client):

@@ -97,10 +97,10 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 def resolve_lora(name: str, lora_dir: str | os.PathLike[str] | None) -> Path:
-    """A prompt's LoRA name -> its file: a path as given, or NAME.safetensors in `lora_dir`."""
-    direct = Path(name)
-    if direct.suffix == ".safetensors" and direct.is_file():
-        return direct
+    """A prompt's LoRA name -> its file NAME.safetensors in `lora_dir`. A name is a file name there, never a
+    path: prompts may come from a server's clients."""
+    if name != Path(name).name or "\\" in name:
+        raise LoRAError(f"LoRA '{name}': a LoRA is named by its file name in the LoRA folder, not by a path")
     if lora_dir is not None and (Path(lora_dir) / f"{name}.safetensors").is_file():
         return Path(lora_dir) / f"{name}.safetensors"
     raise LoRAError(f"LoRA '{name}' not found: put {name}.safetensors in {lora_dir or 'a LoRA folder (--lora-dir)'}")

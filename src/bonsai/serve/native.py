@@ -11,7 +11,6 @@ from bonsai.sampling import SAMPLERS
 
 from .config import SIZE_PRESETS
 from .errors import FieldError
-from .runner import supports_loras
 from .spec import UPSCALERS, JobRequest
 from .state import Server, server
 
@@ -84,8 +83,8 @@ def models(s: Server = Depends(server)) -> dict[str, Any]:
 
 @router.get("/loras")
 def loras(s: Server = Depends(server)) -> dict[str, Any]:
-    """LoRA files in $BONSAI_HOME/loras; `supported` says whether this Bonsai's pipeline can apply them."""
-    return {"loras": sorted(s.catalog.loras()), "supported": supports_loras(), "folder": str(s.catalog.loras_dir)}
+    """LoRA files in $BONSAI_HOME/loras: a job's `loras`, or `<lora:NAME:WEIGHT>` in its prompt, apply them."""
+    return {"loras": sorted(s.catalog.loras()), "folder": str(s.catalog.loras_dir)}
 
 
 @router.get("/config")

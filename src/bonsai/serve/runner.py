@@ -5,11 +5,10 @@ ever called from the worker thread."""
 
 from __future__ import annotations
 
-import inspect
 import io
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -22,11 +21,6 @@ from .spec import JobSpec
 # (stage, stages, step, total, x0 estimate [B, C, H, W]) -> None; may raise to cancel the job.
 Progress = Callable[[int, int, int, int, torch.Tensor], None]
 PipelineLoader = Callable[[Path, str], Pipeline]
-
-
-def supports_loras() -> bool:
-    """Whether this Bonsai's Pipeline.generate takes `loras=[(name_or_path, weight)]`."""
-    return "loras" in inspect.signature(Pipeline.generate).parameters
 
 
 def preview_png(x0: torch.Tensor, side: int) -> bytes | None:
@@ -62,20 +56,20 @@ class Runner:
         if self._loaded is None or self._loaded[0] != model:
             self._loaded = None  # free the old model before loading the new one
             info = self.catalog.get(model)
-            self._loaded = (model, self.loader(info.path, self.device))
+            pipe = self.loader(info.path, self.device)
+            pipe.lora_dir = os.fspath(self.catalog.loras_dir)  # where prompt tags `<lora:NAME:W>` find NAME
+            self._loaded = (model, pipe)
         return self._loaded[1]
 
     def run(self, spec: JobSpec, init: Image.Image | None, progress: Progress) -> list[Image.Image]:
         """Generate the job's images; each carries its A1111 parameters in .info["parameters"]."""
         pipe = self.pipeline(spec.model)
         stages = 2 if spec.hires else 1
-        extra: dict[str, Any] = {}
-        if spec.loras:
-            lora_files = self.catalog.loras()
-            extra["loras"] = [(os.fspath(lora_files[name]), weight) for name, weight in spec.loras]
-        common = dict(negative_prompt=spec.negative_prompt, cfg=spec.cfg, seed=spec.seed, sampler=spec.sampler, **extra)
+        # The job's LoRAs act as prompt tags do, and so are written into each image's parameters with the prompt.
+        prompt = " ".join([spec.prompt, *(f"<lora:{name}:{weight:g}>" for name, weight in spec.loras)])
+        common = dict(negative_prompt=spec.negative_prompt, cfg=spec.cfg, seed=spec.seed, sampler=spec.sampler)
         first = pipe.generate(
-            spec.prompt, batch=spec.batch, callback=lambda s, t, x0: progress(1, stages, s, t, x0),
+            prompt, batch=spec.batch, callback=lambda s, t, x0: progress(1, stages, s, t, x0),
             init_images=[init] if init is not None else None, strength=spec.strength,
             steps=spec.steps, width=spec.width, height=spec.height, **common,
         )
@@ -83,7 +77,7 @@ class Runner:
             return first.images
         h = spec.hires
         second = pipe.generate(
-            spec.prompt, batch=spec.batch, callback=lambda s, t, x0: progress(2, stages, s, t, x0),
+            prompt, batch=spec.batch, callback=lambda s, t, x0: progress(2, stages, s, t, x0),
             init_images=upscale(first.images, h.width, h.height, h.upscaler), strength=h.strength,
             steps=h.steps, width=h.width, height=h.height, **common,
         )

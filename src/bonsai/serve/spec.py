@@ -18,6 +18,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from bonsai.limits import CFG_RANGE, MAX_PROMPT_CHARS
+from bonsai.lora import LoRAError, parse_prompt_loras
 from bonsai.sampling import SAMPLERS
 
 from .config import ServeConfig
@@ -199,6 +200,13 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
     for i, lora in enumerate(req.loras):
         if lora.name not in known:
             raise FieldError(f"loras.{i}.name", f"unknown LoRA {lora.name!r}; known: {', '.join(known) or 'none'} (see GET /api/loras)")
+    try:
+        _, tagged = parse_prompt_loras(req.prompt)
+    except LoRAError as e:
+        raise FieldError("prompt", str(e)) from None
+    for name, _weight in tagged:  # checked here too, so that a bad tag is a 422 rather than a failed job
+        if name not in known:
+            raise FieldError("prompt", f"unknown LoRA {name!r} in the prompt; known: {', '.join(known) or 'none'} (see GET /api/loras)")
     spec = JobSpec(
         model=model.name, prompt=req.prompt, negative_prompt=req.negative_prompt, width=width, height=height,
         steps=steps, cfg=guidance, seed=seed, sampler=sampler, batch=req.batch, strength=strength,

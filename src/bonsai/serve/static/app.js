@@ -64,10 +64,8 @@ async function init() {
   $("steps").max = config.limits.max_steps;
   $("batch").max = config.limits.max_batch;
   $("lora").append(...loras.loras.map((n) => option(n)));
-  $("lora").disabled = !loras.supported || loras.loras.length === 0;
-  $("lora_note").textContent = loras.supported
-    ? `LoRA files are read from ${loras.folder}.`
-    : `LoRA files in ${loras.folder} are listed; this Bonsai cannot apply them yet.`;
+  $("lora").disabled = loras.loras.length === 0;
+  $("lora_note").textContent = `LoRA files are read from ${loras.folder}.`;
   if (!state.models.length) showError("No usable model: run 'bonsai models list' on the server.");
   applyModelDefaults();
 }
