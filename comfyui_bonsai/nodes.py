@@ -17,7 +17,7 @@ import torch
 
 from bonsai.format import CheckpointError, read_header
 from bonsai.hub import Store
-from bonsai.limits import CFG_RANGE, MAX_SIDE, MAX_STEPS
+from bonsai.limits import CFG_RANGE, MAX_SEED, MAX_SIDE, MAX_STEPS
 from bonsai.lora import apply_lora
 from bonsai.pipeline import Pipeline
 from bonsai.quant import DEFAULT_KEEP, SCHEMES, BinarizeConfig, QuantPolicy, quantize_
@@ -28,7 +28,6 @@ from .comfy_env import LORA_FOLDER, MODEL_FOLDERS, folder_files, step_hook, torc
 CATEGORY = "Bonsai"
 PIPELINE = "BONSAI_PIPELINE"
 DEVICES = ("comfy", "auto", "cpu", "cuda")
-MAX_SEED = 2**32 - 1
 
 
 def _is_bonsai_checkpoint(path: Path) -> bool:

@@ -141,13 +141,15 @@ def test_a1111_text_without_negative_prompt() -> None:
         (PROMPT, {"height": 30}, "height 30 must be a multiple of 4"),
         (PROMPT, {"sampler": "ddim"}, "sampler 'ddim' is not one of"),
         (PROMPT, {"batch": 0}, "batch must be >= 1"),
+        (PROMPT, {"seed": -1}, "seed must be between 0 and 4294967295 for a batch of 1"),
+        (PROMPT, {"seed": 2**32 - 2, "batch": 3}, "seed must be between 0 and 4294967293 for a batch of 3"),
         ("", {}, "prompt is empty"),
         ("   ", {}, "prompt is empty"),
     ],
 )
 def test_invalid_requests(pipe: Pipeline, prompt: str, overrides: dict, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        pipe.generate(prompt, seed=1, **overrides)
+        pipe.generate(prompt, **{"seed": 1, **overrides})
 
 
 @pytest.mark.parametrize("cfg,rows", [(3.0, [1, 1]), (1.0, [1])])

@@ -187,6 +187,7 @@ LONG = "x" * 2001
         ({"cfg": -1}, "cfg"),
         ({"sampler": "ddim"}, "sampler"),
         ({"seed": -5}, "seed"),
+        ({"seed": 2**32 - 1, "batch": 2}, "seed"),
         ({"strength": 0.5}, "strength"),
         ({"init_image": "not base64!"}, "init_image"),
         ({"init_image": base64.b64encode(b"GIF89a nope").decode()}, "init_image"),
