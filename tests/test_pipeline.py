@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bonsai.images import next_free_paths, save_png
+from bonsai.images import next_free_paths, save_numbered, save_png
 from bonsai.pipeline import GenerationParams, InvalidRequest, Pipeline
 from bonsai.quant import BitLinear
 
@@ -103,6 +103,20 @@ def test_parameters_embedded_in_png(pipe: Pipeline, tmp_path: Path) -> None:
         ]
     assert sorted(os.listdir(tmp_path)) == ["00001-7.png", "00002-8.png"]  # no temporary files left
     assert [p.name for p in next_free_paths(tmp_path, [9])] == ["00003-9.png"]
+
+
+def test_a_name_taken_meanwhile_is_never_overwritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another run saved 00001-5.png between this run's scan of the folder and its write.
+    import bonsai.images
+
+    (tmp_path / "00001-5.png").write_bytes(b"the other run's image")
+    scans = iter([[tmp_path / "00001-5.png"]])  # the stale scan, then real ones
+    real = bonsai.images.next_free_paths
+    monkeypatch.setattr(bonsai.images, "next_free_paths", lambda d, seeds: next(scans, None) or real(d, seeds))
+    image = Image.new("RGB", (4, 4), (1, 2, 3))
+    assert [p.name for p in save_numbered([image, image], [5, 6], tmp_path)] == ["00002-5.png", "00003-6.png"]
+    assert (tmp_path / "00001-5.png").read_bytes() == b"the other run's image"
+    assert sorted(os.listdir(tmp_path)) == ["00001-5.png", "00002-5.png", "00003-6.png"]  # no temporary files left
 
 
 def test_numbering_goes_on_past_five_digits(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
 
     from .format import CheckpointError
     from .hub import ModelNotFound
-    from .images import next_free_paths, save_png
+    from .images import save_numbered
     from .pipeline import InvalidRequest, Pipeline
 
     if not prompt.strip():
@@ -85,9 +85,8 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
             bar.close()
     except (InvalidRequest, CheckpointError, ModelNotFound) as e:
         raise click.ClickException(str(e)) from None
-    paths = next_free_paths(out_dir, [p.seed for p in result.params])
-    for image, path in zip(result.images, paths):
-        save_png(image, path)
+    paths = save_numbered(result.images, [p.seed for p in result.params], out_dir)
+    for path in paths:
         click.echo(str(path))
     if not quiet:
         click.echo(f"{len(paths)} image(s) in {time.perf_counter() - start:.1f} s on {pipe.device}", err=True)

@@ -14,12 +14,28 @@ from .atomic import atomic_write
 NUMBERED = re.compile(r"^(\d{5,})-.*\.png$")  # NNNNN-SEED.png as next_free_paths names them
 
 
-def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
-    """Save `image` to `path` with its "parameters" (A1111 format) embedded; never leaves half a file."""
+def save_png(image: Image.Image, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+    """Save `image` to `path` with its "parameters" (A1111 format) embedded; never leaves half a file.
+    With overwrite=False an existing `path` raises FileExistsError."""
     info = PngInfo()
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
+
+
+def save_numbered(images: list[Image.Image], seeds: list[int], directory: Path) -> list[Path]:
+    """Save images as the next free NNNNN-SEED.png names in `directory`; never over an existing file,
+    even one that another run writes at the same moment (it then takes the next number)."""
+    paths = []
+    for image, seed in zip(images, seeds):
+        while True:
+            path = next_free_paths(directory, [seed])[0]
+            try:
+                paths.append(save_png(image, path, overwrite=False))
+                break
+            except FileExistsError:
+                continue
+    return paths
 
 
 def next_free_paths(directory: Path, seeds: list[int]) -> list[Path]:
