@@ -183,7 +183,6 @@ LONG = "x" * 2001
         ({"model": "bonsai-emoji-nope"}, "model"),
         ({"batch": 0}, "batch"),
         ({"batch": 9}, "batch"),
-        ({"batch": 8, "width": 1024, "height": 1024}, "batch"),
         ({"cfg": -1}, "cfg"),
         ({"sampler": "ddim"}, "sampler"),
         ({"seed": -5}, "seed"),
@@ -205,6 +204,40 @@ def test_invalid_fields_are_named(client, body, field):
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == field, r.json()
     assert client.get("/api/jobs").json()["jobs"] == []  # nothing was queued
+
+
+def test_sizes_are_limited_by_the_model(client):
+    # 1024x1024 (an OpenAI client's default) on a 64x64 model ran for minutes a step and held the queue.
+    reason = "tiny draws up to 64 px per side (4x its native 16)"
+    for path, body, field in [
+        ("/api/jobs", {"width": 128}, "width"),
+        ("/api/jobs", {"height": 72}, "height"),
+        ("/api/jobs", {"width": 32, "hires": {"scale": 4}}, "hires.scale"),
+        ("/v1/images/generations", {"size": "1024x1024"}, "size"),
+        ("/sdapi/v1/txt2img", {"width": 1024, "height": 1024}, "width"),
+        ("/sdapi/v1/txt2img", {"width": 32, "enable_hr": True, "hr_scale": 4}, "hr_scale"),
+    ]:
+        r = client.post(path, json={"prompt": "a cat", **body})
+        assert (r.status_code, r.json()["error"]["field"]) == (422, field), (path, r.text)
+        assert reason in r.json()["error"]["message"], r.text
+    assert client.get("/api/jobs").json()["jobs"] == []
+    tiny = next(m for m in client.get("/api/models").json()["models"] if m["name"] == "tiny")
+    assert tiny["max_side"] == 64  # the web UI offers no larger preset
+    wide = wait(client, submit(client, width=64, height=16))
+    assert (wide["status"], wide["spec"]["width"]) == ("done", 64), wide
+    hires = wait(client, submit(client, hires={"scale": 4}))  # the native size at the largest hires scale
+    assert (hires["status"], hires["spec"]["hires"]["width"]) == ("done", 64), hires
+
+
+def test_server_limits_still_apply(tmp_path, tiny_checkpoint, gate):
+    with open_app(tmp_path, tiny_checkpoint, gate, max_side=32, max_pixels=2 * 32 * 32) as c:
+        r = c.post("/api/jobs", json={"prompt": "a cat", "width": 48})
+        assert (r.status_code, r.json()["error"]["field"]) == (422, "width")
+        assert "this server draws up to 32 px per side" in r.json()["error"]["message"]
+        r = c.post("/api/jobs", json={"prompt": "a cat", "hires": {"scale": 3}})
+        assert (r.status_code, r.json()["error"]["field"]) == (422, "hires.scale")
+        r = c.post("/api/jobs", json={"prompt": "a cat", "batch": 3, "width": 32, "height": 32})
+        assert (r.status_code, r.json()["error"]["field"]) == (422, "batch")
 
 
 def test_missing_prompt_and_bad_json(client):

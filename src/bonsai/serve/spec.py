@@ -23,7 +23,7 @@ from bonsai.sampling import SAMPLERS
 
 from .config import ServeConfig
 from .errors import FieldError
-from .models import ModelCatalog
+from .models import ModelCatalog, ModelInfo
 
 UPSCALERS = ("lanczos",)
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -124,9 +124,19 @@ def parse_size(size: str, field: str = "size") -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _check_side(field: str, value: int, patch: int, cfg: ServeConfig) -> None:
-    if not patch <= value <= cfg.max_side or value % patch:
-        raise FieldError(field, f"{field} {value} is not allowed: use a multiple of {patch} between {patch} and {cfg.max_side}")
+def _side_limit(model: ModelInfo, cfg: ServeConfig) -> tuple[int, str]:
+    """The largest width or height of a job with `model` on this server, and why it is that."""
+    if model.max_side < cfg.max_side:
+        return model.max_side, model.size_limit_reason
+    return cfg.max_side, f"this server draws up to {cfg.max_side} px per side"
+
+
+def _check_side(field: str, value: int, model: ModelInfo, cfg: ServeConfig) -> None:
+    patch = model.patch_size
+    limit, reason = _side_limit(model, cfg)
+    if not patch <= value <= limit or value % patch:
+        why = f"; {reason}" if value > limit else ""
+        raise FieldError(field, f"{field} {value} is not allowed: use a multiple of {patch} between {patch} and {limit}{why}")
 
 
 def _round_to(value: float, multiple: int) -> int:
@@ -149,8 +159,8 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
             raise FieldError(name, f"{name} is not valid Unicode text: it holds a lone surrogate (\\ud800-\\udfff)") from None
     width = req.width if req.width is not None else int(d["width"])
     height = req.height if req.height is not None else int(d["height"])
-    _check_side("width", width, model.patch_size, cfg)
-    _check_side("height", height, model.patch_size, cfg)
+    _check_side("width", width, model, cfg)
+    _check_side("height", height, model, cfg)
     steps = req.steps if req.steps is not None else int(d.get("steps", 20))
     if not 1 <= steps <= cfg.max_steps:
         raise FieldError("steps", f"steps must be between 1 and {cfg.max_steps}, got {steps}")
@@ -178,7 +188,11 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
         if not 1 <= hires_steps <= cfg.max_steps:
             raise FieldError("hires.steps", f"hires.steps must be between 1 and {cfg.max_steps}, got {hires_steps}")
         hw, hh = _round_to(width * h.scale, model.patch_size), _round_to(height * h.scale, model.patch_size)
-        _check_side("hires.scale", max(hw, hh), model.patch_size, cfg)
+        limit, reason = _side_limit(model, cfg)
+        if max(hw, hh) > limit:
+            raise FieldError(
+                "hires.scale", f"hires.scale {h.scale:g} turns {width}x{height} into {hw}x{hh}, but {reason}; lower hires.scale or the size"
+            )
         hires = HiresSpec(h.scale, h.strength, hires_steps, h.upscaler, hw, hh)
     final_w, final_h = (hires.width, hires.height) if hires else (width, height)
     if req.batch * final_w * final_h > cfg.max_pixels:
