@@ -18,7 +18,7 @@ from conftest import write_tiny_lora  # noqa: E402
 from serve_support import Gate, loader, make_config  # noqa: E402
 
 from bonsai.format import summarize  # noqa: E402
-from bonsai.pipeline import Pipeline  # noqa: E402
+from bonsai.pipeline import InvalidRequest, Pipeline  # noqa: E402
 from bonsai.serve.app import create_app  # noqa: E402
 from bonsai.serve.db import JobDB  # noqa: E402
 
@@ -162,6 +162,34 @@ def test_img2img_and_hires(client):
     image = Image.open(io.BytesIO(client.get(job["images"][0]).content))
     assert image.size == (32, 32)
     assert "Hires upscale: 2, Hires upscaler: lanczos, First pass size: 16x16" in image.info["parameters"]
+
+
+def test_strength_that_leaves_no_step_is_refused_up_front(client, tiny_checkpoint):
+    # The pipeline refused it only in the worker (with hires, after the whole first pass); the server
+    # now answers 422 by the pipeline's own rule. tiny's 2 steps run at t = 1, 0.5, 0.
+    pipe = Pipeline.from_pretrained(tiny_checkpoint, device="cpu")
+    accepted = 0
+    for strength in (0.49, 0.5):
+        try:
+            pipe.generate("a cat", init_images=[Image.new("RGB", (16, 16))], strength=strength, steps=2, seed=0)
+            runs = True
+        except InvalidRequest:
+            runs = False
+        assert runs == (strength >= 0.5)
+        for body, field in [
+            ({"init_image": png_b64(), "strength": strength, "steps": 2}, "strength"),
+            ({"hires": {"strength": strength, "steps": 2}}, "hires.strength"),
+            ({"hires": {"strength": strength}, "steps": 2}, "hires.strength"),  # hires steps default to the first pass's
+        ]:
+            r = client.post("/api/jobs", json={"prompt": "a cat", **body})
+            if runs:
+                assert r.status_code == 202, r.text
+                accepted += 1
+            else:
+                assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
+                steps = field.replace("strength", "steps")
+                assert r.json()["error"]["message"] == f"{field} 0.49 leaves no step to run with {steps} 2: raise {steps} or {field}"
+    assert len(client.get("/api/jobs").json()["jobs"]) == accepted
 
 
 LONG = "x" * 2001

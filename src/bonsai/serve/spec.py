@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bonsai.limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SEED
 from bonsai.lora import LoRAError, parse_prompt_loras
-from bonsai.sampling import SAMPLERS
+from bonsai.sampling import SAMPLERS, img2img_timesteps
 
 from .config import ServeConfig
 from .errors import FieldError
@@ -139,6 +139,14 @@ def _check_side(field: str, value: int, model: ModelInfo, cfg: ServeConfig) -> N
         raise FieldError(field, f"{field} {value} is not allowed: use a multiple of {patch} between {patch} and {limit}{why}")
 
 
+def _check_img2img_steps(strength_field: str, strength: float, steps_field: str, steps: int, shift: float) -> None:
+    """Refuse a strength that leaves no step of the schedule (the pipeline would fail only once the job runs)."""
+    if len(img2img_timesteps(steps, strength, shift)) < 2:
+        raise FieldError(
+            strength_field, f"{strength_field} {strength:g} leaves no step to run with {steps_field} {steps}: raise {steps_field} or {strength_field}"
+        )
+
+
 def _round_to(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
@@ -167,6 +175,7 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
     guidance = req.cfg if req.cfg is not None else float(d.get("cfg", 4.0))
     if not CFG_RANGE[0] <= guidance <= CFG_RANGE[1]:
         raise FieldError("cfg", f"cfg must be between {CFG_RANGE[0]:g} and {CFG_RANGE[1]:g}, got {guidance:g}")
+    shift = float(d.get("shift", 1.0))  # the schedule's, as the pipeline reads it from the same defaults
     sampler = req.sampler or str(d.get("sampler", "euler"))
     if sampler not in SAMPLERS:
         raise FieldError("sampler", f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
@@ -187,6 +196,7 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
         hires_steps = h.steps if h.steps is not None else steps
         if not 1 <= hires_steps <= cfg.max_steps:
             raise FieldError("hires.steps", f"hires.steps must be between 1 and {cfg.max_steps}, got {hires_steps}")
+        _check_img2img_steps("hires.strength", h.strength, "hires.steps", hires_steps, shift)
         hw, hh = _round_to(width * h.scale, model.patch_size), _round_to(height * h.scale, model.patch_size)
         limit, reason = _side_limit(model, cfg)
         if max(hw, hh) > limit:
@@ -207,6 +217,7 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
         strength = req.strength if req.strength is not None else 0.75
         if not 0.0 < strength <= 1.0:
             raise FieldError("strength", f"strength must be in (0, 1], got {strength:g}")
+        _check_img2img_steps("strength", strength, "steps", steps, shift)
     elif req.strength is not None:
         raise FieldError("strength", "strength applies to img2img only: send init_image too")
 
