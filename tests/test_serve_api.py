@@ -456,6 +456,34 @@ def test_a1111_endpoints(client, gate):
     assert wait(client, job_id)["status"] == "cancelled"
 
 
+def test_a1111_errors_name_a1111_fields(client):
+    # The 422's field was translated, but its message still named the native field the client never sent.
+    for path, body, field, message in [
+        ("txt2img", {"cfg_scale": 99}, "cfg_scale", "cfg_scale must be between 0 and 50, got 99"),
+        ("txt2img", {"batch_size": 5, "n_iter": 2}, "batch_size", "batch_size * n_iter must be between 1 and 8, got 10"),
+        ("img2img", {"init_images": ["not base64!"]}, "init_images", "init_images is not valid base64"),
+        (
+            "img2img", {"init_images": [png_b64()], "denoising_strength": 0.4, "steps": 2}, "denoising_strength",
+            "denoising_strength 0.4 leaves no step to run with steps 2: raise steps or denoising_strength",
+        ),
+        (
+            "txt2img", {"enable_hr": True, "denoising_strength": 0.4, "hr_second_pass_steps": 2}, "denoising_strength",
+            "denoising_strength 0.4 leaves no step to run with hr_second_pass_steps 2: raise hr_second_pass_steps or denoising_strength",
+        ),
+    ]:
+        r = client.post(f"/sdapi/v1/{path}", json={"prompt": "cat", **body})
+        assert (r.status_code, r.json()["error"]["field"], r.json()["error"]["message"]) == (422, field, message), r.text
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "cat", "width": 32, "enable_hr": True, "hr_scale": 4})
+    assert r.json()["error"]["message"].startswith("hr_scale 4 turns 32x16 into 128x64, but tiny draws up to 64 px"), r.text
+    # The native API keeps its own names.
+    for body, message in [
+        ({"cfg": 99}, "cfg must be between 0 and 50, got 99"), ({"batch": 9}, "batch must be between 1 and 8, got 9"),
+        ({"init_image": "not base64!"}, "init_image is not valid base64"),
+    ]:
+        r = client.post("/api/jobs", json={"prompt": "cat", **body})
+        assert r.json()["error"]["message"] == message, r.text
+
+
 def test_openai_endpoint(client):
     r = client.post("/v1/images/generations", json={"prompt": "cat", "n": 2, "size": "32x16", "quality": "hd", "user": "u"})
     assert r.status_code == 200, r.text
