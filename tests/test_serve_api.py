@@ -18,7 +18,7 @@ from conftest import write_tiny_lora  # noqa: E402
 from serve_support import Gate, loader, make_config  # noqa: E402
 
 from bonsai.format import summarize  # noqa: E402
-from bonsai.pipeline import Pipeline  # noqa: E402
+from bonsai.pipeline import InvalidRequest, Pipeline  # noqa: E402
 from bonsai.serve.app import create_app  # noqa: E402
 from bonsai.serve.db import JobDB  # noqa: E402
 
@@ -164,6 +164,34 @@ def test_img2img_and_hires(client):
     assert "Hires upscale: 2, Hires upscaler: lanczos, First pass size: 16x16" in image.info["parameters"]
 
 
+def test_strength_that_leaves_no_step_is_refused_up_front(client, tiny_checkpoint):
+    # The pipeline refused it only in the worker (with hires, after the whole first pass); the server
+    # now answers 422 by the pipeline's own rule. tiny's 2 steps run at t = 1, 0.5, 0.
+    pipe = Pipeline.from_pretrained(tiny_checkpoint, device="cpu")
+    accepted = 0
+    for strength in (0.49, 0.5):
+        try:
+            pipe.generate("a cat", init_images=[Image.new("RGB", (16, 16))], strength=strength, steps=2, seed=0)
+            runs = True
+        except InvalidRequest:
+            runs = False
+        assert runs == (strength >= 0.5)
+        for body, field in [
+            ({"init_image": png_b64(), "strength": strength, "steps": 2}, "strength"),
+            ({"hires": {"strength": strength, "steps": 2}}, "hires.strength"),
+            ({"hires": {"strength": strength}, "steps": 2}, "hires.strength"),  # hires steps default to the first pass's
+        ]:
+            r = client.post("/api/jobs", json={"prompt": "a cat", **body})
+            if runs:
+                assert r.status_code == 202, r.text
+                accepted += 1
+            else:
+                assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
+                steps = field.replace("strength", "steps")
+                assert r.json()["error"]["message"] == f"{field} 0.49 leaves no step to run with {steps} 2: raise {steps} or {field}"
+    assert len(client.get("/api/jobs").json()["jobs"]) == accepted
+
+
 LONG = "x" * 2001
 
 
@@ -183,7 +211,6 @@ LONG = "x" * 2001
         ({"model": "bonsai-emoji-nope"}, "model"),
         ({"batch": 0}, "batch"),
         ({"batch": 9}, "batch"),
-        ({"batch": 8, "width": 1024, "height": 1024}, "batch"),
         ({"cfg": -1}, "cfg"),
         ({"sampler": "ddim"}, "sampler"),
         ({"seed": -5}, "seed"),
@@ -205,6 +232,40 @@ def test_invalid_fields_are_named(client, body, field):
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == field, r.json()
     assert client.get("/api/jobs").json()["jobs"] == []  # nothing was queued
+
+
+def test_sizes_are_limited_by_the_model(client):
+    # 1024x1024 (an OpenAI client's default) on a 64x64 model ran for minutes a step and held the queue.
+    reason = "tiny draws up to 64 px per side (4x its native 16)"
+    for path, body, field in [
+        ("/api/jobs", {"width": 128}, "width"),
+        ("/api/jobs", {"height": 72}, "height"),
+        ("/api/jobs", {"width": 32, "hires": {"scale": 4}}, "hires.scale"),
+        ("/v1/images/generations", {"size": "1024x1024"}, "size"),
+        ("/sdapi/v1/txt2img", {"width": 1024, "height": 1024}, "width"),
+        ("/sdapi/v1/txt2img", {"width": 32, "enable_hr": True, "hr_scale": 4}, "hr_scale"),
+    ]:
+        r = client.post(path, json={"prompt": "a cat", **body})
+        assert (r.status_code, r.json()["error"]["field"]) == (422, field), (path, r.text)
+        assert reason in r.json()["error"]["message"], r.text
+    assert client.get("/api/jobs").json()["jobs"] == []
+    tiny = next(m for m in client.get("/api/models").json()["models"] if m["name"] == "tiny")
+    assert tiny["max_side"] == 64  # the web UI offers no larger preset
+    wide = wait(client, submit(client, width=64, height=16))
+    assert (wide["status"], wide["spec"]["width"]) == ("done", 64), wide
+    hires = wait(client, submit(client, hires={"scale": 4}))  # the native size at the largest hires scale
+    assert (hires["status"], hires["spec"]["hires"]["width"]) == ("done", 64), hires
+
+
+def test_server_limits_still_apply(tmp_path, tiny_checkpoint, gate):
+    with open_app(tmp_path, tiny_checkpoint, gate, max_side=32, max_pixels=2 * 32 * 32) as c:
+        r = c.post("/api/jobs", json={"prompt": "a cat", "width": 48})
+        assert (r.status_code, r.json()["error"]["field"]) == (422, "width")
+        assert "this server draws up to 32 px per side" in r.json()["error"]["message"]
+        r = c.post("/api/jobs", json={"prompt": "a cat", "hires": {"scale": 3}})
+        assert (r.status_code, r.json()["error"]["field"]) == (422, "hires.scale")
+        r = c.post("/api/jobs", json={"prompt": "a cat", "batch": 3, "width": 32, "height": 32})
+        assert (r.status_code, r.json()["error"]["field"]) == (422, "batch")
 
 
 def test_missing_prompt_and_bad_json(client):
@@ -393,6 +454,34 @@ def test_a1111_endpoints(client, gate):
     assert client.post("/sdapi/v1/interrupt").json() == {"interrupted": True}
     gate.open()
     assert wait(client, job_id)["status"] == "cancelled"
+
+
+def test_a1111_errors_name_a1111_fields(client):
+    # The 422's field was translated, but its message still named the native field the client never sent.
+    for path, body, field, message in [
+        ("txt2img", {"cfg_scale": 99}, "cfg_scale", "cfg_scale must be between 0 and 50, got 99"),
+        ("txt2img", {"batch_size": 5, "n_iter": 2}, "batch_size", "batch_size * n_iter must be between 1 and 8, got 10"),
+        ("img2img", {"init_images": ["not base64!"]}, "init_images", "init_images is not valid base64"),
+        (
+            "img2img", {"init_images": [png_b64()], "denoising_strength": 0.4, "steps": 2}, "denoising_strength",
+            "denoising_strength 0.4 leaves no step to run with steps 2: raise steps or denoising_strength",
+        ),
+        (
+            "txt2img", {"enable_hr": True, "denoising_strength": 0.4, "hr_second_pass_steps": 2}, "denoising_strength",
+            "denoising_strength 0.4 leaves no step to run with hr_second_pass_steps 2: raise hr_second_pass_steps or denoising_strength",
+        ),
+    ]:
+        r = client.post(f"/sdapi/v1/{path}", json={"prompt": "cat", **body})
+        assert (r.status_code, r.json()["error"]["field"], r.json()["error"]["message"]) == (422, field, message), r.text
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "cat", "width": 32, "enable_hr": True, "hr_scale": 4})
+    assert r.json()["error"]["message"].startswith("hr_scale 4 turns 32x16 into 128x64, but tiny draws up to 64 px"), r.text
+    # The native API keeps its own names.
+    for body, message in [
+        ({"cfg": 99}, "cfg must be between 0 and 50, got 99"), ({"batch": 9}, "batch must be between 1 and 8, got 9"),
+        ({"init_image": "not base64!"}, "init_image is not valid base64"),
+    ]:
+        r = client.post("/api/jobs", json={"prompt": "cat", **body})
+        assert r.json()["error"]["message"] == message, r.text
 
 
 def test_openai_endpoint(client):

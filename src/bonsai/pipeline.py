@@ -23,7 +23,7 @@ from .cuda_graph import GraphedModule, use_cuda_graph
 from .limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS
 from .models.offload import on_device, sequential_offload
 from .models.per_sample import per_sample
-from .sampling import SAMPLERS, cfg_velocity, flow_timesteps, seeded_noise
+from .sampling import SAMPLERS, cfg_velocity, flow_timesteps, img2img_timesteps, seeded_noise
 # normal: every part stays on the device; lean: one part at a time (text encoder -> denoiser ->
 # tiled decoder), weights kept in CPU memory between uses; offload: lean, and the denoiser's
 # blocks visit the device one at a time (for GPUs smaller than the denoiser).
@@ -287,7 +287,7 @@ class Pipeline:
         x = self.noise(params, batch)
         if init_images is not None:
             init = self.encode_images(init_images if len(init_images) == batch else init_images[:1] * batch, params)
-            timesteps = timesteps[timesteps <= params.strength]
+            timesteps = img2img_timesteps(params.steps, params.strength, params.shift)
             if len(timesteps) < 2:
                 raise InvalidRequest(f"strength {params.strength:g} leaves no step of {params.steps}: raise steps or strength")
             t0 = timesteps[0].item()

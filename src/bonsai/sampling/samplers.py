@@ -33,6 +33,13 @@ def flow_timesteps(steps: int, shift: float = 1.0, device: torch.device | str = 
     return t.float()
 
 
+def img2img_timesteps(steps: int, strength: float, shift: float = 1.0) -> torch.Tensor:
+    """The times of the `steps` schedule that img2img at `strength` runs: those <= strength, starting
+    from the init image noised to the first. len - 1 steps; fewer than 2 times leave no step."""
+    timesteps = flow_timesteps(steps, shift)
+    return timesteps[timesteps <= strength]
+
+
 def _t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t.to(x.device, x.dtype).expand(x.shape[0])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from typing import Any
 
@@ -29,6 +30,11 @@ FIELD_NAMES = {
     "strength": "denoising_strength", "hires.scale": "hr_scale", "hires.steps": "hr_second_pass_steps",
     "hires.strength": "denoising_strength", "hires.upscaler": "hr_upscaler", "model": "override_settings.sd_model_checkpoint",
 }
+# ...and how their messages name them: a batch is batch_size * n_iter; "model" stays, since it is also a
+# plain word there (a checkpoint's load error) and the error's field already names the A1111 one.
+MESSAGE_NAMES = {**{k: v for k, v in FIELD_NAMES.items() if k != "model"}, "batch": "batch_size * n_iter"}
+# Whole names only: not inside another name, a path, or a quoted value (a model or LoRA called "batch-2").
+_NATIVE_NAME = re.compile(r"(?<![\w./'-])(" + "|".join(map(re.escape, sorted(MESSAGE_NAMES, key=len, reverse=True))) + r")(?![\w'-])")
 # Every A1111 upscaler name maps to the pixel LANCZOS pass (latent upscaling is not implemented).
 UPSCALER_NAMES = {"latent", "latent (antialiased)", "latent (bicubic)", "latent (nearest)", "lanczos", "none", ""}
 
@@ -78,6 +84,12 @@ def _field_error(exc: ValidationError, prefix: str = "") -> FieldError:
     return FieldError(name, f"{name}: {first['msg']}")
 
 
+def _as_a1111(exc: FieldError) -> FieldError:
+    """A native request's error, its field and the fields its message names given as A1111 names them."""
+    message = _NATIVE_NAME.sub(lambda m: MESSAGE_NAMES[m.group(1)], exc.message)
+    return FieldError(FIELD_NAMES.get(exc.field, exc.field), message, exc.status)
+
+
 def _to_job(body: Txt2ImgRequest, s: Server, init_image: str | None = None) -> JobRequest:
     hires = None
     if body.enable_hr and init_image is None:
@@ -105,7 +117,7 @@ async def _generate(req: JobRequest, s: Server, echo: dict[str, Any]) -> dict[st
     try:
         job = s.submit(req, "a1111")
     except FieldError as exc:
-        raise FieldError(FIELD_NAMES.get(exc.field, exc.field), exc.message, exc.status) from None
+        raise _as_a1111(exc) from None
     rec = await s.finished(job)
     spec = rec.spec
     seeds = [spec["seed"] + i for i in range(rec.images)]

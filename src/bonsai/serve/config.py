@@ -20,6 +20,7 @@ class ServeConfig:
     models: extra checkpoint files to offer besides the store's models.
     token: when set, every request must carry it (Bearer header, Basic password, cookie or ?token=).
     allowed_hosts: Host header values accepted (guards a loopback server against DNS rebinding); ("*",) = any.
+    max_side: the largest width or height of any job; a model's own limit (4x its native side) may be lower.
     max_pixels: batch * width * height of one job (the memory guard behind "batch too large").
     """
 

@@ -14,6 +14,11 @@ from bonsai.hub import Store
 
 from .errors import FieldError
 
+# A model draws at most this many times its native side. Far beyond it a model repeats itself, and
+# the work grows with the pixel count squared: 1024x1024 on a 64x64 model takes minutes a step on CPU,
+# holding the queue with no way to stop it mid-step.
+MAX_SCALE_OVER_NATIVE = 4
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -42,6 +47,20 @@ class ModelInfo:
         found.setdefault("height", size)
         return found
 
+    @property
+    def native_side(self) -> int:
+        d = self.defaults
+        return max(int(d["width"]), int(d["height"]))
+
+    @property
+    def max_side(self) -> int:
+        """The largest width or height this model is asked to draw (a server may allow less)."""
+        return MAX_SCALE_OVER_NATIVE * self.native_side
+
+    @property
+    def size_limit_reason(self) -> str:
+        return f"{self.name} draws up to {self.max_side} px per side ({MAX_SCALE_OVER_NATIVE}x its native {self.native_side})"
+
     def to_json(self) -> dict[str, Any]:
         s = self.summary
         return {
@@ -58,6 +77,7 @@ class ModelInfo:
             "description": s.get("description"),
             "defaults": self.defaults if self.status == "ok" else {},
             "patch_size": self.patch_size,
+            "max_side": self.max_side if self.status == "ok" else None,
         }
 
 

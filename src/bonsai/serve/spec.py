@@ -19,11 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bonsai.limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SEED
 from bonsai.lora import LoRAError, parse_prompt_loras
-from bonsai.sampling import SAMPLERS
+from bonsai.sampling import SAMPLERS, img2img_timesteps
 
 from .config import ServeConfig
 from .errors import FieldError
-from .models import ModelCatalog
+from .models import ModelCatalog, ModelInfo
 
 UPSCALERS = ("lanczos",)
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -124,9 +124,27 @@ def parse_size(size: str, field: str = "size") -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _check_side(field: str, value: int, patch: int, cfg: ServeConfig) -> None:
-    if not patch <= value <= cfg.max_side or value % patch:
-        raise FieldError(field, f"{field} {value} is not allowed: use a multiple of {patch} between {patch} and {cfg.max_side}")
+def _side_limit(model: ModelInfo, cfg: ServeConfig) -> tuple[int, str]:
+    """The largest width or height of a job with `model` on this server, and why it is that."""
+    if model.max_side < cfg.max_side:
+        return model.max_side, model.size_limit_reason
+    return cfg.max_side, f"this server draws up to {cfg.max_side} px per side"
+
+
+def _check_side(field: str, value: int, model: ModelInfo, cfg: ServeConfig) -> None:
+    patch = model.patch_size
+    limit, reason = _side_limit(model, cfg)
+    if not patch <= value <= limit or value % patch:
+        why = f"; {reason}" if value > limit else ""
+        raise FieldError(field, f"{field} {value} is not allowed: use a multiple of {patch} between {patch} and {limit}{why}")
+
+
+def _check_img2img_steps(strength_field: str, strength: float, steps_field: str, steps: int, shift: float) -> None:
+    """Refuse a strength that leaves no step of the schedule (the pipeline would fail only once the job runs)."""
+    if len(img2img_timesteps(steps, strength, shift)) < 2:
+        raise FieldError(
+            strength_field, f"{strength_field} {strength:g} leaves no step to run with {steps_field} {steps}: raise {steps_field} or {strength_field}"
+        )
 
 
 def _round_to(value: float, multiple: int) -> int:
@@ -149,14 +167,15 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
             raise FieldError(name, f"{name} is not valid Unicode text: it holds a lone surrogate (\\ud800-\\udfff)") from None
     width = req.width if req.width is not None else int(d["width"])
     height = req.height if req.height is not None else int(d["height"])
-    _check_side("width", width, model.patch_size, cfg)
-    _check_side("height", height, model.patch_size, cfg)
+    _check_side("width", width, model, cfg)
+    _check_side("height", height, model, cfg)
     steps = req.steps if req.steps is not None else int(d.get("steps", 20))
     if not 1 <= steps <= cfg.max_steps:
         raise FieldError("steps", f"steps must be between 1 and {cfg.max_steps}, got {steps}")
     guidance = req.cfg if req.cfg is not None else float(d.get("cfg", 4.0))
     if not CFG_RANGE[0] <= guidance <= CFG_RANGE[1]:
         raise FieldError("cfg", f"cfg must be between {CFG_RANGE[0]:g} and {CFG_RANGE[1]:g}, got {guidance:g}")
+    shift = float(d.get("shift", 1.0))  # the schedule's, as the pipeline reads it from the same defaults
     sampler = req.sampler or str(d.get("sampler", "euler"))
     if sampler not in SAMPLERS:
         raise FieldError("sampler", f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
@@ -177,8 +196,13 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
         hires_steps = h.steps if h.steps is not None else steps
         if not 1 <= hires_steps <= cfg.max_steps:
             raise FieldError("hires.steps", f"hires.steps must be between 1 and {cfg.max_steps}, got {hires_steps}")
+        _check_img2img_steps("hires.strength", h.strength, "hires.steps", hires_steps, shift)
         hw, hh = _round_to(width * h.scale, model.patch_size), _round_to(height * h.scale, model.patch_size)
-        _check_side("hires.scale", max(hw, hh), model.patch_size, cfg)
+        limit, reason = _side_limit(model, cfg)
+        if max(hw, hh) > limit:
+            raise FieldError(
+                "hires.scale", f"hires.scale {h.scale:g} turns {width}x{height} into {hw}x{hh}, but {reason}; lower hires.scale or the size"
+            )
         hires = HiresSpec(h.scale, h.strength, hires_steps, h.upscaler, hw, hh)
     final_w, final_h = (hires.width, hires.height) if hires else (width, height)
     if req.batch * final_w * final_h > cfg.max_pixels:
@@ -193,6 +217,7 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
         strength = req.strength if req.strength is not None else 0.75
         if not 0.0 < strength <= 1.0:
             raise FieldError("strength", f"strength must be in (0, 1], got {strength:g}")
+        _check_img2img_steps("strength", strength, "steps", steps, shift)
     elif req.strength is not None:
         raise FieldError("strength", "strength applies to img2img only: send init_image too")
 

@@ -47,7 +47,9 @@ function applyModelDefaults() {
   if (!m) return;
   const d = m.defaults;
   const native = `${d.width}x${d.height}`;
-  const sizes = [native, ...state.config.size_presets.filter((s) => s !== native)];
+  const maxSide = Math.min(m.max_side, state.config.limits.max_side);  // the server refuses larger sides
+  const fits = (s) => s.split("x").every((side) => Number(side) <= maxSide);
+  const sizes = [native, ...state.config.size_presets.filter((s) => s !== native && fits(s))];
   $("size").replaceChildren(...sizes.map((s) => option(s, s === native ? `${s} (native)` : s)));
   $("steps").value = d.steps ?? 20;
   $("cfg").value = d.cfg ?? 4;
