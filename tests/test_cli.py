@@ -124,3 +124,16 @@ def test_bad_request_fails_with_one_error_line(tiny_checkpoint: Path, tmp_path: 
     args = ["generate", PROMPT, "--model", str(tiny_checkpoint), "-o", str(out), *IN_PROCESS[name].args]
     result = CliRunner().invoke(main, args)
     check_error(result.exit_code, result.stdout, result.stderr, IN_PROCESS[name].message, out)
+
+
+def test_python_dash_m_bonsai_runs_the_bonsai_command() -> None:
+    import bonsai
+
+    src = str(Path(bonsai.__file__).parents[1])  # the package under test, not another installed copy
+    env = {**os.environ, "PYTHONPATH": src, "COLUMNS": "80"}  # click wraps help at min(COLUMNS, 80) - 2 = 78
+    result = subprocess.run([sys.executable, "-m", "bonsai", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    usage, _, rest = result.stdout.partition("\n")
+    assert usage == "Usage: python -m bonsai [OPTIONS] COMMAND [ARGS]..."
+    script_help = CliRunner().invoke(main, ["--help"], terminal_width=78).output  # the `bonsai` script's entry point
+    assert rest == script_help.partition("\n")[2]
