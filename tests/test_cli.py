@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -137,3 +138,9 @@ def test_python_dash_m_bonsai_runs_the_bonsai_command() -> None:
     assert usage == "Usage: python -m bonsai [OPTIONS] COMMAND [ARGS]..."
     script_help = CliRunner().invoke(main, ["--help"], terminal_width=78).output  # the `bonsai` script's entry point
     assert rest == script_help.partition("\n")[2]
+
+
+@pytest.mark.parametrize("command", ["distill", "train-lora"])
+def test_every_training_option_says_what_it_does(command: str) -> None:
+    cmd = main.get_command(click.Context(main), command)
+    assert [p.opts[-1] for p in cmd.params if isinstance(p, click.Option) and not p.help] == []
