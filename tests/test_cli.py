@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -124,3 +125,22 @@ def test_bad_request_fails_with_one_error_line(tiny_checkpoint: Path, tmp_path: 
     args = ["generate", PROMPT, "--model", str(tiny_checkpoint), "-o", str(out), *IN_PROCESS[name].args]
     result = CliRunner().invoke(main, args)
     check_error(result.exit_code, result.stdout, result.stderr, IN_PROCESS[name].message, out)
+
+
+def test_python_dash_m_bonsai_runs_the_bonsai_command() -> None:
+    import bonsai
+
+    src = str(Path(bonsai.__file__).parents[1])  # the package under test, not another installed copy
+    env = {**os.environ, "PYTHONPATH": src, "COLUMNS": "80"}  # click wraps help at min(COLUMNS, 80) - 2 = 78
+    result = subprocess.run([sys.executable, "-m", "bonsai", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    usage, _, rest = result.stdout.partition("\n")
+    assert usage == "Usage: python -m bonsai [OPTIONS] COMMAND [ARGS]..."
+    script_help = CliRunner().invoke(main, ["--help"], terminal_width=78).output  # the `bonsai` script's entry point
+    assert rest == script_help.partition("\n")[2]
+
+
+@pytest.mark.parametrize("command", ["distill", "train-lora"])
+def test_every_training_option_says_what_it_does(command: str) -> None:
+    cmd = main.get_command(click.Context(main), command)
+    assert [p.opts[-1] for p in cmd.params if isinstance(p, click.Option) and not p.help] == []

@@ -173,6 +173,21 @@ def test_info_shows_entry_and_summary(home, tmp_path):
     assert doc["entry"]["sha256"] == entry.sha256 and doc["checkpoint"]["parameters_1bit"] == 72
 
 
+def test_top_level_info_takes_a_model_name_or_a_path(home, tmp_path):
+    store_module.BUILTIN_PATH.parent.mkdir()
+    tiny_checkpoint(store_module.BUILTIN_PATH, 1, name=BUILTIN_NAME)
+    loose = tiny_checkpoint(tmp_path / "loose.safetensors", 2, name="loose")
+    entry = Store.default().add(tiny_checkpoint(tmp_path / "n.safetensors", 3, name="named"), "test")
+    for model, name in ((BUILTIN_NAME, BUILTIN_NAME), ("named", "named"), (entry.ref, "named"), (str(loose), "loose")):
+        result = CliRunner().invoke(main, ["info", model])
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith(f"name            {name}\n") and "bits/weight" in result.output
+    absent = str(tmp_path / "absent.safetensors")
+    for model, message in (("nope", "no model named 'nope' (known: "), (absent, f"{absent}: no such file")):
+        result = CliRunner().invoke(main, ["info", model])
+        assert result.exit_code == 1 and result.output.startswith(f"bonsai: error: {message}") and result.output.count("\n") == 1
+
+
 def test_catalog_is_validated_and_written_atomically(home, tmp_path):
     Store.default().add(tiny_checkpoint(tmp_path / "c.safetensors", 10), "test")
     assert sorted(p.name for p in home.iterdir()) == ["catalog.json", "models"]

@@ -1,4 +1,4 @@
-"""`bonsai info FILE`: what a checkpoint is, where it came from, and what it costs."""
+"""`bonsai info MODEL`: what a checkpoint is, where it came from, and what it costs."""
 
 from __future__ import annotations
 
@@ -81,12 +81,16 @@ def render(s: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.argument("file", type=click.Path(path_type=str))
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info(file: str, as_json: bool) -> None:
-    """Show a checkpoint's name, architecture, provenance, sizes and bits per weight."""
+def info(model: str, as_json: bool) -> None:
+    """Show a checkpoint's name, architecture, provenance, sizes and bits per weight.
+
+    MODEL is a checkpoint path or a model name (see `bonsai models list`)."""
+    from bonsai.hub import ModelNotFound, resolve  # the store is a layer above the format: imported when the command runs
+
     try:
-        summary = summarize(file)
-    except CheckpointError as e:
+        summary = summarize(resolve(model))
+    except (CheckpointError, ModelNotFound) as e:
         raise OneLineError(str(e)) from None
     click.echo(json.dumps(summary, indent=2) if as_json else render(summary))

@@ -4,6 +4,11 @@ A download appends to `<part>` with an HTTP Range request when a previous attemp
 behind, hashes everything it holds, and returns only when the file is complete and (if a sha256
 is known) verified. The `.part` suffix stays until the caller has validated the contents and
 renamed it, so a partial or unchecked file never looks like a model.
+
+The first response's validator (a strong ETag, else Last-Modified) is kept in `<part>.validator`
+and sent as `If-Range` when resuming: a server whose file changed meanwhile answers 200 with the
+whole new file, so the bytes of two versions are never joined. Without a recorded validator a
+resume trusts the server, as before.
 """
 
 from __future__ import annotations
@@ -103,6 +108,7 @@ def download(
             client.close()
     if result is None:
         raise DownloadError(f"{url}: the server refuses byte ranges for this file; delete {part} and retry")
+    _validator_path(part).unlink(missing_ok=True)  # complete: nothing left to resume
     if sha256 is not None and result.sha256 != sha256:
         part.unlink(missing_ok=True)
         raise ChecksumMismatch(
@@ -118,13 +124,15 @@ def _transfer(url: str, part: Path, client: httpx.Client, progress: bool) -> Dow
     headers = {"Accept-Encoding": "identity"}  # byte offsets must refer to the file itself
     if have:
         headers["Range"] = f"bytes={have}-"
+        if _validator_path(part).exists():
+            headers["If-Range"] = _validator_path(part).read_text(encoding="utf-8")
     try:
         with client.stream("GET", url, headers=headers) as response:
             if response.status_code == 416:
                 total = _range_total(response.headers.get("Content-Range", ""))
                 if total == have:
                     return Downloaded(part, have, sha256_file(part))
-                part.unlink()
+                _discard(part)
                 return None
             _raise_for_status(response, url)
             length = response.headers.get("Content-Length")
@@ -132,16 +140,45 @@ def _transfer(url: str, part: Path, client: httpx.Client, progress: bool) -> Dow
             if response.status_code == 206:
                 start, total = _parse_content_range(response.headers.get("Content-Range", ""), url)
                 if start != have:
-                    part.unlink()
+                    _discard(part)
                     raise DownloadError(f"{url}: server resumed at byte {start}, not {have}; retry to start over")
-            else:  # 200: the whole file, whether or not a range was asked for
+            else:  # 200: the whole file, whether or not a range was asked for (or the file changed)
                 have, total = 0, remaining
             _check_space(part, remaining)
+            if not have:
+                _start_over(part, _validator(response))
             return _receive(response, part, have, total, progress)
     except httpx.TransportError as exc:
         got = part.stat().st_size if part.exists() else 0
         fix = f"the partial download is kept in {part}: run the same command again to resume" if got else "check the connection and retry"
         raise DownloadError(f"{url}: network error after {got} bytes ({exc.__class__.__name__}: {exc}); {fix}") from exc
+
+
+def _validator_path(part: Path) -> Path:
+    """Where the validator of the version being downloaded into `part` is kept."""
+    return part.with_name(part.name + ".validator")
+
+
+def _validator(response: httpx.Response) -> str | None:
+    """The response's strong ETag, else its Last-Modified date: what If-Range may name (RFC 9110)."""
+    etag = response.headers.get("ETag")
+    if etag is not None and not etag.startswith("W/"):  # If-Range compares strongly: weak tags never match
+        return etag
+    return response.headers.get("Last-Modified")
+
+
+def _start_over(part: Path, validator: str | None) -> None:
+    """Empty `part`, then record the validator of the version that will fill it (or forget the old one)."""
+    part.write_bytes(b"")  # first, so that old bytes never sit beside the new version's validator
+    if validator is None:
+        _validator_path(part).unlink(missing_ok=True)
+    else:
+        _validator_path(part).write_text(validator, encoding="utf-8")
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _validator_path(part).unlink(missing_ok=True)
 
 
 def _receive(response: httpx.Response, part: Path, have: int, total: int | None, progress: bool) -> Downloaded:

@@ -5,6 +5,7 @@ Layout of a store (default home: the user's cache folder, e.g. ~/.cache/bonsai):
     catalog.json            the entries (see catalog.py)
     models/NAME-VERSION.safetensors
     downloads/*.part        transfers in progress (resumable; never listed as models)
+    downloads/*.validator   the ETag or Last-Modified of the version a .part file holds
 
 The built-in model `bonsai-emoji` ships inside the package (bonsai/weights/) and is listed
 from there: it is never copied into the store. Nothing here touches the network.
