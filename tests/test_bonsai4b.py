@@ -19,7 +19,7 @@ from bonsai.models.bonsai4b import (  # noqa: E402
     BONSAI_4B, BONSAI_4B_TINY, build_random, estimate_file_bytes, packed_layer_specs, part_sizes, save_t2i, skeleton,
 )  # fmt: skip
 from bonsai.models.offload import on_device, sequential_offload  # noqa: E402
-from bonsai.pipeline import InvalidRequest, Pipeline  # noqa: E402
+from bonsai.pipeline import InvalidRequest, Pipeline, image_geometry  # noqa: E402
 from bonsai.quant import BitLinear, bit_layers  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "models" / "bonsai-4b" / "README.md"
@@ -81,6 +81,10 @@ def test_generates_through_latents_and_vae(tiny_ckpt):
     assert not torch.equal(out.samples, other.samples)  # the prompt reaches the image
     with pytest.raises(InvalidRequest, match="multiple of 4"):
         pipe.generate("x", steps=2, width=30, height=24)
+    # What the server checks before queueing, read from the header alone, is what the pipeline needs.
+    step, native = image_geometry(read_header(tiny_ckpt).metadata)
+    assert step == pipe.patch_size * pipe.latent_factor == 4
+    assert native == pipe.denoiser.config.sample_size * pipe.latent_factor == 16  # where the defaults give no size
 
 
 @pytest.mark.parametrize("memory", ["lean", "offload"])

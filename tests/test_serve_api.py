@@ -517,3 +517,17 @@ def test_cli_bounds_the_shutdown_wait(tmp_path, tiny_checkpoint, monkeypatch):
     assert result.exit_code == 0, result.output
     assert calls[0]["host"] == "127.0.0.1"
     assert 0 < calls[0]["timeout_graceful_shutdown"] == SHUTDOWN_GRACE_S <= 30
+
+
+def test_latent_model_sizes_are_checked_in_pixels(tmp_path, gate):
+    # bonsai-t2i: patch 2 on latents 2x smaller (BONSAI_4B_TINY), so sides are multiples of 4 pixels, not of 2.
+    pytest.importorskip("diffusers")
+    from bonsai.models.bonsai4b import BONSAI_4B_TINY, build_random, save_t2i
+
+    ckpt = tmp_path / "tiny4b.safetensors"
+    save_t2i(build_random(BONSAI_4B_TINY, seed=3), str(ckpt), "tiny4b")
+    with open_app(tmp_path, ckpt, gate) as client:
+        model = next(m for m in client.get("/api/models").json()["models"] if m["name"] == "tiny4b")
+        assert model["size_step"] == 4
+        r = client.post("/api/jobs", json={"prompt": "a fox", "model": "tiny4b", "width": 30, "height": 32})
+        assert r.status_code == 422 and "multiple of 4" in r.json()["error"]["message"], r.text

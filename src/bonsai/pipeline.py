@@ -98,6 +98,17 @@ def to_pil(samples: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
+def image_geometry(metadata: dict[str, Any]) -> tuple[int, int]:
+    """(the multiple every image side must be, the native side) from a checkpoint's metadata alone:
+    the denoiser's patch size and sample size, times the VAE's downsampling for a latent model."""
+    from .models.vae import downsample_factor
+
+    config = metadata["config"]
+    denoiser = config.get("denoiser", config)
+    factor = downsample_factor(config["vae"]) if "vae" in config else 1
+    return int(denoiser.get("patch_size", 1)) * factor, int(denoiser.get("sample_size", 64)) * factor
+
+
 class Pipeline:
     """A denoiser, a text encoder and a decoder, with the defaults its checkpoint recommends."""
 

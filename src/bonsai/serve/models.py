@@ -11,6 +11,7 @@ from typing import Any
 
 from bonsai.format import CheckpointError, read_header, summarize
 from bonsai.hub import Store
+from bonsai.pipeline import image_geometry
 
 from .errors import FieldError
 
@@ -35,13 +36,14 @@ class ModelInfo:
         return self.summary.get("config", {})
 
     @property
-    def patch_size(self) -> int:
-        return int(self.config.get("patch_size", 1))
+    def size_step(self) -> int:
+        """Image sides are multiples of this (patch size, times the VAE's downsampling for a latent model)."""
+        return image_geometry({"config": self.config})[0]
 
     @property
     def defaults(self) -> dict[str, Any]:
         """The generation defaults the checkpoint recommends, with its native size filled in."""
-        size = int(self.config.get("sample_size", 64))
+        size = image_geometry({"config": self.config})[1]
         found = dict(self.summary.get("pipeline_defaults") or {})
         found.setdefault("width", size)
         found.setdefault("height", size)
@@ -76,7 +78,7 @@ class ModelInfo:
             "license": s.get("license"),
             "description": s.get("description"),
             "defaults": self.defaults if self.status == "ok" else {},
-            "patch_size": self.patch_size,
+            "size_step": self.size_step if self.status == "ok" else None,
             "max_side": self.max_side if self.status == "ok" else None,
         }
 

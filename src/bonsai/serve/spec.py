@@ -132,11 +132,11 @@ def _side_limit(model: ModelInfo, cfg: ServeConfig) -> tuple[int, str]:
 
 
 def _check_side(field: str, value: int, model: ModelInfo, cfg: ServeConfig) -> None:
-    patch = model.patch_size
+    step = model.size_step
     limit, reason = _side_limit(model, cfg)
-    if not patch <= value <= limit or value % patch:
+    if not step <= value <= limit or value % step:
         why = f"; {reason}" if value > limit else ""
-        raise FieldError(field, f"{field} {value} is not allowed: use a multiple of {patch} between {patch} and {limit}{why}")
+        raise FieldError(field, f"{field} {value} is not allowed: use a multiple of {step} between {step} and {limit}{why}")
 
 
 def _check_img2img_steps(strength_field: str, strength: float, steps_field: str, steps: int, shift: float) -> None:
@@ -197,7 +197,7 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
         if not 1 <= hires_steps <= cfg.max_steps:
             raise FieldError("hires.steps", f"hires.steps must be between 1 and {cfg.max_steps}, got {hires_steps}")
         _check_img2img_steps("hires.strength", h.strength, "hires.steps", hires_steps, shift)
-        hw, hh = _round_to(width * h.scale, model.patch_size), _round_to(height * h.scale, model.patch_size)
+        hw, hh = _round_to(width * h.scale, model.size_step), _round_to(height * h.scale, model.size_step)
         limit, reason = _side_limit(model, cfg)
         if max(hw, hh) > limit:
             raise FieldError(
