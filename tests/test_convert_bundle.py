@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers_tiny import tiny_model, tiny_sd15_pipeline
+from diffusers_tiny import tiny_model, tiny_sd15_pipeline, tiny_vae
 from safetensors.torch import load_file, save_file
 
 from bonsai.cli import main
@@ -151,3 +151,24 @@ def test_copy_again_replaces_the_bundle(sd15, tmp_path):
     assert not (out.parent / "vae" / "stale.json").exists()
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([*PARTS, "model_index.json", out.name])
     assert isinstance(load_bonsai_pipeline(out.parent).unet.conv_in, torch.nn.Conv2d)
+
+
+def test_source_gets_a_transformer_as_its_transformer(tmp_path):
+    """A transformer checkpoint that records no pipeline (as `bonsai distill` writes its student) goes
+    into the `source` pipeline as its transformer, not as an ignored `unet=` beside the float one."""
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline
+
+    from bonsai.convert import open_source, quantize_source
+    from bonsai.models import save_model
+    from bonsai.quant import QuantPolicy
+
+    folder = tmp_path / "pixart"
+    PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=tiny_model("pixart"),
+                        scheduler=DDIMScheduler()).save_pretrained(folder)
+    source = open_source(folder)
+    model, _ = quantize_source(source, QuantPolicy(keep=()), progress=False)
+    out = tmp_path / "student.safetensors"
+    save_model(model, out, source.adapter.architecture, {k: v for k, v in source.config.items() if not k.startswith("_")})
+    assert "pipeline" not in read_header(out).metadata
+    pipe = load_bonsai_pipeline(out, source=folder)
+    assert sum(isinstance(m, BitLinear) for m in pipe.transformer.modules()) == len(read_header(out).layers) > 0
