@@ -65,3 +65,13 @@ def test_distill_fsdp_two_cpu_processes_resumes(teacher, tmp_path):
     assert steps == [1, 2, 3]
     student = load_bonsai_unet(tmp_path / "fsdp" / "student.safetensors")
     assert sum(isinstance(m, BitLinear) for m in student.modules()) > 0
+
+
+@pytest.mark.parametrize("option, value", [("--steps", "0"), ("--batch", "0"), ("--log-every", "0"), ("--checkpoint-every", "0"),
+                                           ("--sample-steps", "0"), ("--sample-every", "-1"), ("--latent-size", "0"), ("--lr", "0"),
+                                           ("--group-size", "-1"), ("--rank", "-1")])
+def test_out_of_range_options_are_usage_errors(tmp_path, option, value):
+    """Refused before the teacher loads (here a folder with no model in it), never a traceback or a run that trains nothing."""
+    result = CliRunner().invoke(main, ["distill", str(tmp_path), "-o", str(tmp_path / "run"), option, value])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+    assert not (tmp_path / "run").exists()
