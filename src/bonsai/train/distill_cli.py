@@ -224,8 +224,14 @@ def distill(teacher, out, prompts, text_encoder, images, latent_size, steps, bat
         raise click.ClickException("--fsdp shards the student across processes: launch with torchrun --nproc_per_node N (N >= 2)")
     torch.manual_seed(seed)  # same initial student on every rank
     try:
-        t = _load_teacher(teacher)
+        out.mkdir(parents=True, exist_ok=True)  # an unusable run folder fails now, not after loading the teacher
+    except OSError as e:
+        raise click.ClickException(f"{out}: cannot create the run folder ({e.strerror})") from None
+    try:
         lines = [p.strip() for p in prompts.read_text().splitlines() if p.strip()] if prompts else None
+        if prompts and not lines:
+            raise click.ClickException(f"{prompts} holds no prompts: write one per line (or leave out --prompts for random text states)")
+        t = _load_teacher(teacher)
         cond = _conditioning(t, lines, text_encoder, device)
         size = latent_size or t.config.get("sample_size", 64)
         shape = t.model.latent_shape(size) if hasattr(t.model, "latent_shape") else (t.config.get("in_channels", 3), size, size)
