@@ -14,17 +14,17 @@ from .images import __doc__ as IMAGES_LAYOUT
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="LoRA file to write (.safetensors, PEFT layout).")
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="Folder of captioned images (layout below).")
 @click.option("--data", "bundle", type=click.Path(path_type=Path), default=None, help="Bonsai dataset bundle (`bonsai data emoji`).")
-@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
-@click.option("--steps", type=int, default=500, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--batch", type=int, default=8, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--targets", multiple=True, default=("blocks.*",), show_default=True, help="fnmatch pattern of layers that get a LoRA (repeatable).")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Resumable state and log.jsonl (default: OUTPUT without .safetensors, plus .run).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--log-every", type=int, default=50, show_default=True)
-@click.option("--checkpoint-every", type=int, default=100, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_lora_cmd(base, output, images, bundle, rank, alpha, steps, lr, batch, targets, run_dir, device, log_every, checkpoint_every, seed) -> None:
     """Train a LoRA for the 1-bit model BASE (catalog name or checkpoint) on captioned images.
