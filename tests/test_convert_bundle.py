@@ -172,3 +172,20 @@ def test_source_gets_a_transformer_as_its_transformer(tmp_path):
     assert "pipeline" not in read_header(out).metadata
     pipe = load_bonsai_pipeline(out, source=folder)
     assert sum(isinstance(m, BitLinear) for m in pipe.transformer.modules()) == len(read_header(out).layers) > 0
+
+
+def test_output_folder_is_made_or_refused_before_converting(sd15, tmp_path, monkeypatch):
+    """-o in a folder that does not exist yet works with every --bundle (it worked only with copy, and the
+    others failed after the whole conversion); a folder that cannot be made fails before any work."""
+    out = tmp_path / "new" / "deeper" / "m.safetensors"
+    result = CliRunner().invoke(main, ["quantize", str(sd15), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert read_header(out).metadata["pipeline"]["bundle"] == "reference"
+
+    import bonsai.convert.convert as convert
+
+    monkeypatch.setattr(convert, "open_source", lambda *a: pytest.fail("the source was opened before the output was checked"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, ["quantize", str(sd15), "-o", str(blocker / "m.safetensors"), "-q"])
+    assert result.exit_code == 1 and f"Error: {blocker}: cannot create the output folder" in result.output, result.output
