@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers_tiny import tiny_model, tiny_sd15_pipeline
+from diffusers_tiny import tiny_model, tiny_sd15_pipeline, tiny_vae
 from safetensors.torch import load_file, save_file
 
 from bonsai.cli import main
@@ -151,3 +151,41 @@ def test_copy_again_replaces_the_bundle(sd15, tmp_path):
     assert not (out.parent / "vae" / "stale.json").exists()
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([*PARTS, "model_index.json", out.name])
     assert isinstance(load_bonsai_pipeline(out.parent).unet.conv_in, torch.nn.Conv2d)
+
+
+def test_source_gets_a_transformer_as_its_transformer(tmp_path):
+    """A transformer checkpoint that records no pipeline (as `bonsai distill` writes its student) goes
+    into the `source` pipeline as its transformer, not as an ignored `unet=` beside the float one."""
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline
+
+    from bonsai.convert import open_source, quantize_source
+    from bonsai.models import save_model
+    from bonsai.quant import QuantPolicy
+
+    folder = tmp_path / "pixart"
+    PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=tiny_model("pixart"),
+                        scheduler=DDIMScheduler()).save_pretrained(folder)
+    source = open_source(folder)
+    model, _ = quantize_source(source, QuantPolicy(keep=()), progress=False)
+    out = tmp_path / "student.safetensors"
+    save_model(model, out, source.adapter.architecture, {k: v for k, v in source.config.items() if not k.startswith("_")})
+    assert "pipeline" not in read_header(out).metadata
+    pipe = load_bonsai_pipeline(out, source=folder)
+    assert sum(isinstance(m, BitLinear) for m in pipe.transformer.modules()) == len(read_header(out).layers) > 0
+
+
+def test_output_folder_is_made_or_refused_before_converting(sd15, tmp_path, monkeypatch):
+    """-o in a folder that does not exist yet works with every --bundle (it worked only with copy, and the
+    others failed after the whole conversion); a folder that cannot be made fails before any work."""
+    out = tmp_path / "new" / "deeper" / "m.safetensors"
+    result = CliRunner().invoke(main, ["quantize", str(sd15), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert read_header(out).metadata["pipeline"]["bundle"] == "reference"
+
+    import bonsai.convert.convert as convert
+
+    monkeypatch.setattr(convert, "open_source", lambda *a: pytest.fail("the source was opened before the output was checked"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, ["quantize", str(sd15), "-o", str(blocker / "m.safetensors"), "-q"])
+    assert result.exit_code == 1 and f"Error: {blocker}: cannot create the output folder" in result.output, result.output

@@ -65,3 +65,27 @@ def test_distill_fsdp_two_cpu_processes_resumes(teacher, tmp_path):
     assert steps == [1, 2, 3]
     student = load_bonsai_unet(tmp_path / "fsdp" / "student.safetensors")
     assert sum(isinstance(m, BitLinear) for m in student.modules()) > 0
+
+
+@pytest.mark.parametrize("option, value", [("--steps", "0"), ("--batch", "0"), ("--log-every", "0"), ("--checkpoint-every", "0"),
+                                           ("--sample-steps", "0"), ("--sample-every", "-1"), ("--latent-size", "0"), ("--lr", "0"),
+                                           ("--group-size", "-1"), ("--rank", "-1")])
+def test_out_of_range_options_are_usage_errors(tmp_path, option, value):
+    """Refused before the teacher loads (here a folder with no model in it), never a traceback or a run that trains nothing."""
+    result = CliRunner().invoke(main, ["distill", str(tmp_path), "-o", str(tmp_path / "run"), option, value])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_prompts_file_and_unusable_run_folder_are_one_line_errors(tmp_path):
+    """Both fail before the teacher loads (here a folder with no model in it): --prompts that hold no
+    prompt are not silently replaced by random text states, and a run folder that cannot be made is
+    named instead of a traceback."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n  \n")
+    result = CliRunner().invoke(main, ["distill", str(tmp_path), "-o", str(tmp_path / "run"), "--prompts", str(prompts)])
+    assert result.exit_code == 1 and f"{prompts} holds no prompts" in result.output and "Traceback" not in result.output
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, ["distill", str(tmp_path), "-o", str(blocker / "run")])
+    assert result.exit_code == 1 and f"{blocker / 'run'}: cannot create the run folder" in result.output, result.output

@@ -341,3 +341,14 @@ def test_info_command(good):
     bad = _bonsai("info", str(path))
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith(f"bonsai: error: {path}: file is truncated")
+
+
+def test_info_keeps_long_keys_apart_from_their_values(good):
+    """Config keys longer than the column (common in diffusers configs) are still followed by a space."""
+    from bonsai.format.cli import render
+
+    path, _, _ = good
+    s = {**summarize(path), "config": {"projection_class_embeddings_input_dim": 64, "sample_size": 8}}
+    lines = render(s).splitlines()
+    assert "  projection_class_embeddings_input_dim 64" in lines
+    assert "  sample_size           8" in lines  # short keys keep the column

@@ -148,3 +148,13 @@ def test_usage_errors(tiny_checkpoint: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train-lora", str(tiny_checkpoint), "-o", str(tmp_path / "l.safetensors"), "--data", str(tmp_path)])
     last = result.output.strip().splitlines()[-1]  # after the text encoder's loading progress
     assert result.exit_code == 1 and last.startswith("Error: ") and "captions.json: missing" in last
+
+
+@pytest.mark.parametrize("option, value", [("--rank", "0"), ("--steps", "0"), ("--lr", "0"), ("--batch", "0"), ("--log-every", "0"),
+                                           ("--checkpoint-every", "0")])
+def test_out_of_range_options_are_usage_errors(tmp_path: Path, option: str, value: str) -> None:
+    """Refused before anything loads: never a traceback, an unhelpful torch message, or a LoRA that trained nothing."""
+    out = tmp_path / "x.safetensors"
+    result = CliRunner().invoke(main, ["train-lora", str(tmp_path / "base.safetensors"), "-o", str(out), "--images", str(tmp_path), option, value])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+    assert not out.exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..format import CheckpointError
 from ..models import save_model
 from ..quant import QuantPolicy
 from .bundle import BUNDLE_MODES, finish_copy, manifest, pipeline_parts, prepare_copy
@@ -32,6 +33,10 @@ def quantize_model(
     if bundle not in BUNDLE_MODES:
         raise ValueError(f"bundle {bundle!r} is not one of {', '.join(BUNDLE_MODES)}")
     out = Path(out)
+    try:  # now, not after the conversion: a missing folder is made, one that cannot be fails at once
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the output folder ({e.strerror})", out.parent, "pick another -o") from None
     source = open_source(src, config)
     adapter = source.adapter
     pipeline_dir = None if source.pipeline_dir is None else Path(source.pipeline_dir).resolve()

@@ -45,7 +45,7 @@ def _rows(title: str, mapping: dict[str, Any]) -> list[str]:
     lines = [title] if mapping else [f"{title:<16}(none)"]
     for key, value in mapping.items():
         shown = value if isinstance(value, (str, int, float)) else json.dumps(value, separators=(", ", ": "))
-        lines.append(f"  {key:<22}{shown}")
+        lines.append(f"  {key:<21} {shown}")  # a space even after a key longer than the column
     return lines
 
 

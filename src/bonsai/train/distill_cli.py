@@ -192,23 +192,23 @@ def _sampler(teacher: Teacher, cond, shape, steps: int, device):
               help="Prompts, one per line, encoded once by the teacher's own text encoder(s) (MiniLM for Bonsai DiTs, the pipeline's for diffusers).")
 @click.option("--text-encoder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="MiniLM folder for --prompts with Bonsai DiTs (e.g. an int8 export); default: the installed one.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Image folder (pixel-space DiTs).")
-@click.option("--latent-size", type=int, default=None, help="Side of the training latents; default: the model's sample_size (64 if it has none).")
-@click.option("--steps", type=int, default=1000, show_default=True, help="Training steps in all; a resumed run continues up to this count.")
-@click.option("--batch", type=int, default=8, show_default=True, help="Per-process batch size.")
-@click.option("--lr", type=float, default=1e-4, show_default=True,
+@click.option("--latent-size", type=click.IntRange(min=1), default=None, help="Side of the training latents; default: the model's sample_size (64 if it has none).")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="Training steps in all; a resumed run continues up to this count.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Per-process batch size.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Peak AdamW learning rate: warmup over min(100, steps/10) steps, then cosine decay to 10%.")
 @click.option("--scheme", type=click.Choice(["xnor", "mean", "onebit"]), default="mean", show_default=True,
               help="Binarization of the student's 1-bit layers: xnor (a sign(W)), mean (mean-centred rows) or onebit "
                    "(sign(W) times rank-1 scales; --group-size 0).")
-@click.option("--group-size", type=int, default=0, show_default=True, help="One scale per this many input columns (0: per row).")
-@click.option("--rank", "lowrank", type=int, default=0, show_default=True,
+@click.option("--group-size", type=click.IntRange(min=0), default=0, show_default=True, help="One scale per this many input columns (0: per row).")
+@click.option("--rank", "lowrank", type=click.IntRange(min=0), default=0, show_default=True,
               help="Rank of a trainable low-rank residual beside each 1-bit layer, stored in bf16 (0: none).")
-@click.option("--log-every", type=int, default=50, show_default=True,
+@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Print and append to OUT/log.jsonl the loss, gradient norm, lr and speed every N steps (and at the end).")
-@click.option("--checkpoint-every", type=int, default=500, show_default=True,
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Save the resumable state OUT/state.pt every N steps (and at the end).")
-@click.option("--sample-every", type=int, default=0, show_default=True, help="Write a teacher/student sample grid to OUT/samples every N steps (and at the end); 0: only at the end.")
-@click.option("--sample-steps", type=int, default=8, show_default=True, help="Sampler steps per grid image.")
+@click.option("--sample-every", type=click.IntRange(min=0), default=0, show_default=True, help="Write a teacher/student sample grid to OUT/samples every N steps (and at the end); 0: only at the end.")
+@click.option("--sample-steps", type=click.IntRange(min=1), default=8, show_default=True, help="Sampler steps per grid image.")
 @click.option("--samples/--no-samples", "samples", default=True, show_default=True, help="Write sample grids at all.")
 @click.option("--fsdp", is_flag=True, help="Shard the student across the torchrun processes (torch FSDP2, one block at a time) instead of replicating it (DDP).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -231,8 +231,14 @@ def distill(teacher, out, prompts, text_encoder, images, latent_size, steps, bat
         raise click.ClickException("--fsdp shards the student across processes: launch with torchrun --nproc_per_node N (N >= 2)")
     torch.manual_seed(seed)  # same initial student on every rank
     try:
-        t = _load_teacher(teacher)
+        out.mkdir(parents=True, exist_ok=True)  # an unusable run folder fails now, not after loading the teacher
+    except OSError as e:
+        raise click.ClickException(f"{out}: cannot create the run folder ({e.strerror})") from None
+    try:
         lines = [p.strip() for p in prompts.read_text().splitlines() if p.strip()] if prompts else None
+        if prompts and not lines:
+            raise click.ClickException(f"{prompts} holds no prompts: write one per line (or leave out --prompts for random text states)")
+        t = _load_teacher(teacher)
         cond = _conditioning(t, lines, text_encoder, device)
         size = latent_size or t.config.get("sample_size", 64)
         shape = t.model.latent_shape(size) if hasattr(t.model, "latent_shape") else (t.config.get("in_channels", 3), size, size)

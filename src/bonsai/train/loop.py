@@ -8,10 +8,13 @@ an `_orig_mod.` prefix), so they load into an uncompiled model."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,6 +126,30 @@ def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
+@contextlib.contextmanager
+def _stop_after_step_on_interrupt() -> Iterator[list[bool]]:
+    """While a single-process run trains, the first Ctrl+C (SIGINT) only marks the returned list, so the
+    loop can finish its step and checkpoint before stopping; a second one stops at once. Elsewhere (DDP,
+    where a checkpoint may be collective; a thread; SIGINT not at Python's default) nothing changes."""
+    interrupted: list[bool] = []
+    if (world_size() > 1 or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield interrupted
+        return
+
+    def on_sigint(signum, frame) -> None:
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        print("interrupted: saving a checkpoint after this step (Ctrl+C again to stop now)", flush=True)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def compile_forward(module: nn.Module, enabled: bool) -> nn.Module:
     """torch.compile(module) on CUDA when enabled, else module itself. The compiled wrapper shares
     the parameters; save and load the plain module."""
@@ -160,43 +187,46 @@ def train(
     log = open(out / "log.jsonl", "a") if rank() == 0 else None
     start, seen, t0 = time.perf_counter(), 0, time.perf_counter()
     first_step = state.step
-    while state.step < cfg.steps:
-        elapsed = _elapsed(start, cfg, device)
-        lr = _lr_at(state.step, cfg, elapsed)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = next(batches)
-        opt.zero_grad(set_to_none=True)
-        try:
-            with autocast:
-                loss = loss_fn(net, batch)
-            loss.backward()
-        except Exception as err:  # a compile failure shows on the first step: train eagerly instead
-            if net is eager or state.step != first_step:
-                raise
-            print(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); training without it", flush=True)
-            net = eager
-            continue
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        if ema is not None:
-            _update_ema(ema, model, cfg.ema_decay)
-        state.step += 1
-        seen += 1
-        if log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
-            rate = seen / (time.perf_counter() - t0)
-            record = {"step": state.step, "loss": loss.item(), "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), "lr": lr, "steps_per_s": rate}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(json.dumps(record), flush=True)
-            seen, t0 = 0, time.perf_counter()
-        out_of_time = bool(cfg.max_seconds) and elapsed > cfg.max_seconds
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or out_of_time:
-            save_state(state, out)
-        if rank() == 0 and on_sample is not None and cfg.sample_every and state.step % cfg.sample_every == 0:
-            on_sample(ema if ema is not None else model, state.step)
-        if out_of_time:
-            break
+    with _stop_after_step_on_interrupt() as interrupted:
+        while state.step < cfg.steps:
+            elapsed = _elapsed(start, cfg, device)
+            lr = _lr_at(state.step, cfg, elapsed)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = next(batches)
+            opt.zero_grad(set_to_none=True)
+            try:
+                with autocast:
+                    loss = loss_fn(net, batch)
+                loss.backward()
+            except Exception as err:  # a compile failure shows on the first step: train eagerly instead
+                if net is eager or state.step != first_step:
+                    raise
+                print(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); training without it", flush=True)
+                net = eager
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                _update_ema(ema, model, cfg.ema_decay)
+            state.step += 1
+            seen += 1
+            if log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
+                rate = seen / (time.perf_counter() - t0)
+                record = {"step": state.step, "loss": loss.item(), "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), "lr": lr, "steps_per_s": rate}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                print(json.dumps(record), flush=True)
+                seen, t0 = 0, time.perf_counter()
+            out_of_time = bool(cfg.max_seconds) and elapsed > cfg.max_seconds
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or out_of_time or interrupted:
+                save_state(state, out)
+            if interrupted:
+                raise KeyboardInterrupt
+            if rank() == 0 and on_sample is not None and cfg.sample_every and state.step % cfg.sample_every == 0:
+                on_sample(ema if ema is not None else model, state.step)
+            if out_of_time:
+                break
     if log is not None:
         log.close()
     return state

@@ -14,20 +14,20 @@ from .images import __doc__ as IMAGES_LAYOUT
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="LoRA file to write (.safetensors, PEFT layout).")
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="Folder of captioned images (layout below).")
 @click.option("--data", "bundle", type=click.Path(path_type=Path), default=None, help="Bonsai dataset bundle (`bonsai data emoji`).")
-@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank: the inner size of each layer's A, B pair.")
+@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank: the inner size of each layer's A, B pair.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
-@click.option("--steps", type=int, default=500, show_default=True, help="Training steps in all; a resumed run continues up to this count.")
-@click.option("--lr", type=float, default=1e-3, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True, help="Training steps in all; a resumed run continues up to this count.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="Peak AdamW learning rate: warmup over min(50, steps/10) steps, then cosine decay to 10%.")
-@click.option("--batch", type=int, default=8, show_default=True, help="Images per step.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Images per step.")
 @click.option("--targets", multiple=True, default=("blocks.*",), show_default=True, help="fnmatch pattern of layers that get a LoRA (repeatable).")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Resumable state and log.jsonl (default: OUTPUT without .safetensors, plus .run).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to train (auto: CUDA, else Apple MPS, else CPU).")
-@click.option("--log-every", type=int, default=50, show_default=True,
+@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Print and append to the run folder's log.jsonl the loss, gradient norm, lr and speed every N steps (and at the end).")
-@click.option("--checkpoint-every", type=int, default=100, show_default=True,
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Save the resumable state in the run folder every N steps (and at the end).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the LoRA's start, the timesteps and noise, the batches and which captions are dropped.")
