@@ -89,3 +89,9 @@ def test_empty_prompts_file_and_unusable_run_folder_are_one_line_errors(tmp_path
     blocker.write_text("")
     result = CliRunner().invoke(main, ["distill", str(tmp_path), "-o", str(blocker / "run")])
     assert result.exit_code == 1 and f"{blocker / 'run'}: cannot create the run folder" in result.output, result.output
+
+
+def test_options_that_do_not_go_together_are_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["distill", str(tmp_path), "-o", str(tmp_path / "run"), "--scheme", "onebit", "--group-size", "64"])
+    assert result.exit_code == 2 and "use group_size=0 with it" in result.output, result.output  # before the teacher loads
+    assert not (tmp_path / "run").exists()

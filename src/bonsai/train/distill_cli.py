@@ -230,6 +230,10 @@ def distill(teacher, out, prompts, text_encoder, images, latent_size, steps, bat
     if fsdp and world_size() == 1:
         raise click.ClickException("--fsdp shards the student across processes: launch with torchrun --nproc_per_node N (N >= 2)")
     torch.manual_seed(seed)  # same initial student on every rank
+    try:  # a bad combination of options fails now, before the teacher loads
+        binarize = BinarizeConfig(scheme, group_size, lowrank)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     try:
         out.mkdir(parents=True, exist_ok=True)  # an unusable run folder fails now, not after loading the teacher
     except OSError as e:
@@ -245,7 +249,7 @@ def distill(teacher, out, prompts, text_encoder, images, latent_size, steps, bat
     except (ValueError, PromptEncodingError) as e:
         raise click.ClickException(str(e)) from None
     model = t.model.to(device)
-    policy = QuantPolicy(BinarizeConfig(scheme, group_size, lowrank), keep=t.keep)
+    policy = QuantPolicy(binarize, keep=t.keep)
     student = make_student(model, policy).to(device)
     loss_fn = distill_loss(model)
     pixels = _load_images(images, shape, device)
