@@ -140,7 +140,16 @@ def test_python_dash_m_bonsai_runs_the_bonsai_command() -> None:
     assert rest == script_help.partition("\n")[2]
 
 
-@pytest.mark.parametrize("command", ["distill", "train-lora"])
-def test_every_training_option_says_what_it_does(command: str) -> None:
-    cmd = main.get_command(click.Context(main), command)
-    assert [p.opts[-1] for p in cmd.params if isinstance(p, click.Option) and not p.help] == []
+def _commands(group: click.Group, ctx: click.Context, path: str = "") -> list[tuple[str, click.Command]]:
+    found = []
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        found += _commands(cmd, ctx, f"{path}{name} ") if isinstance(cmd, click.Group) else [(path + name, cmd)]
+    return found
+
+
+def test_every_option_says_what_it_does() -> None:
+    commands = _commands(main, click.Context(main))
+    assert {"distill", "train-lora", "data emoji", "models pull", "serve"} <= {name for name, _ in commands}
+    silent = {name: [p.opts[-1] for p in cmd.params if isinstance(p, click.Option) and not p.help] for name, cmd in commands}
+    assert {name: opts for name, opts in silent.items() if opts} == {}

@@ -43,12 +43,14 @@ def _writable_dir(path: Path) -> Path:
 @click.option("--batch", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True, help="Images to generate.")
 @click.option("--sampler", type=click.Choice(["euler", "heun", "dpmpp_2m"]), default=None, help="Sampler (default: the model's).")
 @click.option("--model", default="bonsai-emoji", show_default=True, help="Model name (see `bonsai models list`) or checkpoint path.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+              help="Where to generate (auto: CUDA, else Apple MPS, else CPU).")
 @click.option("--memory", type=click.Choice(["normal", "lean", "offload"]), default="normal", show_default=True,
               help="lean: one model part on the device at a time, tiled decoding; offload: lean plus denoiser blocks one at a time.")
 @click.option("--cuda-graph/--no-cuda-graph", "cuda_graph", default=None,
               help="Replay the denoiser from CUDA graphs (default: on for CUDA with --memory normal or lean; BONSAI_CUDA_GRAPH=0/1 overrides the default).")
-@click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"), show_default=True)
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"), show_default=True,
+              help="Folder for the PNGs (made if missing), named NNNNN-SEED.png after the highest number there.")
 @click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of NAME.safetensors LoRAs for <lora:NAME:weight> tags in the prompt.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")

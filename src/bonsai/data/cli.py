@@ -16,7 +16,8 @@ def data() -> None:
 @data.command("emoji")
 @click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder holding the unpacked emoji-datasource-google/-twitter packages (default: fetch with npm).")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/emoji"), show_default=True)
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/emoji"), show_default=True,
+              help="Folder to write the dataset bundle into.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where npm packages are kept (default: $BONSAI_CACHE/npm or ~/.cache/bonsai/npm).")
 @click.option("--bits", type=click.Choice(["6", "8"]), default="6", show_default=True,

@@ -24,16 +24,17 @@ def _is_loopback(host: str) -> bool:
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback exposes the server.")
-@click.option("--port", type=int, default=7860, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True, help="TCP port to listen on.")
 @click.option("--token", envvar="BONSAI_TOKEN", default=None, help="Require this token on every request (env BONSAI_TOKEN).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="History and images (default: $BONSAI_HOME/serve).")
 @click.option("--model", "models", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Extra checkpoint file to offer (repeatable); the store's models are always offered.")
 @click.option("--default-model", default=None, help="Model used when a request names none (default: the first usable).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+              help="Where jobs run (auto: CUDA, else Apple MPS, else CPU).")
 @click.option("--max-queue", type=int, default=16, show_default=True, help="Waiting jobs before new ones get 429.")
-@click.option("--max-batch", type=int, default=8, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Most images one job may ask for.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
               help="Host header to accept (repeatable; default: loopback names when bound to loopback, any otherwise).")
 def serve(host, port, token, data_dir, models, default_model, device, max_queue, max_batch, allowed_hosts) -> None:
