@@ -340,7 +340,7 @@ def test_info_command(good):
     path.write_bytes(path.read_bytes()[:-1])
     bad = _bonsai("info", str(path))
     assert bad.returncode == 1 and bad.stdout == ""
-    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith(f"bonsai: error: {path}: file is truncated")
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith(f"Error: {path}: file is truncated")
 
 
 def test_info_keeps_long_keys_apart_from_their_values(good):

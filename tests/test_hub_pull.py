@@ -203,7 +203,7 @@ def test_checksum_mismatch_rejected_and_cleaned_up(server, store, model, where):
 def test_404_is_a_clear_error(server, store):
     result = CliRunner().invoke(main, ["models", "pull", server.url("/absent.safetensors")])
     assert result.exit_code == 1
-    assert result.output.strip() == f"bonsai: error: {server.url('/absent.safetensors')}: not found (HTTP 404); check the name or URL"
+    assert result.output.strip() == f"Error: {server.url('/absent.safetensors')}: not found (HTTP 404); check the name or URL"
     assert leftovers(store) == []
 
 

@@ -185,7 +185,7 @@ def test_top_level_info_takes_a_model_name_or_a_path(home, tmp_path):
     absent = str(tmp_path / "absent.safetensors")
     for model, message in (("nope", "no model named 'nope' (known: "), (absent, f"{absent}: no such file")):
         result = CliRunner().invoke(main, ["info", model])
-        assert result.exit_code == 1 and result.output.startswith(f"bonsai: error: {message}") and result.output.count("\n") == 1
+        assert result.exit_code == 1 and result.output.startswith(f"Error: {message}") and result.output.count("\n") == 1
 
 
 def test_catalog_is_validated_and_written_atomically(home, tmp_path):

@@ -12,10 +12,10 @@ from .summary import summarize
 
 
 class OneLineError(click.ClickException):
-    """Printed as a single line 'bonsai: error: <message>' with exit code 1."""
+    """Printed as a single line 'Error: <message>' (as every other command's errors) with exit code 1."""
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"bonsai: error: {' '.join(self.format_message().split())}", err=True)
+        click.echo(f"Error: {' '.join(self.format_message().split())}", err=True)
 
 
 def _size(n: int) -> str:

@@ -33,7 +33,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--default-model", default=None, help="Model used when a request names none (default: the first usable).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="Where jobs run (auto: CUDA, else Apple MPS, else CPU).")
-@click.option("--max-queue", type=int, default=16, show_default=True, help="Waiting jobs before new ones get 429.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True, help="Waiting jobs before new ones get 429.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Most images one job may ask for.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
               help="Host header to accept (repeatable; default: loopback names when bound to loopback, any otherwise).")
