@@ -503,6 +503,28 @@ def test_openai_endpoint(client):
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == usable(client)
 
 
+def test_openai_errors_name_openai_fields(tmp_path, tiny_checkpoint, gate):
+    # The 422's param was size or n, but its message named width, height or batch, which an OpenAI request has not.
+    limit = "use a multiple of 4 between 4 and 64; tiny draws up to 64 px per side (4x its native 16)"
+    with open_app(tmp_path, tiny_checkpoint, gate, max_pixels=2 * 64 * 64) as c:
+        for body, field, message in [
+            ({"size": "1002x64"}, "size", f"size's width 1002 is not allowed: {limit}"),
+            ({"size": "64x72"}, "size", f"size's height 72 is not allowed: {limit}"),
+            ({"n": 20}, "n", "n must be between 1 and 8, got 20"),
+            ({"n": 3, "size": "64x64"}, "n", "n 3 of 64x64 exceeds this server's 8192 pixels per job; lower n or size"),
+            ({"size": "big"}, "size", "size 'big' is not WIDTHxHEIGHT, e.g. 512x512"),
+        ]:
+            r = c.post("/v1/images/generations", json={"prompt": "cat", **body})
+            assert (r.status_code, r.json()["error"]["param"], r.json()["error"]["message"]) == (422, field, message), r.text
+        # The native API keeps its own names.
+        for body, message in [
+            ({"width": 1002}, f"width 1002 is not allowed: {limit}"),
+            ({"batch": 3, "width": 64, "height": 64}, "batch 3 of 64x64 exceeds this server's 8192 pixels per job; lower batch or size"),
+        ]:
+            r = c.post("/api/jobs", json={"prompt": "cat", **body})
+            assert r.json()["error"]["message"] == message, r.text
+
+
 def test_cli_bounds_the_shutdown_wait(tmp_path, tiny_checkpoint, monkeypatch):
     # uvicorn waits for open requests before the app's shutdown cancels jobs; blocking A1111/OpenAI
     # requests would hold Ctrl+C or SIGTERM until every job they wait on had finished.
