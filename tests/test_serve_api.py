@@ -407,6 +407,20 @@ def test_token_auth(tmp_path, tiny_checkpoint, gate):
         assert c.get("/api/models").status_code == 200
 
 
+def test_any_page_opened_with_the_token_keeps_it_in_a_cookie(tmp_path, tiny_checkpoint, gate):
+    # A bookmarked /docs?token=T loaded, but its fetch of /openapi.json got 401 until /?token=T had set the cookie.
+    with open_app(tmp_path, tiny_checkpoint, gate, token="s3cret") as c:
+        r = c.get("/docs", params={"token": "wrong"})
+        assert r.status_code == 401 and "set-cookie" not in r.headers
+        assert c.get("/openapi.json").status_code == 401
+        index_cookie = c.get("/", params={"token": "s3cret"}, follow_redirects=False).headers["set-cookie"]
+        c.cookies.clear()
+        r = c.get("/docs", params={"token": "s3cret"})
+        assert r.status_code == 200 and r.headers["set-cookie"] == index_cookie
+        assert c.get("/openapi.json").status_code == 200  # no token in the request: the cookie carries it
+        assert c.get("/api/models", headers={"authorization": "Bearer s3cret"}).headers.get("set-cookie") is None
+
+
 def test_foreign_host_header_is_refused(client):
     assert client.get("/api/health", headers={"host": "evil.example"}).status_code == 400
 

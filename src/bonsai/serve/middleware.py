@@ -85,24 +85,52 @@ def request_token(scope: Scope) -> str | None:
     cookie = SimpleCookie(headers.get(b"cookie", b"").decode("latin-1"))
     if TOKEN_COOKIE in cookie:
         return cookie[TOKEN_COOKIE].value
+    return _query_token(scope)
+
+
+def _query_token(scope: Scope) -> str | None:
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     return query.get("token", [None])[0]
 
 
+def token_cookie(token: str) -> bytes:
+    """The Set-Cookie value that keeps `token` for a browser's later requests: hidden from scripts, same site only."""
+    cookie: SimpleCookie = SimpleCookie()
+    cookie[TOKEN_COOKIE] = token
+    cookie[TOKEN_COOKIE]["path"] = "/"
+    cookie[TOKEN_COOKIE]["httponly"] = True
+    cookie[TOKEN_COOKIE]["samesite"] = "strict"
+    return cookie.output(header="").strip().encode("latin-1")
+
+
 class TokenAuth:
-    """Every HTTP request must carry `token`; 401 otherwise (compared in constant time)."""
+    """Every HTTP request must carry `token`; 401 otherwise (compared in constant time).
+
+    A request that carries it as ?token= (a bookmarked page) gets it back as a cookie, so that the
+    page's own requests (the API docs' fetch of /openapi.json, the web UI's calls) carry it too."""
 
     def __init__(self, app: ASGIApp, token: str):
         self.app = app
         self.token = token.encode()
+        self.cookie = token_cookie(token)
+
+    def _matches(self, given: str | None) -> bool:
+        return given is not None and secrets.compare_digest(given.encode(), self.token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = request_token(scope)
-        if given is None or not secrets.compare_digest(given.encode(), self.token):
+        if not self._matches(request_token(scope)):
             return await _json_error(
                 send, 401, "token", "missing or wrong token: send 'Authorization: Bearer TOKEN' (or open /?token=TOKEN in a browser)",
                 [(b"www-authenticate", b'Bearer realm="bonsai"')],
             )
-        await self.app(scope, receive, send)
+        if not self._matches(_query_token(scope)):
+            return await self.app(scope, receive, send)
+
+        async def send_with_cookie(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", self.cookie)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
