@@ -309,6 +309,16 @@ def test_body_limit(tmp_path, tiny_checkpoint, gate):
         assert c.post("/api/jobs", json={"prompt": "a cat"}).status_code == 202
 
 
+@pytest.mark.parametrize("length", ["ten", "-5", "1e3", ""])
+def test_content_length_that_is_not_a_number_is_a_bad_request(client, length):
+    # It was answered 413, as though the body were too large.
+    r = client.post("/api/jobs", content=b'{"prompt": "a cat"}', headers={"content-type": "application/json", "content-length": length})
+    err = r.json()["error"]
+    assert (r.status_code, err["field"]) == (400, "content-length"), r.text
+    assert err["message"] == f"Content-Length {length!r} is not a number of bytes", r.text
+    assert client.get("/api/jobs").json()["jobs"] == []
+
+
 def test_upload_pixel_limit(tmp_path, tiny_checkpoint, gate):
     with open_app(tmp_path, tiny_checkpoint, gate, max_upload_pixels=100) as c:
         r = c.post("/api/jobs", json={"prompt": "a cat", "init_image": png_b64((11, 10))})

@@ -31,7 +31,8 @@ async def _json_error(send: Send, status: int, field: str | None, message: str, 
 
 
 class BodyLimit:
-    """Answers 413 to requests whose body is larger than `max_bytes`, declared or streamed.
+    """Answers 413 to requests whose body is larger than `max_bytes`, declared or streamed
+    (400 to a declared length that is not a number).
 
     The body is read (up to the limit) before the app sees the request, so an oversized upload
     is refused before anything parses it."""
@@ -45,7 +46,11 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         message = f"request body is larger than {self.max_bytes} bytes"
         for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+            if name != b"content-length":
+                continue
+            if not value.isdigit():
+                return await _json_error(send, 400, "content-length", f"Content-Length {value.decode('latin-1')!r} is not a number of bytes")
+            if int(value) > self.max_bytes:
                 return await _json_error(send, 413, "body", message)
         chunks, seen, more = [], 0, True
         while more:
