@@ -309,6 +309,16 @@ def test_body_limit(tmp_path, tiny_checkpoint, gate):
         assert c.post("/api/jobs", json={"prompt": "a cat"}).status_code == 202
 
 
+@pytest.mark.parametrize("length", ["ten", "-5", "1e3", ""])
+def test_content_length_that_is_not_a_number_is_a_bad_request(client, length):
+    # It was answered 413, as though the body were too large.
+    r = client.post("/api/jobs", content=b'{"prompt": "a cat"}', headers={"content-type": "application/json", "content-length": length})
+    err = r.json()["error"]
+    assert (r.status_code, err["field"]) == (400, "content-length"), r.text
+    assert err["message"] == f"Content-Length {length!r} is not a number of bytes", r.text
+    assert client.get("/api/jobs").json()["jobs"] == []
+
+
 def test_upload_pixel_limit(tmp_path, tiny_checkpoint, gate):
     with open_app(tmp_path, tiny_checkpoint, gate, max_upload_pixels=100) as c:
         r = c.post("/api/jobs", json={"prompt": "a cat", "init_image": png_b64((11, 10))})
@@ -407,6 +417,20 @@ def test_token_auth(tmp_path, tiny_checkpoint, gate):
         assert c.get("/api/models").status_code == 200
 
 
+def test_any_page_opened_with_the_token_keeps_it_in_a_cookie(tmp_path, tiny_checkpoint, gate):
+    # A bookmarked /docs?token=T loaded, but its fetch of /openapi.json got 401 until /?token=T had set the cookie.
+    with open_app(tmp_path, tiny_checkpoint, gate, token="s3cret") as c:
+        r = c.get("/docs", params={"token": "wrong"})
+        assert r.status_code == 401 and "set-cookie" not in r.headers
+        assert c.get("/openapi.json").status_code == 401
+        index_cookie = c.get("/", params={"token": "s3cret"}, follow_redirects=False).headers["set-cookie"]
+        c.cookies.clear()
+        r = c.get("/docs", params={"token": "s3cret"})
+        assert r.status_code == 200 and r.headers["set-cookie"] == index_cookie
+        assert c.get("/openapi.json").status_code == 200  # no token in the request: the cookie carries it
+        assert c.get("/api/models", headers={"authorization": "Bearer s3cret"}).headers.get("set-cookie") is None
+
+
 def test_foreign_host_header_is_refused(client):
     assert client.get("/api/health", headers={"host": "evil.example"}).status_code == 400
 
@@ -501,6 +525,28 @@ def test_openai_endpoint(client):
         err = r.json()["error"]
         assert (r.status_code, err["param"], err["type"]) == (422, field, "invalid_request_error"), r.text
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == usable(client)
+
+
+def test_openai_errors_name_openai_fields(tmp_path, tiny_checkpoint, gate):
+    # The 422's param was size or n, but its message named width, height or batch, which an OpenAI request has not.
+    limit = "use a multiple of 4 between 4 and 64; tiny draws up to 64 px per side (4x its native 16)"
+    with open_app(tmp_path, tiny_checkpoint, gate, max_pixels=2 * 64 * 64) as c:
+        for body, field, message in [
+            ({"size": "1002x64"}, "size", f"size's width 1002 is not allowed: {limit}"),
+            ({"size": "64x72"}, "size", f"size's height 72 is not allowed: {limit}"),
+            ({"n": 20}, "n", "n must be between 1 and 8, got 20"),
+            ({"n": 3, "size": "64x64"}, "n", "n 3 of 64x64 exceeds this server's 8192 pixels per job; lower n or size"),
+            ({"size": "big"}, "size", "size 'big' is not WIDTHxHEIGHT, e.g. 512x512"),
+        ]:
+            r = c.post("/v1/images/generations", json={"prompt": "cat", **body})
+            assert (r.status_code, r.json()["error"]["param"], r.json()["error"]["message"]) == (422, field, message), r.text
+        # The native API keeps its own names.
+        for body, message in [
+            ({"width": 1002}, f"width 1002 is not allowed: {limit}"),
+            ({"batch": 3, "width": 64, "height": 64}, "batch 3 of 64x64 exceeds this server's 8192 pixels per job; lower batch or size"),
+        ]:
+            r = c.post("/api/jobs", json={"prompt": "cat", **body})
+            assert r.json()["error"]["message"] == message, r.text
 
 
 def test_cli_bounds_the_shutdown_wait(tmp_path, tiny_checkpoint, monkeypatch):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import time
 from typing import Any
 
@@ -15,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bonsai.sampling import SAMPLERS
 
-from .errors import FieldError
+from .errors import FieldError, FieldNames
 from .spec import HiresRequest, JobRequest
 from .state import Server, server
 
@@ -33,8 +32,7 @@ FIELD_NAMES = {
 # ...and how their messages name them: a batch is batch_size * n_iter; "model" stays, since it is also a
 # plain word there (a checkpoint's load error) and the error's field already names the A1111 one.
 MESSAGE_NAMES = {**{k: v for k, v in FIELD_NAMES.items() if k != "model"}, "batch": "batch_size * n_iter"}
-# Whole names only: not inside another name, a path, or a quoted value (a model or LoRA called "batch-2").
-_NATIVE_NAME = re.compile(r"(?<![\w./'-])(" + "|".join(map(re.escape, sorted(MESSAGE_NAMES, key=len, reverse=True))) + r")(?![\w'-])")
+NAMES = FieldNames(FIELD_NAMES, MESSAGE_NAMES)
 # Every A1111 upscaler name maps to the pixel LANCZOS pass (latent upscaling is not implemented).
 UPSCALER_NAMES = {"latent", "latent (antialiased)", "latent (bicubic)", "latent (nearest)", "lanczos", "none", ""}
 
@@ -80,14 +78,8 @@ def _field_error(exc: ValidationError, prefix: str = "") -> FieldError:
     """The first error of a native request built from an A1111 body, named as the A1111 field."""
     first = exc.errors()[0]
     field = prefix + ".".join(str(p) for p in first["loc"])
-    name = FIELD_NAMES.get(field, field)
+    name = NAMES.field(field)
     return FieldError(name, f"{name}: {first['msg']}")
-
-
-def _as_a1111(exc: FieldError) -> FieldError:
-    """A native request's error, its field and the fields its message names given as A1111 names them."""
-    message = _NATIVE_NAME.sub(lambda m: MESSAGE_NAMES[m.group(1)], exc.message)
-    return FieldError(FIELD_NAMES.get(exc.field, exc.field), message, exc.status)
 
 
 def _to_job(body: Txt2ImgRequest, s: Server, init_image: str | None = None) -> JobRequest:
@@ -117,7 +109,7 @@ async def _generate(req: JobRequest, s: Server, echo: dict[str, Any]) -> dict[st
     try:
         job = s.submit(req, "a1111")
     except FieldError as exc:
-        raise _as_a1111(exc) from None
+        raise NAMES.translate(exc) from None
     rec = await s.finished(job)
     spec = rec.spec
     seeds = [spec["seed"] + i for i in range(rec.images)]

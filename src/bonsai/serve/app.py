@@ -20,7 +20,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from . import a1111, native, openai
 from .config import ServeConfig
 from .errors import FieldError, QueueFull
-from .middleware import TOKEN_COOKIE, BodyLimit, TokenAuth
+from .middleware import BodyLimit, TokenAuth
 from .runner import PipelineLoader
 from .state import Server
 
@@ -83,11 +83,9 @@ def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> Fas
 
     @app.get("/", include_in_schema=False)
     def index(request: Request) -> Response:
-        # Opened as /?token=T: keep the token in a cookie for the page's requests and drop it from the address bar.
+        # Opened as /?token=T: TokenAuth has kept the token in a cookie; drop it from the address bar.
         if config.token and "token" in request.query_params:
-            response = RedirectResponse("/", status_code=303)
-            response.set_cookie(TOKEN_COOKIE, config.token, httponly=True, samesite="strict")
-            return response
+            return RedirectResponse("/", status_code=303)
         return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
 
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)

@@ -31,7 +31,8 @@ async def _json_error(send: Send, status: int, field: str | None, message: str, 
 
 
 class BodyLimit:
-    """Answers 413 to requests whose body is larger than `max_bytes`, declared or streamed.
+    """Answers 413 to requests whose body is larger than `max_bytes`, declared or streamed
+    (400 to a declared length that is not a number).
 
     The body is read (up to the limit) before the app sees the request, so an oversized upload
     is refused before anything parses it."""
@@ -45,7 +46,11 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         message = f"request body is larger than {self.max_bytes} bytes"
         for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+            if name != b"content-length":
+                continue
+            if not value.isdigit():
+                return await _json_error(send, 400, "content-length", f"Content-Length {value.decode('latin-1')!r} is not a number of bytes")
+            if int(value) > self.max_bytes:
                 return await _json_error(send, 413, "body", message)
         chunks, seen, more = [], 0, True
         while more:
@@ -85,24 +90,52 @@ def request_token(scope: Scope) -> str | None:
     cookie = SimpleCookie(headers.get(b"cookie", b"").decode("latin-1"))
     if TOKEN_COOKIE in cookie:
         return cookie[TOKEN_COOKIE].value
+    return _query_token(scope)
+
+
+def _query_token(scope: Scope) -> str | None:
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     return query.get("token", [None])[0]
 
 
+def token_cookie(token: str) -> bytes:
+    """The Set-Cookie value that keeps `token` for a browser's later requests: hidden from scripts, same site only."""
+    cookie: SimpleCookie = SimpleCookie()
+    cookie[TOKEN_COOKIE] = token
+    cookie[TOKEN_COOKIE]["path"] = "/"
+    cookie[TOKEN_COOKIE]["httponly"] = True
+    cookie[TOKEN_COOKIE]["samesite"] = "strict"
+    return cookie.output(header="").strip().encode("latin-1")
+
+
 class TokenAuth:
-    """Every HTTP request must carry `token`; 401 otherwise (compared in constant time)."""
+    """Every HTTP request must carry `token`; 401 otherwise (compared in constant time).
+
+    A request that carries it as ?token= (a bookmarked page) gets it back as a cookie, so that the
+    page's own requests (the API docs' fetch of /openapi.json, the web UI's calls) carry it too."""
 
     def __init__(self, app: ASGIApp, token: str):
         self.app = app
         self.token = token.encode()
+        self.cookie = token_cookie(token)
+
+    def _matches(self, given: str | None) -> bool:
+        return given is not None and secrets.compare_digest(given.encode(), self.token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = request_token(scope)
-        if given is None or not secrets.compare_digest(given.encode(), self.token):
+        if not self._matches(request_token(scope)):
             return await _json_error(
                 send, 401, "token", "missing or wrong token: send 'Authorization: Bearer TOKEN' (or open /?token=TOKEN in a browser)",
                 [(b"www-authenticate", b'Bearer realm="bonsai"')],
             )
-        await self.app(scope, receive, send)
+        if not self._matches(_query_token(scope)):
+            return await self.app(scope, receive, send)
+
+        async def send_with_cookie(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", self.cookie)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)

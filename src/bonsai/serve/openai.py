@@ -8,13 +8,16 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import FieldError
+from .errors import FieldError, FieldNames
 from .spec import JobRequest, parse_size
 from .state import Server, server
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-FIELD_NAMES = {"batch": "n", "width": "size", "height": "size"}
+# Our field names -> OpenAI's, for errors' fields and messages (a size's sides are named within it).
+NAMES = FieldNames(
+    {"batch": "n", "width": "size", "height": "size"}, {"batch": "n", "width": "size's width", "height": "size's height"}
+)
 
 
 class ImagesRequest(BaseModel):
@@ -44,7 +47,7 @@ async def generations(body: ImagesRequest, request: Request, s: Server = Depends
     try:
         job = s.submit(req, "openai")
     except FieldError as exc:
-        raise FieldError(FIELD_NAMES.get(exc.field, exc.field), exc.message, exc.status) from None
+        raise NAMES.translate(exc) from None
     rec = await s.finished(job)
     base = str(request.base_url).rstrip("/")
     if body.response_format == "url":
