@@ -415,6 +415,13 @@ def test_token_auth(tmp_path, tiny_checkpoint, gate):
         assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=strict" in r.headers["set-cookie"]
         c.cookies.set("bonsai_token", "s3cret")
         assert c.get("/api/models").status_code == 200
+        # The cookie of an old token (the server restarted with a new one) does not lock the browser out:
+        # opening /?token=NEW works and replaces it.
+        c.cookies.clear()
+        c.cookies.set("bonsai_token", "old")
+        assert c.get("/api/models").status_code == 401
+        r = c.get("/", params={"token": "s3cret"}, follow_redirects=False)
+        assert r.status_code == 303 and "bonsai_token=s3cret" in r.headers["set-cookie"]
 
 
 def test_any_page_opened_with_the_token_keeps_it_in_a_cookie(tmp_path, tiny_checkpoint, gate):

@@ -75,22 +75,25 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def request_token(scope: Scope) -> str | None:
-    """The token a request carries: Bearer header, Basic password (A1111 --api-auth style), cookie or ?token=."""
+def request_tokens(scope: Scope) -> list[str]:
+    """The tokens a request carries: Bearer header, Basic password (A1111 --api-auth style), cookie, ?token=.
+    All of them count: a browser may still hold the cookie of a token the server no longer has."""
     headers = dict(scope["headers"])
+    found = []
     auth = headers.get(b"authorization", b"").decode("latin-1")
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value:
-        return value.strip()
+        found.append(value.strip())
     if scheme.lower() == "basic" and value:
         try:
-            return base64.b64decode(value.strip()).decode().partition(":")[2]
+            found.append(base64.b64decode(value.strip()).decode().partition(":")[2])
         except (binascii.Error, UnicodeDecodeError):
-            return None
+            pass
     cookie = SimpleCookie(headers.get(b"cookie", b"").decode("latin-1"))
     if TOKEN_COOKIE in cookie:
-        return cookie[TOKEN_COOKIE].value
-    return _query_token(scope)
+        found.append(cookie[TOKEN_COOKIE].value)
+    query = _query_token(scope)
+    return found if query is None else [*found, query]
 
 
 def _query_token(scope: Scope) -> str | None:
@@ -125,7 +128,7 @@ class TokenAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if not self._matches(request_token(scope)):
+        if not any(self._matches(given) for given in request_tokens(scope)):
             return await _json_error(
                 send, 401, "token", "missing or wrong token: send 'Authorization: Bearer TOKEN' (or open /?token=TOKEN in a browser)",
                 [(b"www-authenticate", b'Bearer realm="bonsai"')],
