@@ -186,3 +186,18 @@ def test_source_tensors_and_json_checked_against_the_config(tmp_path):
     with pytest.raises(SourceError, match="config.json must hold a JSON object, not a list"):
         quantize_model(tmp_path / "sd3", tmp_path / "o.safetensors", progress=False)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_diffusers_weights_file_passed_alone_names_its_folder(tmp_path):
+    """A component's diffusion_pytorch_model.safetensors passed as a single file (its keys are diffusers', not a
+    single-file layout's) is answered with the folder to pass instead: the pipeline folder above it, else its own."""
+    tiny_sd15_pipeline(tmp_path / "sd15", tiny_model("sd15"))
+    tiny_model("sd3").save_pretrained(tmp_path / "sd3")
+    for file, extra, folder in (
+        (tmp_path / "sd15" / "unet" / "diffusion_pytorch_model.safetensors", ["--config", str(tmp_path / "sd15")], tmp_path / "sd15"),
+        (tmp_path / "sd3" / "diffusion_pytorch_model.safetensors", [], tmp_path / "sd3"),
+    ):
+        result = CliRunner().invoke(main, ["quantize", str(file), *extra, "-o", str(tmp_path / "o.safetensors"), "-q"])
+        assert result.exit_code == 1 and f"pass the folder {folder} instead" in result.output, result.output
+        result = CliRunner().invoke(main, ["quantize", str(folder), "-o", str(tmp_path / "o.safetensors"), "-q"])
+        assert result.exit_code == 0, result.output

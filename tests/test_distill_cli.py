@@ -15,6 +15,7 @@ from diffusers_tiny import tiny_model
 
 from bonsai.cli import main
 from bonsai.diffusers import load_bonsai_unet
+from bonsai.models import DiT, DiTConfig, save_model
 from bonsai.quant import BitLinear
 
 pytest.importorskip("diffusers")
@@ -95,3 +96,19 @@ def test_options_that_do_not_go_together_are_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["distill", str(tmp_path), "-o", str(tmp_path / "run"), "--scheme", "onebit", "--group-size", "64"])
     assert result.exit_code == 2 and "use group_size=0 with it" in result.output, result.output  # before the teacher loads
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind, size, multiple", [("sd15", 3, 2), ("pixart", 3, 2), ("dit", 6, 4)])
+def test_latent_size_the_teacher_cannot_take_is_a_usage_error(tmp_path, kind, size, multiple):
+    """A UNet halves the latents once per down block but the last (here 2 blocks: a multiple of 2), a transformer
+    cuts them into patches (PixArt 2x2, the DiT 4x4): refused before the teacher is used, not a traceback there."""
+    if kind == "dit":
+        config = DiTConfig(hidden_size=32, depth=1, num_heads=2, patch_size=4, sample_size=8, text_dim=16)
+        teacher = tmp_path / "dit.safetensors"
+        save_model(DiT(config), teacher, "dit", config.to_dict())
+    else:
+        teacher = tmp_path / kind
+        tiny_model(kind).save_pretrained(teacher)
+    result = CliRunner().invoke(main, ["distill", str(teacher), "-o", str(tmp_path / "run"), "--latent-size", str(size), "--steps", "1"])
+    assert result.exit_code == 2 and f"Invalid value for '--latent-size': {size} is not a multiple of {multiple}" in result.output, result.output
+    assert not (tmp_path / "run" / "log.jsonl").exists()

@@ -1,7 +1,9 @@
-"""The shared training loop: Ctrl+C finishes the step, checkpoints it, then stops; the run resumes there."""
+"""The shared training loop: Ctrl+C finishes the step, checkpoints it, then stops; the run resumes there, and its
+log reads as one run."""
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -39,3 +41,28 @@ def test_ctrl_c_checkpoints_the_finished_step_and_the_run_resumes_there(tmp_path
 
     resumed = train(nn.Linear(8, 8), lambda net, x: (net(x) - x).pow(2).mean(), _batches(), cfg, tmp_path)
     assert resumed.step == 10 and "at step 3" in capsys.readouterr().out
+
+
+def test_resume_from_an_older_checkpoint_logs_each_step_once(tmp_path):
+    """A run killed after logging step 7 with its last checkpoint at step 5 (as SIGKILL leaves it) resumes
+    at step 5; the log drops the records of steps 6 and 7 it will write again."""
+    calls = [0]
+
+    def dies_in_step_8(net, x):
+        calls[0] += 1
+        if calls[0] == 8:
+            raise RuntimeError("killed")
+        return (net(x) - x).pow(2).mean()
+
+    cfg = TrainConfig(steps=10, lr=1e-2, warmup=1, log_every=1, checkpoint_every=5, compile=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(nn.Linear(8, 8), dies_in_step_8, _batches(), cfg, tmp_path)
+    log = tmp_path / "log.jsonl"
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6, 7]
+    first_run = log.read_text().splitlines()[:5]
+
+    train(nn.Linear(8, 8), lambda net, x: (net(x) - x).pow(2).mean(), _batches(), cfg, tmp_path)
+    lines = log.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 11))
+    assert lines[:5] == first_run  # the records up to the checkpoint are kept as they were
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -200,6 +200,14 @@ def _config_for_single_file(config: Path | None, file: Path, class_name: str) ->
     return pipeline_dir, _read_json(folder / "config.json")
 
 
+def _folder_to_pass(file: Path) -> Path | None:
+    """For weights in diffusers' own key layout: the component folder they came from (the pipeline folder
+    above it, if any), or None where no config.json lies beside them."""
+    if not (file.parent / "config.json").exists():
+        return None
+    return file.parent.parent if (file.parent.parent / "model_index.json").exists() else file.parent
+
+
 def open_single_file(file: Path, config: Path | None) -> Source:
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
@@ -213,6 +221,9 @@ def open_single_file(file: Path, config: Path | None) -> Source:
         meta = {LDM_UNET_PREFIX + k: v for k, v in meta.items()}
     stored = {id(t): k for k, t in meta.items()}
     model_type = infer_diffusers_model_type(meta)
+    unrecognized = model_type == "v1" and not bare_unet and not any(k.startswith(LDM_UNET_PREFIX) for k in meta)  # diffusers' fallback
+    if unrecognized and (folder := _folder_to_pass(file)):
+        raise SourceError(f"{file} holds a diffusers component's weights, not a single-file checkpoint: pass the folder {folder} instead")
     class_name = _SINGLE_FILE_CLASSES.get(model_type)
     if class_name is None:
         raise UnsupportedModel(f"{file}: checkpoint type {model_type!r} is not one Bonsai converts")

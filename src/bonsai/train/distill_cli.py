@@ -103,6 +103,15 @@ def _load_teacher(path: Path) -> Teacher:
     return Teacher(model.train(), meta["architecture"], meta["config"], DEFAULT_KEEP, meta["config"].get("text_dim", 384), 0, inherited)
 
 
+def _latent_multiple(config: dict) -> tuple[int, str]:
+    """The latent side a teacher of this config takes is a multiple of this (and why)."""
+    if "down_block_types" in config:  # a diffusers UNet downsamples after every down block but the last
+        halvings = len(config["down_block_types"]) - 1
+        return 2**halvings, f"the teacher's UNet downsamples the latents by {2**halvings}"
+    patch = config.get("patch_size") or 1
+    return patch, f"the teacher cuts the latents into {patch}x{patch} patches"
+
+
 def _conditioning(teacher: Teacher, lines: list[str] | None, text_encoder: Path | None, device):
     """The prompts' encoding by the teacher's own text encoder(s), or None (random text states),
     saying why in one line."""
@@ -243,9 +252,12 @@ def distill(teacher, out, prompts, text_encoder, images, latent_size, steps, bat
         if prompts and not lines:
             raise click.ClickException(f"{prompts} holds no prompts: write one per line (or leave out --prompts for random text states)")
         t = _load_teacher(teacher)
-        cond = _conditioning(t, lines, text_encoder, device)
         size = latent_size or t.config.get("sample_size", 64)
+        multiple, why = _latent_multiple(t.config)
+        if size % multiple:
+            raise click.BadParameter(f"{size} is not a multiple of {multiple} ({why})", param_hint="'--latent-size'")
         shape = t.model.latent_shape(size) if hasattr(t.model, "latent_shape") else (t.config.get("in_channels", 3), size, size)
+        cond = _conditioning(t, lines, text_encoder, device)
     except (ValueError, PromptEncodingError) as e:
         raise click.ClickException(str(e)) from None
     model = t.model.to(device)

@@ -120,6 +120,24 @@ def load_state(state: TrainState, out_dir: Path) -> bool:
     return True
 
 
+def _drop_log_after(path: Path, step: int) -> None:
+    """Remove the records of steps after `step` from the log at `path` (rewritten atomically): a run
+    killed after its last checkpoint logged steps it will train again. A torn last line goes too."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _logged_step(line) <= step]
+    if len(kept) < len(lines):
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 @torch.no_grad()
 def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, in one multi-tensor kernel per dtype."""
@@ -184,6 +202,8 @@ def train(
     net = compile_forward(eager, cfg.compile)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
+    if rank() == 0:
+        _drop_log_after(out / "log.jsonl", state.step)
     log = open(out / "log.jsonl", "a") if rank() == 0 else None
     start, seen, t0 = time.perf_counter(), 0, time.perf_counter()
     first_step = state.step
