@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the 'test' extra)")
+from conftest import write_tiny_lora  # noqa: E402
 from serve_support import Gate, make_config, start_server  # noqa: E402
 
 CHROMIUM = os.environ.get("BONSAI_CHROMIUM", "/usr/bin/chromium")
@@ -108,3 +109,44 @@ def test_models_page_and_phone_width(live, browser):
     page.click("nav button[data-tab=generate]")
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     page.screenshot(path=ARTIFACTS / "serve-phone.png", full_page=True)
+
+
+def open_page(live, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(f"{live.url}/?token={TOKEN}")
+    sync_api.expect(page.locator("#size option").first).to_have_text("16x16 (native)")
+    return page
+
+
+def form_values(page) -> dict:
+    return page.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('#form input, #form select, #form textarea')]"
+        ".filter(e => e.id && e.type !== 'file').map(e => [e.id, e.type === 'checkbox' ? e.checked : e.value]))"
+    )
+
+
+def test_reuse_restores_lora_and_hires(live, tiny_checkpoint, browser):
+    loras = live.app.state.bonsai.catalog.loras_dir
+    loras.mkdir(parents=True, exist_ok=True)
+    write_tiny_lora(tiny_checkpoint, loras / "sparkle.safetensors")
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    page.fill("#prompt", "a leaf")
+    page.select_option("#lora", "sparkle")
+    page.fill("#lora_weight", "0.7")
+    page.click("#hires_box summary")
+    page.check("#hires")
+    page.fill("#hires_scale", "2")
+    page.fill("#hires_strength", "0.75")
+    page.fill("#hires_steps", "4")
+    page.fill("#seed", "42")
+    wanted = form_values(page)
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    page.reload()  # a fresh form: every field back to its default
+    page.select_option("#lora", "")
+    page.click("nav button[data-tab=gallery]")
+    page.locator("#gallery img").first.click()
+    expect(page.locator("#detail_params")).to_contain_text("<lora:sparkle:0.7>")
+    page.click("#reuse")
+    assert form_values(page) == {**wanted, "seed_lock": True}

@@ -226,6 +226,7 @@ $("reuse").addEventListener("click", () => {
     $("hires_steps").value = s.hires.steps;
   }
   $("lora").value = s.loras.length ? s.loras[0][0] : "";
+  if (s.loras.length) $("lora_weight").value = s.loras[0][1];
   $("detail").close();
   showTab("generate");
 });
