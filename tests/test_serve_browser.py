@@ -150,3 +150,29 @@ def test_reuse_restores_lora_and_hires(live, tiny_checkpoint, browser):
     expect(page.locator("#detail_params")).to_contain_text("<lora:sparkle:0.7>")
     page.click("#reuse")
     assert form_values(page) == {**wanted, "seed_lock": True}
+
+
+def posted_jobs(page) -> list[dict]:
+    bodies: list[dict] = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/api/jobs") and bodies.append(r.post_data_json))
+    return bodies
+
+
+def test_any_value_the_server_takes_can_be_submitted(live, browser):
+    # The browser's own checks refused a CFG of 4.2 (not a multiple of the spinner's 0.5 step) and
+    # silently blocked Generate for a bad value inside the collapsed hires box; the server decides.
+    page = open_page(live, browser)
+    bodies = posted_jobs(page)
+    expect = sync_api.expect
+    page.fill("#prompt", "a pine")
+    page.fill("#cfg", "4.2")
+    page.fill("#seed", "")  # empty means the default: a random seed
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    assert bodies[-1]["cfg"] == 4.2 and "seed" not in bodies[-1]
+    page.click("#hires_box summary")
+    page.check("#hires")
+    page.fill("#hires_scale", "1")
+    page.click("#hires_box summary")  # collapsed again
+    page.click("#generate")
+    expect(page.locator("#error")).to_contain_text("hires.scale")

@@ -83,6 +83,13 @@ $("init_image").addEventListener("change", () => {
 });
 $("clear_init").addEventListener("click", () => { $("init_image").value = ""; state.initImage = null; });
 
+// The form is not checked by the browser (novalidate): the server is the one judge of a value, and
+// its messages name the field. An empty number field is left out, so the server's default applies.
+function fieldNumber(id) {
+  const text = $(id).value.trim();
+  return text === "" ? undefined : Number(text);
+}
+
 function request() {
   const [width, height] = $("size").value.split("x").map(Number);
   const body = {
@@ -90,20 +97,19 @@ function request() {
     negative_prompt: $("negative_prompt").value,
     model: $("model").value || null,
     width, height,
-    steps: Number($("steps").value),
-    cfg: Number($("cfg").value),
+    steps: fieldNumber("steps"),
+    cfg: fieldNumber("cfg"),
     sampler: $("sampler").value,
-    seed: Number($("seed").value),
-    batch: Number($("batch").value),
+    seed: fieldNumber("seed"),
+    batch: fieldNumber("batch"),
   };
-  if ($("lora").value) body.loras = [{ name: $("lora").value, weight: Number($("lora_weight").value) }];
+  if ($("lora").value) body.loras = [{ name: $("lora").value, weight: fieldNumber("lora_weight") }];
   if ($("hires").checked) {
-    body.hires = { scale: Number($("hires_scale").value), strength: Number($("hires_strength").value) };
-    if ($("hires_steps").value) body.hires.steps = Number($("hires_steps").value);
+    body.hires = { scale: fieldNumber("hires_scale"), strength: fieldNumber("hires_strength"), steps: fieldNumber("hires_steps") };
   }
   if (state.initImage) {
     body.init_image = state.initImage;
-    body.strength = Number($("strength").value);
+    body.strength = fieldNumber("strength");
   }
   return body;
 }
