@@ -176,3 +176,20 @@ def test_any_value_the_server_takes_can_be_submitted(live, browser):
     page.click("#hires_box summary")  # collapsed again
     page.click("#generate")
     expect(page.locator("#error")).to_contain_text("hires.scale")
+
+
+def test_reloading_mid_job_keeps_watching_it(live, gate, browser):
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    page.fill("#prompt", "a fern")
+    gate.close()
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_contain_text("step 1/", timeout=30_000)
+    page.reload()
+    expect(page.locator("#progress_text")).to_contain_text("step 1/", timeout=30_000)
+    expect(page.locator("#cancel")).to_be_enabled()
+    page.click("#cancel")
+    gate.open()
+    expect(page.locator("#progress_text")).to_have_text("cancelled", timeout=30_000)
+    page.reload()  # a finished job is not picked up again
+    expect(page.locator("#progress_box")).to_be_hidden()

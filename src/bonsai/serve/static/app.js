@@ -70,6 +70,7 @@ async function init() {
   $("lora_note").textContent = `LoRA files are read from ${loras.folder}.`;
   if (!state.models.length) showError("No usable model: run 'bonsai models list' on the server.");
   applyModelDefaults();
+  if (sessionStorage.getItem(WATCHED)) watch(sessionStorage.getItem(WATCHED));
 }
 
 $("model").addEventListener("change", applyModelDefaults);
@@ -123,17 +124,25 @@ $("form").addEventListener("submit", async (event) => {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(request()),
     });
     if ($("seed_lock").checked) $("seed").value = job.spec.seed;
-    state.job = job.id;
-    $("generate").disabled = true;
-    $("cancel").disabled = false;
-    $("progress_box").hidden = false;
-    $("progress").value = 0;
-    $("preview").removeAttribute("src");
-    poll(job.id);
+    watch(job.id);
   } catch (e) {
     showError(e.message);
   }
 });
+
+// The job being watched is kept in sessionStorage, so that reloading the page picks it up again.
+const WATCHED = "bonsai_job";
+
+function watch(id) {
+  state.job = id;
+  sessionStorage.setItem(WATCHED, id);
+  $("generate").disabled = true;
+  $("cancel").disabled = false;
+  $("progress_box").hidden = false;
+  $("progress").value = 0;
+  $("preview").removeAttribute("src");
+  poll(id);
+}
 
 $("cancel").addEventListener("click", async () => {
   if (state.job) await api(`/api/jobs/${state.job}/cancel`, { method: "POST" }).catch((e) => showError(e.message));
@@ -172,6 +181,7 @@ async function poll(id) {
 
 function finish() {
   state.job = null;
+  sessionStorage.removeItem(WATCHED);
   $("generate").disabled = false;
   $("cancel").disabled = true;
 }
