@@ -193,3 +193,19 @@ def test_reloading_mid_job_keeps_watching_it(live, gate, browser):
     expect(page.locator("#progress_text")).to_have_text("cancelled", timeout=30_000)
     page.reload()  # a finished job is not picked up again
     expect(page.locator("#progress_box")).to_be_hidden()
+
+
+def test_gallery_opens_from_the_keyboard(live, browser):
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    page.fill("#prompt", "an oak")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    page.click("nav button[data-tab=gallery]")
+    expect(page.locator("#gallery img").first).to_be_visible()
+    page.focus("nav button[data-tab=models]")  # the last control before the gallery
+    page.keyboard.press("Tab")
+    expect(page.locator("#gallery img").first).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("#detail")).to_be_visible()
+    expect(page.locator("#detail_image")).to_have_attribute("alt", "an oak")

@@ -192,7 +192,12 @@ function figure(job, url, n) {
   img.src = url;
   img.alt = job.spec.prompt;
   img.loading = "lazy";
+  img.tabIndex = 0;  // reachable and opened from the keyboard too
+  img.setAttribute("role", "button");
   img.addEventListener("click", () => openDetail(job, n));
+  img.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); openDetail(job, n); }
+  });
   const cap = document.createElement("figcaption");
   cap.textContent = `${job.spec.seed + n} · ${job.spec.prompt}`;
   fig.append(img, cap);
@@ -214,6 +219,7 @@ $("more").addEventListener("click", () => loadGallery(false));
 function openDetail(job, n) {
   state.detail = { job, n };
   $("detail_image").src = job.images[n];
+  $("detail_image").alt = job.spec.prompt;
   $("detail_params").textContent = job.parameters[n] || "";
   $("download").href = `${job.images[n]}?download=1`;
   $("detail").showModal();
