@@ -209,3 +209,13 @@ def test_gallery_opens_from_the_keyboard(live, browser):
     page.keyboard.press("Enter")
     expect(page.locator("#detail")).to_be_visible()
     expect(page.locator("#detail_image")).to_have_attribute("alt", "an oak")
+
+
+def test_a_refused_request_shows_the_servers_message_once(live, browser):
+    page = open_page(live, browser)
+    page.fill("#prompt", "a birch")
+    page.click("#hires_box summary")
+    page.check("#hires")
+    page.fill("#hires_scale", "5")
+    page.click("#generate")
+    sync_api.expect(page.locator("#error")).to_have_text("hires.scale must be at most 4, got 5")

@@ -8,8 +8,8 @@ async function api(path, options = {}) {
   const response = await fetch(path, { credentials: "same-origin", ...options });
   const body = response.status === 204 ? null : await response.json();
   if (!response.ok) {
-    const err = body && body.error ? body.error : { message: response.statusText };
-    throw new Error(err.field ? `${err.field}: ${err.message}` : err.message);
+    // The server's messages name their field already ("steps must be between 1 and 200, got 0").
+    throw new Error(body && body.error ? body.error.message : response.statusText);
   }
   return body;
 }
