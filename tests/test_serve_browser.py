@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the 'test' extra)")
+from conftest import write_tiny_lora  # noqa: E402
 from serve_support import Gate, make_config, start_server  # noqa: E402
 
 CHROMIUM = os.environ.get("BONSAI_CHROMIUM", "/usr/bin/chromium")
@@ -108,3 +109,113 @@ def test_models_page_and_phone_width(live, browser):
     page.click("nav button[data-tab=generate]")
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     page.screenshot(path=ARTIFACTS / "serve-phone.png", full_page=True)
+
+
+def open_page(live, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(f"{live.url}/?token={TOKEN}")
+    sync_api.expect(page.locator("#size option").first).to_have_text("16x16 (native)")
+    return page
+
+
+def form_values(page) -> dict:
+    return page.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('#form input, #form select, #form textarea')]"
+        ".filter(e => e.id && e.type !== 'file').map(e => [e.id, e.type === 'checkbox' ? e.checked : e.value]))"
+    )
+
+
+def test_reuse_restores_lora_and_hires(live, tiny_checkpoint, browser):
+    loras = live.app.state.bonsai.catalog.loras_dir
+    loras.mkdir(parents=True, exist_ok=True)
+    write_tiny_lora(tiny_checkpoint, loras / "sparkle.safetensors")
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    page.fill("#prompt", "a leaf")
+    page.select_option("#lora", "sparkle")
+    page.fill("#lora_weight", "0.7")
+    page.click("#hires_box summary")
+    page.check("#hires")
+    page.fill("#hires_scale", "2")
+    page.fill("#hires_strength", "0.75")
+    page.fill("#hires_steps", "4")
+    page.fill("#seed", "42")
+    wanted = form_values(page)
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    page.reload()  # a fresh form: every field back to its default
+    page.select_option("#lora", "")
+    page.click("nav button[data-tab=gallery]")
+    page.locator("#gallery img").first.click()
+    expect(page.locator("#detail_params")).to_contain_text("<lora:sparkle:0.7>")
+    page.click("#reuse")
+    assert form_values(page) == {**wanted, "seed_lock": True}
+
+
+def posted_jobs(page) -> list[dict]:
+    bodies: list[dict] = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/api/jobs") and bodies.append(r.post_data_json))
+    return bodies
+
+
+def test_any_value_the_server_takes_can_be_submitted(live, browser):
+    # The browser's own checks refused a CFG of 4.2 (not a multiple of the spinner's 0.5 step) and
+    # silently blocked Generate for a bad value inside the collapsed hires box; the server decides.
+    page = open_page(live, browser)
+    bodies = posted_jobs(page)
+    expect = sync_api.expect
+    page.fill("#prompt", "a pine")
+    page.fill("#cfg", "4.2")
+    page.fill("#seed", "")  # empty means the default: a random seed
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    assert bodies[-1]["cfg"] == 4.2 and "seed" not in bodies[-1]
+    page.click("#hires_box summary")
+    page.check("#hires")
+    page.fill("#hires_scale", "1")
+    page.click("#hires_box summary")  # collapsed again
+    page.click("#generate")
+    expect(page.locator("#error")).to_contain_text("hires.scale")
+
+
+def test_reloading_mid_job_keeps_watching_it(live, gate, browser):
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    page.fill("#prompt", "a fern")
+    gate.close()
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_contain_text("step 1/", timeout=30_000)
+    page.reload()
+    expect(page.locator("#progress_text")).to_contain_text("step 1/", timeout=30_000)
+    expect(page.locator("#cancel")).to_be_enabled()
+    page.click("#cancel")
+    gate.open()
+    expect(page.locator("#progress_text")).to_have_text("cancelled", timeout=30_000)
+    page.reload()  # a finished job is not picked up again
+    expect(page.locator("#progress_box")).to_be_hidden()
+
+
+def test_gallery_opens_from_the_keyboard(live, browser):
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    page.fill("#prompt", "an oak")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    page.click("nav button[data-tab=gallery]")
+    expect(page.locator("#gallery img").first).to_be_visible()
+    page.focus("nav button[data-tab=models]")  # the last control before the gallery
+    page.keyboard.press("Tab")
+    expect(page.locator("#gallery img").first).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("#detail")).to_be_visible()
+    expect(page.locator("#detail_image")).to_have_attribute("alt", "an oak")
+
+
+def test_a_refused_request_shows_the_servers_message_once(live, browser):
+    page = open_page(live, browser)
+    page.fill("#prompt", "a birch")
+    page.click("#hires_box summary")
+    page.check("#hires")
+    page.fill("#hires_scale", "5")
+    page.click("#generate")
+    sync_api.expect(page.locator("#error")).to_have_text("hires.scale must be at most 4, got 5")

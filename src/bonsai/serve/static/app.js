@@ -8,8 +8,8 @@ async function api(path, options = {}) {
   const response = await fetch(path, { credentials: "same-origin", ...options });
   const body = response.status === 204 ? null : await response.json();
   if (!response.ok) {
-    const err = body && body.error ? body.error : { message: response.statusText };
-    throw new Error(err.field ? `${err.field}: ${err.message}` : err.message);
+    // The server's messages name their field already ("steps must be between 1 and 200, got 0").
+    throw new Error(body && body.error ? body.error.message : response.statusText);
   }
   return body;
 }
@@ -70,6 +70,7 @@ async function init() {
   $("lora_note").textContent = `LoRA files are read from ${loras.folder}.`;
   if (!state.models.length) showError("No usable model: run 'bonsai models list' on the server.");
   applyModelDefaults();
+  if (sessionStorage.getItem(WATCHED)) watch(sessionStorage.getItem(WATCHED));
 }
 
 $("model").addEventListener("change", applyModelDefaults);
@@ -83,6 +84,13 @@ $("init_image").addEventListener("change", () => {
 });
 $("clear_init").addEventListener("click", () => { $("init_image").value = ""; state.initImage = null; });
 
+// The form is not checked by the browser (novalidate): the server is the one judge of a value, and
+// its messages name the field. An empty number field is left out, so the server's default applies.
+function fieldNumber(id) {
+  const text = $(id).value.trim();
+  return text === "" ? undefined : Number(text);
+}
+
 function request() {
   const [width, height] = $("size").value.split("x").map(Number);
   const body = {
@@ -90,20 +98,19 @@ function request() {
     negative_prompt: $("negative_prompt").value,
     model: $("model").value || null,
     width, height,
-    steps: Number($("steps").value),
-    cfg: Number($("cfg").value),
+    steps: fieldNumber("steps"),
+    cfg: fieldNumber("cfg"),
     sampler: $("sampler").value,
-    seed: Number($("seed").value),
-    batch: Number($("batch").value),
+    seed: fieldNumber("seed"),
+    batch: fieldNumber("batch"),
   };
-  if ($("lora").value) body.loras = [{ name: $("lora").value, weight: Number($("lora_weight").value) }];
+  if ($("lora").value) body.loras = [{ name: $("lora").value, weight: fieldNumber("lora_weight") }];
   if ($("hires").checked) {
-    body.hires = { scale: Number($("hires_scale").value), strength: Number($("hires_strength").value) };
-    if ($("hires_steps").value) body.hires.steps = Number($("hires_steps").value);
+    body.hires = { scale: fieldNumber("hires_scale"), strength: fieldNumber("hires_strength"), steps: fieldNumber("hires_steps") };
   }
   if (state.initImage) {
     body.init_image = state.initImage;
-    body.strength = Number($("strength").value);
+    body.strength = fieldNumber("strength");
   }
   return body;
 }
@@ -117,17 +124,25 @@ $("form").addEventListener("submit", async (event) => {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(request()),
     });
     if ($("seed_lock").checked) $("seed").value = job.spec.seed;
-    state.job = job.id;
-    $("generate").disabled = true;
-    $("cancel").disabled = false;
-    $("progress_box").hidden = false;
-    $("progress").value = 0;
-    $("preview").removeAttribute("src");
-    poll(job.id);
+    watch(job.id);
   } catch (e) {
     showError(e.message);
   }
 });
+
+// The job being watched is kept in sessionStorage, so that reloading the page picks it up again.
+const WATCHED = "bonsai_job";
+
+function watch(id) {
+  state.job = id;
+  sessionStorage.setItem(WATCHED, id);
+  $("generate").disabled = true;
+  $("cancel").disabled = false;
+  $("progress_box").hidden = false;
+  $("progress").value = 0;
+  $("preview").removeAttribute("src");
+  poll(id);
+}
 
 $("cancel").addEventListener("click", async () => {
   if (state.job) await api(`/api/jobs/${state.job}/cancel`, { method: "POST" }).catch((e) => showError(e.message));
@@ -166,6 +181,7 @@ async function poll(id) {
 
 function finish() {
   state.job = null;
+  sessionStorage.removeItem(WATCHED);
   $("generate").disabled = false;
   $("cancel").disabled = true;
 }
@@ -176,7 +192,12 @@ function figure(job, url, n) {
   img.src = url;
   img.alt = job.spec.prompt;
   img.loading = "lazy";
+  img.tabIndex = 0;  // reachable and opened from the keyboard too
+  img.setAttribute("role", "button");
   img.addEventListener("click", () => openDetail(job, n));
+  img.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); openDetail(job, n); }
+  });
   const cap = document.createElement("figcaption");
   cap.textContent = `${job.spec.seed + n} · ${job.spec.prompt}`;
   fig.append(img, cap);
@@ -198,6 +219,7 @@ $("more").addEventListener("click", () => loadGallery(false));
 function openDetail(job, n) {
   state.detail = { job, n };
   $("detail_image").src = job.images[n];
+  $("detail_image").alt = job.spec.prompt;
   $("detail_params").textContent = job.parameters[n] || "";
   $("download").href = `${job.images[n]}?download=1`;
   $("detail").showModal();
@@ -226,6 +248,7 @@ $("reuse").addEventListener("click", () => {
     $("hires_steps").value = s.hires.steps;
   }
   $("lora").value = s.loras.length ? s.loras[0][0] : "";
+  if (s.loras.length) $("lora_weight").value = s.loras[0][1];
   $("detail").close();
   showTab("generate");
 });
