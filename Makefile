@@ -1,7 +1,7 @@
 # Quick start: `make demo` (set up, then generate with the embedded default model), `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; set TORCH= to keep whatever torch your environment resolves.
+# The torch version tested; pip's index picks the build (PyPI, Linux x86-64: CUDA). TORCH= lets pip resolve torch.
 TORCH ?= torch==2.13.0
 # The preview model follows its caption style best (models/bonsai-emoji/README.md).
 PROMPT ?= grinning face

@@ -9,7 +9,7 @@ it drops into the pipeline as its `unet` or `transformer`:
     from diffusers import StableDiffusionPipeline
     from bonsai.diffusers import load_bonsai_unet
 
-    unet = load_bonsai_unet("sd15-1bit.safetensors")            # ~1 bit per weight
+    unet = load_bonsai_unet("sd15-1bit.safetensors")            # SD 1.5: 1.95 bits/weight, 1.02 in 1-bit layers
     pipe = StableDiffusionPipeline.from_pretrained("./stable-diffusion-v1-5", unet=unet)
     image = pipe("a bonsai tree on a desk", num_inference_steps=25).images[0]
     image.save("bonsai.png")
