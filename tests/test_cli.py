@@ -153,3 +153,11 @@ def test_every_option_says_what_it_does() -> None:
     assert {"distill", "train-lora", "data emoji", "models pull", "serve"} <= {name for name, _ in commands}
     silent = {name: [p.opts[-1] for p in cmd.params if isinstance(p, click.Option) and not p.help] for name, cmd in commands}
     assert {name: opts for name, opts in silent.items() if opts} == {}
+
+
+def test_version_names_the_installed_distribution() -> None:
+    # The distribution is bonsai-diffusion ("bonsai" on PyPI is an unrelated project); the import name is bonsai.
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(main, ["--version"], prog_name="bonsai")
+    assert result.exit_code == 0 and result.output.strip() == f"bonsai, version {version('bonsai-diffusion')}", result.output

@@ -36,7 +36,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="bonsai")
+@click.version_option(package_name="bonsai-diffusion")
 def main() -> None:
     """Bonsai: local text-to-image generation with 1-bit diffusion models."""
 

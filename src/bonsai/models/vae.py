@@ -87,7 +87,7 @@ class LatentDecoder(nn.Module):
         try:
             from diffusers import AutoencoderKL
         except ImportError as err:
-            raise RuntimeError("latent models need diffusers: pip install 'bonsai[diffusers]'") from err
+            raise RuntimeError("latent models need diffusers: pip install 'bonsai-diffusion[diffusers]'") from err
         self.config = dict(config)
         self.factor = downsample_factor(config)
         self.latent_channels = config["latent_channels"]
