@@ -94,7 +94,7 @@ class BonsaiCheckpointLoader:
 class BonsaiSampler:
     """Prompt -> images with Bonsai's flow-matching sampler (classifier-free guidance)."""
 
-    DESCRIPTION = "Generates images from a prompt with a Bonsai pipeline. Width/height 0 take the model's default size."
+    DESCRIPTION = "Generates images from a prompt with a Bonsai pipeline. Shift, width and height 0 take the model's own."
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -107,7 +107,8 @@ class BonsaiSampler:
                 "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS}),
                 "cfg": ("FLOAT", {"default": 4.0, "min": CFG_RANGE[0], "max": CFG_RANGE[1], "step": 0.1, "round": 0.01}),
                 "sampler": (list(SAMPLERS), {"default": "euler"}),
-                "shift": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip": "time shift: > 1 spends more steps at high noise"}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                    "tooltip": "time shift: > 1 spends more steps at high noise; 0 = the model's (as bonsai generate)"}),
                 "width": ("INT", {"default": 0, "min": 0, "max": MAX_SIDE, "step": 8}),
                 "height": ("INT", {"default": 0, "min": 0, "max": MAX_SIDE, "step": 8}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
@@ -126,7 +127,7 @@ class BonsaiSampler:
         hook = step_hook(steps)
         result = pipeline.generate(
             prompt, batch=batch_size, callback=lambda step, total, x0: hook(step),
-            negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, sampler=sampler, shift=shift,
+            negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, sampler=sampler, shift=shift or None,
             width=width or None, height=height or None,
         )
         return (to_comfy_image(result.samples),)

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,15 @@ def test_loader_and_sampler_give_a_comfy_image(comfy_models: dict[str, Path], re
     torch.testing.assert_close(images, (direct.samples.clamp(-1, 1) + 1).permute(0, 2, 3, 1) / 2)
     wide = BonsaiSampler().sample(pipe, "a red circle", batch_size=1, **{**SAMPLE, "width": 32})[0]
     assert wide.shape == (1, 16, 32, 3)
+
+
+def test_sampler_shift_0_is_the_models_as_in_bonsai_generate(comfy_models: dict[str, Path], reference_kernel: None) -> None:
+    pipe = _load("tiny-1bit.safetensors")
+    pipe.defaults = replace(pipe.defaults, shift=3.0)  # as bonsai-t2i's checkpoints recommend
+    own = BonsaiSampler().sample(pipe, "a red circle", batch_size=1, **{**SAMPLE, "shift": 0.0})[0]
+    generated = pipe.generate("a red circle", seed=SAMPLE["seed"], steps=SAMPLE["steps"], cfg=SAMPLE["cfg"]).samples
+    torch.testing.assert_close(own, (generated.clamp(-1, 1) + 1).permute(0, 2, 3, 1) / 2)
+    assert (BonsaiSampler().sample(pipe, "a red circle", batch_size=1, **SAMPLE)[0] - own).abs().max() > 1e-3  # shift 1
 
 
 def test_lora_node_changes_the_image_and_leaves_its_input_alone(comfy_models: dict[str, Path], reference_kernel: None) -> None:
