@@ -51,8 +51,8 @@ LICENSE = "Apache-2.0 (model); training images: Noto Emoji (Apache-2.0) and Twem
 CFG_DROPOUT = 0.1
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"  # older bundles: the empty prompt's token states
 TEXT_ENCODER_DIR = "text_encoder"  # int8 MiniLM inside the data folder
-# Candidate schemes; `RecipeConfig.schemes` picks the ones tried, the best by held-out
-# distillation loss is trained further.
+# Candidate schemes; `RecipeConfig.schemes` picks the ones tried, the best by distillation loss
+# on fixed probe batches (training images, the same for every candidate) is trained further.
 CANDIDATES: dict[str, BinarizeConfig] = {
     "mean": BinarizeConfig("mean"),
     "onebit": BinarizeConfig("onebit"),
@@ -153,8 +153,8 @@ def run_teacher(images: torch.Tensor, bank: TextBank, out: Path, cfg: RecipeConf
     return teacher
 
 
-def _held_out_batches(images: torch.Tensor, bank: TextBank, n: int, batch_size: int) -> list:
-    """Fixed batches (full captions) for comparing schemes: same images and noise for every student."""
+def _probe_batches(images: torch.Tensor, bank: TextBank, n: int, batch_size: int) -> list:
+    """Fixed batches of training images (full captions) for comparing schemes: the same for every student."""
     g = torch.Generator().manual_seed(1234)
     idx = torch.randperm(images.shape[0], generator=g)[: n * batch_size].to(images.device)
     return [(images[i], *bank.full(i)) for i in idx.split(batch_size)]
@@ -178,16 +178,16 @@ def _compiled_teacher(teacher: DiT, batch, enabled: bool) -> torch.nn.Module:
 def run_distill(teacher: DiT, images: torch.Tensor, bank: TextBank, out: Path, cfg: RecipeConfig) -> dict:
     """Short distillation per candidate scheme, then the best one trained for distill_seconds."""
     teacher = teacher.to(images.device).eval()
-    held = _held_out_batches(images, bank, 4, min(cfg.batch_size, 256))
+    probe = _probe_batches(images, bank, 4, min(cfg.batch_size, 256))
     base_loss = distill_loss(teacher)
     lr = scaled_lr(cfg.distill_lr, cfg.batch_size)
     report: dict = {"trials": {}, "batch_size": cfg.batch_size, "lr": lr, "caption_variants": VARIANT_WEIGHTS}
     for name in cfg.schemes:
         student = make_student(teacher, QuantPolicy(CANDIDATES[name]))
-        ptq = evaluate_loss(base_loss, student, held)
+        ptq = evaluate_loss(base_loss, student, probe)
         tcfg = TrainConfig(steps=cfg.trial_steps, lr=lr, warmup=50, log_every=100, checkpoint_every=cfg.trial_steps, compile=False)
         train(student, base_loss, random_batches(images, bank, cfg.batch_size, 2, cfg.cfg_dropout), tcfg, out / f"trial-{name}")
-        after = evaluate_loss(base_loss, student, held)
+        after = evaluate_loss(base_loss, student, probe)
         report["trials"][name] = {"ptq_loss": ptq, "distilled_loss": after, "steps": cfg.trial_steps}
         print(f"trial {name}: fixed-batch distill loss PTQ {ptq:.4f} -> {after:.4f}", flush=True)
     best = min(report["trials"], key=lambda k: report["trials"][k]["distilled_loss"])
@@ -197,7 +197,7 @@ def run_distill(teacher: DiT, images: torch.Tensor, bank: TextBank, out: Path, c
     loss = distill_loss(_compiled_teacher(teacher, check, cfg.compile))
     tcfg = TrainConfig(steps=cfg.distill_steps, lr=lr, warmup=100, log_every=100, checkpoint_every=1000, max_seconds=cfg.distill_seconds, compile=cfg.compile)
     state = train(student, loss, random_batches(images, bank, cfg.batch_size, 3, cfg.cfg_dropout), tcfg, out / "student")
-    report["final"] = {"scheme": best, "steps": state.step, "fixed_batch_loss": evaluate_loss(base_loss, state.model, held)}
+    report["final"] = {"scheme": best, "steps": state.step, "fixed_batch_loss": evaluate_loss(base_loss, state.model, probe)}
     (out / "distill.json").write_text(json.dumps(report, indent=2))
     return report
 
