@@ -219,3 +219,12 @@ def test_a_refused_request_shows_the_servers_message_once(live, browser):
     page.fill("#hires_scale", "5")
     page.click("#generate")
     sync_api.expect(page.locator("#error")).to_have_text("hires.scale must be at most 4, got 5")
+
+
+def test_size_menu_offers_the_models_own_sizes(live, browser):
+    # The server's presets start at 512 px, above the tiny model's 64 px limit, so the menu offered
+    # its native size only; sizes derived from the model (multiples of its 4 px step) fit.
+    page = open_page(live, browser)
+    sizes = page.locator("#size option").evaluate_all("options => options.map(o => o.value)")
+    assert sizes == ["16x16", "24x16", "16x24", "24x24", "32x32", "48x32", "32x48", "48x48", "64x64"]
+    sync_api.expect(page.locator("#size")).to_have_value("16x16")

@@ -42,15 +42,31 @@ function currentModel() {
   return state.models.find((m) => m.name === $("model").value);
 }
 
+// The sizes offered for model m, native first: its native size scaled by 1.5 to 4 (square), 3:2 and
+// 2:3 shapes of its native and twice native size, and the server's presets, smallest first. The
+// server's fixed presets alone would exceed a small model's limit; each side is a multiple of the
+// model's size_step and within the limits the server enforces.
+function modelSizes(m) {
+  const { width, height } = m.defaults;
+  const step = m.size_step;
+  const side = (x) => Math.max(step, Math.round(x / step) * step);
+  const size = (w, h) => `${side(w)}x${side(h)}`;
+  const derived = [1.5, 2, 3, 4].map((k) => size(width * k, height * k));
+  for (const k of [1, 2]) derived.push(size(width * k * 1.5, height * k), size(width * k, height * k * 1.5));
+  const maxSide = Math.min(m.max_side, state.config.limits.max_side);
+  const fits = (s) => s.split("x").every((x) => Number(x) <= maxSide);
+  const pixels = (s) => s.split("x").reduce((a, b) => a * b, 1);
+  const native = `${width}x${height}`;
+  const others = new Set([...derived, ...state.config.size_presets].filter((s) => s !== native && fits(s)));
+  return [native, ...[...others].sort((a, b) => pixels(a) - pixels(b))];
+}
+
 function applyModelDefaults() {
   const m = currentModel();
   if (!m) return;
   const d = m.defaults;
   const native = `${d.width}x${d.height}`;
-  const maxSide = Math.min(m.max_side, state.config.limits.max_side);  // the server refuses larger sides
-  const fits = (s) => s.split("x").every((side) => Number(side) <= maxSide);
-  const sizes = [native, ...state.config.size_presets.filter((s) => s !== native && fits(s))];
-  $("size").replaceChildren(...sizes.map((s) => option(s, s === native ? `${s} (native)` : s)));
+  $("size").replaceChildren(...modelSizes(m).map((s) => option(s, s === native ? `${s} (native)` : s)));
   $("steps").value = d.steps ?? 20;
   $("cfg").value = d.cfg ?? 4;
   if (d.sampler) $("sampler").value = d.sampler;
