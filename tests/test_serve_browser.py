@@ -228,3 +228,19 @@ def test_size_menu_offers_the_models_own_sizes(live, browser):
     sizes = page.locator("#size option").evaluate_all("options => options.map(o => o.value)")
     assert sizes == ["16x16", "24x16", "16x24", "24x24", "32x32", "48x32", "32x48", "48x48", "64x64"]
     sync_api.expect(page.locator("#size")).to_have_value("16x16")
+
+
+def test_a_double_click_queues_one_job(live, browser):
+    # Generate was disabled only once the server had answered, so the second click queued a second job.
+    page = open_page(live, browser)
+    bodies = posted_jobs(page)
+    expect = sync_api.expect
+    page.fill("#prompt", "a maple")
+    page.dblclick("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    assert len(bodies) == 1
+    page.fill("#steps", "0")  # refused: Generate is enabled again for the corrected form
+    page.click("#generate")
+    expect(page.locator("#error")).to_contain_text("steps")
+    expect(page.locator("#generate")).to_be_enabled()
+    assert len(bodies) == 2

@@ -135,6 +135,7 @@ function request() {
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   showError("");
+  $("generate").disabled = true;  // now, not when the server answers: a double click queued two jobs
   try {
     const job = await api("/api/jobs", {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(request()),
@@ -142,6 +143,7 @@ $("form").addEventListener("submit", async (event) => {
     if ($("seed_lock").checked) $("seed").value = job.spec.seed;
     watch(job.id);
   } catch (e) {
+    $("generate").disabled = false;
     showError(e.message);
   }
 });
