@@ -244,3 +244,26 @@ def test_a_double_click_queues_one_job(live, browser):
     expect(page.locator("#error")).to_contain_text("steps")
     expect(page.locator("#generate")).to_be_enabled()
     assert len(bodies) == 2
+
+
+def refuse(route):
+    route.fulfill(status=503, json={"error": {"message": "the history database is locked"}})
+
+
+def test_gallery_and_models_errors_are_shown_in_their_tab(live, browser):
+    # A failed request on these tabs was an unhandled promise rejection: an empty tab and no message.
+    page = open_page(live, browser)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    expect = sync_api.expect
+    page.route("**/api/jobs?*", refuse)
+    page.click("nav button[data-tab=gallery]")
+    expect(page.locator("#gallery_error")).to_have_text("the history database is locked")
+    page.unroute("**/api/jobs?*")
+    page.route("**/api/models", refuse)
+    page.click("nav button[data-tab=models]")
+    expect(page.locator("#models_error")).to_have_text("the history database is locked")
+    page.unroute("**/api/models")
+    page.click("nav button[data-tab=gallery]")  # the next load that works clears the message
+    expect(page.locator("#gallery_error")).to_be_hidden()
+    assert errors == []

@@ -14,9 +14,10 @@ async function api(path, options = {}) {
   return body;
 }
 
-function showError(message) {
-  $("error").textContent = message || "";
-  $("error").hidden = !message;
+// Each tab has its own alert (#error on Generate), so that a message shows in the tab the user looks at.
+function showError(message, id = "error") {
+  $(id).textContent = message || "";
+  $(id).hidden = !message;
 }
 
 function option(value, text) {
@@ -227,7 +228,13 @@ async function loadGallery(reset) {
   if (reset) { state.cursor = null; $("gallery").replaceChildren(); }
   const q = new URLSearchParams({ status: "done", limit: "40" });
   if (state.cursor !== null) q.set("before", state.cursor);
-  const page = await api(`/api/jobs?${q}`);
+  let page;
+  try {
+    page = await api(`/api/jobs?${q}`);
+  } catch (e) {
+    return showError(e.message, "gallery_error");
+  }
+  showError("", "gallery_error");
   for (const job of page.jobs) $("gallery").append(...job.images.map((url, n) => figure(job, url, n)));
   state.cursor = page.next;
   $("more").hidden = page.next === null;
@@ -276,7 +283,13 @@ function megabytes(n) { return n == null ? "?" : `${(n / 1e6).toFixed(n < 1e7 ? 
 function number(x, digits = 2) { return x == null ? "?" : x.toFixed(digits); }
 
 async function loadModels() {
-  const { models } = await api("/api/models");
+  let models;
+  try {
+    ({ models } = await api("/api/models"));
+  } catch (e) {
+    return showError(e.message, "models_error");
+  }
+  showError("", "models_error");
   const rows = models.map((m) => {
     const tr = document.createElement("tr");
     const d = m.defaults || {};
