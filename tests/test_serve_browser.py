@@ -267,3 +267,24 @@ def test_gallery_and_models_errors_are_shown_in_their_tab(live, browser):
     page.click("nav button[data-tab=gallery]")  # the next load that works clears the message
     expect(page.locator("#gallery_error")).to_be_hidden()
     assert errors == []
+
+
+def test_fields_have_distinct_names_and_tabs_are_tabs(live, browser):
+    # The hires box repeated "Steps" and "Denoise": a screen reader named two fields alike.
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    names = page.locator("#form input, #form select, #form textarea").evaluate_all(
+        "fields => fields.filter(f => f.labels.length).map(f => [...f.labels[0].childNodes]"
+        ".filter(n => n.nodeType === Node.TEXT_NODE).map(n => n.textContent.trim()).join(' ').trim())"
+    )
+    assert len(names) == len(set(names)), names
+    for name in ("Steps", "Denoise", "Hires steps", "Hires denoise"):
+        expect(page.get_by_label(name, exact=True)).to_have_count(1)
+    expect(page.get_by_role("tablist")).to_have_count(1)
+    gallery = page.get_by_role("tab", name="Gallery")
+    expect(gallery).to_have_attribute("aria-selected", "false")
+    gallery.click()
+    expect(gallery).to_have_attribute("aria-selected", "true")
+    expect(page.get_by_role("tab", name="Generate")).to_have_attribute("aria-selected", "false")
+    expect(page.get_by_role("tabpanel")).to_have_count(1)  # the hidden ones are not exposed
+    expect(page.get_by_role("tabpanel")).to_have_attribute("id", "tab-gallery")

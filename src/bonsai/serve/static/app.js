@@ -32,7 +32,10 @@ document.querySelectorAll("nav button").forEach((b) =>
   b.addEventListener("click", () => showTab(b.dataset.tab)));
 
 function showTab(name) {
-  document.querySelectorAll("nav button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+  document.querySelectorAll("nav button").forEach((b) => {
+    b.classList.toggle("active", b.dataset.tab === name);
+    b.setAttribute("aria-selected", String(b.dataset.tab === name));
+  });
   document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.id === `tab-${name}`));
   if (name === "gallery") loadGallery(true);
   if (name === "models") loadModels();
