@@ -7,6 +7,7 @@ tests/artifacts/."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -288,3 +289,28 @@ def test_fields_have_distinct_names_and_tabs_are_tabs(live, browser):
     expect(page.get_by_role("tab", name="Generate")).to_have_attribute("aria-selected", "false")
     expect(page.get_by_role("tabpanel")).to_have_count(1)  # the hidden ones are not exposed
     expect(page.get_by_role("tabpanel")).to_have_attribute("id", "tab-gallery")
+
+
+def test_a_job_that_has_not_reached_its_first_step_shows_starting(live, browser):
+    # A running job reports step 0 of 0 until its first step (the model loads, the prompt is encoded);
+    # the page showed "step 0/0". The server's answer is held at that moment to look at it.
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    held = True
+
+    def before_first_step(route):
+        if not held:
+            return route.continue_()
+        job = route.fetch().json()
+        job.update(status="running", images=[], preview=None)
+        job["progress"] = {"stage": 0, "stages": 1, "step": 0, "total": 0, "fraction": 0}
+        route.fulfill(json=job)
+
+    page.route(re.compile(r".*/api/jobs/[0-9a-f]+$"), before_first_step)
+    page.fill("#prompt", "a willow")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("starting…")
+    page.wait_for_timeout(500)  # a few polls of the held answer
+    expect(page.locator("#progress_text")).to_have_text("starting…")
+    held = False
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)

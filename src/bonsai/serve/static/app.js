@@ -162,6 +162,7 @@ function watch(id) {
   $("cancel").disabled = false;
   $("progress_box").hidden = false;
   $("progress").value = 0;
+  $("progress_text").textContent = "starting…";
   $("preview").removeAttribute("src");
   poll(id);
 }
@@ -184,7 +185,8 @@ async function poll(id) {
     const p = job.progress;
     $("progress").value = p.fraction;
     const stage = p.stages > 1 ? `pass ${p.stage}/${p.stages}, ` : "";
-    $("progress_text").textContent = `${stage}step ${p.step}/${p.total}`;
+    // Before its first step (loading the model, encoding the prompt) a job reports step 0 of 0.
+    $("progress_text").textContent = p.total ? `${stage}step ${p.step}/${p.total}` : "starting…";
     if (job.preview && $("preview").dataset.src !== job.preview) {
       $("preview").src = job.preview;
       $("preview").dataset.src = job.preview;
