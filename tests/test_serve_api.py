@@ -424,6 +424,24 @@ def test_token_auth(tmp_path, tiny_checkpoint, gate):
         assert r.status_code == 303 and "bonsai_token=s3cret" in r.headers["set-cookie"]
 
 
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+def test_a_browser_without_the_token_gets_a_page_that_says_how_to_open_it(tmp_path, tiny_checkpoint, gate):
+    # Opening / without the token showed the browser raw 401 JSON.
+    with open_app(tmp_path, tiny_checkpoint, gate, token="s3cret") as c:
+        for path in ("/", "/docs"):
+            r = c.get(path, headers={"accept": BROWSER_ACCEPT})
+            assert (r.status_code, r.headers["content-type"]) == (401, "text/html; charset=utf-8"), path
+            assert "/?token=TOKEN" in r.text and r.headers["www-authenticate"] == 'Bearer realm="bonsai"'
+        # API clients keep the JSON error, whatever they accept.
+        for path in ("/", "/api/models", "/sdapi/v1/sd-models", "/v1/models"):
+            headers = {} if path == "/" else {"accept": BROWSER_ACCEPT}
+            r = c.get(path, headers=headers)
+            assert (r.status_code, r.json()["error"]["field"]) == (401, "token"), path
+            assert r.headers["www-authenticate"] == 'Bearer realm="bonsai"'
+
+
 def test_any_page_opened_with_the_token_keeps_it_in_a_cookie(tmp_path, tiny_checkpoint, gate):
     # A bookmarked /docs?token=T loaded, but its fetch of /openapi.json got 401 until /?token=T had set the cookie.
     with open_app(tmp_path, tiny_checkpoint, gate, token="s3cret") as c:

@@ -7,6 +7,7 @@ tests/artifacts/."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -219,3 +220,97 @@ def test_a_refused_request_shows_the_servers_message_once(live, browser):
     page.fill("#hires_scale", "5")
     page.click("#generate")
     sync_api.expect(page.locator("#error")).to_have_text("hires.scale must be at most 4, got 5")
+
+
+def test_size_menu_offers_the_models_own_sizes(live, browser):
+    # The server's presets start at 512 px, above the tiny model's 64 px limit, so the menu offered
+    # its native size only; sizes derived from the model (multiples of its 4 px step) fit.
+    page = open_page(live, browser)
+    sizes = page.locator("#size option").evaluate_all("options => options.map(o => o.value)")
+    assert sizes == ["16x16", "24x16", "16x24", "24x24", "32x32", "48x32", "32x48", "48x48", "64x64"]
+    sync_api.expect(page.locator("#size")).to_have_value("16x16")
+
+
+def test_a_double_click_queues_one_job(live, browser):
+    # Generate was disabled only once the server had answered, so the second click queued a second job.
+    page = open_page(live, browser)
+    bodies = posted_jobs(page)
+    expect = sync_api.expect
+    page.fill("#prompt", "a maple")
+    page.dblclick("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    assert len(bodies) == 1
+    page.fill("#steps", "0")  # refused: Generate is enabled again for the corrected form
+    page.click("#generate")
+    expect(page.locator("#error")).to_contain_text("steps")
+    expect(page.locator("#generate")).to_be_enabled()
+    assert len(bodies) == 2
+
+
+def refuse(route):
+    route.fulfill(status=503, json={"error": {"message": "the history database is locked"}})
+
+
+def test_gallery_and_models_errors_are_shown_in_their_tab(live, browser):
+    # A failed request on these tabs was an unhandled promise rejection: an empty tab and no message.
+    page = open_page(live, browser)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    expect = sync_api.expect
+    page.route("**/api/jobs?*", refuse)
+    page.click("nav button[data-tab=gallery]")
+    expect(page.locator("#gallery_error")).to_have_text("the history database is locked")
+    page.unroute("**/api/jobs?*")
+    page.route("**/api/models", refuse)
+    page.click("nav button[data-tab=models]")
+    expect(page.locator("#models_error")).to_have_text("the history database is locked")
+    page.unroute("**/api/models")
+    page.click("nav button[data-tab=gallery]")  # the next load that works clears the message
+    expect(page.locator("#gallery_error")).to_be_hidden()
+    assert errors == []
+
+
+def test_fields_have_distinct_names_and_tabs_are_tabs(live, browser):
+    # The hires box repeated "Steps" and "Denoise": a screen reader named two fields alike.
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    names = page.locator("#form input, #form select, #form textarea").evaluate_all(
+        "fields => fields.filter(f => f.labels.length).map(f => [...f.labels[0].childNodes]"
+        ".filter(n => n.nodeType === Node.TEXT_NODE).map(n => n.textContent.trim()).join(' ').trim())"
+    )
+    assert len(names) == len(set(names)), names
+    for name in ("Steps", "Denoise", "Hires steps", "Hires denoise"):
+        expect(page.get_by_label(name, exact=True)).to_have_count(1)
+    expect(page.get_by_role("tablist")).to_have_count(1)
+    gallery = page.get_by_role("tab", name="Gallery")
+    expect(gallery).to_have_attribute("aria-selected", "false")
+    gallery.click()
+    expect(gallery).to_have_attribute("aria-selected", "true")
+    expect(page.get_by_role("tab", name="Generate")).to_have_attribute("aria-selected", "false")
+    expect(page.get_by_role("tabpanel")).to_have_count(1)  # the hidden ones are not exposed
+    expect(page.get_by_role("tabpanel")).to_have_attribute("id", "tab-gallery")
+
+
+def test_a_job_that_has_not_reached_its_first_step_shows_starting(live, browser):
+    # A running job reports step 0 of 0 until its first step (the model loads, the prompt is encoded);
+    # the page showed "step 0/0". The server's answer is held at that moment to look at it.
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    held = True
+
+    def before_first_step(route):
+        if not held:
+            return route.continue_()
+        job = route.fetch().json()
+        job.update(status="running", images=[], preview=None)
+        job["progress"] = {"stage": 0, "stages": 1, "step": 0, "total": 0, "fraction": 0}
+        route.fulfill(json=job)
+
+    page.route(re.compile(r".*/api/jobs/[0-9a-f]+$"), before_first_step)
+    page.fill("#prompt", "a willow")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("starting…")
+    page.wait_for_timeout(500)  # a few polls of the held answer
+    expect(page.locator("#progress_text")).to_have_text("starting…")
+    held = False
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)

@@ -75,6 +75,29 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+API_PREFIXES = ("/api", "/sdapi", "/v1")
+TOKEN_PAGE = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Bonsai: token needed</title></head>
+<body><h1>This Bonsai server needs a token</h1>
+<p>Open <code>/?token=TOKEN</code>, TOKEN being the server's token (its <code>--token</code> option
+or <code>BONSAI_TOKEN</code>); this browser then keeps it.</p></body></html>
+"""
+
+
+def _wants_page(scope: Scope) -> bool:
+    """A browser opening a page (not an API route): it gets HTML that a person can read."""
+    path = scope["path"]
+    if any(path == prefix or path.startswith(prefix + "/") for prefix in API_PREFIXES):
+        return False
+    return b"text/html" in dict(scope["headers"]).get(b"accept", b"")
+
+
+async def _html_401(send: Send, challenge: tuple[bytes, bytes]) -> None:
+    headers = [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(TOKEN_PAGE)).encode()), challenge]
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": TOKEN_PAGE})
+
+
 def request_tokens(scope: Scope) -> list[str]:
     """The tokens a request carries: Bearer header, Basic password (A1111 --api-auth style), cookie, ?token=.
     All of them count: a browser may still hold the cookie of a token the server no longer has."""
@@ -129,9 +152,12 @@ class TokenAuth:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if not any(self._matches(given) for given in request_tokens(scope)):
+            challenge = (b"www-authenticate", b'Bearer realm="bonsai"')
+            if _wants_page(scope):
+                return await _html_401(send, challenge)
             return await _json_error(
                 send, 401, "token", "missing or wrong token: send 'Authorization: Bearer TOKEN' (or open /?token=TOKEN in a browser)",
-                [(b"www-authenticate", b'Bearer realm="bonsai"')],
+                [challenge],
             )
         if not self._matches(_query_token(scope)):
             return await self.app(scope, receive, send)

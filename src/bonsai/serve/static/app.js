@@ -14,9 +14,10 @@ async function api(path, options = {}) {
   return body;
 }
 
-function showError(message) {
-  $("error").textContent = message || "";
-  $("error").hidden = !message;
+// Each tab has its own alert (#error on Generate), so that a message shows in the tab the user looks at.
+function showError(message, id = "error") {
+  $(id).textContent = message || "";
+  $(id).hidden = !message;
 }
 
 function option(value, text) {
@@ -31,7 +32,10 @@ document.querySelectorAll("nav button").forEach((b) =>
   b.addEventListener("click", () => showTab(b.dataset.tab)));
 
 function showTab(name) {
-  document.querySelectorAll("nav button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+  document.querySelectorAll("nav button").forEach((b) => {
+    b.classList.toggle("active", b.dataset.tab === name);
+    b.setAttribute("aria-selected", String(b.dataset.tab === name));
+  });
   document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.id === `tab-${name}`));
   if (name === "gallery") loadGallery(true);
   if (name === "models") loadModels();
@@ -42,15 +46,31 @@ function currentModel() {
   return state.models.find((m) => m.name === $("model").value);
 }
 
+// The sizes offered for model m, native first: its native size scaled by 1.5 to 4 (square), 3:2 and
+// 2:3 shapes of its native and twice native size, and the server's presets, smallest first. The
+// server's fixed presets alone would exceed a small model's limit; each side is a multiple of the
+// model's size_step and within the limits the server enforces.
+function modelSizes(m) {
+  const { width, height } = m.defaults;
+  const step = m.size_step;
+  const side = (x) => Math.max(step, Math.round(x / step) * step);
+  const size = (w, h) => `${side(w)}x${side(h)}`;
+  const derived = [1.5, 2, 3, 4].map((k) => size(width * k, height * k));
+  for (const k of [1, 2]) derived.push(size(width * k * 1.5, height * k), size(width * k, height * k * 1.5));
+  const maxSide = Math.min(m.max_side, state.config.limits.max_side);
+  const fits = (s) => s.split("x").every((x) => Number(x) <= maxSide);
+  const pixels = (s) => s.split("x").reduce((a, b) => a * b, 1);
+  const native = `${width}x${height}`;
+  const others = new Set([...derived, ...state.config.size_presets].filter((s) => s !== native && fits(s)));
+  return [native, ...[...others].sort((a, b) => pixels(a) - pixels(b))];
+}
+
 function applyModelDefaults() {
   const m = currentModel();
   if (!m) return;
   const d = m.defaults;
   const native = `${d.width}x${d.height}`;
-  const maxSide = Math.min(m.max_side, state.config.limits.max_side);  // the server refuses larger sides
-  const fits = (s) => s.split("x").every((side) => Number(side) <= maxSide);
-  const sizes = [native, ...state.config.size_presets.filter((s) => s !== native && fits(s))];
-  $("size").replaceChildren(...sizes.map((s) => option(s, s === native ? `${s} (native)` : s)));
+  $("size").replaceChildren(...modelSizes(m).map((s) => option(s, s === native ? `${s} (native)` : s)));
   $("steps").value = d.steps ?? 20;
   $("cfg").value = d.cfg ?? 4;
   if (d.sampler) $("sampler").value = d.sampler;
@@ -119,6 +139,7 @@ function request() {
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   showError("");
+  $("generate").disabled = true;  // now, not when the server answers: a double click queued two jobs
   try {
     const job = await api("/api/jobs", {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(request()),
@@ -126,6 +147,7 @@ $("form").addEventListener("submit", async (event) => {
     if ($("seed_lock").checked) $("seed").value = job.spec.seed;
     watch(job.id);
   } catch (e) {
+    $("generate").disabled = false;
     showError(e.message);
   }
 });
@@ -140,6 +162,7 @@ function watch(id) {
   $("cancel").disabled = false;
   $("progress_box").hidden = false;
   $("progress").value = 0;
+  $("progress_text").textContent = "starting…";
   $("preview").removeAttribute("src");
   poll(id);
 }
@@ -162,7 +185,8 @@ async function poll(id) {
     const p = job.progress;
     $("progress").value = p.fraction;
     const stage = p.stages > 1 ? `pass ${p.stage}/${p.stages}, ` : "";
-    $("progress_text").textContent = `${stage}step ${p.step}/${p.total}`;
+    // Before its first step (loading the model, encoding the prompt) a job reports step 0 of 0.
+    $("progress_text").textContent = p.total ? `${stage}step ${p.step}/${p.total}` : "starting…";
     if (job.preview && $("preview").dataset.src !== job.preview) {
       $("preview").src = job.preview;
       $("preview").dataset.src = job.preview;
@@ -209,7 +233,13 @@ async function loadGallery(reset) {
   if (reset) { state.cursor = null; $("gallery").replaceChildren(); }
   const q = new URLSearchParams({ status: "done", limit: "40" });
   if (state.cursor !== null) q.set("before", state.cursor);
-  const page = await api(`/api/jobs?${q}`);
+  let page;
+  try {
+    page = await api(`/api/jobs?${q}`);
+  } catch (e) {
+    return showError(e.message, "gallery_error");
+  }
+  showError("", "gallery_error");
   for (const job of page.jobs) $("gallery").append(...job.images.map((url, n) => figure(job, url, n)));
   state.cursor = page.next;
   $("more").hidden = page.next === null;
@@ -258,7 +288,13 @@ function megabytes(n) { return n == null ? "?" : `${(n / 1e6).toFixed(n < 1e7 ? 
 function number(x, digits = 2) { return x == null ? "?" : x.toFixed(digits); }
 
 async function loadModels() {
-  const { models } = await api("/api/models");
+  let models;
+  try {
+    ({ models } = await api("/api/models"));
+  } catch (e) {
+    return showError(e.message, "models_error");
+  }
+  showError("", "models_error");
   const rows = models.map((m) => {
     const tr = document.createElement("tr");
     const d = m.defaults || {};
