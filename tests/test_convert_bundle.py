@@ -154,8 +154,9 @@ def test_copy_again_replaces_the_bundle(sd15, tmp_path):
 
 
 def test_source_gets_a_transformer_as_its_transformer(tmp_path):
-    """A transformer checkpoint that records no pipeline (as `bonsai distill` writes its student) goes
-    into the `source` pipeline as its transformer, not as an ignored `unet=` beside the float one."""
+    """A transformer checkpoint that records no pipeline (as `bonsai distill` writes the student of a bare
+    component folder) goes into the `source` pipeline as its transformer, not as an ignored `unet=` beside
+    the float one."""
     from diffusers import DDIMScheduler, PixArtSigmaPipeline
 
     from bonsai.convert import open_source, quantize_source
