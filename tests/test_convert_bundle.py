@@ -154,8 +154,9 @@ def test_copy_again_replaces_the_bundle(sd15, tmp_path):
 
 
 def test_source_gets_a_transformer_as_its_transformer(tmp_path):
-    """A transformer checkpoint that records no pipeline (as `bonsai distill` writes its student) goes
-    into the `source` pipeline as its transformer, not as an ignored `unet=` beside the float one."""
+    """A transformer checkpoint that records no pipeline (as `bonsai distill` writes the student of a bare
+    component folder) goes into the `source` pipeline as its transformer, not as an ignored `unet=` beside
+    the float one."""
     from diffusers import DDIMScheduler, PixArtSigmaPipeline
 
     from bonsai.convert import open_source, quantize_source
@@ -189,3 +190,20 @@ def test_output_folder_is_made_or_refused_before_converting(sd15, tmp_path, monk
     blocker.write_text("")
     result = CliRunner().invoke(main, ["quantize", str(sd15), "-o", str(blocker / "m.safetensors"), "-q"])
     assert result.exit_code == 1 and f"Error: {blocker}: cannot create the output folder" in result.output, result.output
+
+
+def test_info_of_a_bundle_folder_shows_its_checkpoint(sd15, tmp_path):
+    """`bonsai info` takes the folder `--bundle copy` wrote, as load_bonsai_pipeline does, and shows the
+    checkpoint inside it; any other folder (here the source pipeline) is still refused."""
+    out = tmp_path / "bundle" / "m.safetensors"
+    quantize_model(sd15, out, progress=False, bundle="copy")
+    for flags in ([], ["--json"]):
+        of_folder, of_file = (CliRunner().invoke(main, ["info", *flags, str(path)]) for path in (out.parent, out))
+        assert of_folder.exit_code == 0 and of_file.exit_code == 0, of_folder.output
+        assert of_folder.output == of_file.output and "1-bit" in of_file.output
+    for folder in (sd15, tmp_path):
+        result = CliRunner().invoke(main, ["info", str(folder)])
+        assert result.exit_code == 1 and result.output == f"Error: {folder}: a folder, not a checkpoint file\n"
+    out.unlink()  # a bundle whose checkpoint is gone: the error names that file
+    result = CliRunner().invoke(main, ["info", str(out.parent)])
+    assert result.exit_code == 1 and str(out) in result.output and result.output.count("\n") == 1, result.output

@@ -11,10 +11,12 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from diffusers_tiny import tiny_model
+from diffusers_tiny import tiny_model, tiny_sd15_pipeline, tiny_vae
 
 from bonsai.cli import main
-from bonsai.diffusers import load_bonsai_unet
+from bonsai.convert import quantize_model
+from bonsai.diffusers import load_bonsai_pipeline, load_bonsai_unet
+from bonsai.format import read_header
 from bonsai.models import DiT, DiTConfig, save_model
 from bonsai.quant import BitLinear
 
@@ -37,6 +39,7 @@ def test_distill_reduces_loss_and_resumes(teacher, tmp_path):
     assert after < before
     student = load_bonsai_unet(tmp_path / "run" / "student.safetensors")
     assert sum(isinstance(m, BitLinear) for m in student.modules()) > 0
+    assert "pipeline" not in read_header(tmp_path / "run" / "student.safetensors").metadata  # no pipeline around the UNet
     result = CliRunner().invoke(main, [*args, "--steps", "8"])
     assert result.exit_code == 0 and "resumed" in result.output and "at step 6" in result.output
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -66,6 +69,31 @@ def test_distill_fsdp_two_cpu_processes_resumes(teacher, tmp_path):
     assert steps == [1, 2, 3]
     student = load_bonsai_unet(tmp_path / "fsdp" / "student.safetensors")
     assert sum(isinstance(m, BitLinear) for m in student.modules()) > 0
+
+
+def _tiny_pixart_pipeline(folder):
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline
+
+    PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=tiny_model("pixart"),
+                        scheduler=DDIMScheduler()).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "pixart"])
+def test_student_of_a_pipeline_folder_references_it_as_quantize_does(kind, tmp_path):
+    """The student records the teacher's pipeline folder exactly as `bonsai quantize --bundle reference`
+    of the same folder does (subfolder, parts and their tensors), so load_bonsai_pipeline needs no source=."""
+    folder = tmp_path / kind
+    tiny_sd15_pipeline(folder, tiny_model("sd15")) if kind == "sd15" else _tiny_pixart_pipeline(folder)
+    result = CliRunner().invoke(main, ["distill", str(folder), "-o", str(tmp_path / "run"), "--steps", "1", "--batch", "1",
+                                       "--latent-size", "8", "--no-samples", "--no-compile"])
+    assert result.exit_code == 0, result.output
+    student = tmp_path / "run" / "student.safetensors"
+    quantize_model(folder, tmp_path / "quantized.safetensors", progress=False)
+    assert read_header(student).metadata["pipeline"] == read_header(tmp_path / "quantized.safetensors").metadata["pipeline"]
+    assert read_header(student).metadata["pipeline"]["diffusers_source"] == str(folder.resolve())
+    pipe = load_bonsai_pipeline(student)
+    denoiser = pipe.unet if kind == "sd15" else pipe.transformer
+    assert sum(isinstance(m, BitLinear) for m in denoiser.modules()) == len(read_header(student).layers) > 0
 
 
 @pytest.mark.parametrize("option, value", [("--steps", "0"), ("--batch", "0"), ("--log-every", "0"), ("--checkpoint-every", "0"),

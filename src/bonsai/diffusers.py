@@ -103,7 +103,8 @@ def load_bonsai_pipeline(
             )
         check_parts(source, pipe_meta.get("parts", {}), path)
     model = load_bonsai_model(path, dtype=dtype)
-    # the model's own class says where it goes: a checkpoint without "pipeline" metadata (a distilled
-    # student) is still a transformer, and diffusers ignores a component passed under the wrong name
+    # the model's own class says where it goes: a checkpoint without "pipeline" metadata (a student
+    # distilled from a bare component folder) is still a transformer, and diffusers ignores a component
+    # passed under the wrong name
     subfolder = ADAPTERS[read_header(path).metadata["architecture"].removeprefix(PREFIX)].subfolder
     return DiffusionPipeline.from_pretrained(source, **{subfolder: model}, **kwargs)

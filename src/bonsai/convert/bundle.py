@@ -25,6 +25,7 @@ from typing import Any
 
 from ..atomic import atomic_write
 from ..format import CheckpointError
+from .adapters import Adapter
 from .source import SourceError
 
 BUNDLE_MODES = ("reference", "copy", "none")
@@ -54,6 +55,21 @@ def pipeline_parts(pipeline_dir: Path, denoiser: str) -> list[str]:
         name for name, entry in index.items()
         if not name.startswith("_") and name != denoiser and isinstance(entry, list) and len(entry) == 2 and entry[1]
     ]  # fmt: skip
+
+
+def pipeline_metadata(adapter: Adapter, pipeline_dir: Path | None, bundle: str) -> dict[str, Any]:
+    """The "pipeline" metadata of a checkpoint whose denoiser came from `pipeline_dir` (None: a bare
+    component folder or file) with the other parts kept as `bundle` says; "none" when there are none."""
+    parts = [] if pipeline_dir is None or bundle == "none" else pipeline_parts(pipeline_dir, adapter.subfolder)
+    return {
+        "text_encoder": "diffusers",
+        "diffusers_class": adapter.class_name,
+        "diffusers_subfolder": adapter.subfolder,
+        "diffusers_pipelines": list(adapter.pipelines),
+        "bundle": bundle if parts else "none",
+        "diffusers_source": str(pipeline_dir) if parts and bundle == "reference" else None,
+        "parts": manifest(pipeline_dir, parts) if parts else {},
+    }
 
 
 def safetensors_tensors(file: Path) -> dict[str, list]:

@@ -11,7 +11,7 @@ import torch
 from ..format import CheckpointError
 from ..models import save_model
 from ..quant import QuantPolicy
-from .bundle import BUNDLE_MODES, finish_copy, manifest, pipeline_parts, prepare_copy
+from .bundle import BUNDLE_MODES, finish_copy, pipeline_metadata, prepare_copy
 from .source import SourceError, open_source
 from .stream import ConversionStats, policy_for, quantize_source
 
@@ -45,16 +45,8 @@ def quantize_model(
             f"{src}: --bundle copy needs a diffusers pipeline folder (model_index.json) to copy the text encoders and VAE "
             "from: pass one as SRC, or as --config for a single file"
         )
-    parts = [] if pipeline_dir is None or bundle == "none" else pipeline_parts(pipeline_dir, adapter.subfolder)
-    pipeline = {
-        "text_encoder": "diffusers",
-        "diffusers_class": adapter.class_name,
-        "diffusers_subfolder": adapter.subfolder,
-        "diffusers_pipelines": list(adapter.pipelines),
-        "bundle": bundle if parts else "none",
-        "diffusers_source": str(pipeline_dir) if parts and bundle == "reference" else None,
-        "parts": manifest(pipeline_dir, parts) if parts else {},
-    }
+    pipeline = pipeline_metadata(adapter, pipeline_dir, bundle)
+    parts = list(pipeline["parts"])
     model, stats = quantize_source(source, policy, dtype, progress)
     provenance = {
         "source": str(Path(src).resolve()),

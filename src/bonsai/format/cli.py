@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -80,17 +81,37 @@ def render(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _checkpoint_file(model: str) -> Path:
+    """The checkpoint MODEL names: a path or store name (bonsai.hub.resolve), or else a bundle folder
+    (`bonsai quantize --bundle copy`) -> the checkpoint in it, the file load_bonsai_pipeline loads."""
+    from bonsai.hub import ModelNotFound, resolve  # the store is a layer above the format: imported when the command runs
+
+    try:
+        return resolve(model)
+    except ModelNotFound as not_found:
+        folder = Path(model).expanduser()
+        if not folder.is_dir():
+            raise
+        from bonsai.convert.bundle import bundled_checkpoint
+
+        try:
+            return bundled_checkpoint(folder)
+        except CheckpointError:
+            raise not_found from None  # not a bundle: resolve's message says what is wrong with the folder
+
+
 @click.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(model: str, as_json: bool) -> None:
     """Show a checkpoint's name, architecture, provenance, sizes and bits per weight.
 
-    MODEL is a checkpoint path or a model name (see `bonsai models list`)."""
-    from bonsai.hub import ModelNotFound, resolve  # the store is a layer above the format: imported when the command runs
+    MODEL is a checkpoint path, a model name (see `bonsai models list`) or a folder written by
+    `bonsai quantize --bundle copy`."""
+    from bonsai.hub import ModelNotFound
 
     try:
-        summary = summarize(resolve(model))
+        summary = summarize(_checkpoint_file(model))
     except (CheckpointError, ModelNotFound) as e:
         raise OneLineError(str(e)) from None
     click.echo(json.dumps(summary, indent=2) if as_json else render(summary))

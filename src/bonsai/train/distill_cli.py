@@ -20,7 +20,8 @@ Sample grids: teacher row over student row on 4 fixed prompts and seeds, every -
 steps and at the end, in OUT/samples/step-NNNNNN.png (samples.py): Euler on pixels for Bonsai
 pixel DiTs, the folder's own pipeline (scheduler + VAE) for diffusers models with a VAE.
 Resumable (OUT/state.pt); one GPU, or several with `torchrun --nproc_per_node N -m bonsai.cli distill ...`
-(DDP; gloo on CPU). Writes OUT/log.jsonl and, at the end, OUT/student.safetensors (packed).
+(DDP; gloo on CPU). Writes OUT/log.jsonl and, at the end, OUT/student.safetensors (packed); the student
+of a diffusers pipeline folder references that folder as `bonsai quantize` does, so load_bonsai_pipeline needs no source=.
 On a CPU shared with other jobs, OMP_NUM_THREADS=1 avoids intra-op thread stalls (~6-10x).
 """
 
@@ -86,15 +87,19 @@ def _load_teacher(path: Path) -> Teacher:
 
     if path.is_dir():
         from ..convert import open_source
+        from ..convert.bundle import pipeline_metadata
 
         source = open_source(path)
+        # the student references the teacher's pipeline folder as `bonsai quantize` would (checked now, before training)
+        pipeline_dir = None if source.pipeline_dir is None else source.pipeline_dir.resolve()
+        inherited = {} if pipeline_dir is None else {"pipeline": pipeline_metadata(source.adapter, pipeline_dir, "reference")}
         model = source.adapter.model_class().from_pretrained(os.fspath(source.path), torch_dtype=torch.float32)
         scale = _vae_scale(source.pipeline_dir)
         schedule = scheduler_alphas_cumprod(source.pipeline_dir) if type(model).__name__ in VP_KINDS else None
         denoiser = DiffusersDenoiser(model, vae_scale=scale, alphas_cumprod=schedule)
         keep = tuple(f"model.{p}" for p in source.adapter.keep)
         config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-        return Teacher(denoiser, source.adapter.architecture, config, keep, denoiser.text_dim(), denoiser.pooled_dim(), {},
+        return Teacher(denoiser, source.adapter.architecture, config, keep, denoiser.text_dim(), denoiser.pooled_dim(), inherited,
                        source.pipeline_dir, source.path.name, scale)
     from ..models import load_model
 
