@@ -140,3 +140,14 @@ def test_latent_size_the_teacher_cannot_take_is_a_usage_error(tmp_path, kind, si
     result = CliRunner().invoke(main, ["distill", str(teacher), "-o", str(tmp_path / "run"), "--latent-size", str(size), "--steps", "1"])
     assert result.exit_code == 2 and f"Invalid value for '--latent-size': {size} is not a multiple of {multiple}" in result.output, result.output
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_a_1bit_teacher_names_the_model_to_distill_from(teacher, tmp_path):
+    # A quantized checkpoint as teacher failed at the first forward ("bitmatmul: x has K=..."); it is refused up front.
+    from bonsai.convert import quantize_model
+    from bonsai.quant import QuantPolicy
+
+    quantized = tmp_path / "q.safetensors"
+    quantize_model(teacher, quantized, QuantPolicy())
+    result = CliRunner().invoke(main, ["distill", str(quantized), "-o", str(tmp_path / "run"), "--steps", "1"])
+    assert result.exit_code == 1 and "is a 1-bit model" in result.output and f"distill from {teacher.resolve()}" in result.output, result.output

@@ -101,8 +101,15 @@ def _load_teacher(path: Path) -> Teacher:
         config = {k: v for k, v in model.config.items() if not k.startswith("_")}
         return Teacher(denoiser, source.adapter.architecture, config, keep, denoiser.text_dim(), denoiser.pooled_dim(), inherited,
                        source.pipeline_dir, source.path.name, scale)
+    from ..format import read_header
     from ..models import load_model
 
+    meta = read_header(path).metadata
+    if meta["quantization"]["layers"]:  # a student learns from the full-precision model, not from another 1-bit one
+        provenance = meta.get("provenance", {})
+        source = provenance.get("source") or provenance.get("teacher")  # what quantize / distill made it from
+        hint = f": distill from {source}" if source else ": distill from the full-precision model it was made from"
+        raise ValueError(f"{path} is a 1-bit model ({len(meta['quantization']['layers'])} packed layers){hint}")
     model, meta = load_model(path)
     inherited = {k: meta[k] for k in ("pipeline", "license") if k in meta}
     return Teacher(model.train(), meta["architecture"], meta["config"], DEFAULT_KEEP, meta["config"].get("text_dim", 384), 0, inherited)
