@@ -58,8 +58,30 @@ def binarized_layers(model: nn.Module, policy: QuantPolicy) -> dict[str, nn.Modu
 def copy_with(model: nn.Module, swaps: dict[int, Any]) -> nn.Module:
     """A deep copy of `model` in which every object whose id is a key of `swaps` is replaced by its
     value (and not copied). Swapping the layers being binarized means their float weights are never
-    copied; swapping an object for None drops a back-reference that must not be copied."""
-    return copy.deepcopy(model, dict(swaps))
+    copied; swapping an object for None drops a back-reference that must not be copied.
+
+    Plain attributes of `model` whose class answers any attribute (ComfyUI's model config, held
+    as BaseModel.model_config, returns None for a missing name since ComfyUI 0.4) are copied
+    attribute by attribute: copy.deepcopy would take that None for their __setstate__ and call it."""
+    memo = dict(swaps)
+    for value in vars(model).values():
+        if id(value) not in memo and not isinstance(value, nn.Module) and _answers_any_attribute(value):
+            memo[id(value)] = _attribute_copy(value, memo)
+    return copy.deepcopy(model, memo)
+
+
+def _answers_any_attribute(obj: Any) -> bool:
+    # Looked up on the class, so the instance's __getattr__ (and its warning) is not triggered.
+    cls = type(obj)
+    return hasattr(cls, "__getattr__") and hasattr(obj, "__dict__") and not hasattr(cls, "__deepcopy__")
+
+
+def _attribute_copy(obj: Any, memo: dict[int, Any]) -> Any:
+    """A new instance of obj's class with deep copies of its attributes, made without __init__."""
+    out = object.__new__(type(obj))
+    memo[id(obj)] = out  # an attribute that refers back to obj gets the copy
+    out.__dict__.update(copy.deepcopy(obj.__dict__, memo))
+    return out
 
 
 def swaps_for(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[int, nn.Module]:

@@ -154,11 +154,16 @@ class BonsaiModelLoRA:
     CATEGORY = CATEGORY
 
     def apply(self, model, lora_name: str, strength: float) -> tuple:
-        from . import comfy_model
-
         path = lora_files().get(lora_name)
         if path is None:
             raise ValueError(f"LoRA {lora_name!r} not found in ComfyUI's models/loras folder")
+        if strength == 0:
+            # As ComfyUI's LoraLoader: the input MODEL itself. A wrapped layer, even with a zero
+            # branch, makes its DiT block leave the fused CPU kernel path for dit.py's forward,
+            # whose int8 activations differ slightly, so the image would not be the base one.
+            return (model,)
+        from . import comfy_model
+
         out = comfy_model.independent_copy(model)
         apply_lora(out.model.diffusion_model, path, weight=strength)
         return (out,)

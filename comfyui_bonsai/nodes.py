@@ -157,6 +157,8 @@ class BonsaiLoRA:
         path = lora_files().get(lora_name)
         if path is None:
             raise ValueError(f"LoRA {lora_name!r} not found in ComfyUI's models/loras folder")
+        if strength == 0:  # as ComfyUI's LoraLoader: the input itself (see BonsaiModelLoRA.apply)
+            return (pipeline,)
         denoiser = copy.deepcopy(pipeline.denoiser)
         apply_lora(denoiser, path, weight=strength)
         return (with_denoiser(pipeline, denoiser),)

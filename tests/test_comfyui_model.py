@@ -143,6 +143,34 @@ def test_copy_of_a_used_1bit_model_runs_alike() -> None:
     assert copy[0].signs.data_ptr() != model[0].signs.data_ptr()
 
 
+class AnswersAnyAttribute:
+    """As ComfyUI's model config (supported_models_base.BASE since ComfyUI 0.4): a missing
+    attribute, __deepcopy__ and __setstate__ included, reads as None instead of raising."""
+
+    def __init__(self) -> None:
+        self.unet_config = {"in_channels": 4}
+        self.latent_format = object()
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+
+def test_copy_of_a_model_holding_a_comfy_style_config() -> None:
+    """ComfyUI's BaseModel holds its config as model_config; copying must neither call the None
+    that config gives for __setstate__ nor share the config with the source."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    model.model_config = AnswersAnyAttribute()
+    model.model_config.owner_list = [model.model_config]  # a reference back to the config itself
+    new = nn.Linear(8, 8)
+    copy = copy_with(model, swaps_for(model, {"0": new}))
+
+    assert copy[0] is new and model[0] is not new
+    config = copy.model_config
+    assert type(config) is AnswersAnyAttribute and config is not model.model_config
+    assert config.unet_config == {"in_channels": 4} and config.unet_config is not model.model_config.unet_config
+    assert config.owner_list[0] is config
+
+
 def test_model_size_counts_packed_bits_and_float_weights() -> None:
     n, k = 32, 64
     model = nn.Sequential(nn.Linear(k, n), nn.Linear(k, n))

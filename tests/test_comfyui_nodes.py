@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the pack lives at the repository root, as in ComfyUI/custom_nodes/
 
 from comfyui_bonsai import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from comfyui_bonsai.model_nodes import BonsaiModelLoRA  # noqa: E402
 from comfyui_bonsai.nodes import (  # noqa: E402
     BonsaiCheckpointLoader,
     BonsaiLoRA,
@@ -154,6 +155,19 @@ def test_lora_node_changes_the_image_and_leaves_its_input_alone(comfy_models: di
     torch.testing.assert_close(_sample(pipe), base)  # the loader's pipeline has no LoRA attached
     with pytest.raises(ValueError, match="missing.safetensors"):
         BonsaiLoRA().apply(pipe, "missing.safetensors", 1.0)
+
+
+def test_lora_nodes_at_strength_0_give_their_input(comfy_models: dict[str, Path]) -> None:
+    """Strength 0 is the base image bit for bit on any kernel, also the compiled CPU one whose fused
+    DiT blocks a LoRA-wrapped layer would leave (as ComfyUI's LoraLoader, the input comes back)."""
+    pipe = _load("tiny-1bit.safetensors")
+    base = _sample(pipe)
+    off = BonsaiLoRA().apply(pipe, "style.safetensors", 0.0)[0]
+    assert torch.equal(_sample(off), base)
+    model = object()  # a MODEL; strength 0 needs nothing of ComfyUI
+    assert BonsaiModelLoRA().apply(model, "style.safetensors", 0.0)[0] is model
+    with pytest.raises(ValueError, match="missing.safetensors"):
+        BonsaiModelLoRA().apply(model, "missing.safetensors", 0.0)
 
 
 def test_quantize_node_binarizes_a_float_model(comfy_models: dict[str, Path], reference_kernel: None) -> None:
