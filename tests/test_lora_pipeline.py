@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import write_tiny_lora
 
+from bonsai.kernels import available_kernels, set_kernel
 from bonsai.lora import apply_lora, loaded_loras
 from bonsai.pipeline import InvalidRequest, Pipeline
 
@@ -74,3 +75,20 @@ def test_a_tag_names_a_file_in_the_lora_dir_never_a_path(pipe: Pipeline, tmp_pat
     (tmp_path / "loras").mkdir()
     with pytest.raises(InvalidRequest, match="not by a path"):
         sample(pipe, f"{PROMPT} <lora:{name}:1>")
+
+
+@pytest.mark.skipif("cpu" not in available_kernels(), reason="the compiled CPU kernel is not built")
+def test_a_switched_off_lora_leaves_the_fused_path_and_the_image_alone(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # On the compiled kernel a DiT block runs fused (row operations inside the kernel) unless a layer is
+    # wrapped; a LoRA a tag loaded stays loaded at weight 0, so the next untagged prompt must still be fused.
+    write_tiny_lora(tiny_checkpoint, tmp_path / "ink.safetensors", seed=6)
+    pipe = Pipeline.from_pretrained(tiny_checkpoint, device="cpu")
+    pipe.lora_dir = str(tmp_path)
+    set_kernel("cpu")
+    try:
+        base = sample(pipe)
+        assert differs(sample(pipe, f"{PROMPT} <lora:ink:1>"), base)
+        assert loaded_loras(pipe.denoiser) == {"ink": 0.0}
+        assert torch.equal(sample(pipe), base)
+    finally:
+        set_kernel(None)

@@ -39,6 +39,11 @@ class LoRALayer(nn.Module):
         self.ups[name] = nn.Parameter(up.to(device=device, dtype=dtype), requires_grad=trainable)
         self.scales[name], self.weights[name] = factors.scale, weight
 
+    @property
+    def active(self) -> bool:
+        """Whether any branch adds something (a LoRA at weight 0 is loaded but switched off)."""
+        return any(self.weights[name] * self.scales[name] for name in self.downs)
+
     def remove(self, name: str) -> None:
         del self.downs[name], self.ups[name], self.scales[name], self.weights[name]
 

@@ -25,13 +25,22 @@ from ..quant import BitLinear
 _LINEARS = ("attn.qkv", "attn.proj", "cross.q", "cross.kv", "cross.proj", "mlp.fc1", "mlp.fc2")
 
 
+def bit_layer(layer: nn.Module) -> BitLinear | None:
+    """The BitLinear that computes `layer`: itself, or the base of a LoRA wrapper whose branches are all at
+    weight 0 (a LoRA a prompt tag loaded stays loaded, switched off: it must change neither path nor image)."""
+    if type(layer) is BitLinear:
+        return layer
+    base = getattr(layer, "base", None)
+    return base if type(base) is BitLinear and getattr(layer, "active", True) is False else None
+
+
 def applies(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether `block` on x [B, T, D] should take the fused path."""
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
         return False
-    layers = [block.get_submodule(name) for name in _LINEARS]
+    layers = [bit_layer(block.get_submodule(name)) for name in _LINEARS]
     # A kernel that fuses nothing would run every row operation in torch, as dit.py does, only regrouped.
-    return all(type(layer) is BitLinear for layer in layers) and bool(fused_parts(x, layers[0].packed))
+    return all(layer is not None for layer in layers) and bool(fused_parts(x, layers[0].packed))
 
 
 def head_norms(norms: list[nn.RMSNorm], dim: int) -> Epilogue:
@@ -44,10 +53,10 @@ def self_attention(attn: nn.Module, x: torch.Tensor, prologue: Prologue, gate: t
     """x + gate * attn(prologue(x)) for x [B, T, D]."""
     B, T, D = x.shape
     H = attn.num_heads
-    qkv = attn.qkv(x, prologue, head_norms([attn.q_norm, attn.k_norm], D))
+    qkv = bit_layer(attn.qkv)(x, prologue, head_norms([attn.q_norm, attn.k_norm], D))
     q, k, v = qkv.reshape(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
     out = F.scaled_dot_product_attention(q, k, v)
-    return attn.proj(out.transpose(1, 2).reshape(B, T, D), epilogue=Epilogue(residual=x, gate=gate))
+    return bit_layer(attn.proj)(out.transpose(1, 2).reshape(B, T, D), epilogue=Epilogue(residual=x, gate=gate))
 
 
 def cross_attention(
@@ -56,10 +65,10 @@ def cross_attention(
     """x + cross(prologue(x), text) for x [B, T, D], text [B, L, D], text_mask [B, L]."""
     B, T, D = x.shape
     L, H = text.shape[1], cross.num_heads
-    q = cross.q(x, prologue, head_norms([cross.q_norm], D)).reshape(B, T, H, D // H).transpose(1, 2)
-    k, v = cross.kv(text, epilogue=head_norms([cross.k_norm], D)).reshape(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
+    q = bit_layer(cross.q)(x, prologue, head_norms([cross.q_norm], D)).reshape(B, T, H, D // H).transpose(1, 2)
+    k, v = bit_layer(cross.kv)(text, epilogue=head_norms([cross.k_norm], D)).reshape(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask[:, None, None, :])
-    return cross.proj(out.transpose(1, 2).reshape(B, T, D), epilogue=Epilogue(residual=x))
+    return bit_layer(cross.proj)(out.transpose(1, 2).reshape(B, T, D), epilogue=Epilogue(residual=x))
 
 
 def block_forward(
@@ -70,5 +79,5 @@ def block_forward(
     shift1, scale1, gate1, shift2, scale2, gate2 = (mod + block.modulation_table[None]).transpose(0, 1).contiguous()
     x = self_attention(block.attn, x, Prologue(block.norm1.eps, shift=shift1, scale=scale1), gate1)
     x = cross_attention(block.cross, x, Prologue(block.norm2.eps, block.norm2.weight, block.norm2.bias), text, text_mask)
-    hidden = block.mlp.fc1(x, Prologue(block.norm3.eps, shift=shift2, scale=scale2), Epilogue(gelu=True))
-    return block.mlp.fc2(hidden, epilogue=Epilogue(residual=x, gate=gate2))
+    hidden = bit_layer(block.mlp.fc1)(x, Prologue(block.norm3.eps, shift=shift2, scale=scale2), Epilogue(gelu=True))
+    return bit_layer(block.mlp.fc2)(hidden, epilogue=Epilogue(residual=x, gate=gate2))
