@@ -19,6 +19,7 @@ import torch
 from bonsai.kernels import Epilogue, Prologue, bitmatmul, dispatch, fuses_rows, set_kernel
 from bonsai.kernels.cpu import available_isas, bitmatmul_cpu
 from bonsai.kernels.fusion import apply_epilogue, apply_prologue
+from bonsai.lora.formats import LoRAFactors
 from bonsai.lora.layers import LoRALayer
 from bonsai.models import dit_fused
 from bonsai.pipeline import Pipeline
@@ -164,9 +165,13 @@ def test_fused_block_is_skipped_for_training_and_wrapped_layers() -> None:
     with torch.no_grad():
         assert dit_fused.applies(block, x)
     assert not dit_fused.applies(block, x.requires_grad_())  # gradients: dit.py's own forward
-    block.mlp.fc1 = LoRALayer(block.mlp.fc1)
+    fc1 = block.mlp.fc1
+    block.mlp.fc1 = LoRALayer(fc1)
+    block.mlp.fc1.add("ink", LoRAFactors(torch.randn(2, fc1.in_features), torch.randn(fc1.out_features, 2), 2.0), 0.0, torch.float32)
     with torch.no_grad():
-        assert not dit_fused.applies(block, x)
+        assert dit_fused.applies(block, x)  # a LoRA switched off (weight 0) leaves the fused path as it was
+        block.mlp.fc1.weights["ink"] = 0.5
+        assert not dit_fused.applies(block, x)  # an active branch: dit.py's own forward
 
 
 def test_pipeline_on_cpu_runs_the_fused_blocks(tiny_checkpoint, monkeypatch) -> None:
