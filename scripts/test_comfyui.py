@@ -77,8 +77,8 @@ from bonsai.hub import resolve
 from bonsai.lora import add_trainable_lora, lora_targets, save_lora
 from bonsai.models import load_model
 model, _ = load_model(resolve("bonsai-emoji"))
+torch.manual_seed(5)  # before the LoRA is made: its down factors start random too
 add_trainable_lora(model, "style", rank=2, patterns=("blocks.*",))
-torch.manual_seed(5)
 for layer in lora_targets(model).values():
     if "style" in getattr(layer, "ups", {}):
         layer.ups["style"].data.normal_(std=0.5)
