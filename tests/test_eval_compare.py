@@ -143,3 +143,10 @@ def test_eval_command_checks_models_and_output_before_generating(tmp_path: Path,
     _assert_one_line_error(result, "cannot create output directory", "-o")
     assert generated == []
 
+
+def test_eval_command_names_a_truncated_dataset_file(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    _tiny_dataset(tmp_path / "data")
+    images = tmp_path / "data" / "images.safetensors"
+    images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])  # a copy cut short
+    args = ["eval", "--model", f"a={tiny_checkpoint}", "--reference", "none", "--data", str(tmp_path / "data"), "-o", str(tmp_path / "out")]
+    _assert_one_line_error(CliRunner().invoke(main, args), str(images), "bonsai data emoji")
