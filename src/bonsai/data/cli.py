@@ -26,16 +26,21 @@ def data() -> None:
               help="Store MiniLM token states of the captions (the evaluator needs them; a trainer that carries the encoder does not).")
 def emoji(source: Path | None, out: Path, cache: Path | None, bits: str, states: bool) -> None:
     """Build the bonsai-emoji dataset (Noto Emoji + Twemoji, 64x64, captions, text states)."""
+    from ..cli_paths import writable_dir
     from .build import build_emoji_dataset
     from .fetch import package_dirs
 
-    packages = package_dirs(source, cache)
-    encode = None
-    if states:
-        from bonsai.text import TextEncoder
+    writable_dir(out)
+    try:
+        packages = package_dirs(source, cache)
+        encode = None
+        if states:
+            from bonsai.text import TextEncoder
 
-        encode = TextEncoder().encode
-    summary = build_emoji_dataset(packages, out, encode, bits=int(bits))
+            encode = TextEncoder().encode
+        summary = build_emoji_dataset(packages, out, encode, bits=int(bits))
+    except (OSError, RuntimeError, ValueError) as e:  # a missing package or image, npm failing, a bad emoji.json
+        raise click.ClickException(str(e)) from None
     for style, splits in summary["counts"].items():
         click.echo(f"{style:8s} " + "  ".join(f"{k}: {v}" for k, v in splits.items()))
     click.echo(json.dumps({k: summary[k] for k in ("images", "base_emoji", "base_emoji_eval", "tokens", "bytes")}))

@@ -38,6 +38,14 @@ def find_package(source: Path, emoji_set: str) -> Path:
     )
 
 
+def npm_reason(stderr: str) -> str:
+    """The line of npm's error output that says what went wrong: the first 'npm error' line after
+    the code/syscall/errno lines ('FetchError: request to ... failed, reason: ...', '404 Not Found - GET ...')."""
+    lines = [line.removeprefix("npm error").removeprefix("npm ERR!").strip() for line in stderr.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("code ", "syscall ", "errno "))]
+    return lines[0] if lines else "no error message"
+
+
 def fetch_package(emoji_set: str, cache_dir: Path, version: str = PACKAGE_VERSION) -> Path:
     """npm pack <package>@<version> into cache_dir and unpack its emoji.json, LICENSE and 64-pixel
     images; reuses an earlier unpacked copy. Returns the package folder."""
@@ -49,10 +57,15 @@ def fetch_package(emoji_set: str, cache_dir: Path, version: str = PACKAGE_VERSIO
         raise RuntimeError(f"npm is needed to fetch {name}@{version}; install Node.js or pass --source with the unpacked package")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        subprocess.run(
-            ["npm", "pack", f"{name}@{version}", "--silent", "--pack-destination", tmp],
-            check=True, stdout=subprocess.DEVNULL,
+        npm = subprocess.run(
+            ["npm", "pack", f"{name}@{version}", "--loglevel=error", "--pack-destination", tmp],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
+        if npm.returncode != 0:
+            raise RuntimeError(
+                f"npm pack {name}@{version} failed ({npm_reason(npm.stderr)}); check the network and npm's registry "
+                f"setting, or pass --source with the unpacked package"
+            )
         (tgz,) = Path(tmp).glob("*.tgz")
         unpacked = Path(tmp) / "unpacked"
         keep = ("package/emoji.json", "package/LICENSE", f"package/img/{emoji_set}/64/")

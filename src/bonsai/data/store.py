@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_write
@@ -156,9 +156,12 @@ class EmojiDataset:
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; build the dataset with `bonsai data emoji -o {path.parent}`")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:  # truncated or not safetensors at all
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); build the dataset again with `bonsai data emoji -o {path.parent}`") from None
     if meta.get("format") != FORMAT or meta.get("version") != str(FORMAT_VERSION):
         raise ValueError(f"{path}: expected format {FORMAT} version {FORMAT_VERSION}, got {meta.get('format')} {meta.get('version')}")
     return tensors, meta

@@ -45,6 +45,8 @@ def eval_cmd(model_specs, reference, data, evaluator, prompts, seed, steps, cfg,
     distance, top-1/top-5 prompt adherence, PSNR/SSIM against the reference, seconds per image."""
     from tqdm import tqdm
 
+    from ..cli_paths import writable_dir
+    from ..hub import ModelNotFound
     from ..pipeline import InvalidRequest
     from .compare import compare_models
     from .report import markdown_table, sample_grid, write_report
@@ -53,6 +55,7 @@ def eval_cmd(model_specs, reference, data, evaluator, prompts, seed, steps, cfg,
     ref = None if reference.lower() == "none" else reference
     if ref is not None and ref not in models:
         raise click.BadParameter(f"{ref!r} is not one of the --model names {sorted(models)}", param_hint="--reference")
+    writable_dir(out)  # before minutes of generating, not after
     config = EvalConfig(prompts=prompts, seed=seed, steps=steps, cfg=cfg, batch_size=batch_size, reference=ref, device=device,
                         prompt_form=prompt_form)
     with tqdm(unit="img", desc="generating") as bar:
@@ -63,7 +66,7 @@ def eval_cmd(model_specs, reference, data, evaluator, prompts, seed, steps, cfg,
 
         try:
             report, runs, real = compare_models(models, data, config, evaluator, progress=progress)
-        except (InvalidRequest, FileNotFoundError, ValueError) as e:
+        except (InvalidRequest, ModelNotFound, FileNotFoundError, ValueError) as e:
             raise click.ClickException(str(e)) from None
     grid = sample_grid({"real": real, **{name: run.images for name, run in runs.items()}}, grid_rows)
     paths = write_report(report, grid, grid_rows, out)

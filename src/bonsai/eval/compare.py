@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 
 from ..data import load_emoji_dataset
+from ..format import read_header
+from ..hub import resolve
 from ..pipeline import Pipeline
 from .evaluate import evaluate_images
 from .evaluator import load_evaluator
@@ -84,6 +86,10 @@ def compare_models(
     `progress(n, total)` is called after each batch of n images, total counting every model's."""
     if config.reference is not None and config.reference not in models:
         raise ValueError(f"reference model {config.reference!r} is not among the models {sorted(models)}")
+    # every checkpoint's header is read now: a wrong last path fails before the other models generate
+    files = {name: resolve(path) for name, path in models.items()}
+    for file in files.values():
+        read_header(file)
     held = load_emoji_dataset(data).subset("eval")
     if len(held) < 2:
         raise ValueError(f"{data}: the eval split has {len(held)} images; the Fréchet distance needs at least 2")
@@ -103,7 +109,7 @@ def compare_models(
     runs: dict[str, ModelRun] = {}
     for name, path in models.items():
         start = time.perf_counter()
-        pipe = Pipeline.from_pretrained(path, device=config.device)
+        pipe = Pipeline.from_pretrained(files[name], device=config.device)
         load_seconds = time.perf_counter() - start
         text_encoder = pipe.text_encoder  # MiniLM, the same for every model: it also scores retrieval
         on_batch = None if progress is None else (lambda n: progress(n, len(prompts) * len(models)))
