@@ -45,7 +45,7 @@ class BonsaiPixelConfig(comfy.supported_models_base.BASE):
 
     def __init__(self, shift: float = 1.0):
         super().__init__(dict(self.unet_config))
-        self.sampling_settings["shift"] = shift
+        self.sampling_settings = {**self.sampling_settings, "shift": shift}  # this model's own, not the class's
 
 
 class BonsaiModel(comfy.model_base.BaseModel):

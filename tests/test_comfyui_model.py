@@ -215,3 +215,35 @@ def test_model_workflows_match_the_nodes() -> None:
     for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
         assert ids[src]["outputs"][src_slot]["type"] == kind and link_id in ids[src]["outputs"][src_slot]["links"]
         assert ids[dst]["inputs"][dst_slot]["link"] == link_id
+
+
+def test_each_loaded_model_keeps_its_own_shift(monkeypatch: pytest.MonkeyPatch) -> None:
+    # BonsaiPixelConfig wrote the shift into its class-wide sampling settings: loading a second model changed
+    # the first one's. ComfyUI's modules are stubbed with what comfy_model needs to import.
+    import importlib
+    import types
+
+    class BASE:
+        def __init__(self, unet_config: dict):
+            self.unet_config = unet_config
+
+    modules = {
+        "comfy.conds": {}, "comfy.latent_formats": {"ChromaRadiance": object}, "comfy.model_management": {},
+        "comfy.model_base": {"BaseModel": nn.Module}, "comfy.model_patcher": {}, "comfy.sd": {},
+        "comfy.supported_models_base": {"BASE": BASE},
+    }
+    comfy = types.ModuleType("comfy")
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    for name, attrs in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+        setattr(comfy, name.split(".")[1], module)
+    import comfyui_bonsai
+
+    monkeypatch.delitem(sys.modules, "comfyui_bonsai.comfy_model", raising=False)
+    comfy_model = importlib.import_module("comfyui_bonsai.comfy_model")
+    monkeypatch.setitem(sys.modules, "comfyui_bonsai.comfy_model", comfy_model)  # dropped again after the test
+    monkeypatch.setattr(comfyui_bonsai, "comfy_model", comfy_model, raising=False)
+    t2i, emoji = comfy_model.BonsaiPixelConfig(3.0), comfy_model.BonsaiPixelConfig(1.0)
+    assert (t2i.sampling_settings["shift"], emoji.sampling_settings["shift"]) == (3.0, 1.0)
