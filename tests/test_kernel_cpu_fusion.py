@@ -159,19 +159,49 @@ def test_without_the_compiled_kernel_blocks_run_dit_forward(monkeypatch) -> None
             set_kernel(None)
 
 
-def test_fused_block_is_skipped_for_training_and_wrapped_layers() -> None:
+def test_fused_block_is_skipped_for_training() -> None:
     model = one_bit_dit()
     block, x = model.blocks[0], torch.randn(2, 15, CONFIG.hidden_size)
     with torch.no_grad():
         assert dit_fused.applies(block, x)
     assert not dit_fused.applies(block, x.requires_grad_())  # gradients: dit.py's own forward
-    fc1 = block.mlp.fc1
-    block.mlp.fc1 = LoRALayer(fc1)
-    block.mlp.fc1.add("ink", LoRAFactors(torch.randn(2, fc1.in_features), torch.randn(fc1.out_features, 2), 2.0), 0.0, torch.float32)
+
+
+@pytest.mark.parametrize("layer", ["attn.qkv", "cross.kv", "mlp.fc1", "mlp.fc2"])
+def test_fused_block_runs_a_lora_folded_into_the_low_rank_term(layer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LoRA on one layer (whose own low-rank term it joins): switched off, the plain fused block bit for
+    bit; on, the fused block matches dit.py's own forward through the LoRA wrapper up to the bf16 rounding
+    of the folded factors, at each weight it is given."""
+    model, (_, _, _, mask) = one_bit_dit(), dit_inputs()
+    block, x = model.blocks[0], torch.randn(2, 15, CONFIG.hidden_size)
+    mod, text = torch.randn(2, 6, CONFIG.hidden_size) * 0.3, torch.randn(2, 7, CONFIG.hidden_size)
+    parent, _, name = layer.rpartition(".")
+    base = block.get_submodule(layer)
+    gen = torch.Generator().manual_seed(5)
+    wrapped = LoRALayer(base)
+    down, up = torch.randn(2, base.in_features, generator=gen) * 0.3, torch.randn(base.out_features, 2, generator=gen) * 0.3
+    wrapped.add("ink", LoRAFactors(down, up, 2.0), 0.0, torch.bfloat16)
+    setattr(block.get_submodule(parent), name, wrapped)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            assert dit_fused.applies(block, x)
+            fused = dit_fused.block_forward(block, x, mod, text, mask)
+            with monkeypatch.context() as m:
+                m.setattr(dit_fused, "applies", lambda *args: False)
+                return fused, block(x, mod, text, mask)  # dit.py's own forward, LoRA through the wrapper
+
+    plain, plain_unfused = both()
+    setattr(block.get_submodule(parent), name, base)
     with torch.no_grad():
-        assert dit_fused.applies(block, x)  # a LoRA switched off (weight 0) leaves the fused path as it was
-        block.mlp.fc1.weights["ink"] = 0.5
-        assert not dit_fused.applies(block, x)  # an active branch: dit.py's own forward
+        torch.testing.assert_close(dit_fused.block_forward(block, x, mod, text, mask), plain, rtol=0, atol=0)
+    setattr(block.get_submodule(parent), name, wrapped)
+    for weight in (1.0, 0.5):
+        wrapped.weights["ink"] = weight
+        fused, unfused = both()
+        assert rel(fused, plain) > 1e-2 and rel(unfused, plain_unfused) > 1e-2  # the LoRA reaches the output
+        assert rel(fused, unfused) < 2e-2  # measured <= 5.5e-3: the folded factors are rounded to bf16
+    assert rel(fused, both()[0]) == 0
 
 
 def test_pipeline_on_cpu_runs_the_fused_blocks(tiny_checkpoint, monkeypatch) -> None:

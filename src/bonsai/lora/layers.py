@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.packed import LOWRANK_DTYPE, PackedWeight
 from ..quant import BitConv2d, BitLinear
 from .formats import LoRAError, LoRAFactors
 
@@ -43,6 +44,22 @@ class LoRALayer(nn.Module):
     def active(self) -> bool:
         """Whether any branch adds something (a LoRA at weight 0 is loaded but switched off)."""
         return any(self.weights[name] * self.scales[name] for name in self.downs)
+
+    def folded(self) -> PackedWeight:
+        """The base BitLinear's packed weight with the active branches folded into its low-rank term:
+        U' = [U | w_i s_i up_i], V' = [V; down_i], so a kernel that applies the low-rank term inside its
+        fused row operations runs the LoRA there too. Kept until the weights change."""
+        packed = self.base.packed
+        active = [(name, self.weights[name] * self.scales[name]) for name in self.downs if self.weights[name] * self.scales[name]]
+        key = (id(packed), tuple(active))
+        if getattr(self, "_folded", (None, None))[0] != key:
+            us = [] if packed.lowrank_u is None else [packed.lowrank_u]
+            vs = [] if packed.lowrank_v is None else [packed.lowrank_v]
+            us += [(w * self.ups[name].float()).to(LOWRANK_DTYPE) for name, w in active]
+            vs += [self.downs[name].to(LOWRANK_DTYPE) for name, _ in active]
+            fields = {**packed.tensors(), "lowrank_u": torch.cat(us, 1), "lowrank_v": torch.cat(vs, 0)}
+            self._folded = (key, PackedWeight(in_features=packed.in_features, group_size=packed.group_size, **fields))
+        return self._folded[1]
 
     def remove(self, name: str) -> None:
         del self.downs[name], self.ups[name], self.scales[name], self.weights[name]
