@@ -13,6 +13,8 @@ For each fusion, on every ISA path this machine runs, with fresh random inputs o
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -202,6 +204,13 @@ def test_fused_block_runs_a_lora_folded_into_the_low_rank_term(layer: str, monke
         assert rel(fused, plain) > 1e-2 and rel(unfused, plain_unfused) > 1e-2  # the LoRA reaches the output
         assert rel(fused, unfused) < 2e-2  # measured <= 5.5e-3: the folded factors are rounded to bf16
     assert rel(fused, both()[0]) == 0
+    copied = copy.deepcopy(block)  # the folded weight holds kernel caches (C structs): a copy folds again
+    with torch.no_grad():
+        assert rel(dit_fused.block_forward(copied, x, mod, text, mask), fused) == 0
+    wrapped.remove("ink")  # the same name, new factors: folded anew
+    wrapped.add("ink", LoRAFactors(down.flip(0), up, 2.0), 0.5, torch.bfloat16)
+    refolded, unfused = both()
+    assert rel(refolded, fused) > 1e-3 and rel(refolded, unfused) < 2e-2
 
 
 def test_pipeline_on_cpu_runs_the_fused_blocks(tiny_checkpoint, monkeypatch) -> None:

@@ -32,6 +32,7 @@ class LoRALayer(nn.Module):
         self.ups = nn.ParameterDict()
         self.scales: dict[str, float] = {}  # alpha / r
         self.weights: dict[str, float] = {}  # user weight (e.g. 0.8 from <lora:name:0.8>)
+        self._folded: tuple[tuple, PackedWeight] | None = None  # (what it was built from, folded weight)
 
     def add(self, name: str, factors: LoRAFactors, weight: float, dtype: torch.dtype, trainable: bool = False) -> None:
         down, up = fit_factors(self.base, factors, name)
@@ -51,8 +52,10 @@ class LoRALayer(nn.Module):
         fused row operations runs the LoRA there too. Kept until the weights change."""
         packed = self.base.packed
         active = [(name, self.weights[name] * self.scales[name]) for name in self.downs if self.weights[name] * self.scales[name]]
-        key = (id(packed), tuple(active))
-        if getattr(self, "_folded", (None, None))[0] != key:
+        # factors count by object and version: a LoRA added again under its name, or trained in place, refolds
+        factors = [(id(t), t._version) for name, _ in active for t in (self.downs[name], self.ups[name])]
+        key = (id(packed), tuple(active), tuple(factors))
+        if self._folded is None or self._folded[0] != key:
             us = [] if packed.lowrank_u is None else [packed.lowrank_u]
             vs = [] if packed.lowrank_v is None else [packed.lowrank_v]
             us += [(w * self.ups[name].float()).to(LOWRANK_DTYPE) for name, w in active]
@@ -63,6 +66,10 @@ class LoRALayer(nn.Module):
 
     def remove(self, name: str) -> None:
         del self.downs[name], self.ups[name], self.scales[name], self.weights[name]
+
+    def __getstate__(self) -> dict:
+        # The folded weight may hold kernel caches (C structs) that cannot be copied: a copy refolds.
+        return {**super().__getstate__(), "_folded": None}
 
     def branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
         down, up = self.downs[name].to(x.dtype), self.ups[name].to(x.dtype)
