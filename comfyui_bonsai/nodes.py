@@ -17,7 +17,7 @@ import torch
 
 from bonsai.format import CheckpointError, read_header
 from bonsai.hub import Store
-from bonsai.limits import CFG_RANGE, MAX_SEED, MAX_SIDE, MAX_STEPS
+from bonsai.limits import CFG_RANGE, MAX_BATCH, MAX_SEED, MAX_SIDE, MAX_STEPS
 from bonsai.lora import apply_lora
 from bonsai.pipeline import Pipeline
 from bonsai.quant import DEFAULT_KEEP, SCHEMES, BinarizeConfig, QuantPolicy, quantize_
@@ -103,7 +103,8 @@ class BonsaiSampler:
                 "pipeline": (PIPELINE,),
                 "prompt": ("STRING", {"multiline": True, "default": "grinning face, noto"}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
+                # image i uses seed + i: any seed the widget draws must leave room for the largest batch
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED - (MAX_BATCH - 1), "control_after_generate": True}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS}),
                 "cfg": ("FLOAT", {"default": 4.0, "min": CFG_RANGE[0], "max": CFG_RANGE[1], "step": 0.1, "round": 0.01}),
                 "sampler": (list(SAMPLERS), {"default": "euler"}),
@@ -111,7 +112,7 @@ class BonsaiSampler:
                                     "tooltip": "time shift: > 1 spends more steps at high noise; 0 = the model's (as bonsai generate)"}),
                 "width": ("INT", {"default": 0, "min": 0, "max": MAX_SIDE, "step": 8}),
                 "height": ("INT", {"default": 0, "min": 0, "max": MAX_SIDE, "step": 8}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH}),
             }
         }
 

@@ -220,3 +220,12 @@ def test_example_workflows_match_the_nodes() -> None:
             assert len(node["widgets_values"]) == len(_ui_widget_inputs(NODE_CLASS_MAPPINGS[node["type"]])), node["type"]
     for link in ui["links"]:  # [id, from node, from slot, to node, to slot, type]
         assert link[1] in ids and link[3] in ids
+
+
+def test_any_seed_the_sampler_widget_allows_fits_any_batch(comfy_models: dict[str, Path], reference_kernel: None) -> None:
+    required = BonsaiSampler.INPUT_TYPES()["required"]
+    top_seed, top_batch = required["seed"][1]["max"], required["batch_size"][1]["max"]
+    pipe = _load("tiny-1bit.safetensors")
+    images = BonsaiSampler().sample(pipe, "a red circle", batch_size=2, **{**SAMPLE, "seed": top_seed, "steps": 1})[0]
+    assert images.shape[0] == 2
+    pipe.check(replace(pipe.defaults, prompt="x", seed=top_seed), top_batch)  # the largest batch too: no error
