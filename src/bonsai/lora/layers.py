@@ -41,17 +41,20 @@ class LoRALayer(nn.Module):
         self.ups[name] = nn.Parameter(up.to(device=device, dtype=dtype), requires_grad=trainable)
         self.scales[name], self.weights[name] = factors.scale, weight
 
+    def _branch_weights(self) -> dict[str, float]:
+        """name -> weight * scale of the branches that add something (a LoRA at weight 0 is loaded, switched off)."""
+        return {name: w for name in self.downs if (w := self.weights[name] * self.scales[name])}
+
     @property
     def active(self) -> bool:
-        """Whether any branch adds something (a LoRA at weight 0 is loaded but switched off)."""
-        return any(self.weights[name] * self.scales[name] for name in self.downs)
+        return bool(self._branch_weights())
 
     def folded(self) -> PackedWeight:
         """The base BitLinear's packed weight with the active branches folded into its low-rank term:
         U' = [U | w_i s_i up_i], V' = [V; down_i], so a kernel that applies the low-rank term inside its
         fused row operations runs the LoRA there too. Kept until the weights change."""
         packed = self.base.packed
-        active = [(name, self.weights[name] * self.scales[name]) for name in self.downs if self.weights[name] * self.scales[name]]
+        active = list(self._branch_weights().items())
         # factors count by object and version: a LoRA added again under its name, or trained in place, refolds
         factors = [(id(t), t._version) for name, _ in active for t in (self.downs[name], self.ups[name])]
         key = (id(packed), tuple(active), tuple(factors))
@@ -80,10 +83,8 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for name in self.downs:
-            w = self.weights[name] * self.scales[name]
-            if w:
-                y = y + w * self.branch(x, name)
+        for name, w in self._branch_weights().items():
+            y = y + w * self.branch(x, name)
         return y
 
 

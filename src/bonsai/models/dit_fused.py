@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import Epilogue, Prologue, bitmatmul, fused_parts
+from ..lora.layers import LoRALayer
 from ..quant import BitLinear
 
 _LINEARS = ("attn.qkv", "attn.proj", "cross.q", "cross.kv", "cross.proj", "mlp.fc1", "mlp.fc2")
@@ -30,14 +31,13 @@ def bit_layer(layer: nn.Module) -> BitLinear | None:
     weight 0 (a LoRA a prompt tag loaded stays loaded, switched off: it must change neither path nor image)."""
     if type(layer) is BitLinear:
         return layer
-    base = getattr(layer, "base", None)
-    return base if type(base) is BitLinear and getattr(layer, "active", True) is False else None
+    return layer.base if isinstance(layer, LoRALayer) and type(layer.base) is BitLinear and not layer.active else None
 
 
 def _folds(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether `layer` is a LoRA on a BitLinear whose branches the fused path runs folded into the packed
     weight's low-rank term (on CPU; the GPU kernels would take it too, but that is not measured yet)."""
-    return x.device.type == "cpu" and type(getattr(layer, "base", None)) is BitLinear and hasattr(layer, "folded")
+    return x.device.type == "cpu" and isinstance(layer, LoRALayer) and type(layer.base) is BitLinear
 
 
 def applies(block: nn.Module, x: torch.Tensor) -> bool:
