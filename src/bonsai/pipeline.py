@@ -155,7 +155,7 @@ class Pipeline:
         if decoder is not None and hasattr(decoder, "set_tiling"):
             decoder.set_tiling(memory != "normal")
         d = pipe.get("defaults", {})
-        size = config.get("sample_size", 64) * self.latent_factor
+        size = image_geometry(metadata)[1]  # the native side, as the server reads it from the header
         self.defaults = GenerationParams(
             prompt="",
             steps=d.get("steps", 20),
