@@ -17,7 +17,7 @@ import torch
 
 from bonsai.format import CheckpointError, read_header
 from bonsai.hub import Store
-from bonsai.limits import CFG_RANGE, MAX_BATCH, MAX_SEED, MAX_SIDE, MAX_STEPS
+from bonsai.limits import CFG_RANGE, MAX_BATCH, MAX_SIDE, MAX_STEPS, last_seed
 from bonsai.lora import apply_lora
 from bonsai.pipeline import Pipeline
 from bonsai.quant import DEFAULT_KEEP, SCHEMES, BinarizeConfig, QuantPolicy, quantize_
@@ -103,8 +103,8 @@ class BonsaiSampler:
                 "pipeline": (PIPELINE,),
                 "prompt": ("STRING", {"multiline": True, "default": "grinning face, noto"}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
-                # image i uses seed + i: any seed the widget draws must leave room for the largest batch
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED - (MAX_BATCH - 1), "control_after_generate": True}),
+                # any seed the widget draws must leave room for the largest batch
+                "seed": ("INT", {"default": 0, "min": 0, "max": last_seed(MAX_BATCH), "control_after_generate": True}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS}),
                 "cfg": ("FLOAT", {"default": 4.0, "min": CFG_RANGE[0], "max": CFG_RANGE[1], "step": 0.1, "round": 0.01}),
                 "sampler": (list(SAMPLERS), {"default": "euler"}),

@@ -6,4 +6,9 @@ CFG_RANGE = (0.0, 50.0)
 MAX_SIDE = 4096
 MAX_PROMPT_CHARS = 2000
 MAX_BATCH = 64  # images of one CLI or ComfyUI-sampler run, denoised at once: far more exhausts memory first
-MAX_SEED = 2**32 - 1  # for every image: image i of a batch uses seed + i, so the first seed is at most MAX_SEED - (batch - 1)
+MAX_SEED = 2**32 - 1  # for every image's seed
+
+
+def last_seed(batch: int) -> int:
+    """The largest first seed of a batch: image i uses seed + i, and each must be at most MAX_SEED."""
+    return MAX_SEED - (batch - 1)

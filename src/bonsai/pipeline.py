@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .cuda_graph import GraphedModule, use_cuda_graph
-from .limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS
+from .limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, last_seed
 from .models.offload import on_device, sequential_offload
 from .models.per_sample import per_sample
 from .sampling import SAMPLERS, cfg_velocity, flow_timesteps, img2img_timesteps, seeded_noise
@@ -214,9 +214,8 @@ class Pipeline:
             raise InvalidRequest(f"sampler {params.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if batch < 1:
             raise InvalidRequest(f"batch must be >= 1, got {batch}")
-        last_seed = MAX_SEED - (batch - 1)  # image i uses seed + i: every image's seed is one a user can type back
-        if not 0 <= params.seed <= last_seed:
-            raise InvalidRequest(f"seed must be between 0 and {last_seed} for a batch of {batch}, got {params.seed}")
+        if not 0 <= params.seed <= last_seed(batch):  # every image's seed is one a user can type back
+            raise InvalidRequest(f"seed must be between 0 and {last_seed(batch)} for a batch of {batch}, got {params.seed}")
         if not 0 < params.strength <= 1:
             raise InvalidRequest(f"strength must be in (0, 1], got {params.strength:g}")
 
@@ -290,7 +289,7 @@ class Pipeline:
         init image is noised to t = strength and denoised from there."""
         fields_ = {k: v for k, v in overrides.items() if v is not None}
         if "seed" not in fields_:
-            fields_["seed"] = secrets.randbelow(max(1, MAX_SEED - batch + 2))  # 0 .. the last seed check() allows
+            fields_["seed"] = secrets.randbelow(max(1, last_seed(batch) + 1))  # 0 .. the last seed check() allows
         params = replace(self.defaults, prompt=prompt, **fields_)
         self.check(params, batch)
         text, loras = self._prompt_loras(params.prompt)

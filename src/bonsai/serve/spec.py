@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from bonsai.limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SEED
+from bonsai.limits import CFG_RANGE, MAX_PROMPT_CHARS, last_seed
 from bonsai.lora import LoRAError, parse_prompt_loras
 from bonsai.sampling import SAMPLERS, img2img_timesteps
 
@@ -181,10 +181,10 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
         raise FieldError("sampler", f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     if not 1 <= req.batch <= cfg.max_batch:
         raise FieldError("batch", f"batch must be between 1 and {cfg.max_batch}, got {req.batch}")
-    last_seed = MAX_SEED - (req.batch - 1)  # image i uses seed + i
-    seed = secrets.randbelow(last_seed + 1) if req.seed is None or req.seed == -1 else req.seed
-    if not 0 <= seed <= last_seed:
-        raise FieldError("seed", f"seed must be -1 (random) or between 0 and {last_seed}, got {seed}")
+    top = last_seed(req.batch)
+    seed = secrets.randbelow(top + 1) if req.seed is None or req.seed == -1 else req.seed
+    if not 0 <= seed <= top:
+        raise FieldError("seed", f"seed must be -1 (random) or between 0 and {top}, got {seed}")
 
     hires = None
     if req.hires is not None:
