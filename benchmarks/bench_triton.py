@@ -1,15 +1,16 @@
-"""Benchmark the Triton bitmatmul kernels against cuBLAS bf16 and torch._int_mm on one CUDA GPU.
+"""Benchmark the Triton bitmatmul kernels against cuBLAS bf16, torch._int_mm and torch._scaled_mm on one CUDA GPU.
 
     PYTHONPATH=src python benchmarks/bench_triton.py [--out DIR] [--models 4b,emoji] [--ms 1,16,1024,2048,4096]
         [--variants k-major,fragment]
 
 For every GEMM shape of bonsai-4b and bonsai-emoji and every M it times, in one run with
 triton.testing.do_bench (median; do_bench clears L2 before each repetition, so weights are read
-from memory every time): torch.matmul in bf16 (cuBLAS), torch._int_mm in int8 (GEMM only, no
-activation quantization), and for each kernel variant (ops.VARIANTS: "k-major" expands the weight
-into shared memory, "fragment" into the A-operand registers) our W1A16 and our W1A8 (including its
-activation quantization kernel). `--models 4b --ms 1024,2048,4096` restricts to the 4B
-compute-bound shapes.
+from memory every time): torch.matmul in bf16 (cuBLAS), torch._int_mm in int8 and torch._scaled_mm
+in float8 e4m3 (GEMMs only, no activation quantization), and for each kernel variant (ops.VARIANTS:
+"k-major" expands the weight into shared memory, "fragment" into the A-operand registers) our W1A16
+and our W1A8 (including its activation quantization kernel); with "fragment" also W1A8 on float8
+e4m3 activations ("w1a8-fp8", GPUs of compute capability 8.9+). `--models 4b --ms 1024,2048,4096`
+restricts to the 4B compute-bound shapes.
 It first checks every kernel's relative error against a float64 reference. Prints a table last;
 with --out, writes the full results as JSON and the table as text. It also times a kernel that does
 nothing (one element += 1) the same way: the floor under every small-M time in the table.
@@ -23,13 +24,15 @@ import json
 import subprocess
 from pathlib import Path
 
+from functools import partial
+
 import torch
 import triton
 import triton.testing
 
 from bonsai.kernels import PackedWeight, pack_signs
 from bonsai.kernels.triton import quantize_rows, w1a8, w1a16
-from bonsai.kernels.triton.ops import VARIANTS
+from bonsai.kernels.triton.ops import FP8_CAPABILITY, VARIANTS
 
 SHAPES = {  # model -> [(K, N)]: qkv, attention out, (emoji: cross-attention kv,) MLP up, MLP down
     "4b": [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072)],
@@ -58,9 +61,12 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def kernels(variants: list[str]) -> list[tuple[str, object]]:
-    """(column name, fn(x, weight)) for W1A16 and W1A8 in each variant."""
-    return [(f"{name}:{v}", lambda x, w, fn=fn, v=v: fn(x, w, variant=v))
-            for v in variants for name, fn in (("w1a16", w1a16), ("w1a8", w1a8))]
+    """(column name, fn(x, weight)) for W1A16 and W1A8 in each variant, and W1A8 on fp8 with "fragment"."""
+    paths = [(f"{name}:{v}", lambda x, w, fn=fn, v=v: fn(x, w, variant=v))
+             for v in variants for name, fn in (("w1a16", w1a16), ("w1a8", w1a8))]
+    if "fragment" in variants and torch.cuda.get_device_capability() >= FP8_CAPABILITY:
+        paths.append(("w1a8-fp8:fragment", partial(w1a8, variant="fragment", activation="fp8")))
+    return paths
 
 
 def check_errors(device: str, variants: list[str]) -> list[dict]:
@@ -120,13 +126,22 @@ def time_shape(k: int, n: int, m: int, device: str, variants: list[str]) -> dict
         row["int8"] = bench(lambda: torch._int_mm(q, w_int8.t()))
     except RuntimeError as err:  # _int_mm rejects some shapes (e.g. M <= 16)
         row["int8"], row["int8_error"] = None, str(err).splitlines()[0]
+    row["fp8"] = None
+    if torch.cuda.get_device_capability() >= FP8_CAPABILITY:
+        q8, xs8 = quantize_rows(x, None, fp8=True)[:2]
+        w_fp8 = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)
+        one = torch.ones(1, n, device=device)
+        try:  # per-token and per-channel scales, as our W1A8 applies them
+            row["fp8"] = bench(lambda: torch._scaled_mm(q8, w_fp8.t(), xs8[:, None], one, out_dtype=torch.bfloat16))
+        except RuntimeError as err:  # _scaled_mm rejects some shapes (dimensions not multiples of 16)
+            row["fp8_error"] = str(err).splitlines()[0]
     timed = [(key, lambda fn=fn: fn(x, w)) for key, fn in ours] + [("quant", lambda: quantize_rows(x, None))]
     for key, fn in timed:
         try:
             row[key] = bench(fn)
         except Exception as err:  # report and go on: one failing kernel must not hide the others
             row[key], row[f"{key}_error"] = None, describe(err)
-    for key in ["bf16", "int8"] + [key for key, _ in ours]:
+    for key in ["bf16", "int8", "fp8"] + [key for key, _ in ours]:
         if row[key] is not None:
             row[f"{key}_tflops"] = 2 * m * n * k / (row[key] * 1e-3) / 1e12
     return row
@@ -152,14 +167,14 @@ def _cell(r: dict, key: str, tflops: bool = True) -> str:
 def table(rows: list[dict], variants: list[str]) -> str:
     """One line per shape; per kernel: microseconds, TF/s and cuBLAS bf16 time / our time (> 1: faster)."""
     keys = [key for key, _ in kernels(variants)]
-    head = f"{'K->N':>12} {'M':>5} | {'bf16 us':>8} {'TF/s':>5} | {'int8 us':>8} | "
+    head = f"{'K->N':>12} {'M':>5} | {'bf16 us':>8} {'TF/s':>5} | {'int8 us':>8} | {'fp8 us':>8} | "
     head += " | ".join(f"{key:>22}" for key in keys) + f" | {'quant us':>8}"
-    sub = f"{'':>12} {'':>5} | {'':>8} {'':>5} | {'':>8} | " + " | ".join(
+    sub = f"{'':>12} {'':>5} | {'':>8} {'':>5} | {'':>8} | {'':>8} | " + " | ".join(
         f"{'us':>8} {'TF/s':>5} {'x bf16':>6}" for _ in keys) + f" | {'':>8}"
     lines = [head, sub]
     for r in rows:
         lines.append(f"{r['K']:>5}->{r['N']:<6} {r['M']:>5} | {r['bf16'] * 1e3:8.1f} {r['bf16_tflops']:5.0f} | "
-                     f"{_cell(r, 'int8', False)} | " + " | ".join(_cell(r, key) for key in keys) + " | "
+                     f"{_cell(r, 'int8', False)} | {_cell(r, 'fp8', False)} | " + " | ".join(_cell(r, key) for key in keys) + " | "
                      f"{_cell(r, 'quant', False)}")
     return "\n".join(lines)
 

@@ -7,7 +7,8 @@ cuobjdump shipped in Triton's wheel disassembles the cubin. Use the Triton versi
 (the numbers depend on it). For each kernel and tile it prints, per thread and per K step of the
 main loop (the loop that holds the HGMMA): the instruction count, the opcodes that matter (integer
 ops that unpack signs, shared-memory stores/loads, barriers, HGMMA), registers, and from the TTGIR
-whether the weight operand stays in registers and how many wgmma groups stay in flight.
+whether the weight operand stays in registers and how many wgmma groups stay in flight
+(HGMMA: bf16, IGMMA: int8, QGMMA: fp8).
 Pointers and M, N, K are compiled as multiples of 16, as the 4B shapes launch them.
 """
 
@@ -64,7 +65,9 @@ def variants():
                 "w_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "KC": "i32", "M_BUCKET": "i32", **SCALARS}
     w1a8_new = {k: w1a8_new[k] for k in frag.w1a8_frag_kernel.arg_names if k in w1a8_new}
     w1a16_new = {k: w1a16_new[k] for k in frag.w1a16_frag_kernel.arg_names if k in w1a16_new}
+    w1a8_fp8 = {**w1a8_new, "q_ptr": "*fp8e4nv"}
     one = {"ONE_BITS": 0x3F80}
+    int8, fp8 = {"FP8": False}, {"FP8": True}
     return [
         ("w1a16 k-major", old.w1a16_kernel, w1a16_old, {**one, "HAS_COL": False, **PLAIN}, (128, 256, 64, 8, 3)),
         ("w1a16 k-major", old.w1a16_kernel, w1a16_old, {**one, "HAS_COL": False, **PLAIN}, (256, 128, 64, 8, 3)),
@@ -73,9 +76,14 @@ def variants():
         ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (256, 128, 128, 8, 3)),
         ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (16, 64, 256, 4, 4)),
         ("w1a8 k-major", old.w1a8_kernel, w1a8_old, dict(PLAIN), (128, 256, 128, 8, 3)),
-        ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, dict(PLAIN), (256, 128, 128, 8, 3)),
-        ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, dict(PLAIN), (128, 256, 128, 8, 3)),
-        ("w1a8 frag+heads", frag.w1a8_frag_kernel, w1a8_new, {**PLAIN, **HEADS}, (256, 128, 128, 8, 3)),
+        ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, {**PLAIN, **int8}, (256, 128, 128, 8, 3)),
+        ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, {**PLAIN, **int8}, (128, 256, 128, 8, 3)),
+        ("w1a8 frag+heads", frag.w1a8_frag_kernel, w1a8_new, {**PLAIN, **HEADS, **int8}, (256, 128, 128, 8, 3)),
+        ("w1a8 fp8 frag", frag.w1a8_frag_kernel, w1a8_fp8, {**PLAIN, **fp8}, (256, 128, 128, 8, 3)),
+        ("w1a8 fp8 frag", frag.w1a8_frag_kernel, w1a8_fp8, {**PLAIN, **fp8}, (128, 256, 128, 8, 3)),
+        ("w1a8 fp8 frag", frag.w1a8_frag_kernel, w1a8_fp8, {**PLAIN, **fp8}, (128, 128, 128, 4, 4)),
+        ("w1a8 fp8 frag", frag.w1a8_frag_kernel, w1a8_fp8, {**PLAIN, **fp8, "GROUP": 128}, (256, 128, 128, 8, 3)),
+        ("w1a8 fp8+heads", frag.w1a8_frag_kernel, w1a8_fp8, {**PLAIN, **HEADS, **fp8}, (256, 128, 128, 8, 3)),
         ("w1a16 frag+heads", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN, **HEADS}, (128, 128, 64, 4, 4)),
     ]
 
@@ -124,7 +132,7 @@ def summarize(label: str, ck, tile: tuple, cubin: Path) -> dict:
     return {"kernel": label, "tile": f"{bm}x{bn}x{bk} w{warps} s{stages}", "regs": int(usage.group(1)) if usage else None,
             "loop_instr": len(body), "weights_per_thread": weights_per_thread,
             "unpack_alu": sum(ops[o] for o in UNPACK_OPS), "STS": ops["STS"], "LDS": ops["LDS"] + ops["LDSM"],
-            "BAR": ops["BAR"], "GMMA": ops["HGMMA"] + ops["IGMMA"], "LDGSTS": ops["LDGSTS"], "LDG": ops["LDG"],
+            "BAR": ops["BAR"], "GMMA": ops["HGMMA"] + ops["IGMMA"] + ops["QGMMA"], "LDGSTS": ops["LDGSTS"], "LDG": ops["LDG"],
             "A_in_registers": a_in_regs, "wgmma_pendings": pendings, "n_dots": len(dots),
             "ops": dict(ops.most_common())}
 

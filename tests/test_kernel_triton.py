@@ -45,6 +45,22 @@ def _upcast_bf16_dot(original):
     return create_dot
 
 
+def _round_to_e4m3(original):
+    """The interpreter's float32 -> float8 e4m3 conversion loses the carry of its rounding (31.75 becomes 16.0,
+    1.98 becomes 1.0) and flushes small subnormals to zero; convert as the GPU's cvt.rn.satfinite does
+    (round to nearest even, saturating at +-448), with torch."""
+    import numpy as np
+    import triton.language as tl
+
+    def convert(data, input_dtype, output_dtype, rounding_mode):
+        if output_dtype == tl.float8e4nv and input_dtype == tl.float32:
+            t = torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy()).clamp(-448.0, 448.0)
+            return t.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return original(data, input_dtype, output_dtype, rounding_mode)
+
+    return convert
+
+
 @pytest.fixture(scope="module")
 def interp():
     """The launchers, with kernels running under the interpreter (skipped where they cannot)."""
@@ -54,6 +70,7 @@ def interp():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ti.InterpreterBuilder, "create_dot", _upcast_bf16_dot(ti.InterpreterBuilder.create_dot))
+        mp.setattr(ti, "_convert_float", _round_to_e4m3(ti._convert_float))
         yield triton_ops
 
 
@@ -176,6 +193,68 @@ def test_w1a8_exact_on_quantized_input_and_within_derived_bound(interp, m, n, k,
     assert (y.double() - ref).norm() <= bound + 2 * BF16_UNIT * ref.norm()
 
 
+E4M3_MAX = 448.0
+
+
+def test_quantize_rows_fp8_rounds_to_nearest_e4m3(interp):
+    """fp8: q = x' / s rounded to nearest-even e4m3 with s = max|x'| / 448 (x' = x * col_scale), so within half
+    an e4m3 step of x' / s: 2^-4 of its size among normal numbers, 2^-10 among subnormals."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(9, 300, generator=gen) * torch.logspace(-3, 1, 300)).bfloat16()  # magnitudes over 4 decades
+    cs = torch.rand(300, generator=gen) + 0.5
+    xsum = torch.empty(9)
+    q, scale, qsum = interp.quantize_rows(x, cs, xsum, fp8=True)
+    assert q.dtype == torch.float8_e4m3fn and qsum is None
+    assert torch.allclose(xsum.double(), x.double().sum(1), rtol=1e-5, atol=1e-4)
+    xc = x.float() * cs
+    assert torch.allclose(scale.double(), xc.abs().amax(1).double() / E4M3_MAX, rtol=1e-6)
+    v = xc.double() / scale.double()[:, None]
+    assert ((q.double() - v).abs() <= v.abs() * 2.0**-4 + 2.0**-10).all()
+    assert torch.equal(q.view(torch.uint8), (xc / scale[:, None]).to(torch.float8_e4m3fn).view(torch.uint8))
+    assert q.float().abs().amax() == E4M3_MAX
+    assert (q.float().abs() < 2.0**-6).any() and (q.float() != 0).sum() > 0.99 * q.numel()  # subnormals were hit
+
+
+# Cases the fp8 activations take: the fragment kernel, group sizes 0 or multiples of 128.
+FP8_CASES = [
+    (5, 48, 200, {}, TILE),
+    (17, 33, 136, {"col": True, "offset": True}, TILE),
+    (9, 72, 300, {"group": 128, "col": True, "offset": True, "rank": 4}, triton_ops.TileConfig(16, 64, 256)),
+    (33, 40, 520, {}, triton_ops.TileConfig(32, 32, 256)),
+]
+
+
+@pytest.mark.parametrize("m,n,k,features,tile", FP8_CASES)
+def test_w1a8_fp8_exact_on_quantized_input_and_within_derived_bound(interp, m, n, k, features, tile):
+    """As the int8 test above, with e4m3's rounding: |q s - x'| <= s (2^-4 |x' / s| + 2^-10) elementwise."""
+    gen = torch.Generator().manual_seed(m * 11 + k)
+    w = random_weight(n, k, gen=gen, **features)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    y = interp.w1a8(x, w, config=tile, activation="fp8")
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert "triton-fragment-int8" in w.cache, "the fragment kernel did not run"
+    ref = x.double() @ w.dequantize(torch.float64).T
+    cs = w.col_scale.double() if w.col_scale is not None else torch.ones(k, dtype=torch.float64)
+    q, scale, _ = interp.quantize_rows(x, w.col_scale, fp8=True)
+    xq = q.double() * scale.double()[:, None]
+    shift = (xq - x.double() * cs) @ binary_part(w).T
+    assert rel_err(y, ref + shift) < 2 * BF16_UNIT
+    step = (x.double() * cs).abs() * 2.0**-4 + scale.double()[:, None] * 2.0**-10
+    bound = step.norm() * torch.linalg.matrix_norm(binary_part(w), ord=2)
+    assert (y.double() - ref).norm() <= bound + 2 * BF16_UNIT * ref.norm()
+    print(f"fp8 activations: relative error {rel_err(y, ref):.2e}")
+
+
+@pytest.mark.parametrize("features,variant,match", [({"group": 64}, "fragment", "group sizes"),
+                                                    ({}, "k-major", "fragment kernel")])
+def test_w1a8_fp8_refuses_what_its_kernel_cannot_run(interp, features, variant, match):
+    w = random_weight(16, 256, **features)
+    with pytest.raises(ValueError, match=match):
+        interp.w1a8(torch.randn(2, 256), w, config=TILE, variant=variant, activation="fp8")
+    with pytest.raises(ValueError, match="activation format"):
+        interp.w1a8(torch.randn(2, 256), w, config=TILE, activation="fp4")
+
+
 # Fragment kernels with several chunks per K step and a group scale the k-major fallback would not take.
 FRAGMENT_CASES = [
     ("w1a16", 9, 72, 300, {"group": 128, "col": True, "offset": True, "rank": 4}, triton_ops.TileConfig(16, 64, 128)),
@@ -226,7 +305,7 @@ def test_w1a8_rejects_group_sizes_it_cannot_tile(interp):
 
 
 def test_kernels_registered_for_cuda_only():
-    assert {"triton-w1a16", "triton-w1a8"} <= set(available_kernels())
+    assert {"triton-w1a16", "triton-w1a8", "triton-w1a8-fp8"} <= set(available_kernels())
     w = random_weight(8, 32)
     x = torch.randn(3, 32)
     try:
@@ -244,7 +323,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("kernel,m,tol", [("triton-w1a16", 1, 1e-2), ("triton-w1a16", 300, 1e-2),
-                                          ("triton-w1a8", 3, 2e-2), ("triton-w1a8", 1100, 2e-2)])
+                                          ("triton-w1a8", 3, 2e-2), ("triton-w1a8", 1100, 2e-2),
+                                          ("triton-w1a8-fp8", 3, 4e-2), ("triton-w1a8-fp8", 1100, 4e-2)])
 def test_cuda_dispatch_matches_reference(kernel, m, tol):
     gen = torch.Generator().manual_seed(m)
     w = random_weight(1000, 3000, group=128, col=True, offset=True, rank=16, gen=gen).to("cuda")
@@ -268,6 +348,7 @@ def test_cuda_automatic_choice_by_layer_and_rows():
     assert select_kernel(x_big[:16], big).name == "triton-w1a16"
     assert select_kernel(x_big, grouped).name == "triton-w1a16"
     assert select_kernel(x_small, small).name == "reference"  # launch-bound: dequantize + cuBLAS wins
+    assert "fp8" not in select_kernel(x_big, big).name  # forced only
 
 
 def test_small_layers_are_left_to_the_reference_path():

@@ -11,7 +11,9 @@ names which register holds which element (compiled, it moves no data: see benchm
 - w1a16_frag_kernel: bf16/fp16 x; signs become the bit pattern of +-1 or of +-group_scale.
   Column scales are folded into x by the launcher (x^T goes to shared memory untouched).
 - w1a8_frag_kernel: int8 x from quantize_rows_kernel; {0, 1} weights, finished with the row sums
-  of q as in kernels.w1a8_kernel.
+  of q as in kernels.w1a8_kernel. With FP8, x is float8 e4m3 instead (quantize_rows_kernel's FP8) and
+  the weights are the e4m3 bytes of +-1, accumulated in float32: Triton keeps a float32-accumulating
+  wgmma asynchronous (in flight while the next step unpacks), an int32-accumulating one it does not.
 Both need GROUP == 0 or GROUP % BLOCK_K == 0 (the launcher falls back to kernels.py otherwise).
 """
 
@@ -24,6 +26,8 @@ from .kernels import _epilogue, _tile_ids
 
 SIGN_PAIR = tl.constexpr(-2147450880)  # 0x80008000 as int32: the sign bits of two bf16 in one 32-bit register
 LOW_BYTES = tl.constexpr(0x01010101)
+SIGN_BYTES = tl.constexpr(-2139062144)  # 0x80808080: the sign bits of four 8-bit floats in one int32
+E4M3_MINUS_ONES = tl.constexpr(-1195853640)  # 0xB8B8B8B8: four e4m3 -1.0 (0x38 is +1.0)
 
 
 @triton.jit
@@ -52,30 +56,37 @@ def _bf16_operand(w, base0, base1, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
-def _int8_quad(w, Q: tl.constexpr):
-    """Bits q, q+8, q+16, q+24 of every word -> int8 [..., i % 2, i // 2] of {0, 1}."""
-    v = (w >> Q) & LOW_BYTES
+def _int8_quad(w, Q: tl.constexpr, FP8: tl.constexpr):
+    """Bits q, q+8, q+16, q+24 of every word -> int8 [..., i % 2, i // 2] of {0, 1} (FP8: the e4m3
+    bytes of -1 with the sign bit cleared where the bit is set, i.e. +-1)."""
+    if FP8:
+        v = ((w << (7 - Q)) & SIGN_BYTES) ^ E4M3_MINUS_ONES
+    else:
+        v = (w >> Q) & LOW_BYTES
     lo = tl.join(v.to(tl.int8), (v >> 8).to(tl.int8))
     hi = tl.join((v >> 16).to(tl.int8), (v >> 24).to(tl.int8))
     return tl.join(lo, hi)
 
 
 @triton.jit
-def _int8_word(w, RS: tl.constexpr):
+def _int8_word(w, RS: tl.constexpr, FP8: tl.constexpr):
     """One word of every lane, rows r0 + 8 RS -> [..., il, ih, h, t % 2] (q = 4 RS + 2 (t % 2) + h)."""
-    t0 = tl.join(_int8_quad(w, 4 * RS + 0), _int8_quad(w, 4 * RS + 1))
-    t1 = tl.join(_int8_quad(w, 4 * RS + 2), _int8_quad(w, 4 * RS + 3))
+    t0 = tl.join(_int8_quad(w, 4 * RS + 0, FP8), _int8_quad(w, 4 * RS + 1, FP8))
+    t1 = tl.join(_int8_quad(w, 4 * RS + 2, FP8), _int8_quad(w, 4 * RS + 3, FP8))
     return tl.join(t0, t1)
 
 
 @triton.jit
-def _int8_operand(w0, w1, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Words t // 2 = 0, 1, each [G, KCH, 8 (r0), 4 (c)] -> int8 [BLOCK_N, BLOCK_K] of {0, 1}."""
-    r0 = tl.join(_int8_word(w0, 0), _int8_word(w1, 0))
-    r1 = tl.join(_int8_word(w0, 1), _int8_word(w1, 1))
+def _int8_operand(w0, w1, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
+    """Words t // 2 = 0, 1, each [G, KCH, 8 (r0), 4 (c)] -> [BLOCK_N, BLOCK_K]: int8 of {0, 1}, or e4m3 +-1."""
+    r0 = tl.join(_int8_word(w0, 0, FP8), _int8_word(w1, 0, FP8))
+    r1 = tl.join(_int8_word(w0, 1, FP8), _int8_word(w1, 1, FP8))
     t = tl.join(r0, r1)  # [g, kch, r0, c, il, ih, h, tl, th, rs]
     t = tl.permute(t, (0, 9, 2, 1, 8, 7, 6, 3, 5, 4))  # [g, rs, r0, kch, th, tl, h, c, ih, il]
-    return tl.reshape(t, (BLOCK_N, BLOCK_K))
+    t = tl.reshape(t, (BLOCK_N, BLOCK_K))
+    if FP8:
+        t = t.to(tl.float8e4nv, bitcast=True)
+    return t
 
 
 @triton.jit
@@ -97,7 +108,7 @@ def _x_tile(x_ptr, offs_m, k0, M, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr
     ptrs = x_ptr + offs_m[None, :] * K + offs_k[:, None]
     if EVEN_K:
         return tl.load(ptrs, mask=(offs_m < M)[None, :], other=0.0)
-    return tl.load(ptrs, mask=(offs_m < M)[None, :] & (offs_k < K)[:, None], other=0)
+    return tl.load(ptrs, mask=(offs_m < M)[None, :] & (offs_k < K)[:, None], other=0.0)
 
 
 @triton.jit
@@ -143,15 +154,16 @@ def w1a16_frag_kernel(x_ptr, w_ptr, out_ptr, rs_ptr, gsb_ptr, ro_ptr, xsum_ptr, 
 
 @triton.jit
 def _int8_step(q_ptr, w_ptr, offs_m, pid_n, k0, M, K, NG, KC, EVEN_K: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """q^T [BLOCK_K, BLOCK_M] int8 and the {0, 1} weight tile [BLOCK_N, BLOCK_K] int8 at column k0."""
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
+    """q^T [BLOCK_K, BLOCK_M] and the weight tile [BLOCK_N, BLOCK_K] at column k0: int8 and {0, 1}, or
+    (FP8) e4m3 and +-1."""
     G: tl.constexpr = BLOCK_N // 16
     KCH: tl.constexpr = BLOCK_K // 128
     qt = _x_tile(q_ptr, offs_m, k0, M, K, EVEN_K, BLOCK_K)
     w_ptrs, w_mask = _word_ptrs(w_ptr, pid_n, k0, NG, KC, 64, 128, BLOCK_N, BLOCK_K)
     w = tl.reshape(tl.load(w_ptrs, mask=w_mask, other=0), (G, KCH, 8, 4, 2))
     w0, w1 = tl.split(w)
-    return qt, _int8_operand(w0, w1, BLOCK_N, BLOCK_K)
+    return qt, _int8_operand(w0, w1, BLOCK_N, BLOCK_K, FP8)
 
 
 @triton.jit
@@ -159,16 +171,31 @@ def w1a8_frag_kernel(q_ptr, xs_ptr, qsum_ptr, w_ptr, out_ptr, rs_ptr, gs_ptr, ro
                      bias_ptr, res_ptr, gate_ptr, nw_ptr, M, N, K, NG, KC, M_BUCKET, RPS, NORM_COLS, NORM_PART,
                      norm_eps, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, RANK: tl.constexpr,
                      HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr,
+                     HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """q int8 [M, K] (scale xs, row sums qsum), w int32 [NG, KC, 64] fragment words -> out [M, N]."""
+    """q int8 [M, K] (scale xs, row sums qsum), w int32 [NG, KC, 64] fragment words -> out [M, N].
+    FP8: q is float8 e4m3 and qsum is not read."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if GROUP == 0:
+    if FP8:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if GROUP == 0:
+            for k0 in range(0, K, BLOCK_K):
+                qt, b = _int8_step(q_ptr, w_ptr, offs_m, pid_n, k0, M, K, NG, KC, EVEN_K, BLOCK_N, BLOCK_K, True)
+                acc = tl.dot(b, qt, acc)
+        else:
+            for g0 in range(0, K, GROUP):
+                acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for k0 in range(g0, g0 + GROUP, BLOCK_K):
+                    qt, b = _int8_step(q_ptr, w_ptr, offs_m, pid_n, k0, M, K, NG, KC, False, BLOCK_N, BLOCK_K, True)
+                    acc_g = tl.dot(b, qt, acc_g)
+                gs = tl.load(gs_ptr + (g0 // GROUP) * N + offs_n, mask=offs_n < N, other=0.0)
+                acc += acc_g * gs[:, None]
+    elif GROUP == 0:
         acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            qt, b = _int8_step(q_ptr, w_ptr, offs_m, pid_n, k0, M, K, NG, KC, EVEN_K, BLOCK_N, BLOCK_K)
+            qt, b = _int8_step(q_ptr, w_ptr, offs_m, pid_n, k0, M, K, NG, KC, EVEN_K, BLOCK_N, BLOCK_K, False)
             acc_i = tl.dot(b, qt, acc_i, out_dtype=tl.int32)
         qsum = tl.load(qsum_ptr + offs_m, mask=offs_m < M, other=0)
         acc = (2 * acc_i - qsum[None, :]).to(tl.float32)
@@ -178,7 +205,7 @@ def w1a8_frag_kernel(q_ptr, xs_ptr, qsum_ptr, w_ptr, out_ptr, rs_ptr, gs_ptr, ro
             acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
             qsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
             for k0 in range(g0, g0 + GROUP, BLOCK_K):
-                qt, b = _int8_step(q_ptr, w_ptr, offs_m, pid_n, k0, M, K, NG, KC, False, BLOCK_N, BLOCK_K)
+                qt, b = _int8_step(q_ptr, w_ptr, offs_m, pid_n, k0, M, K, NG, KC, False, BLOCK_N, BLOCK_K, False)
                 qsum += tl.sum(qt.to(tl.int32), axis=0)
                 acc_i = tl.dot(b, qt, acc_i, out_dtype=tl.int32)
             gs = tl.load(gs_ptr + (g0 // GROUP) * N + offs_n, mask=offs_n < N, other=0.0)

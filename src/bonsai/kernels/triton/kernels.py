@@ -219,9 +219,12 @@ def w1a8_kernel(q_ptr, xs_ptr, qsum_ptr, wt_ptr, out_ptr, rs_ptr, gs_ptr, ro_ptr
 def quantize_rows_kernel(x_ptr, cs_ptr, q_ptr, xs_ptr, qsum_ptr, xsum_ptr, lnw_ptr, lnb_ptr, shift_ptr, scale_ptr,
                          xn_ptr, K, RPS, eps,
                          HAS_COL: tl.constexpr, HAS_XSUM: tl.constexpr, NORM: tl.constexpr, LN_WEIGHT: tl.constexpr,
-                         LN_BIAS: tl.constexpr, MODULATE: tl.constexpr, STORE_XN: tl.constexpr, BLOCK: tl.constexpr):
+                         LN_BIAS: tl.constexpr, MODULATE: tl.constexpr, STORE_XN: tl.constexpr, FP8: tl.constexpr,
+                         BLOCK: tl.constexpr):
     """One row per program: q = round(x * col_scale / s) in int8 with s = max|x * col_scale| / 127;
-    with HAS_XSUM also the row sum of x (the row offset's term), which saves a pass over x.
+    with HAS_XSUM also the row sum of x (the row offset's term), which saves a pass over x. With FP8,
+    q = x * col_scale / s rounded to float8 e4m3 (to nearest even) with s = max|x * col_scale| / 448,
+    e4m3's largest value, and no row sums of q.
 
     With NORM, x is first the prologue's output (fusion.py): LayerNorm over K (optional weight and bias
     [K]), then with MODULATE x * (1 + scale) + shift of the row's sample (row // RPS; shift, scale [B, K]).
@@ -248,8 +251,14 @@ def quantize_rows_kernel(x_ptr, cs_ptr, q_ptr, xs_ptr, qsum_ptr, xsum_ptr, lnw_p
     if HAS_COL:
         x = x * tl.load(cs_ptr + offs, mask=mask, other=0.0)
     amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.maximum(amax, 1e-30) / 127.0
-    q = tl.minimum(tl.maximum(tl.floor(x / scale + 0.5), -127.0), 127.0)
-    tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
-    tl.store(xs_ptr + row, scale)
-    tl.store(qsum_ptr + row, tl.sum(q, axis=0).to(tl.int32))
+    if FP8:
+        scale = tl.maximum(amax, 1e-30) / 448.0
+        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)  # x / scale may round past 448
+        tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=mask)
+        tl.store(xs_ptr + row, scale)
+    else:
+        scale = tl.maximum(amax, 1e-30) / 127.0
+        q = tl.minimum(tl.maximum(tl.floor(x / scale + 0.5), -127.0), 127.0)
+        tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
+        tl.store(xs_ptr + row, scale)
+        tl.store(qsum_ptr + row, tl.sum(q, axis=0).to(tl.int32))

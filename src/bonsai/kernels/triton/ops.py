@@ -39,6 +39,10 @@ DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "fragment")
 W1A16_FUSES = frozenset({"gelu", "head_norm", "residual"})
 W1A8_FUSES = frozenset({PROLOGUE, "gelu", "head_norm", "residual"})
 MAX_HEAD_DIM = 256  # the widest tile: a head must fit in one tile's columns
+# W1A8's activation formats: int8 (int32 accumulation) or float8 e4m3 (float32 accumulation, which Triton
+# keeps asynchronous on Hopper; needs compute capability 8.9+). fp8 runs on the fragment kernel only.
+ACTIVATIONS = ("int8", "fp8")
+FP8_CAPABILITY = (8, 9)
 # +1.0 as a bit pattern, per activation dtype (W1A16 flips bit 15 for -1).
 _ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
 
@@ -357,25 +361,26 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
 
 def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None, xsum: torch.Tensor | None = None,
                   prologue: Prologue | None = None, rows_per_sample: int = 1,
-                  xn: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                  xn: torch.Tensor | None = None, fp8: bool = False) -> tuple[torch.Tensor, ...]:
     """x2 [M, K] -> (q int8 [M, K], scale f32 [M], row sums of q int32 [M]); col_scale f32 [K] folded in
     first. With a prologue (fusion.py; its shift / scale rows [B, K] for rows_per_sample rows each) x2's
     rows go through it before anything else. With `xsum` (float32 [M]) the row sums of x2 (after the
-    prologue, before col_scale) are written there as well, and with `xn` ([M, K]) the rows themselves."""
+    prologue, before col_scale) are written there as well, and with `xn` ([M, K]) the rows themselves.
+    fp8: q is float8 e4m3 (scale = max |row| / 448) and the row sums of q are None."""
     m, k = x2.shape
-    q = torch.empty(m, k, dtype=torch.int8, device=x2.device)
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x2.device)
     scale = torch.empty(m, dtype=torch.float32, device=x2.device)
-    qsum = torch.empty(m, dtype=torch.int32, device=x2.device)
+    qsum = None if fp8 else torch.empty(m, dtype=torch.int32, device=x2.device)
     pro = prologue or Prologue(0.0)
     ln_weight, ln_bias, shift, mod_scale = (None if t is None else t.contiguous()
                                             for t in (pro.weight, pro.bias, pro.shift, pro.scale))
     block = triton.next_power_of_2(k)
     kernels.quantize_rows_kernel[(m,)](
-        x2, _or(col_scale, scale), q, scale, qsum, _or(xsum, scale), _or(ln_weight, scale), _or(ln_bias, scale),
-        _or(shift, scale), _or(mod_scale, scale), _or(xn, scale), k, rows_per_sample, pro.eps,
+        x2, _or(col_scale, scale), q, scale, _or(qsum, scale), _or(xsum, scale), _or(ln_weight, scale),
+        _or(ln_bias, scale), _or(shift, scale), _or(mod_scale, scale), _or(xn, scale), k, rows_per_sample, pro.eps,
         HAS_COL=col_scale is not None, HAS_XSUM=xsum is not None, NORM=prologue is not None,
         LN_WEIGHT=ln_weight is not None, LN_BIAS=ln_bias is not None, MODULATE=shift is not None,
-        STORE_XN=xn is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)))
+        STORE_XN=xn is not None, FP8=fp8, BLOCK=block, num_warps=min(16, max(1, block // 512)))
     return q, scale, qsum
 
 
@@ -383,15 +388,31 @@ def w1a8_supports_group(group_size: int) -> bool:
     return group_size == 0 or group_size % 32 == 0
 
 
+def _check_fp8(x: torch.Tensor, weight: PackedWeight, variant: str) -> None:
+    if variant != "fragment" or not fragment_supports_group(weight.group_size, INT8_CHUNK):
+        raise ValueError(f"triton-w1a8-fp8 runs on the fragment kernel, for group sizes 0 or multiples of {INT8_CHUNK} "
+                         f"(got variant {variant!r}, group_size {weight.group_size}); use triton-w1a8")
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < FP8_CAPABILITY:
+        raise RuntimeError(f"triton-w1a8-fp8 needs float8 tensor cores (compute capability "
+                           f"{'.'.join(map(str, FP8_CAPABILITY))}+), this GPU has "
+                           f"{'.'.join(map(str, torch.cuda.get_device_capability(x.device)))}; use triton-w1a8")
+
+
 def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
          prologue: Prologue | None = None, epilogue: Epilogue | None = None,
-         config: TileConfig | None = None, variant: str | None = None) -> torch.Tensor:
+         config: TileConfig | None = None, variant: str | None = None, activation: str = "int8") -> torch.Tensor:
     """y = epilogue(prologue(x) @ W.T (+ bias)) with prologue(x) quantized per token to int8 (col_scale
     folded in); returns x.dtype. The epilogue may have the parts of W1A8_FUSES (GELU, head norms, residual +
     gate).
 
     variant: "k-major" or "fragment" (default DEFAULT_VARIANT); "fragment" falls back to "k-major" for
-    group sizes that are not a multiple of 128."""
+    group sizes that are not a multiple of 128. activation: "int8" or "fp8" (float8 e4m3 per token,
+    fragment kernel only; see ACTIVATIONS)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown W1A8 activation format {activation!r}; choose from {ACTIVATIONS}")
+    fp8 = activation == "fp8"
+    if fp8:
+        _check_fp8(x, weight, _variant(variant))
     if not w1a8_supports_group(weight.group_size):
         raise ValueError(f"triton-w1a8 needs group_size 0 or a multiple of 32, got {weight.group_size}; "
                          "use triton-w1a16")
@@ -406,17 +427,17 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     xn = None
     if prologue is not None and layout.lowrank_v is not None:
         xn = torch.empty(m, k, dtype=torch.bfloat16, device=x.device)
-    q, xs, qsum = quantize_rows(ops.x2, weight.col_scale, ops.xsum, prologue, ops.rows_per_sample, xn)
+    q, xs, qsum = quantize_rows(ops.x2, weight.col_scale, ops.xsum, prologue, ops.rows_per_sample, xn, fp8)
     if xn is not None:
         ops = replace(ops, xv=xn @ layout.lowrank_v.t())
     gs = _or(layout.group_scale_t, weight.row_scale)
     r_s, *rest = _epilogue_args(weight, ops)
     consts = {"GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
     if _variant(variant) == "fragment" and fragment_supports_group(weight.group_size, INT8_CHUNK):
-        words = weight.prepared("triton-fragment-int8", int8_words)
-        args = (q, xs, qsum, words, ops.out, r_s, gs, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
+        words = weight.prepared("triton-fragment-int8", int8_words)  # fp8 reads the same words
+        args = (q, xs, _or(qsum, xs), words, ops.out, r_s, gs, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
                 *_epilogue_scalars(ops))
-        _launch(_w1a8_frag_tuned, fragment_kernels.w1a8_frag_kernel, args, consts, m, n, k,
+        _launch(_w1a8_frag_tuned, fragment_kernels.w1a8_frag_kernel, args, {**consts, "FP8": fp8}, m, n, k,
                 _fragment_config(config, INT8_CHUNK))
         return _finish(x, ops.out, n, after)
     args = (q, xs, qsum, kmajor_signs(weight), ops.out, r_s, gs, *rest, m, n, k, m_bucket(m), *_epilogue_scalars(ops))
