@@ -8,6 +8,9 @@ bonsai-emoji with each bitmatmul kernel forced, scored with `bonsai eval`'s metr
         --text-encoder DIR/text_encoder --prompts-file DIR/prompts.json -o OUT
     # CPU: FD / top-1 / top-5 per kernel, PSNR/SSIM against the reference kernel's images
     python benchmarks/kernel_quality.py score --data data/emoji --images OUT
+    # CPU only: W1A8's activation rounding (int8 or float8 e4m3) without the GPU kernels, on the shipped model
+    PYTHONPATH=src python benchmarks/kernel_quality.py generate --model bonsai-emoji --device cpu \
+        --kernels reference,emulated-w1a8,emulated-w1a8-fp8 --prompts-file DIR/prompts.json -o OUT
 
 The reference kernel (dequantize, then a dense matmul in the model's dtype) is the yardstick:
 the Triton kernels should draw the same images up to their rounding (W1A16: bf16 products,
@@ -26,6 +29,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 KERNELS = ("reference", "triton-w1a16", "triton-w1a8", "auto")  # auto: the dispatcher's own choice per layer
+# W1A8's numerics in float32 on any device (kernels.reference.bitmatmul_w1a8_reference), by activation format.
+EMULATED = {"emulated-w1a8": "int8", "emulated-w1a8-fp8": "fp8"}
+
+
+def register_emulated(names: list[str]) -> None:
+    from bonsai.kernels import Kernel, register_kernel
+    from bonsai.kernels.reference import bitmatmul_w1a8_reference
+
+    for name in names:
+        if name in EMULATED:
+            fn = lambda x, w, a=EMULATED[name]: bitmatmul_w1a8_reference(x, w, a)  # noqa: E731
+            register_kernel(Kernel(name, ("cpu", "cuda", "mps"), fn, lambda x, w: False))
 
 
 def write_prompts(data: Path, n: int, seed: int, out: Path) -> None:
@@ -39,9 +54,11 @@ def write_prompts(data: Path, n: int, seed: int, out: Path) -> None:
 
 
 def generate(
-    model: Path, text_encoder: Path, prompts_file: Path, out: Path, kernels: list[str], steps: int, cfg: float, device: torch.device
+    model: Path, text_encoder: Path | None, prompts_file: Path, out: Path, kernels: list[str], steps: int, cfg: float,
+    device: torch.device,
 ) -> None:
     from bonsai.eval.generate import generate_prompts
+    from bonsai.hub import resolve
     from bonsai.kernels import set_kernel
     from bonsai.models import load_model
     from bonsai.pipeline import Pipeline
@@ -49,8 +66,10 @@ def generate(
 
     spec = json.loads(prompts_file.read_text())
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # as Pipeline.from_pretrained picks
-    net, meta = load_model(model, device="cpu", dtype=dtype)
-    pipe = Pipeline(net, TextEncoder(text_encoder), meta, device, meta.get("name", model.stem), None, "normal")
+    net, meta = load_model(resolve(str(model)), device="cpu", dtype=dtype)
+    encoder = TextEncoder() if text_encoder is None else TextEncoder(text_encoder)
+    pipe = Pipeline(net, encoder, meta, device, meta.get("name", model.stem), None, "normal")
+    register_emulated(kernels)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     for kernel in kernels:
@@ -107,10 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--seed", type=int, default=100)
     a.add_argument("-o", "--out", type=Path, required=True)
     g = sub.add_parser("generate")
-    g.add_argument("--model", type=Path, required=True)
-    g.add_argument("--text-encoder", type=Path, required=True, help="int8 MiniLM folder (emoji_recipe prepare)")
+    g.add_argument("--model", type=Path, required=True, help="checkpoint file or catalog name (bonsai-emoji)")
+    g.add_argument("--text-encoder", type=Path, help="int8 MiniLM folder (emoji_recipe prepare); default: the shipped one")
     g.add_argument("--prompts-file", type=Path, required=True)
-    g.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated kernel names or auto (on CPU: reference,cpu)")
+    g.add_argument("--kernels", default=",".join(KERNELS),
+                   help=f"comma-separated kernel names or auto (on CPU: reference, cpu, {', '.join(EMULATED)})")
     g.add_argument("--device", default="cuda")
     g.add_argument("--steps", type=int, default=12)
     g.add_argument("--cfg", type=float, default=4.0)

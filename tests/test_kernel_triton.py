@@ -255,6 +255,21 @@ def test_w1a8_fp8_refuses_what_its_kernel_cannot_run(interp, features, variant, 
         interp.w1a8(torch.randn(2, 256), w, config=TILE, activation="fp4")
 
 
+@pytest.mark.parametrize("activation", ["int8", "fp8"])
+def test_w1a8_numerics_reference_matches_the_kernel(interp, activation):
+    """bitmatmul_w1a8_reference (which measures W1A8's rounding on a real model without a GPU) computes what
+    the kernel computes, up to the kernel's bf16 output."""
+    from bonsai.kernels.reference import bitmatmul_w1a8_reference
+
+    gen = torch.Generator().manual_seed(4)
+    w = random_weight(72, 300, group=128, col=True, offset=True, rank=4, gen=gen)
+    x = (torch.randn(2, 9, 300, generator=gen) * 3 + 0.5).bfloat16()
+    y = interp.w1a8(x, w, config=triton_ops.TileConfig(16, 64, 256), activation=activation)
+    emulated = bitmatmul_w1a8_reference(x.float(), w, activation)
+    assert rel_err(y, emulated.double()) < 2 * BF16_UNIT
+    assert rel_err(emulated, x.double() @ w.dequantize(torch.float64).T) > 1e-3  # it does round the activations
+
+
 # Fragment kernels with several chunks per K step and a group scale the k-major fallback would not take.
 FRAGMENT_CASES = [
     ("w1a16", 9, 72, 300, {"group": 128, "col": True, "offset": True, "rank": 4}, triton_ops.TileConfig(16, 64, 128)),
