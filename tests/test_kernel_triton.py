@@ -47,8 +47,8 @@ def _upcast_bf16_dot(original):
 
 def _round_to_e4m3(original):
     """The interpreter's float32 -> float8 e4m3 conversion loses the carry of its rounding (31.75 becomes 16.0,
-    1.98 becomes 1.0) and flushes small subnormals to zero; convert as the GPU's cvt.rn.satfinite does
-    (round to nearest even, saturating at +-448), with torch."""
+    1.98 becomes 1.0) and flushes small subnormals to zero (triton-lang/triton#8322, still in Triton 3.9);
+    convert as the GPU's cvt.rn.satfinite does (round to nearest even, saturating at +-448), with torch."""
     import numpy as np
     import triton.language as tl
 
