@@ -20,7 +20,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from . import a1111, native, openai
 from .config import ServeConfig
 from .errors import FieldError, QueueFull
-from .middleware import BodyLimit, TokenAuth
+from .middleware import BodyLimit, CrossOriginGuard, TokenAuth, allowed_origin_set
 from .runner import PipelineLoader
 from .state import Server
 
@@ -46,7 +46,9 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 
 def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> FastAPI:
-    """The app for `config`; `loader(path, device)` replaces Pipeline.from_pretrained (tests share one model)."""
+    """The app for `config`; `loader(path, device)` replaces Pipeline.from_pretrained (tests share one model).
+    ValueError when config.allowed_origins holds something that is not an origin."""
+    origins = allowed_origin_set(config.allowed_origins)
     state = Server.create(config, loader)
 
     @asynccontextmanager
@@ -91,6 +93,8 @@ def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> Fas
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     if config.token:
         app.add_middleware(TokenAuth, token=config.token)
+    # Checked before the token: a page of another port on the same host gets the SameSite cookie sent along.
+    app.add_middleware(CrossOriginGuard, allowed=origins)
     if "*" not in config.allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts))
     return app
