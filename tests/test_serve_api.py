@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -95,8 +96,21 @@ def test_models_config_loras(client, tiny_checkpoint, tmp_path):
     loras = client.get("/api/loras").json()
     assert loras == {"loras": ["style"], "folder": str(tmp_path / "home" / "loras")}
     assert "/api/jobs" in client.get("/openapi.json").json()["paths"]
-    assert client.get("/docs").status_code == 200
     assert client.get("/api/health").json()["ok"] is True
+
+
+def test_api_docs_pages_load_their_scripts_from_this_server(client):
+    # /docs loaded Swagger UI from a CDN: offline, the page stayed blank.
+    r = client.get("/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assets = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+    assert {a.rsplit(".", 1)[-1] for a in assets} >= {"js", "css"}, assets
+    for url in assets:
+        assert url.startswith("/") and not url.startswith("//"), url
+        asset = client.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 1000, url
+    assert "url: '/openapi.json'" in r.text
+    assert client.get("/redoc").status_code == 404  # ReDoc fetches its logo from the web
 
 
 def test_generate_matches_pipeline_and_embeds_parameters(client, tiny_checkpoint):

@@ -373,3 +373,21 @@ def test_a_page_of_another_origin_cannot_post_to_the_server(tmp_path, tiny_check
     finally:
         gate.open()
         server.stop()
+
+
+def test_api_docs_render_offline(live, browser):
+    # Swagger UI came from a CDN: without the internet /docs was a blank page.
+    page = browser.new_page()
+    elsewhere: list[str] = []
+
+    def only_this_server(route):
+        if route.request.url.startswith(live.url):
+            return route.continue_()
+        elsewhere.append(route.request.url)
+        route.abort()
+
+    page.route("**/*", only_this_server)
+    page.goto(f"{live.url}/docs?token={TOKEN}")
+    sync_api.expect(page.locator(".swagger-ui .info .title")).to_contain_text("Bonsai", timeout=30_000)
+    sync_api.expect(page.locator(".opblock-summary-path", has_text="/sdapi/v1/txt2img")).to_have_count(1)
+    assert elsewhere == []

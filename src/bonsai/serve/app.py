@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import a1111, native, openai
@@ -63,7 +64,10 @@ def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> Fas
             state.queue.stop()
             state.db.close()
 
-    app = FastAPI(
+    # FastAPI's /docs loads Swagger UI from a CDN and is blank offline; this one serves the copy that the
+    # fastapi-offline package ships (under /static-offline-docs). No /redoc: ReDoc still fetches its logo from the web.
+    app = FastAPIOffline(
+        redoc_url=None,
         title="Bonsai",
         summary="Local text-to-image generation with 1-bit diffusion models",
         description="Native job API (/api), an AUTOMATIC1111-compatible subset (/sdapi/v1) and an "
