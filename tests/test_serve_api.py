@@ -15,13 +15,14 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
-from conftest import write_tiny_lora  # noqa: E402
+from conftest import transparent_image, write_tiny_lora  # noqa: E402
 from serve_support import Gate, loader, make_config  # noqa: E402
 
 from bonsai.format import summarize  # noqa: E402
 from bonsai.pipeline import InvalidRequest, Pipeline  # noqa: E402
 from bonsai.serve.app import create_app  # noqa: E402
 from bonsai.serve.db import JobDB  # noqa: E402
+from bonsai.serve.spec import decode_image  # noqa: E402
 
 FINAL = {"done", "failed", "cancelled", "interrupted"}
 
@@ -68,6 +69,12 @@ def usable(client: TestClient) -> list[str]:
 def png_b64(size=(16, 16), color=(200, 30, 30)) -> str:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def image_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -176,6 +183,19 @@ def test_img2img_and_hires(client):
     image = Image.open(io.BytesIO(client.get(job["images"][0]).content))
     assert image.size == (32, 32)
     assert "Hires upscale: 2, Hires upscaler: lanczos, First pass size: 16x16" in image.info["parameters"]
+
+
+def test_a_transparent_init_image_is_taken_over_white(client):
+    # Its transparent pixels hold black; convert("RGB") made them the job's black background.
+    for i, mode in enumerate(["RGBA", "LA", "P"]):
+        image, reference = transparent_image(mode, seed=100 + i)
+        decoded = np.asarray(decode_image(image_b64(image), "init_image", 1 << 20), dtype=np.float64)
+        assert np.abs(decoded - reference).max() <= 1, mode
+    image, reference = transparent_image("RGBA", seed=7, partial=False)
+    on_white = Image.fromarray(reference.astype(np.uint8))
+    jobs = [wait(client, submit(client, init_image=image_b64(im), strength=0.5, steps=4, seed=3)) for im in (image, on_white)]
+    got, want = (np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]).content))) for job in jobs)
+    assert np.array_equal(got, want)
 
 
 def test_strength_that_leaves_no_step_is_refused_up_front(client, tiny_checkpoint):
