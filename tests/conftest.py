@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from bonsai.kernels import set_kernel
@@ -99,3 +101,30 @@ def write_tiny_lora(checkpoint: Path, path: Path, seed: int = 5) -> Path:
                 layer.ups[path.stem].data.normal_(std=0.5)
     save_lora(model, path.stem, path)
     return path
+
+
+def transparent_image(mode: str, seed: int, size: tuple[int, int] = (16, 16), partial: bool = True) -> tuple[Image.Image, np.ndarray]:
+    """A random `mode` image (RGBA, LA, or P with a transparent palette entry) whose fully transparent
+    pixels hold black, about a third of them, and its float64 reference over white [H, W, 3]:
+    colour * alpha + 255 * (1 - alpha). `partial`: some pixels are half transparent (else alpha is 0 or 255)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode == "P":
+        palette = rng.integers(0, 256, (16, 3))
+        palette[0] = 0  # the transparent entry is black
+        index = rng.integers(0, 16, (h, w))
+        index[rng.random((h, w)) < 1 / 3] = 0
+        image = Image.fromarray(index.astype(np.uint8), "P")
+        image.putpalette(palette.astype(np.uint8).ravel().tolist())
+        image.info["transparency"] = 0
+        reference = np.where((index == 0)[..., None], 255.0, palette[index].astype(np.float64))
+        return image, reference
+    channels = {"RGBA": 3, "LA": 1}[mode]
+    colour = rng.integers(0, 256, (h, w, channels))
+    alpha = np.where(rng.random((h, w)) < 0.5, 255, rng.integers(1, 255, (h, w)) if partial else 255)
+    alpha[rng.random((h, w)) < 1 / 3] = 0
+    colour[alpha == 0] = 0
+    image = Image.fromarray(np.dstack([colour, alpha]).astype(np.uint8), mode)
+    a = alpha[..., None].astype(np.float64) / 255
+    reference = np.broadcast_to(colour * a + 255 * (1 - a), (h, w, 3)).astype(np.float64)
+    return image, reference

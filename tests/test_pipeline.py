@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from bonsai.images import next_free_paths, save_numbered, save_png
-from bonsai.pipeline import GenerationParams, InvalidRequest, Pipeline
+from conftest import transparent_image
+from bonsai.images import flatten_on_white, next_free_paths, save_numbered, save_png
+from bonsai.pipeline import GenerationParams, InvalidRequest, Pipeline, from_pil
 from bonsai.quant import BitLinear
 
 PROMPT = "a red apple on a table"
@@ -187,3 +188,26 @@ def test_prompts_and_negatives_are_encoded_once_each(pipe: Pipeline, cfg: float,
     with torch.no_grad():
         want = SAMPLERS["euler"](model, pipe.noise(params, 2), flow_timesteps(params.steps, params.shift), None)
     assert torch.allclose(got, want.float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_become_white_not_the_colour_they_hold(mode: str) -> None:
+    # convert("RGB") kept the black that transparent pixels hold: an init image's background turned black.
+    image, reference = transparent_image(mode, seed={"RGBA": 1, "LA": 2, "P": 3}[mode])
+    flat = np.asarray(flatten_on_white(image), dtype=np.float64)
+    assert flat.shape == reference.shape
+    assert np.abs(flat - reference).max() <= 1  # 8-bit rounding of the composite
+    assert (flat[reference == 255] == 255).all()
+    pixels = from_pil([image], *image.size)[0].permute(1, 2, 0).double()
+    assert (pixels - torch.from_numpy(reference / 127.5 - 1)).abs().max() <= 1 / 127.5 + 1e-6
+    assert flatten_on_white(Image.fromarray(np.zeros((2, 3, 3), np.uint8))).getpixel((0, 0)) == (0, 0, 0)  # no alpha: as it is
+
+
+def test_img2img_starts_from_a_transparent_image_over_white(pipe: Pipeline) -> None:
+    image, reference = transparent_image("RGBA", seed=17, partial=False)
+    on_white = Image.fromarray(reference.astype(np.uint8))
+    run = dict(strength=0.5, steps=4, seed=9)
+    got = pipe.generate(PROMPT, init_images=[image], **run).samples
+    assert torch.equal(got, pipe.generate(PROMPT, init_images=[on_white], **run).samples)
+    on_black = pipe.generate(PROMPT, init_images=[image.convert("RGB")], **run).samples
+    assert (got - on_black).abs().max() > 0.5  # the background matters: the check above can fail

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -14,13 +15,14 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
-from conftest import write_tiny_lora  # noqa: E402
+from conftest import transparent_image, write_tiny_lora  # noqa: E402
 from serve_support import Gate, loader, make_config  # noqa: E402
 
 from bonsai.format import summarize  # noqa: E402
 from bonsai.pipeline import InvalidRequest, Pipeline  # noqa: E402
 from bonsai.serve.app import create_app  # noqa: E402
 from bonsai.serve.db import JobDB  # noqa: E402
+from bonsai.serve.spec import decode_image  # noqa: E402
 
 FINAL = {"done", "failed", "cancelled", "interrupted"}
 
@@ -70,6 +72,12 @@ def png_b64(size=(16, 16), color=(200, 30, 30)) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def image_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def submit(client: TestClient, **body) -> str:
     r = client.post("/api/jobs", json={"prompt": "a red circle", **body})
     assert r.status_code == 202, r.text
@@ -95,8 +103,21 @@ def test_models_config_loras(client, tiny_checkpoint, tmp_path):
     loras = client.get("/api/loras").json()
     assert loras == {"loras": ["style"], "folder": str(tmp_path / "home" / "loras")}
     assert "/api/jobs" in client.get("/openapi.json").json()["paths"]
-    assert client.get("/docs").status_code == 200
     assert client.get("/api/health").json()["ok"] is True
+
+
+def test_api_docs_pages_load_their_scripts_from_this_server(client):
+    # /docs loaded Swagger UI from a CDN: offline, the page stayed blank.
+    r = client.get("/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assets = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+    assert {a.rsplit(".", 1)[-1] for a in assets} >= {"js", "css"}, assets
+    for url in assets:
+        assert url.startswith("/") and not url.startswith("//"), url
+        asset = client.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 1000, url
+    assert "url: '/openapi.json'" in r.text
+    assert client.get("/redoc").status_code == 404  # ReDoc fetches its logo from the web
 
 
 def test_generate_matches_pipeline_and_embeds_parameters(client, tiny_checkpoint):
@@ -162,6 +183,19 @@ def test_img2img_and_hires(client):
     image = Image.open(io.BytesIO(client.get(job["images"][0]).content))
     assert image.size == (32, 32)
     assert "Hires upscale: 2, Hires upscaler: lanczos, First pass size: 16x16" in image.info["parameters"]
+
+
+def test_a_transparent_init_image_is_taken_over_white(client):
+    # Its transparent pixels hold black; convert("RGB") made them the job's black background.
+    for i, mode in enumerate(["RGBA", "LA", "P"]):
+        image, reference = transparent_image(mode, seed=100 + i)
+        decoded = np.asarray(decode_image(image_b64(image), "init_image", 1 << 20), dtype=np.float64)
+        assert np.abs(decoded - reference).max() <= 1, mode
+    image, reference = transparent_image("RGBA", seed=7, partial=False)
+    on_white = Image.fromarray(reference.astype(np.uint8))
+    jobs = [wait(client, submit(client, init_image=image_b64(im), strength=0.5, steps=4, seed=3)) for im in (image, on_white)]
+    got, want = (np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]).content))) for job in jobs)
+    assert np.array_equal(got, want)
 
 
 def test_strength_that_leaves_no_step_is_refused_up_front(client, tiny_checkpoint):
@@ -590,6 +624,25 @@ def test_cli_bounds_the_shutdown_wait(tmp_path, tiny_checkpoint, monkeypatch):
     assert 0 < calls[0]["timeout_graceful_shutdown"] == SHUTDOWN_GRACE_S <= 30
 
 
+def test_cli_allowed_origin_option(tmp_path, tiny_checkpoint, monkeypatch):
+    import uvicorn
+    from click.testing import CliRunner
+
+    from bonsai.serve.cli import serve
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    base = ["--data-dir", str(tmp_path / "serve"), "--model", str(tiny_checkpoint)]
+    result = CliRunner().invoke(serve, [*base, "--allowed-origin", "https://bonsai.example.org/path"])
+    assert result.exit_code == 2 and "is not an origin" in result.output and not apps
+    result = CliRunner().invoke(serve, [*base, "--allowed-origin", "https://bonsai.example.org"])
+    assert result.exit_code == 0, result.output
+    with TestClient(apps[0]) as c:  # bound to loopback, it accepts loopback Host names only
+        for origin, status in [("https://bonsai.example.org", 200), ("https://evil.example", 403)]:
+            r = c.post("/sdapi/v1/interrupt", headers={"origin": origin, "host": "127.0.0.1:7860"})
+            assert r.status_code == status, r.text
+
+
 def test_latent_model_sizes_are_checked_in_pixels(tmp_path, gate):
     # bonsai-t2i: patch 2 on latents 2x smaller (BONSAI_4B_TINY), so sides are multiples of 4 pixels, not of 2.
     pytest.importorskip("diffusers")
@@ -602,3 +655,71 @@ def test_latent_model_sizes_are_checked_in_pixels(tmp_path, gate):
         assert model["size_step"] == 4
         r = client.post("/api/jobs", json={"prompt": "a fox", "model": "tiny4b", "width": 30, "height": 32})
         assert r.status_code == 422 and "multiple of 4" in r.json()["error"]["message"], r.text
+
+
+CROSS_SITE = {"origin": "https://evil.example"}
+
+
+def test_posts_from_a_page_of_another_origin_are_refused(client, gate):
+    # A page on another site, open in the user's browser, could send these without a CORS preflight:
+    # a body-less POST, or a body with no Content-Type (fetch with a Blob) or text/plain.
+    gate.close()
+    job_id = submit(client, steps=2)
+    wait_running(client, gate, job_id)
+    for route in ("/sdapi/v1/interrupt", f"/api/jobs/{job_id}/cancel"):
+        r = client.post(route, headers=CROSS_SITE)
+        assert (r.status_code, r.json()["error"]["field"]) == (403, "origin"), (route, r.text)
+        assert "https://evil.example" in r.json()["error"]["message"] and "--allowed-origin" in r.json()["error"]["message"]
+    body = json.dumps({"prompt": "a cat", "steps": 1})
+    for route in ("/api/jobs", "/sdapi/v1/txt2img", "/v1/images/generations", "/sdapi/v1/options"):
+        for content_type in ({}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}):
+            r = client.post(route, content=body, headers={**CROSS_SITE, **content_type})
+            assert r.status_code == 403, (route, content_type, r.text)
+    # Without an Origin header, the browser's Sec-Fetch-Site still tells where the request comes from.
+    for site in ("cross-site", "same-site"):
+        r = client.post("/sdapi/v1/interrupt", headers={"sec-fetch-site": site})
+        assert r.status_code == 403 and site in r.json()["error"]["message"], r.text
+    assert client.get(f"/api/jobs/{job_id}").json()["status"] == "running"
+    gate.open()
+    assert wait(client, job_id)["status"] == "done"
+    assert [j["id"] for j in client.get("/api/jobs").json()["jobs"]] == [job_id]  # nothing else was queued
+
+
+@pytest.mark.parametrize(
+    "origin, allowed",
+    [
+        ("http://testserver", True),  # the web UI's own requests
+        ("http://testserver:80", True),  # the default port, spelled out
+        ("HTTP://TestServer", True),
+        ("https://testserver", False),  # same host, other scheme: another origin
+        ("http://testserver:8080", False),  # same host, other port: another origin (though the same site)
+        ("http://testserver.evil.example", False),
+        ("null", False),  # sandboxed frames and file:// pages
+        ("not an origin", False),
+    ],
+)
+def test_same_origin_check_compares_scheme_host_and_port(client, origin, allowed):
+    r = client.post("/sdapi/v1/options", json={}, headers={"origin": origin})
+    assert r.status_code == (200 if allowed else 403), r.text
+
+
+def test_clients_without_browser_headers_and_reads_are_not_checked(client):
+    # curl, Python clients, A1111 and ComfyUI clients send neither Origin nor Sec-Fetch-Site.
+    assert client.post("/sdapi/v1/interrupt").json() == {"interrupted": False}
+    for site in ("same-origin", "none"):  # "none": the user typed the address or opened a bookmark
+        assert client.post("/sdapi/v1/interrupt", headers={"sec-fetch-site": site}).status_code == 200
+    # A cross-origin read is the browser's to withhold (the server sends no CORS headers).
+    r = client.get("/api/models", headers=CROSS_SITE)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_allowed_origins_admit_a_reverse_proxy_address(tmp_path, tiny_checkpoint, gate):
+    # Behind a proxy at https://bonsai.example.org the browser's Origin is the proxy's, not the Host the server sees.
+    with open_app(tmp_path, tiny_checkpoint, gate, allowed_origins=("https://Bonsai.example.org:443/",)) as c:
+        assert c.post("/sdapi/v1/interrupt", headers={"origin": "https://bonsai.example.org"}).status_code == 200
+        assert c.post("/sdapi/v1/interrupt", headers={"origin": "http://bonsai.example.org"}).status_code == 403
+        assert c.post("/sdapi/v1/interrupt", headers={"origin": "http://testserver"}).status_code == 200
+    with open_app(tmp_path, tiny_checkpoint, gate, allowed_origins=("*",)) as c:
+        assert c.post("/sdapi/v1/interrupt", headers=CROSS_SITE).status_code == 200
+    with pytest.raises(ValueError, match="not an origin"):
+        open_app(tmp_path, tiny_checkpoint, gate, allowed_origins=("https://example.org/path",))

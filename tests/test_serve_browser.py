@@ -6,16 +6,21 @@ tests/artifacts/."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
+
+import httpx
 
 import pytest
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the 'test' extra)")
 from conftest import write_tiny_lora  # noqa: E402
-from serve_support import Gate, make_config, start_server  # noqa: E402
+from serve_support import Gate, free_port, make_config, start_server  # noqa: E402
 
 CHROMIUM = os.environ.get("BONSAI_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -314,3 +319,75 @@ def test_a_job_that_has_not_reached_its_first_step_shows_starting(live, browser)
     expect(page.locator("#progress_text")).to_have_text("starting…")
     held = False
     expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+
+
+@pytest.fixture
+def other_origin(tmp_path):
+    """A page of another local web server (same host, another port: another origin, though the same site)."""
+    (tmp_path / "index.html").write_text("<!doctype html><title>another local app</title>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+FORGED_POSTS = """async (target) => {
+    const body = JSON.stringify({prompt: "forged"});
+    const sent = [
+        fetch(target + "/sdapi/v1/interrupt", {method: "POST", mode: "no-cors"}),
+        fetch(target + "/api/jobs", {method: "POST", mode: "no-cors", body: new Blob([body])}),
+        fetch(target + "/api/jobs", {method: "POST", mode: "no-cors", headers: {"content-type": "text/plain"}, body}),
+    ];
+    await Promise.all(sent);
+}"""
+
+
+def test_a_page_of_another_origin_cannot_post_to_the_server(tmp_path, tiny_checkpoint, gate, browser, other_origin):
+    # Without a token, nothing stopped another page open in the browser from interrupting the running
+    # job (or, on FastAPI before 0.132, from queuing jobs with a Blob body): no preflight guards these.
+    server = start_server(make_config(tmp_path, tiny_checkpoint), gate)
+    try:
+        page = browser.new_page()
+        page.goto(server.url)  # the web UI's own POSTs (with Origin) still pass
+        origins: list[str | None] = []
+        page.on("request", lambda r: r.method == "POST" and origins.append(r.header_value("origin")))
+        page.fill("#prompt", "a spruce")
+        gate.close()
+        page.click("#generate")
+        sync_api.expect(page.locator("#progress_text")).to_contain_text("step 1/", timeout=30_000)
+        assert origins == [server.url]
+        job_id = httpx.get(f"{server.url}/api/jobs").json()["jobs"][0]["id"]
+
+        other = browser.new_page()
+        other.goto(other_origin)
+        statuses: list[int] = []
+        other.on("response", lambda r: r.request.method == "POST" and statuses.append(r.status))
+        other.evaluate(FORGED_POSTS, server.url)
+        assert sorted(statuses) == [403, 403, 403]
+        assert httpx.get(f"{server.url}/api/jobs/{job_id}").json()["status"] == "running"
+        gate.open()
+        sync_api.expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+        assert [j["id"] for j in httpx.get(f"{server.url}/api/jobs").json()["jobs"]] == [job_id]
+    finally:
+        gate.open()
+        server.stop()
+
+
+def test_api_docs_render_offline(live, browser):
+    # Swagger UI came from a CDN: without the internet /docs was a blank page.
+    page = browser.new_page()
+    elsewhere: list[str] = []
+
+    def only_this_server(route):
+        if route.request.url.startswith(live.url):
+            return route.continue_()
+        elsewhere.append(route.request.url)
+        route.abort()
+
+    page.route("**/*", only_this_server)
+    page.goto(f"{live.url}/docs?token={TOKEN}")
+    sync_api.expect(page.locator(".swagger-ui .info .title")).to_contain_text("Bonsai", timeout=30_000)
+    sync_api.expect(page.locator(".opblock-summary-path", has_text="/sdapi/v1/txt2img")).to_have_count(1)
+    assert elsewhere == []

@@ -1,4 +1,5 @@
-"""Writing images: PNG with generation parameters in a text chunk, written atomically."""
+"""Images in and out: input images flattened onto white; PNG with generation parameters in a text
+chunk, written atomically."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ from PIL.PngImagePlugin import PngInfo
 from .atomic import atomic_write
 
 NUMBERED = re.compile(r"^(\d{5,})-.*\.png$")  # NNNNN-SEED.png as next_free_paths names them
+# Modes that carry an alpha channel; others may still have a transparent colour (info["transparency"]).
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def flatten_on_white(image: Image.Image) -> Image.Image:
+    """`image` as a new RGB image, its transparent parts composited over white: convert("RGB") alone
+    keeps the colour that transparent pixels happen to hold, often black. White, as the emoji
+    training images were composited, so an init image's empty background stays empty."""
+    if image.mode not in ALPHA_MODES and "transparency" not in image.info:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str], overwrite: bool = True) -> Path:

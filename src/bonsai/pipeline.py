@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .cuda_graph import GraphedModule, use_cuda_graph
+from .images import flatten_on_white
 from .limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, last_seed
 from .models.offload import on_device, sequential_offload
 from .models.per_sample import per_sample
@@ -87,8 +88,8 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def from_pil(images: list[Image.Image], width: int, height: int) -> torch.Tensor:
-    """RGB images (resized to width x height) -> [B, 3, H, W] in [-1, 1]."""
-    arrays = [np.asarray(im.convert("RGB").resize((width, height), Image.LANCZOS), dtype=np.float32) for im in images]
+    """Images (transparent parts over white, resized to width x height) -> [B, 3, H, W] in [-1, 1]."""
+    arrays = [np.asarray(flatten_on_white(im).resize((width, height), Image.LANCZOS), dtype=np.float32) for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 
 

@@ -14,6 +14,8 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
+from ..images import flatten_on_white
+
 PACKAGE_VERSION = "16.0.0"
 IMAGE_SIZE = 64
 
@@ -127,5 +129,4 @@ def composite_on_white(png: bytes | Path, size: int = IMAGE_SIZE) -> np.ndarray:
     img = Image.open(io.BytesIO(data)).convert("RGBA")
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.LANCZOS)
-    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-    return np.asarray(Image.alpha_composite(white, img).convert("RGB"), dtype=np.uint8)
+    return np.asarray(flatten_on_white(img), dtype=np.uint8)

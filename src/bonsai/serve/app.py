@@ -15,12 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import a1111, native, openai
 from .config import ServeConfig
 from .errors import FieldError, QueueFull
-from .middleware import BodyLimit, TokenAuth
+from .middleware import BodyLimit, CrossOriginGuard, TokenAuth, allowed_origin_set
 from .runner import PipelineLoader
 from .state import Server
 
@@ -46,7 +47,9 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 
 def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> FastAPI:
-    """The app for `config`; `loader(path, device)` replaces Pipeline.from_pretrained (tests share one model)."""
+    """The app for `config`; `loader(path, device)` replaces Pipeline.from_pretrained (tests share one model).
+    ValueError when config.allowed_origins holds something that is not an origin."""
+    origins = allowed_origin_set(config.allowed_origins)
     state = Server.create(config, loader)
 
     @asynccontextmanager
@@ -61,7 +64,10 @@ def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> Fas
             state.queue.stop()
             state.db.close()
 
-    app = FastAPI(
+    # FastAPI's /docs loads Swagger UI from a CDN and is blank offline; this one serves the copy that the
+    # fastapi-offline package ships (under /static-offline-docs). No /redoc: ReDoc still fetches its logo from the web.
+    app = FastAPIOffline(
+        redoc_url=None,
         title="Bonsai",
         summary="Local text-to-image generation with 1-bit diffusion models",
         description="Native job API (/api), an AUTOMATIC1111-compatible subset (/sdapi/v1) and an "
@@ -91,6 +97,8 @@ def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> Fas
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     if config.token:
         app.add_middleware(TokenAuth, token=config.token)
+    # Checked before the token: a page of another port on the same host gets the SameSite cookie sent along.
+    app.add_middleware(CrossOriginGuard, allowed=origins)
     if "*" not in config.allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts))
     return app

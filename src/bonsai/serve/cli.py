@@ -9,10 +9,19 @@ from pathlib import Path
 import click
 
 from .config import LOOPBACK_HOSTS
+from .middleware import allowed_origin_set
 
 # On Ctrl+C or SIGTERM, blocking A1111/OpenAI requests wait this long before they are cut off and
 # their jobs are cancelled; without a limit, uvicorn would wait for every job they wait on to finish.
 SHUTDOWN_GRACE_S = 5
+
+
+def _origins(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        allowed_origin_set(values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return values
 
 
 def _is_loopback(host: str) -> bool:
@@ -37,7 +46,10 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Most images one job may ask for.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
               help="Host header to accept (repeatable; default: loopback names when bound to loopback, any otherwise).")
-def serve(host, port, token, data_dir, models, default_model, device, max_queue, max_batch, allowed_hosts) -> None:
+@click.option("--allowed-origin", "allowed_origins", multiple=True, callback=_origins, metavar="SCHEME://HOST[:PORT]",
+              help="Web page origin, besides the server's own, whose browsers may send POSTs (repeatable), "
+              "e.g. a reverse proxy's https://bonsai.example.org; '*' allows any.")
+def serve(host, port, token, data_dir, models, default_model, device, max_queue, max_batch, allowed_hosts, allowed_origins) -> None:
     """Serve the web UI, the native API, and A1111- and OpenAI-compatible APIs."""
     import uvicorn
 
@@ -52,7 +64,7 @@ def serve(host, port, token, data_dir, models, default_model, device, max_queue,
     hosts = tuple(allowed_hosts) or (LOOPBACK_HOSTS if loopback else ("*",))
     config = ServeConfig(
         data_dir=data_dir or default_home() / "serve", models=tuple(models), default_model=default_model, device=device,
-        token=token, allowed_hosts=hosts, max_queue=max_queue, max_batch=max_batch,
+        token=token, allowed_hosts=hosts, allowed_origins=allowed_origins, max_queue=max_queue, max_batch=max_batch,
     )
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"Bonsai on http://{shown}:{port}/" + ("?token=..." if token else "") + f"  (data: {config.data_dir})", err=True)

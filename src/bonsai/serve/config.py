@@ -20,6 +20,8 @@ class ServeConfig:
     models: extra checkpoint files to offer besides the store's models.
     token: when set, every request must carry it (Bearer header, Basic password, cookie or ?token=).
     allowed_hosts: Host header values accepted (guards a loopback server against DNS rebinding); ("*",) = any.
+    allowed_origins: pages of other origins (scheme://host[:port]) whose browsers may POST here, besides the
+        server's own pages (e.g. a reverse proxy's public address); ("*",) = any.
     max_side: the largest width or height of any job; a model's own limit (4x its native side) may be lower.
     max_pixels: batch * width * height of one job (the memory guard behind "batch too large").
     """
@@ -31,6 +33,7 @@ class ServeConfig:
     device: str = "auto"
     token: str | None = None
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    allowed_origins: tuple[str, ...] = ()
     max_queue: int = 16
     max_batch: int = 8
     max_side: int = 2048

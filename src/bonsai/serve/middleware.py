@@ -1,4 +1,4 @@
-"""ASGI middleware: request body size limit and token authentication."""
+"""ASGI middleware: request body size limit, token authentication, and the same-origin check on writes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import secrets
 from http.cookies import SimpleCookie
 from typing import Any, Awaitable, Callable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -168,3 +168,80 @@ class TokenAuth:
             await send(message)
 
         await self.app(scope, receive, send_with_cookie)
+
+
+# Methods that change nothing on this server; a browser also withholds their answers from other origins' pages.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_origin(origin: str) -> str | None:
+    """`origin` as a browser writes it in an Origin header (scheme://host[:port], lower case, no default
+    port), or None when it is not an http(s) origin ("null", a path, junk)."""
+    parts = urlsplit(origin.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in DEFAULT_PORTS or not parts.hostname or parts.username is not None:
+        return None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname  # hostname is lower case, IPv6 without brackets
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != DEFAULT_PORTS[scheme] else "")
+
+
+def allowed_origin_set(origins: tuple[str, ...]) -> frozenset[str]:
+    """The normalized origins ("*" stays: any); ValueError naming the first that is not an origin."""
+    found = set()
+    for origin in origins:
+        normal = "*" if origin.strip() == "*" else normalize_origin(origin)
+        if normal is None:
+            raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port], e.g. https://bonsai.example.org")
+        found.add(normal)
+    return frozenset(found)
+
+
+class CrossOriginGuard:
+    """Refuses (403) a state-changing request that a browser sent for a page of another origin.
+
+    A web page can make the user's browser POST to this server without a CORS preflight (no body,
+    or a form or text/plain body) and so interrupt or cancel jobs; the browser names that page in
+    Origin (or, where it sends no Origin, marks the request Sec-Fetch-Site: cross-site or same-site).
+    Such a request passes only when its origin is the server's own (the scheme and Host it was
+    reached by: the web UI) or one of `allowed` (e.g. a reverse proxy's public address; "*": any).
+    Clients that send neither header (curl, Python, A1111 and ComfyUI clients) are not concerned."""
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str] = frozenset()):
+        self.app = app
+        self.allowed = allowed
+
+    def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> str | None:
+        """Why the request is refused, or None when it may pass."""
+        method = scope["method"]
+        origin = headers.get(b"origin")
+        if origin is None:
+            site = headers.get(b"sec-fetch-site", b"").decode("latin-1").strip().lower()
+            if site in ("cross-site", "same-site"):
+                return (f"cross-origin request refused: the browser marks this {method} request "
+                        f"'Sec-Fetch-Site: {site}', so a page of another origin sent it")
+            return None
+        given = origin.decode("latin-1")
+        normal = normalize_origin(given)
+        own = normalize_origin(f"{scope.get('scheme', 'http')}://{headers.get(b'host', b'').decode('latin-1')}")
+        if normal is not None and (normal == own or normal in self.allowed):
+            return None
+        reason = f"cross-origin request refused: a page at {given} may not send {method} requests to this server"
+        if normal is None:  # "null": a sandboxed frame or a file:// page, which no option names
+            return reason
+        return (f"{reason} (its own pages are at {own or 'an unknown origin'}); if that page is yours, e.g. a reverse "
+                f"proxy's address, start the server with --allowed-origin {normal}")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS or "*" in self.allowed:
+            return await self.app(scope, receive, send)
+        reason = self._refusal(scope, dict(scope["headers"]))
+        if reason is not None:
+            return await _json_error(send, 403, "origin", reason)
+        await self.app(scope, receive, send)

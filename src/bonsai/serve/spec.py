@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from bonsai.images import flatten_on_white
 from bonsai.limits import CFG_RANGE, MAX_PROMPT_CHARS, last_seed
 from bonsai.lora import LoRAError, parse_prompt_loras
 from bonsai.sampling import SAMPLERS, img2img_timesteps
@@ -99,7 +100,7 @@ class JobSpec:
 
 
 def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
-    """base64 (or data: URL) -> RGB image; FieldError naming `field` when it is not a small image."""
+    """base64 (or data: URL) -> RGB image (transparent parts over white); FieldError naming `field` when it is not a small image."""
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:  # whitespace is dropped (MIME-style base64 breaks lines every 76 characters); other stray characters are refused
@@ -112,7 +113,7 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
                 raise FieldError(field, f"{field} is {im.width}x{im.height}; at most {max_pixels} pixels are accepted")
             if im.format not in ("PNG", "JPEG", "WEBP"):
                 raise FieldError(field, f"{field} must be a PNG, JPEG or WebP image, got {im.format}")
-            return im.convert("RGB")
+            return flatten_on_white(im)
     except (OSError, Image.DecompressionBombError, SyntaxError):
         raise FieldError(field, f"{field} is not a readable image") from None
 
