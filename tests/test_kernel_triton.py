@@ -354,6 +354,26 @@ def test_cuda_dispatch_matches_reference(kernel, m, tol):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("activation", ["int8", "fp8"])
+def test_cuda_w1a8_computes_its_numerics_reference(activation):
+    """Against bitmatmul_w1a8_reference on the same rounded activations, so that only the GEMM's own
+    accumulation and the bf16 output are measured: Hopper's fp8 wgmma accumulates in fewer bits than
+    float32 (Triton does not promote by default), which over K = 12288 (bonsai-4b's MLP down) shows here."""
+    from bonsai.kernels.reference import bitmatmul_w1a8_reference
+
+    if activation == "fp8" and torch.cuda.get_device_capability() < triton_ops.FP8_CAPABILITY:
+        pytest.skip("fp8 tensor cores need compute capability 8.9+")
+    gen = torch.Generator().manual_seed(12288)
+    w = random_weight(3072, 12288, offset=True, gen=gen).to("cuda")
+    x = (torch.randn(1024, 12288, generator=gen) * 2 + 0.3).bfloat16().cuda()
+    y = triton_ops.w1a8(x, w, activation=activation)
+    err = rel_err(y, bitmatmul_w1a8_reference(x.float(), w, activation).double())
+    print(f"{activation}: relative error against its numerics reference {err:.2e}")
+    assert err < 8e-3
+
+
+@pytest.mark.gpu
+@cuda
 def test_cuda_automatic_choice_by_layer_and_rows():
     big, small = random_weight(3072, 3072).to("cuda"), random_weight(320, 1280).to("cuda")
     grouped = random_weight(3072, 3072, group=64).to("cuda")  # the fragment W1A8 takes multiples of 128
