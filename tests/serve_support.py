@@ -75,7 +75,7 @@ def loader(gate: Gate):
 
 
 def make_config(tmp: Path, checkpoint: Path, **overrides: Any) -> ServeConfig:
-    base = dict(data_dir=tmp / "serve", home=tmp / "home", models=(checkpoint,), allowed_hosts=("testserver", "127.0.0.1"))
+    base = dict(data_dir=tmp / "serve", home=tmp / "home", models=(checkpoint,), allowed_hosts=("testserver",))
     return ServeConfig(**{**base, **overrides})
 
 

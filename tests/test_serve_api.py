@@ -490,8 +490,76 @@ def test_any_page_opened_with_the_token_keeps_it_in_a_cookie(tmp_path, tiny_chec
         assert c.get("/api/models", headers={"authorization": "Bearer s3cret"}).headers.get("set-cookie") is None
 
 
-def test_foreign_host_header_is_refused(client):
-    assert client.get("/api/health", headers={"host": "evil.example"}).status_code == 400
+REBOUND = {"host": "evil.example:7860", "origin": "http://evil.example:7860"}
+
+
+def host_refusal(r) -> str:
+    """The message of a 400 from the Host check (fails on any other answer)."""
+    assert (r.status_code, r.json()["error"]["field"]) == (400, "host"), r.text
+    return r.json()["error"]["message"]
+
+
+def test_a_page_whose_name_is_pointed_at_this_machine_is_refused(client):
+    # DNS rebinding: a page at http://evil.example:7860 whose name now resolves to 127.0.0.1 is, to the browser,
+    # of the server's own origin (Origin and Host agree), so it may read the answers and its POSTs pass the
+    # cross-origin guard. Only the name in Host gives it away.
+    job = wait(client, submit(client, steps=1))
+    for path in ("/", "/api/jobs", f"/api/jobs/{job['id']}", job["images"][0], "/sdapi/v1/options", "/openapi.json"):
+        message = host_refusal(client.get(path, headers=REBOUND))
+        assert "'evil.example'" in message and "DNS rebinding" in message and "--allowed-host evil.example" in message
+    for route in ("/api/jobs", "/sdapi/v1/txt2img", "/v1/images/generations", "/sdapi/v1/interrupt"):
+        host_refusal(client.post(route, json={"prompt": "forged", "steps": 1}, headers=REBOUND))
+    assert [j["id"] for j in client.get("/api/jobs").json()["jobs"]] == [job["id"]]  # nothing was queued
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost:7860", "LocalHost", "127.0.0.1:7860", "127.0.0.1", "127.8.9.10:7860", "[::1]:7860", "[::1]",
+        "192.168.1.5:7860", "[fe80::1]:7860", "0.0.0.0:7860",  # no DNS name in them, nothing to re-point
+    ],
+)
+def test_localhost_and_ip_addresses_pass(client, host):
+    assert client.get("/api/jobs", headers={"host": host}).status_code == 200
+    r = client.post("/sdapi/v1/interrupt", headers={"host": host, "origin": f"http://{host.lower()}"})
+    assert r.json() == {"interrupted": False}, r.text
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example", "app.localhost:7860", "localhost.:7860", "localhost.evil.example", "127.0.0.1.evil.example:7860", "testserver.evil.example"],
+)
+def test_other_names_are_refused(client, host):
+    assert f"--allowed-host {host.partition(':')[0]}" in host_refusal(client.get("/api/jobs", headers={"host": host}))
+
+
+@pytest.mark.parametrize("host", ["a b", "evil.example:port", "::1", "::1:7860", "[zz]:7860", "[::1]x", "user@127.0.0.1"])
+def test_a_host_header_that_is_not_host_and_port_is_refused(client, host):
+    assert "is not host[:port]" in host_refusal(client.get("/api/jobs", headers={"host": host}))
+
+
+def test_allowed_hosts_add_names(tmp_path, tiny_checkpoint, gate):
+    allowed = ("testserver", "Bonsai.LAN", "*.Example.org")
+    with open_app(tmp_path, tiny_checkpoint, gate, allowed_hosts=allowed) as c:
+        for host in ("bonsai.lan:7860", "BONSAI.lan", "a.example.org", "b.a.example.org:443", "127.0.0.1:7860", "localhost"):
+            assert c.get("/api/jobs", headers={"host": host}).status_code == 200, host
+        for host in ("example.org", "evil.example", "bonsai.lan.evil.example", "aexample.org"):
+            host_refusal(c.get("/api/jobs", headers={"host": host}))
+    with open_app(tmp_path, tiny_checkpoint, gate, allowed_hosts=("*",)) as c:
+        assert c.get("/api/jobs", headers=REBOUND).status_code == 200
+    for value, reason in [("bonsai.lan:7860", "has a port"), ("http://bonsai.lan", "without scheme"), ("bon*sai", "not a host name")]:
+        with pytest.raises(ValueError, match=reason):
+            open_app(tmp_path, tiny_checkpoint, gate, allowed_hosts=(value,))
+
+
+def test_a_server_bound_to_another_address_accepts_any_name_unless_told(tmp_path, tiny_checkpoint, gate):
+    # On a LAN, clients use the machine's names, which the server cannot know.
+    with open_app(tmp_path, tiny_checkpoint, gate, host="0.0.0.0", allowed_hosts=()) as c:
+        assert c.get("/api/jobs", headers=REBOUND).status_code == 200
+    with open_app(tmp_path, tiny_checkpoint, gate, host="0.0.0.0", allowed_hosts=("bonsai.lan",)) as c:
+        host_refusal(c.get("/api/jobs", headers=REBOUND))
+        for host in ("bonsai.lan:7860", "192.168.1.5:7860", "localhost:7860"):
+            assert c.get("/api/jobs", headers={"host": host}).status_code == 200, host
 
 
 def test_a1111_endpoints(client, gate):
@@ -641,6 +709,43 @@ def test_cli_allowed_origin_option(tmp_path, tiny_checkpoint, monkeypatch):
         for origin, status in [("https://bonsai.example.org", 200), ("https://evil.example", 403)]:
             r = c.post("/sdapi/v1/interrupt", headers={"origin": origin, "host": "127.0.0.1:7860"})
             assert r.status_code == status, r.text
+
+
+def test_cli_allowed_host_option(tmp_path, tiny_checkpoint, monkeypatch):
+    import uvicorn
+    from click.testing import CliRunner
+
+    from bonsai.serve.cli import serve
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    base = ["--data-dir", str(tmp_path / "serve"), "--model", str(tiny_checkpoint)]
+    for value, reason in [("bonsai.lan:7860", "has a port"), ("http://bonsai.lan/", "without scheme"), ("*bonsai", "not a host name"), ("", "not a host name")]:
+        result = CliRunner().invoke(serve, [*base, "--allowed-host", value])
+        assert result.exit_code == 2 and reason in result.output and not apps, (value, result.output)
+    assert "(DNS rebinding)" in " ".join(CliRunner().invoke(serve, ["--help"]).output.split())
+
+    def start(*args: str) -> tuple[TestClient, str]:
+        """The app that `bonsai serve ARGS` runs, and the host:port of the address it prints."""
+        result = CliRunner().invoke(serve, [*base, *args])
+        assert result.exit_code == 0, result.output
+        return TestClient(apps[-1]), re.search(r"Bonsai on http://([^/]+)/", result.output)[1]
+
+    for args, accepted, refused in [
+        ((), ["localhost:7860"], ["evil.example:7860", "bonsai.lan"]),
+        (("--allowed-host", "bonsai.lan", "--allowed-host", "*.example.org"), ["bonsai.lan:7860", "a.example.org"], ["evil.example"]),
+        (("--host", "127.0.0.2"), [], ["evil.example"]),
+        (("--host", "::1"), ["127.0.0.1:7860"], ["evil.example"]),
+        (("--host", "0.0.0.0", "--token", "t"), ["evil.example:7860", "bonsai.lan"], []),
+        (("--host", "0.0.0.0", "--token", "t", "--allowed-host", "bonsai.lan"), ["bonsai.lan", "192.168.1.5:7860"], ["evil.example"]),
+    ]:
+        client, printed = start(*args)
+        headers = {"authorization": "Bearer t"}
+        with client:
+            for host in (printed, *accepted):  # the printed address always works
+                assert client.get("/api/jobs", headers={**headers, "host": host}).status_code == 200, (args, host)
+            for host in refused:
+                host_refusal(client.get("/api/jobs", headers={**headers, "host": host}))
 
 
 def test_latent_model_sizes_are_checked_in_pixels(tmp_path, gate):

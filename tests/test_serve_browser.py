@@ -12,7 +12,9 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -391,3 +393,40 @@ def test_api_docs_render_offline(live, browser):
     sync_api.expect(page.locator(".swagger-ui .info .title")).to_contain_text("Bonsai", timeout=30_000)
     sync_api.expect(page.locator(".opblock-summary-path", has_text="/sdapi/v1/txt2img")).to_have_count(1)
     assert elsewhere == []
+
+
+READ_HISTORY = """async () => {
+    const r = await fetch("/api/jobs");
+    return [r.status, await r.text()];
+}"""
+
+
+def test_a_page_whose_name_is_pointed_at_this_machine_reads_nothing(tmp_path, tiny_checkpoint, gate, browser):
+    # DNS rebinding, with Chromium's resolver rules standing in for the attacker's DNS: evil.example resolves
+    # to 127.0.0.1, so a page at http://evil.example:PORT is, to the browser, of the server's own origin.
+    rebinding = browser.browser_type.launch(
+        executable_path=CHROMIUM, headless=True, args=[*ARGS, "--no-proxy-server", "--host-resolver-rules=MAP evil.example 127.0.0.1"]
+    )
+    servers = [start_server(make_config(tmp_path / name, tiny_checkpoint, **extra), gate)
+               for name, extra in [("guarded", {}), ("open", {"allowed_hosts": ("evil.example",)})]]
+    try:
+        for server in servers:
+            job_id = httpx.post(f"{server.url}/api/jobs", json={"prompt": "a private prompt", "steps": 1}).json()["id"]
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{server.url}/api/jobs/{job_id}").json()["status"] in ("queued", "running"):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        guarded, open_to_it = (f"http://evil.example:{urlsplit(s.url).port}" for s in servers)
+        page = rebinding.new_page()
+        r = page.goto(f"{guarded}/")
+        assert r.status == 400 and "--allowed-host evil.example" in r.text()
+        status, text = page.evaluate(READ_HISTORY)
+        assert status == 400 and "a private prompt" not in text
+        # What the check stops: a server that answers to the name serves that page the history.
+        assert page.goto(f"{open_to_it}/").status == 200
+        status, text = page.evaluate(READ_HISTORY)
+        assert status == 200 and "a private prompt" in text
+    finally:
+        rebinding.close()
+        for server in servers:
+            server.stop()

@@ -6,7 +6,9 @@ import asyncio
 import base64
 import io
 import json
+import socket
 import time
+from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
@@ -131,3 +133,28 @@ def test_ui_and_openapi_served(live):
     spec = httpx.get(f"{live.url}/openapi.json", headers=auth()).json()
     assert {"/api/jobs", "/sdapi/v1/txt2img", "/v1/images/generations"} <= set(spec["paths"])
     assert json.loads(httpx.get(f"{live.url}/api/health").text)["error"]["field"] == "token"
+
+
+def raw_http(url: str, request: str) -> tuple[int, bytes]:
+    """Sends `request` as written on one connection to the server at `url`; its status and body."""
+    address = urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as conn:
+        conn.sendall(request.encode("latin-1"))
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_host_header_on_the_wire(live):
+    port = urlsplit(live.url).port
+    token = f"Authorization: Bearer {TOKEN}\r\n"
+    # HTTP/1.0 clients may send no Host; browsers always do, so such a request cannot be a page's.
+    status, body = raw_http(live.url, f"GET /api/health HTTP/1.0\r\n{token}\r\n")
+    assert status == 200 and json.loads(body)["ok"] is True
+    status, body = raw_http(live.url, f"GET /api/health HTTP/1.1\r\nHost: localhost:{port}\r\n{token}Connection: close\r\n\r\n")
+    assert status == 200
+    # Refused before the token is even looked at.
+    status, body = raw_http(live.url, f"GET /api/jobs HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n\r\n")
+    assert status == 400 and "--allowed-host evil.example" in json.loads(body)["error"]["message"]

@@ -16,11 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import a1111, native, openai
 from .config import ServeConfig
 from .errors import FieldError, QueueFull
+from .hosts import HostCheck, host_policy
 from .middleware import BodyLimit, CrossOriginGuard, TokenAuth, allowed_origin_set
 from .runner import PipelineLoader
 from .state import Server
@@ -48,8 +48,9 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> FastAPI:
     """The app for `config`; `loader(path, device)` replaces Pipeline.from_pretrained (tests share one model).
-    ValueError when config.allowed_origins holds something that is not an origin."""
+    ValueError when config.allowed_origins or config.allowed_hosts hold something that is not an origin or a host name."""
     origins = allowed_origin_set(config.allowed_origins)
+    hosts = host_policy(config.host, config.allowed_hosts)
     state = Server.create(config, loader)
 
     @asynccontextmanager
@@ -99,6 +100,7 @@ def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> Fas
         app.add_middleware(TokenAuth, token=config.token)
     # Checked before the token: a page of another port on the same host gets the SameSite cookie sent along.
     app.add_middleware(CrossOriginGuard, allowed=origins)
-    if "*" not in config.allowed_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts))
+    # Outermost: a request addressed to a foreign name (DNS rebinding) is refused before anything reads its body.
+    if hosts is not None:
+        app.add_middleware(HostCheck, policy=hosts)
     return app

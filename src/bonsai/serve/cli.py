@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 
 import click
 
-from .config import LOOPBACK_HOSTS
+from .hosts import host_pattern, is_loopback
 from .middleware import allowed_origin_set
 
 # On Ctrl+C or SIGTERM, blocking A1111/OpenAI requests wait this long before they are cut off and
@@ -24,11 +23,13 @@ def _origins(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ..
     return values
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
+def _hosts(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    for value in values:
+        try:
+            host_pattern(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return values
 
 
 @click.command()
@@ -44,8 +45,11 @@ def _is_loopback(host: str) -> bool:
               help="Where jobs run (auto: CUDA, else Apple MPS, else CPU).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True, help="Waiting jobs before new ones get 429.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Most images one job may ask for.")
-@click.option("--allowed-host", "allowed_hosts", multiple=True,
-              help="Host header to accept (repeatable; default: loopback names when bound to loopback, any otherwise).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, callback=_hosts, metavar="NAME",
+              help="Name by which clients may reach the server, besides localhost and IP addresses (repeatable; "
+              "'*.example.org': the names under it; '*': any). Bound to loopback, the server refuses requests "
+              "addressed to any other name, so that no web page can reach it by pointing its own domain at this "
+              "machine (DNS rebinding); bound to another address, it accepts any name unless this option is given.")
 @click.option("--allowed-origin", "allowed_origins", multiple=True, callback=_origins, metavar="SCHEME://HOST[:PORT]",
               help="Web page origin, besides the server's own, whose browsers may send POSTs (repeatable), "
               "e.g. a reverse proxy's https://bonsai.example.org; '*' allows any.")
@@ -58,13 +62,12 @@ def serve(host, port, token, data_dir, models, default_model, device, max_queue,
     from .app import create_app
     from .config import ServeConfig
 
-    loopback = _is_loopback(host)
-    if not loopback and not token:
+    if not is_loopback(host) and not token:
         click.echo(f"warning: binding {host} without --token lets anyone who can reach it generate images", err=True)
-    hosts = tuple(allowed_hosts) or (LOOPBACK_HOSTS if loopback else ("*",))
     config = ServeConfig(
         data_dir=data_dir or default_home() / "serve", models=tuple(models), default_model=default_model, device=device,
-        token=token, allowed_hosts=hosts, allowed_origins=allowed_origins, max_queue=max_queue, max_batch=max_batch,
+        token=token, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, max_queue=max_queue,
+        max_batch=max_batch,
     )
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"Bonsai on http://{shown}:{port}/" + ("?token=..." if token else "") + f"  (data: {config.data_dir})", err=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-
 # Size presets offered by the web UI; the model's native size is added in front of them.
 SIZE_PRESETS = ((512, 512), (768, 512), (512, 768), (1024, 1024))
 
@@ -19,7 +17,10 @@ class ServeConfig:
     home: the model store (models, catalog.json, loras/); None = the default store.
     models: extra checkpoint files to offer besides the store's models.
     token: when set, every request must carry it (Bearer header, Basic password, cookie or ?token=).
-    allowed_hosts: Host header values accepted (guards a loopback server against DNS rebinding); ("*",) = any.
+    host: the address the server is bound to; bound to loopback, it answers only requests whose Host is an IP
+        address, localhost or one of allowed_hosts (against DNS rebinding, see hosts.py).
+    allowed_hosts: names (or '*.suffix') accepted in the Host header besides those; ("*",) = any. Given on a
+        server bound to another address, they restrict it too.
     allowed_origins: pages of other origins (scheme://host[:port]) whose browsers may POST here, besides the
         server's own pages (e.g. a reverse proxy's public address); ("*",) = any.
     max_side: the largest width or height of any job; a model's own limit (4x its native side) may be lower.
@@ -32,7 +33,8 @@ class ServeConfig:
     default_model: str | None = None
     device: str = "auto"
     token: str | None = None
-    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     max_queue: int = 16
     max_batch: int = 8
