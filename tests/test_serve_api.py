@@ -740,6 +740,7 @@ def test_cli_allowed_host_option(tmp_path, tiny_checkpoint, monkeypatch):
         (("--host", "0.0.0.0", "--token", "t", "--allowed-host", "bonsai.lan"), ["bonsai.lan", "192.168.1.5:7860"], ["evil.example"]),
     ]:
         client, printed = start(*args)
+        assert not printed.startswith("0.0.0.0"), "browsers may refuse 0.0.0.0: the any-address prints as loopback"
         headers = {"authorization": "Bearer t"}
         with client:
             for host in (printed, *accepted):  # the printed address always works

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .hosts import host_pattern, is_loopback
+from .hosts import browsable, host_pattern, is_loopback, is_unspecified
 from .middleware import allowed_origin_set
 
 # On Ctrl+C or SIGTERM, blocking A1111/OpenAI requests wait this long before they are cut off and
@@ -69,7 +69,8 @@ def serve(host, port, token, data_dir, models, default_model, device, max_queue,
         token=token, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, max_queue=max_queue,
         max_batch=max_batch,
     )
-    shown = f"[{host}]" if ":" in host else host
-    click.echo(f"Bonsai on http://{shown}:{port}/" + ("?token=..." if token else "") + f"  (data: {config.data_dir})", err=True)
+    click.echo(f"Bonsai on http://{browsable(host)}:{port}/" + ("?token=..." if token else "")
+               + (f"  (listening on every address of this machine: {host})" if is_unspecified(host) else "")
+               + f"  (data: {config.data_dir})", err=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     uvicorn.run(create_app(config), host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from .middleware import ASGIApp, Receive, Scope, Send, _json_error
+from .middleware import ASGIApp, Receive, Scope, Send, json_error
 
 _NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")  # "name." (absolute) is allowed only as written
 _PORT = re.compile(r"[0-9]*")
@@ -38,6 +38,22 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return host.lower() == "localhost"
+
+
+def is_unspecified(host: str) -> bool:
+    """Whether the bind address `host` is the any-address (0.0.0.0, ::): every address of this machine."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def browsable(host: str) -> str:
+    """What to put in a URL for a server bound to `host`: IPv6 in brackets, and for the any-address the
+    loopback address of its family (browsers may refuse http://0.0.0.0/)."""
+    if is_unspecified(host):
+        return "127.0.0.1" if ipaddress.ip_address(host.strip("[]")).version == 4 else "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def parse_host_header(value: str) -> str | None:
@@ -117,5 +133,5 @@ class HostCheck:
         value = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
         reason = self._refusal(value) if value.strip() else None
         if reason is not None:
-            return await _json_error(send, 400, "host", reason)
+            return await json_error(send, 400, "host", reason)
         await self.app(scope, receive, send)

@@ -18,7 +18,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 TOKEN_COOKIE = "bonsai_token"
 
 
-async def _json_error(send: Send, status: int, field: str | None, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def json_error(send: Send, status: int, field: str | None, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps({"error": {"message": message, "field": field, "type": "invalid_request_error"}, "detail": message}).encode()
     await send(
         {
@@ -49,9 +49,9 @@ class BodyLimit:
             if name != b"content-length":
                 continue
             if not value.isdigit():
-                return await _json_error(send, 400, "content-length", f"Content-Length {value.decode('latin-1')!r} is not a number of bytes")
+                return await json_error(send, 400, "content-length", f"Content-Length {value.decode('latin-1')!r} is not a number of bytes")
             if int(value) > self.max_bytes:
-                return await _json_error(send, 413, "body", message)
+                return await json_error(send, 413, "body", message)
         chunks, seen, more = [], 0, True
         while more:
             msg = await receive()
@@ -60,7 +60,7 @@ class BodyLimit:
             chunks.append(msg.get("body", b""))
             seen += len(chunks[-1])
             if seen > self.max_bytes:
-                return await _json_error(send, 413, "body", message)
+                return await json_error(send, 413, "body", message)
             more = msg.get("more_body", False)
         body = b"".join(chunks)
         replayed = False
@@ -155,7 +155,7 @@ class TokenAuth:
             challenge = (b"www-authenticate", b'Bearer realm="bonsai"')
             if _wants_page(scope):
                 return await _html_401(send, challenge)
-            return await _json_error(
+            return await json_error(
                 send, 401, "token", "missing or wrong token: send 'Authorization: Bearer TOKEN' (or open /?token=TOKEN in a browser)",
                 [challenge],
             )
@@ -243,5 +243,5 @@ class CrossOriginGuard:
             return await self.app(scope, receive, send)
         reason = self._refusal(scope, dict(scope["headers"]))
         if reason is not None:
-            return await _json_error(send, 403, "origin", reason)
+            return await json_error(send, 403, "origin", reason)
         await self.app(scope, receive, send)
