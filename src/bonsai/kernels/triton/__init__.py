@@ -8,9 +8,10 @@ where int8 quantization does not pay (and for group sizes the fragment W1A8 cann
 less exact (relative error ~9e-3 against ~2e-3; on bonsai-emoji 36 dB PSNR against the reference
 path's images, Fréchet distance unchanged). `BONSAI_KERNEL=triton-w1a16|triton-w1a8|reference`
 forces one; `triton-w1a8-fp8` (float8 e4m3 activations instead of int8, compute capability 8.9+) is
-only run when forced: it is not yet timed against the int8 kernel. Layers under MIN_AUTO_WEIGHTS weights go to the reference path instead: their GEMMs are
-launch-bound, and bonsai-emoji (largest layer 320 x 1280) drew 128 images 3.7x faster on an H200
-through the reference than through W1A16 (benchmarks/RESULTS.md, "Kernel choice and image quality").
+only run when forced: it is not yet timed against the int8 kernel. Layers under MIN_AUTO_WEIGHTS
+weights go to the reference path instead: their GEMMs are launch-bound, and bonsai-emoji (largest
+layer 320 x 1280) drew 128 images 3.7x faster on an H200 through the reference than through W1A16
+(benchmarks/RESULTS.md, "Kernel choice and image quality").
 """
 
 from __future__ import annotations

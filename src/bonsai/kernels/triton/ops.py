@@ -401,8 +401,8 @@ def _check_fp8(x: torch.Tensor, weight: PackedWeight, variant: str) -> None:
 def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
          prologue: Prologue | None = None, epilogue: Epilogue | None = None,
          config: TileConfig | None = None, variant: str | None = None, activation: str = "int8") -> torch.Tensor:
-    """y = epilogue(prologue(x) @ W.T (+ bias)) with prologue(x) quantized per token to int8 (col_scale
-    folded in); returns x.dtype. The epilogue may have the parts of W1A8_FUSES (GELU, head norms, residual +
+    """y = epilogue(prologue(x) @ W.T (+ bias)) with prologue(x) quantized per token to int8 or float8
+    e4m3 (col_scale folded in); returns x.dtype. The epilogue may have the parts of W1A8_FUSES (GELU, head norms, residual +
     gate).
 
     variant: "k-major" or "fragment" (default DEFAULT_VARIANT); "fragment" falls back to "k-major" for
@@ -435,8 +435,8 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     consts = {"GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
     if _variant(variant) == "fragment" and fragment_supports_group(weight.group_size, INT8_CHUNK):
         words = weight.prepared("triton-fragment-int8", int8_words)  # fp8 reads the same words
-        args = (q, xs, _or(qsum, xs), words, ops.out, r_s, gs, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
-                *_epilogue_scalars(ops))
+        args = (q, xs, _or(qsum, xs), words, ops.out, r_s, gs, *rest, m, n, k, words.shape[0], words.shape[1],
+                m_bucket(m), *_epilogue_scalars(ops))
         _launch(_w1a8_frag_tuned, fragment_kernels.w1a8_frag_kernel, args, {**consts, "FP8": fp8}, m, n, k,
                 _fragment_config(config, INT8_CHUNK))
         return _finish(x, ops.out, n, after)
