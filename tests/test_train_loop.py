@@ -4,7 +4,10 @@ log reads as one run."""
 from __future__ import annotations
 
 import json
-import signal
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,27 +22,48 @@ def _batches():
         yield torch.randn(4, 8, generator=gen)
 
 
+# Run in a process of its own, as `bonsai distill` runs: the signal state of a long test session (libraries
+# that set a C-level SIGINT handler, an earlier test's leftovers) is not what a user's process starts with.
+CTRL_C_RUN = """
+import signal, sys
+import torch
+from torch import nn
+from bonsai.train.loop import TrainConfig, train
+from test_train_loop import _batches
+
+calls = [0]
+
+def loss_fn(net, x):  # Ctrl+C arrives in the middle of the third step's forward
+    calls[0] += 1
+    if calls[0] == 3:
+        signal.raise_signal(signal.SIGINT)
+    return (net(x) - x).pow(2).mean()
+
+cfg = TrainConfig(steps=10, lr=1e-2, warmup=1, log_every=1, checkpoint_every=100, compile=False)
+torch.manual_seed(0)
+model = nn.Linear(8, 8)
+try:
+    train(model, loss_fn, _batches(), cfg, sys.argv[1])
+except KeyboardInterrupt:
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler was not restored"
+    torch.save(model.state_dict(), sys.argv[1] + "/model-at-interrupt.pt")
+    sys.exit(130)
+"""
+
+
 def test_ctrl_c_checkpoints_the_finished_step_and_the_run_resumes_there(tmp_path, capsys):
-    calls = [0]
-
-    def loss_fn(net, x):  # Ctrl+C arrives in the middle of the third step's forward
-        calls[0] += 1
-        if calls[0] == 3:
-            signal.raise_signal(signal.SIGINT)
-        return (net(x) - x).pow(2).mean()
-
-    cfg = TrainConfig(steps=10, lr=1e-2, warmup=1, log_every=1, checkpoint_every=100, compile=False)
-    torch.manual_seed(0)
-    model = nn.Linear(8, 8)
-    with pytest.raises(KeyboardInterrupt):
-        train(model, loss_fn, _batches(), cfg, tmp_path)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    run = subprocess.run([sys.executable, "-c", CTRL_C_RUN, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])})
+    assert run.returncode == 130, run.stdout + run.stderr
+    assert "saving a checkpoint after this step" in run.stdout
     saved = torch.load(tmp_path / "state.pt", weights_only=True)
     assert saved["step"] == 3  # the interrupted step was finished, not lost with the two before it
-    torch.testing.assert_close(saved["model"]["weight"], model.weight.detach(), rtol=0, atol=0)
+    model = torch.load(tmp_path / "model-at-interrupt.pt", weights_only=True)
+    torch.testing.assert_close(saved["model"]["weight"], model["weight"], rtol=0, atol=0)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
-    resumed = train(nn.Linear(8, 8), lambda net, x: (net(x) - x).pow(2).mean(), _batches(), cfg, tmp_path)
+    resumed = train(nn.Linear(8, 8), lambda net, x: (net(x) - x).pow(2).mean(), _batches(), TrainConfig(
+        steps=10, lr=1e-2, warmup=1, log_every=1, checkpoint_every=100, compile=False), tmp_path)
     assert resumed.step == 10 and "at step 3" in capsys.readouterr().out
 
 
