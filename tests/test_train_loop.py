@@ -22,10 +22,12 @@ def _batches():
         yield torch.randn(4, 8, generator=gen)
 
 
-# Run in a process of its own, as `bonsai distill` runs: the signal state of a long test session (libraries
-# that set a C-level SIGINT handler, an earlier test's leftovers) is not what a user's process starts with.
+# Run in a process of its own, with SIGINT at Python's default as in a terminal: a test run started in the
+# background of a non-interactive shell (nohup, `&`) inherits SIGINT ignored, which Python keeps and the loop
+# rightly leaves alone, so the raised signal would do nothing.
 CTRL_C_RUN = """
 import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import torch
 from torch import nn
 from bonsai.train.loop import TrainConfig, train
