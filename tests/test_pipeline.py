@@ -111,9 +111,10 @@ def test_a_name_taken_meanwhile_is_never_overwritten(tmp_path: Path, monkeypatch
     import bonsai.images
 
     (tmp_path / "00001-5.png").write_bytes(b"the other run's image")
-    scans = iter([[tmp_path / "00001-5.png"]])  # the stale scan, then real ones
+    stale = lambda d, seeds: [d / f"{1 + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]  # noqa: E731
+    scans = iter([stale])  # the stale scan, then real ones
     real = bonsai.images.next_free_paths
-    monkeypatch.setattr(bonsai.images, "next_free_paths", lambda d, seeds: next(scans, None) or real(d, seeds))
+    monkeypatch.setattr(bonsai.images, "next_free_paths", lambda d, seeds: next(scans, real)(d, seeds))
     image = Image.new("RGB", (4, 4), (1, 2, 3))
     assert [p.name for p in save_numbered([image, image], [5, 6], tmp_path)] == ["00002-5.png", "00003-6.png"]
     assert (tmp_path / "00001-5.png").read_bytes() == b"the other run's image"

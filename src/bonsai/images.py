@@ -40,15 +40,15 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], overwrite: bool =
 def save_numbered(images: list[Image.Image], seeds: list[int], directory: Path) -> list[Path]:
     """Save images as the next free NNNNN-SEED.png names in `directory`; never over an existing file,
     even one that another run writes at the same moment (it then takes the next number)."""
+    names = next_free_paths(directory, seeds)  # one scan of the folder for the whole batch
     paths = []
-    for image, seed in zip(images, seeds):
+    for i, image in enumerate(images):
         while True:
-            path = next_free_paths(directory, [seed])[0]
             try:
-                paths.append(save_png(image, path, overwrite=False))
+                paths.append(save_png(image, names[i], overwrite=False))
                 break
-            except FileExistsError:
-                continue
+            except FileExistsError:  # taken meanwhile: number this image and the rest after what is there now
+                names[i:] = next_free_paths(directory, seeds[i:])
     return paths
 
 
