@@ -255,10 +255,9 @@ def quantize_rows_kernel(x_ptr, cs_ptr, q_ptr, xs_ptr, qsum_ptr, xsum_ptr, lnw_p
         scale = tl.maximum(amax, 1e-30) / 448.0
         q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)  # x / scale may round past 448
         tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=mask)
-        tl.store(xs_ptr + row, scale)
     else:
         scale = tl.maximum(amax, 1e-30) / 127.0
         q = tl.minimum(tl.maximum(tl.floor(x / scale + 0.5), -127.0), 127.0)
         tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
-        tl.store(xs_ptr + row, scale)
         tl.store(qsum_ptr + row, tl.sum(q, axis=0).to(tl.int32))
+    tl.store(xs_ptr + row, scale)
