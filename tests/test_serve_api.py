@@ -676,6 +676,24 @@ def test_openai_errors_name_openai_fields(tmp_path, tiny_checkpoint, gate):
             assert r.json()["error"]["message"] == message, r.text
 
 
+def test_null_fields_take_their_defaults_in_compatible_apis(client):
+    # A1111 declares every field Optional and OpenAI marks n, size and response_format nullable: clients
+    # send null for "unset" (Python None), which was refused as "Input should be a valid integer".
+    nulls = {k: None for k in (
+        "seed", "batch_size", "n_iter", "enable_hr", "hr_scale", "hr_second_pass_steps", "override_settings", "sampler_name", "negative_prompt",
+    )}
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "cat", "steps": 2, **nulls})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 1 and json.loads(r.json()["info"])["sd_model_name"] == "tiny"
+    r = client.post("/sdapi/v1/img2img", json={"prompt": "cat", "steps": 4, "init_images": [png_b64()], "mask": None, **nulls})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/images/generations", json={"prompt": "cat", "steps": 2, **dict.fromkeys(("n", "size", "response_format", "model", "seed"))})
+    assert r.status_code == 200, r.text
+    assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in r.json()["data"]] == [(16, 16)]
+    r = client.post("/v1/images/generations", json={"prompt": None})
+    assert (r.status_code, r.json()["error"]["param"]) == (422, "prompt")
+
+
 def test_cli_bounds_the_shutdown_wait(tmp_path, tiny_checkpoint, monkeypatch):
     # uvicorn waits for open requests before the app's shutdown cancels jobs; blocking A1111/OpenAI
     # requests would hold Ctrl+C or SIGTERM until every job they wait on had finished.

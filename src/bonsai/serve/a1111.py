@@ -10,12 +10,12 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from bonsai.sampling import SAMPLERS
 
 from .errors import FieldError, FieldNames
-from .spec import HiresRequest, JobRequest
+from .spec import HiresRequest, JobRequest, NullMeansUnset
 from .state import Server, server
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -37,8 +37,8 @@ NAMES = FieldNames(FIELD_NAMES, MESSAGE_NAMES)
 UPSCALER_NAMES = {"latent", "latent (antialiased)", "latent (bicubic)", "latent (nearest)", "lanczos", "none", ""}
 
 
-class Txt2ImgRequest(BaseModel):
-    """The fields of A1111's txt2img body that Bonsai uses; the rest are accepted and ignored."""
+class Txt2ImgRequest(NullMeansUnset):
+    """The fields of A1111's txt2img body that Bonsai uses; the rest are accepted and ignored. null: the default."""
 
     model_config = ConfigDict(extra="ignore")
     prompt: str = ""
