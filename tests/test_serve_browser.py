@@ -203,6 +203,22 @@ def test_reloading_mid_job_keeps_watching_it(live, gate, browser):
     expect(page.locator("#progress_box")).to_be_hidden()
 
 
+def test_a_queued_job_counts_the_running_one_ahead_of_it(live, gate, browser):
+    # The page showed the job's place among the waiting jobs: "queued (0 ahead)" behind a running job.
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    gate.close()
+    running = page.request.post(f"{live.url}/api/jobs", data={"prompt": "a running job"}).json()["id"]
+    assert gate.reached.wait(30)
+    page.fill("#prompt", "a queued job")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("queued (1 ahead)")
+    page.click("#cancel")
+    expect(page.locator("#progress_text")).to_have_text("cancelled")
+    page.request.post(f"{live.url}/api/jobs/{running}/cancel")
+    gate.open()
+
+
 def test_gallery_opens_from_the_keyboard(live, browser):
     page = open_page(live, browser)
     expect = sync_api.expect

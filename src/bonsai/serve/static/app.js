@@ -180,7 +180,8 @@ async function poll(id) {
     return finish();
   }
   if (job.status === "queued") {
-    $("progress_text").textContent = `queued (${job.position} ahead)`;
+    // position counts the jobs waiting before this one; a job waits only while another one runs, so add that one.
+    $("progress_text").textContent = `queued (${(job.position ?? 0) + 1} ahead)`;
   } else if (job.status === "running") {
     const p = job.progress;
     $("progress").value = p.fraction;
