@@ -219,6 +219,27 @@ def test_a_queued_job_counts_the_running_one_ahead_of_it(live, gate, browser):
     gate.open()
 
 
+def test_overlapping_gallery_loads_show_each_image_once(live, browser):
+    # Each click on the Gallery tab (or "Load more") starts a load; two that overlapped both appended.
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    page.fill("#prompt", "a cedar")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    done = page.request.get(f"{live.url}/api/jobs?status=done&limit=40").json()["jobs"]
+    images = sum(len(job["images"]) for job in done)
+    page.route("**/api/jobs?*", lambda route: (time.sleep(0.3), route.continue_()))  # slow enough to overlap
+    page.dblclick("nav button[data-tab=gallery]")
+    expect(page.locator("#gallery img")).to_have_count(images)
+    page.wait_for_timeout(800)  # both answers are in
+    expect(page.locator("#gallery img")).to_have_count(images)
+    page.click("nav button[data-tab=generate]")
+    page.click("nav button[data-tab=gallery]")
+    page.click("nav button[data-tab=gallery]")
+    page.wait_for_timeout(800)
+    expect(page.locator("#gallery img")).to_have_count(images)
+
+
 def test_gallery_opens_from_the_keyboard(live, browser):
     page = open_page(live, browser)
     expect = sync_api.expect

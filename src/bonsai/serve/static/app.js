@@ -230,7 +230,12 @@ function figure(job, url, n) {
 }
 
 // ---- gallery and detail
+// Only the latest load may fill the gallery: two that overlap (a double click on the tab or on
+// "Load more") would both append their page.
+let galleryLoad = 0;
+
 async function loadGallery(reset) {
+  const ticket = ++galleryLoad;
   if (reset) { state.cursor = null; $("gallery").replaceChildren(); }
   const q = new URLSearchParams({ status: "done", limit: "40" });
   if (state.cursor !== null) q.set("before", state.cursor);
@@ -238,8 +243,10 @@ async function loadGallery(reset) {
   try {
     page = await api(`/api/jobs?${q}`);
   } catch (e) {
-    return showError(e.message, "gallery_error");
+    if (ticket === galleryLoad) showError(e.message, "gallery_error");
+    return;
   }
+  if (ticket !== galleryLoad) return;
   showError("", "gallery_error");
   for (const job of page.jobs) $("gallery").append(...job.images.map((url, n) => figure(job, url, n)));
   state.cursor = page.next;
