@@ -362,7 +362,7 @@ def test_upload_pixel_limit(tmp_path, tiny_checkpoint, gate):
 def test_file_routes_take_ids_only(client, tmp_path):
     job_id = submit(client)
     wait(client, job_id)
-    (tmp_path / "secret.txt").write_text("secret")
+    (tmp_path / "secret.txt").write_text("contents that must not leak")
     for path in [
         f"/api/jobs/{job_id}/images/1",
         f"/api/jobs/{job_id}/images/-1",
@@ -375,7 +375,7 @@ def test_file_routes_take_ids_only(client, tmp_path):
     ]:
         r = client.get(path)
         assert r.status_code in (404, 422), (path, r.status_code)
-        assert b"secret" not in r.content and b"SQLite" not in r.content
+        assert b"must not leak" not in r.content and b"SQLite" not in r.content  # an error may name the path it was asked
     assert client.get(f"/api/jobs/{job_id}/images/0").status_code == 200
 
 
@@ -692,6 +692,21 @@ def test_null_fields_take_their_defaults_in_compatible_apis(client):
     assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in r.json()["data"]] == [(16, 16)]
     r = client.post("/v1/images/generations", json={"prompt": None})
     assert (r.status_code, r.json()["error"]["param"]) == (422, "prompt")
+
+
+def test_unknown_endpoints_and_methods_answer_in_the_common_error_shape(client):
+    # They answered {"detail": "Not Found"}: an OpenAI client reading error.message found nothing.
+    for method, path, status, message in [
+        ("POST", "/v1/images/edits", 404, "POST /v1/images/edits: no such endpoint on this server (see /docs)"),
+        ("GET", "/sdapi/v1/upscalers", 404, "GET /sdapi/v1/upscalers: no such endpoint on this server (see /docs)"),
+        ("GET", "/static/nothing.js", 404, "GET /static/nothing.js: no such endpoint on this server (see /docs)"),
+        ("DELETE", "/api/jobs", 405, "DELETE is not allowed on /api/jobs"),
+    ]:
+        r = client.request(method, path)
+        error = r.json()["error"]
+        assert (r.status_code, r.json()["detail"]) == (status, error["message"]), r.text
+        assert error["message"].startswith(message) and error["type"] == "invalid_request_error", r.text
+    assert client.delete("/api/jobs").headers["allow"]
 
 
 def test_cli_bounds_the_shutdown_wait(tmp_path, tiny_checkpoint, monkeypatch):
