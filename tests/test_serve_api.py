@@ -709,6 +709,17 @@ def test_unknown_endpoints_and_methods_answer_in_the_common_error_shape(client):
     assert client.delete("/api/jobs").headers["allow"]
 
 
+def test_a1111_inpainting_mask_is_refused_not_ignored(client):
+    # The mask was dropped with the other unused fields: the client got the whole image redrawn.
+    body = {"prompt": "cat", "steps": 4, "init_images": [png_b64()]}
+    r = client.post("/sdapi/v1/img2img", json={**body, "mask": png_b64(color=(255, 255, 255))})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "mask"), r.text
+    assert "inpainting is not supported" in r.json()["error"]["message"]
+    for no_mask in ({"mask": ""}, {"mask": None}, {}):  # as A1111 takes them: no mask
+        r = client.post("/sdapi/v1/img2img", json={**body, **no_mask})
+        assert r.status_code == 200, r.text
+
+
 def test_cli_bounds_the_shutdown_wait(tmp_path, tiny_checkpoint, monkeypatch):
     # uvicorn waits for open requests before the app's shutdown cancels jobs; blocking A1111/OpenAI
     # requests would hold Ctrl+C or SIGTERM until every job they wait on had finished.

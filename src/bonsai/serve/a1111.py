@@ -62,6 +62,7 @@ class Txt2ImgRequest(NullMeansUnset):
 
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(default_factory=list)
+    mask: str | None = None  # inpainting, which Bonsai does not do: refused rather than ignored
 
 
 def _sampler(name: str | None) -> str | None:
@@ -132,7 +133,9 @@ async def txt2img(body: Txt2ImgRequest, s: Server = Depends(server)) -> dict[str
 async def img2img(body: Img2ImgRequest, s: Server = Depends(server)) -> dict[str, Any]:
     if not body.init_images:
         raise FieldError("init_images", "init_images needs one base64 image")
-    echo = body.model_dump(exclude={"init_images"})
+    if body.mask:  # ignored, the whole image would be redrawn where the client asked for the masked part only
+        raise FieldError("mask", "mask: inpainting is not supported; send img2img without a mask to redraw the whole image")
+    echo = body.model_dump(exclude={"init_images", "mask"})
     return await _generate(_to_job(body, s, body.init_images[0]), s, echo)
 
 
