@@ -720,6 +720,30 @@ def test_a1111_inpainting_mask_is_refused_not_ignored(client):
         assert r.status_code == 200, r.text
 
 
+def test_a1111_hires_target_size_is_honoured(client):
+    # hr_resize_x / hr_resize_y (A1111's "Resize width/height to", taken before hr_scale) were ignored:
+    # the second pass drew hr_scale's default 2x instead of the size asked for.
+    def hires(**body):
+        return client.post("/sdapi/v1/txt2img", json={"prompt": "cat", "steps": 2, "enable_hr": True, "hr_second_pass_steps": 4, **body})
+
+    for body, size in [
+        ({"hr_resize_x": 48}, (48, 48)), ({"hr_resize_y": 40}, (40, 40)),
+        ({"width": 32, "height": 16, "hr_resize_y": 32}, (64, 32)), ({"hr_resize_x": 48, "hr_resize_y": 48, "hr_scale": 3}, (48, 48)),
+    ]:
+        r = hires(**body)
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == size, body
+        assert (json.loads(r.json()["info"])["width"], json.loads(r.json()["info"])["height"]) == size
+    for body, field, message in [
+        ({"hr_resize_x": 64, "hr_resize_y": 32}, "hr_resize_x", "hr_resize_x x hr_resize_y 64x32 is not the shape of the first pass's 16x16"),
+        ({"hr_resize_y": 16}, "hr_resize_y", "hr_resize_y 16 does not enlarge the first pass's 16x16"),
+        ({"hr_resize_x": 128}, "hr_resize_x", "hr_resize_x 128 is 8x the first pass's 16x16; at most 4x is allowed"),
+    ]:
+        r = hires(**body)
+        assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
+        assert r.json()["error"]["message"].startswith(message), r.text
+
+
 def test_cli_bounds_the_shutdown_wait(tmp_path, tiny_checkpoint, monkeypatch):
     # uvicorn waits for open requests before the app's shutdown cancels jobs; blocking A1111/OpenAI
     # requests would hold Ctrl+C or SIGTERM until every job they wait on had finished.
