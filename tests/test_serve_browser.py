@@ -314,6 +314,16 @@ def test_gallery_and_models_errors_are_shown_in_their_tab(live, browser):
     assert errors == []
 
 
+def test_an_error_page_that_is_not_json_shows_its_status(live, browser):
+    # A reverse proxy's HTML error page was parsed as JSON: the page showed "Unexpected token '<'...".
+    page = open_page(live, browser)
+    page.route("**/api/jobs", lambda route: route.fulfill(status=502, content_type="text/html", body="<html>Bad Gateway</html>"))
+    page.fill("#prompt", "a spruce")
+    page.click("#generate")
+    sync_api.expect(page.locator("#error")).to_have_text("the server answered 502 Bad Gateway")
+    sync_api.expect(page.locator("#generate")).to_be_enabled()
+
+
 def test_fields_have_distinct_names_and_tabs_are_tabs(live, browser):
     # The hires box repeated "Steps" and "Denoise": a screen reader named two fields alike.
     page = open_page(live, browser)

@@ -6,11 +6,13 @@ const state = { models: [], config: null, job: null, initImage: null, cursor: nu
 
 async function api(path, options = {}) {
   const response = await fetch(path, { credentials: "same-origin", ...options });
-  const body = response.status === 204 ? null : await response.json();
+  // An error page that is not this server's JSON (a reverse proxy's 502 page) is told by its status.
+  const body = response.status === 204 ? null : await response.json().catch(() => undefined);
   if (!response.ok) {
     // The server's messages name their field already ("steps must be between 1 and 200, got 0").
-    throw new Error(body && body.error ? body.error.message : response.statusText);
+    throw new Error(body && body.error ? body.error.message : `the server answered ${response.status} ${response.statusText}`.trim());
   }
+  if (body === undefined) throw new Error(`the server's answer to ${path} is not JSON`);
   return body;
 }
 
