@@ -240,6 +240,25 @@ def test_overlapping_gallery_loads_show_each_image_once(live, browser):
     expect(page.locator("#gallery img")).to_have_count(images)
 
 
+def test_a_lost_connection_does_not_drop_the_job(live, gate, browser):
+    # One failed poll ended the watch: the page showed "Failed to fetch" and enabled Generate while
+    # the job still ran, and never showed its images.
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    gate.close()
+    page.fill("#prompt", "a larch")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_contain_text("step 1/", timeout=30_000)
+    page.route(re.compile(r".*/api/jobs/[0-9a-f]+$"), lambda route: route.abort("connectionrefused"))
+    expect(page.locator("#progress_text")).to_have_text("connection lost, retrying…")
+    expect(page.locator("#generate")).to_be_disabled()
+    expect(page.locator("#error")).to_be_hidden()
+    page.unroute(re.compile(r".*/api/jobs/[0-9a-f]+$"))
+    gate.open()
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    expect(page.locator("#results img")).to_have_count(1)
+
+
 def test_gallery_opens_from_the_keyboard(live, browser):
     page = open_page(live, browser)
     expect = sync_api.expect

@@ -10,7 +10,9 @@ async function api(path, options = {}) {
   const body = response.status === 204 ? null : await response.json().catch(() => undefined);
   if (!response.ok) {
     // The server's messages name their field already ("steps must be between 1 and 200, got 0").
-    throw new Error(body && body.error ? body.error.message : `the server answered ${response.status} ${response.statusText}`.trim());
+    const error = new Error(body && body.error ? body.error.message : `the server answered ${response.status} ${response.statusText}`.trim());
+    error.status = response.status;
+    throw error;
   }
   if (body === undefined) throw new Error(`the server's answer to ${path} is not JSON`);
   return body;
@@ -178,6 +180,13 @@ async function poll(id) {
   try {
     job = await api(`/api/jobs/${id}`);
   } catch (e) {
+    // No answer (the network dropped, the server restarts, its proxy answers 502-504): the job may
+    // still run, or its end be recorded; keep watching rather than leave it for lost.
+    if (e instanceof TypeError || [502, 503, 504].includes(e.status)) {
+      $("progress_text").textContent = "connection lost, retrying…";
+      setTimeout(() => poll(id), 1000);
+      return;
+    }
     showError(e.message);
     return finish();
   }
