@@ -364,6 +364,20 @@ def test_fields_have_distinct_names_and_tabs_are_tabs(live, browser):
     expect(page.get_by_role("tabpanel")).to_have_attribute("id", "tab-gallery")
 
 
+def test_panels_and_the_progress_bar_have_names(live, browser):
+    # The tab panels and the progress bar had no accessible name: a screen reader announced "tab panel", "progress bar".
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    expect(page.get_by_role("tabpanel", name="Generate", exact=True)).to_be_visible()
+    page.get_by_role("tab", name="Models").click()
+    expect(page.get_by_role("tabpanel", name="Models", exact=True)).to_be_visible()
+    page.get_by_role("tab", name="Generate").click()
+    page.fill("#prompt", "a yew")
+    page.click("#generate")
+    expect(page.get_by_role("progressbar", name="generation progress")).to_be_visible()
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+
+
 def test_a_job_that_has_not_reached_its_first_step_shows_starting(live, browser):
     # A running job reports step 0 of 0 until its first step (the model loads, the prompt is encoded);
     # the page showed "step 0/0". The server's answer is held at that moment to look at it.
