@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+from PIL import Image
 
 import pytest
 
@@ -158,6 +159,35 @@ def test_reuse_restores_lora_and_hires(live, tiny_checkpoint, browser):
     expect(page.locator("#detail_params")).to_contain_text("<lora:sparkle:0.7>")
     page.click("#reuse")
     assert form_values(page) == {**wanted, "seed_lock": True}
+
+
+def test_reusing_a_text_to_image_job_drops_a_chosen_init_image(live, browser, tmp_path):
+    # The init image chosen for an earlier img2img stayed: the reused text-to-image job ran as img2img.
+    page = open_page(live, browser)
+    bodies = posted_jobs(page)
+    expect = sync_api.expect
+    page.fill("#prompt", "a rowan")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "init.png")
+    page.click("#img2img_box summary")
+    page.set_input_files("#init_image", tmp_path / "init.png")
+    page.fill("#strength", "0.9")
+    page.fill("#prompt", "a holly")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    assert bodies[-1]["init_image"].startswith("data:image/png;base64,")
+    page.click("nav button[data-tab=gallery]")
+    page.locator("#gallery img[alt='a rowan']").first.click()
+    page.click("#reuse")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    assert bodies[-1]["prompt"] == "a rowan" and "init_image" not in bodies[-1]
+    page.fill("#strength", "0.5")
+    page.click("nav button[data-tab=gallery]")
+    page.locator("#gallery img[alt='a holly']").first.click()
+    page.click("#reuse")
+    expect(page.locator("#strength")).to_have_value("0.9")
 
 
 def posted_jobs(page) -> list[dict]:

@@ -298,6 +298,14 @@ $("reuse").addEventListener("click", () => {
   }
   $("lora").value = s.loras.length ? s.loras[0][0] : "";
   if (s.loras.length) $("lora_weight").value = s.loras[0][1];
+  // The source image is not kept: an img2img job's strength comes back, the user picks the image again.
+  // A text-to-image job must not turn into img2img on an image left chosen from before.
+  if (s.img2img) {
+    $("strength").value = s.strength;
+  } else {
+    $("init_image").value = "";
+    state.initImage = null;
+  }
   $("detail").close();
   showTab("generate");
 });
