@@ -362,7 +362,7 @@ def test_upload_pixel_limit(tmp_path, tiny_checkpoint, gate):
 def test_file_routes_take_ids_only(client, tmp_path):
     job_id = submit(client)
     wait(client, job_id)
-    (tmp_path / "secret.txt").write_text("secret")
+    (tmp_path / "secret.txt").write_text("contents that must not leak")
     for path in [
         f"/api/jobs/{job_id}/images/1",
         f"/api/jobs/{job_id}/images/-1",
@@ -375,7 +375,7 @@ def test_file_routes_take_ids_only(client, tmp_path):
     ]:
         r = client.get(path)
         assert r.status_code in (404, 422), (path, r.status_code)
-        assert b"secret" not in r.content and b"SQLite" not in r.content
+        assert b"must not leak" not in r.content and b"SQLite" not in r.content  # an error may name the path it was asked
     assert client.get(f"/api/jobs/{job_id}/images/0").status_code == 200
 
 
@@ -674,6 +674,74 @@ def test_openai_errors_name_openai_fields(tmp_path, tiny_checkpoint, gate):
         ]:
             r = c.post("/api/jobs", json={"prompt": "cat", **body})
             assert r.json()["error"]["message"] == message, r.text
+
+
+def test_null_fields_take_their_defaults_in_compatible_apis(client):
+    # A1111 declares every field Optional and OpenAI marks n, size and response_format nullable: clients
+    # send null for "unset" (Python None), which was refused as "Input should be a valid integer".
+    nulls = {k: None for k in (
+        "seed", "batch_size", "n_iter", "enable_hr", "hr_scale", "hr_second_pass_steps", "override_settings", "sampler_name", "negative_prompt",
+    )}
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "cat", "steps": 2, **nulls})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 1 and json.loads(r.json()["info"])["sd_model_name"] == "tiny"
+    r = client.post("/sdapi/v1/img2img", json={"prompt": "cat", "steps": 4, "init_images": [png_b64()], "mask": None, **nulls})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/images/generations", json={"prompt": "cat", "steps": 2, **dict.fromkeys(("n", "size", "response_format", "model", "seed"))})
+    assert r.status_code == 200, r.text
+    assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in r.json()["data"]] == [(16, 16)]
+    r = client.post("/v1/images/generations", json={"prompt": None})
+    assert (r.status_code, r.json()["error"]["param"]) == (422, "prompt")
+
+
+def test_unknown_endpoints_and_methods_answer_in_the_common_error_shape(client):
+    # They answered {"detail": "Not Found"}: an OpenAI client reading error.message found nothing.
+    for method, path, status, message in [
+        ("POST", "/v1/images/edits", 404, "POST /v1/images/edits: no such endpoint on this server (see /docs)"),
+        ("GET", "/sdapi/v1/upscalers", 404, "GET /sdapi/v1/upscalers: no such endpoint on this server (see /docs)"),
+        ("GET", "/static/nothing.js", 404, "GET /static/nothing.js: no such endpoint on this server (see /docs)"),
+        ("DELETE", "/api/jobs", 405, "DELETE is not allowed on /api/jobs"),
+    ]:
+        r = client.request(method, path)
+        error = r.json()["error"]
+        assert (r.status_code, r.json()["detail"]) == (status, error["message"]), r.text
+        assert error["message"].startswith(message) and error["type"] == "invalid_request_error", r.text
+    assert client.delete("/api/jobs").headers["allow"]
+
+
+def test_a1111_inpainting_mask_is_refused_not_ignored(client):
+    # The mask was dropped with the other unused fields: the client got the whole image redrawn.
+    body = {"prompt": "cat", "steps": 4, "init_images": [png_b64()]}
+    r = client.post("/sdapi/v1/img2img", json={**body, "mask": png_b64(color=(255, 255, 255))})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "mask"), r.text
+    assert "inpainting is not supported" in r.json()["error"]["message"]
+    for no_mask in ({"mask": ""}, {"mask": None}, {}):  # as A1111 takes them: no mask
+        r = client.post("/sdapi/v1/img2img", json={**body, **no_mask})
+        assert r.status_code == 200, r.text
+
+
+def test_a1111_hires_target_size_is_honoured(client):
+    # hr_resize_x / hr_resize_y (A1111's "Resize width/height to", taken before hr_scale) were ignored:
+    # the second pass drew hr_scale's default 2x instead of the size asked for.
+    def hires(**body):
+        return client.post("/sdapi/v1/txt2img", json={"prompt": "cat", "steps": 2, "enable_hr": True, "hr_second_pass_steps": 4, **body})
+
+    for body, size in [
+        ({"hr_resize_x": 48}, (48, 48)), ({"hr_resize_y": 40}, (40, 40)),
+        ({"width": 32, "height": 16, "hr_resize_y": 32}, (64, 32)), ({"hr_resize_x": 48, "hr_resize_y": 48, "hr_scale": 3}, (48, 48)),
+    ]:
+        r = hires(**body)
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == size, body
+        assert (json.loads(r.json()["info"])["width"], json.loads(r.json()["info"])["height"]) == size
+    for body, field, message in [
+        ({"hr_resize_x": 64, "hr_resize_y": 32}, "hr_resize_x", "hr_resize_x x hr_resize_y 64x32 is not the shape of the first pass's 16x16"),
+        ({"hr_resize_y": 16}, "hr_resize_y", "hr_resize_y 16 does not enlarge the first pass's 16x16"),
+        ({"hr_resize_x": 128}, "hr_resize_x", "hr_resize_x 128 is 8x the first pass's 16x16; at most 4x is allowed"),
+    ]:
+        r = hires(**body)
+        assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
+        assert r.json()["error"]["message"].startswith(message), r.text
 
 
 def test_cli_bounds_the_shutdown_wait(tmp_path, tiny_checkpoint, monkeypatch):

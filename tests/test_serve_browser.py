@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+from PIL import Image
 
 import pytest
 
@@ -160,6 +161,35 @@ def test_reuse_restores_lora_and_hires(live, tiny_checkpoint, browser):
     assert form_values(page) == {**wanted, "seed_lock": True}
 
 
+def test_reusing_a_text_to_image_job_drops_a_chosen_init_image(live, browser, tmp_path):
+    # The init image chosen for an earlier img2img stayed: the reused text-to-image job ran as img2img.
+    page = open_page(live, browser)
+    bodies = posted_jobs(page)
+    expect = sync_api.expect
+    page.fill("#prompt", "a rowan")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "init.png")
+    page.click("#img2img_box summary")
+    page.set_input_files("#init_image", tmp_path / "init.png")
+    page.fill("#strength", "0.9")
+    page.fill("#prompt", "a holly")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    assert bodies[-1]["init_image"].startswith("data:image/png;base64,")
+    page.click("nav button[data-tab=gallery]")
+    page.locator("#gallery img[alt='a rowan']").first.click()
+    page.click("#reuse")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    assert bodies[-1]["prompt"] == "a rowan" and "init_image" not in bodies[-1]
+    page.fill("#strength", "0.5")
+    page.click("nav button[data-tab=gallery]")
+    page.locator("#gallery img[alt='a holly']").first.click()
+    page.click("#reuse")
+    expect(page.locator("#strength")).to_have_value("0.9")
+
+
 def posted_jobs(page) -> list[dict]:
     bodies: list[dict] = []
     page.on("request", lambda r: r.method == "POST" and r.url.endswith("/api/jobs") and bodies.append(r.post_data_json))
@@ -201,6 +231,62 @@ def test_reloading_mid_job_keeps_watching_it(live, gate, browser):
     expect(page.locator("#progress_text")).to_have_text("cancelled", timeout=30_000)
     page.reload()  # a finished job is not picked up again
     expect(page.locator("#progress_box")).to_be_hidden()
+
+
+def test_a_queued_job_counts_the_running_one_ahead_of_it(live, gate, browser):
+    # The page showed the job's place among the waiting jobs: "queued (0 ahead)" behind a running job.
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    gate.close()
+    running = page.request.post(f"{live.url}/api/jobs", data={"prompt": "a running job"}).json()["id"]
+    assert gate.reached.wait(30)
+    page.fill("#prompt", "a queued job")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("queued (1 ahead)")
+    page.click("#cancel")
+    expect(page.locator("#progress_text")).to_have_text("cancelled")
+    page.request.post(f"{live.url}/api/jobs/{running}/cancel")
+    gate.open()
+
+
+def test_overlapping_gallery_loads_show_each_image_once(live, browser):
+    # Each click on the Gallery tab (or "Load more") starts a load; two that overlapped both appended.
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    page.fill("#prompt", "a cedar")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    done = page.request.get(f"{live.url}/api/jobs?status=done&limit=40").json()["jobs"]
+    images = sum(len(job["images"]) for job in done)
+    page.route("**/api/jobs?*", lambda route: (time.sleep(0.3), route.continue_()))  # slow enough to overlap
+    page.dblclick("nav button[data-tab=gallery]")
+    expect(page.locator("#gallery img")).to_have_count(images)
+    page.wait_for_timeout(800)  # both answers are in
+    expect(page.locator("#gallery img")).to_have_count(images)
+    page.click("nav button[data-tab=generate]")
+    page.click("nav button[data-tab=gallery]")
+    page.click("nav button[data-tab=gallery]")
+    page.wait_for_timeout(800)
+    expect(page.locator("#gallery img")).to_have_count(images)
+
+
+def test_a_lost_connection_does_not_drop_the_job(live, gate, browser):
+    # One failed poll ended the watch: the page showed "Failed to fetch" and enabled Generate while
+    # the job still ran, and never showed its images.
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    gate.close()
+    page.fill("#prompt", "a larch")
+    page.click("#generate")
+    expect(page.locator("#progress_text")).to_contain_text("step 1/", timeout=30_000)
+    page.route(re.compile(r".*/api/jobs/[0-9a-f]+$"), lambda route: route.abort("connectionrefused"))
+    expect(page.locator("#progress_text")).to_have_text("connection lost, retrying…")
+    expect(page.locator("#generate")).to_be_disabled()
+    expect(page.locator("#error")).to_be_hidden()
+    page.unroute(re.compile(r".*/api/jobs/[0-9a-f]+$"))
+    gate.open()
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    expect(page.locator("#results img")).to_have_count(1)
 
 
 def test_gallery_opens_from_the_keyboard(live, browser):
@@ -277,6 +363,16 @@ def test_gallery_and_models_errors_are_shown_in_their_tab(live, browser):
     assert errors == []
 
 
+def test_an_error_page_that_is_not_json_shows_its_status(live, browser):
+    # A reverse proxy's HTML error page was parsed as JSON: the page showed "Unexpected token '<'...".
+    page = open_page(live, browser)
+    page.route("**/api/jobs", lambda route: route.fulfill(status=502, content_type="text/html", body="<html>Bad Gateway</html>"))
+    page.fill("#prompt", "a spruce")
+    page.click("#generate")
+    sync_api.expect(page.locator("#error")).to_have_text("the server answered 502 Bad Gateway")
+    sync_api.expect(page.locator("#generate")).to_be_enabled()
+
+
 def test_fields_have_distinct_names_and_tabs_are_tabs(live, browser):
     # The hires box repeated "Steps" and "Denoise": a screen reader named two fields alike.
     page = open_page(live, browser)
@@ -296,6 +392,20 @@ def test_fields_have_distinct_names_and_tabs_are_tabs(live, browser):
     expect(page.get_by_role("tab", name="Generate")).to_have_attribute("aria-selected", "false")
     expect(page.get_by_role("tabpanel")).to_have_count(1)  # the hidden ones are not exposed
     expect(page.get_by_role("tabpanel")).to_have_attribute("id", "tab-gallery")
+
+
+def test_panels_and_the_progress_bar_have_names(live, browser):
+    # The tab panels and the progress bar had no accessible name: a screen reader announced "tab panel", "progress bar".
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    expect(page.get_by_role("tabpanel", name="Generate", exact=True)).to_be_visible()
+    page.get_by_role("tab", name="Models").click()
+    expect(page.get_by_role("tabpanel", name="Models", exact=True)).to_be_visible()
+    page.get_by_role("tab", name="Generate").click()
+    page.fill("#prompt", "a yew")
+    page.click("#generate")
+    expect(page.get_by_role("progressbar", name="generation progress")).to_be_visible()
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
 
 
 def test_a_job_that_has_not_reached_its_first_step_shows_starting(live, browser):

@@ -10,12 +10,12 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from bonsai.sampling import SAMPLERS
 
 from .errors import FieldError, FieldNames
-from .spec import HiresRequest, JobRequest
+from .spec import HiresRequest, JobRequest, NullMeansUnset
 from .state import Server, server
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -37,8 +37,8 @@ NAMES = FieldNames(FIELD_NAMES, MESSAGE_NAMES)
 UPSCALER_NAMES = {"latent", "latent (antialiased)", "latent (bicubic)", "latent (nearest)", "lanczos", "none", ""}
 
 
-class Txt2ImgRequest(BaseModel):
-    """The fields of A1111's txt2img body that Bonsai uses; the rest are accepted and ignored."""
+class Txt2ImgRequest(NullMeansUnset):
+    """The fields of A1111's txt2img body that Bonsai uses; the rest are accepted and ignored. null: the default."""
 
     model_config = ConfigDict(extra="ignore")
     prompt: str = ""
@@ -56,12 +56,15 @@ class Txt2ImgRequest(BaseModel):
     hr_scale: float = 2.0
     hr_upscaler: str | None = None
     hr_second_pass_steps: int = 0
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
     denoising_strength: float | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
 
 
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(default_factory=list)
+    mask: str | None = None  # inpainting, which Bonsai does not do: refused rather than ignored
 
 
 def _sampler(name: str | None) -> str | None:
@@ -82,14 +85,38 @@ def _field_error(exc: ValidationError, prefix: str = "") -> FieldError:
     return FieldError(name, f"{name}: {first['msg']}")
 
 
+def _hires_scale(body: Txt2ImgRequest, model: str | None, s: Server) -> float:
+    """hr_scale, or, as A1111 takes it first, the target size hr_resize_x / hr_resize_y (either may be 0:
+    it follows the first pass's shape) as a scale of the first pass's size."""
+    x, y = body.hr_resize_x, body.hr_resize_y
+    if not x and not y:
+        return body.hr_scale
+    try:
+        defaults = s.catalog.get(model).defaults
+    except FieldError as exc:
+        raise NAMES.translate(exc) from None
+    width, height = body.width or int(defaults["width"]), body.height or int(defaults["height"])
+    field = "hr_resize_x" if x else "hr_resize_y"
+    if x and y and x * height != y * width:  # A1111 would upscale to cover it and crop; the hires pass does not crop
+        raise FieldError(field, f"hr_resize_x x hr_resize_y {x}x{y} is not the shape of the first pass's {width}x{height}: "
+                         "give one of them (the other follows) or hr_scale")
+    scale = x / width if x else y / height
+    if scale <= 1:
+        raise FieldError(field, f"{field} {x or y} does not enlarge the first pass's {width}x{height}")
+    if scale > s.config.max_hires_scale:  # checked here too, so that the message names the field the client sent
+        raise FieldError(field, f"{field} {x or y} is {scale:g}x the first pass's {width}x{height}; at most {s.config.max_hires_scale:g}x is allowed")
+    return scale
+
+
 def _to_job(body: Txt2ImgRequest, s: Server, init_image: str | None = None) -> JobRequest:
+    model = body.override_settings.get("sd_model_checkpoint") or s.catalog.default_name
     hires = None
     if body.enable_hr and init_image is None:
         if (body.hr_upscaler or "").strip().lower() not in UPSCALER_NAMES:
             raise FieldError("hr_upscaler", f"hr_upscaler {body.hr_upscaler!r} is not available; use Lanczos")
         try:
             hires = HiresRequest(
-                scale=body.hr_scale, strength=body.denoising_strength or 0.5, steps=body.hr_second_pass_steps or None
+                scale=_hires_scale(body, model, s), strength=body.denoising_strength or 0.5, steps=body.hr_second_pass_steps or None
             )
         except ValidationError as exc:
             raise _field_error(exc, "hires.") from None
@@ -98,7 +125,7 @@ def _to_job(body: Txt2ImgRequest, s: Server, init_image: str | None = None) -> J
             prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed, steps=body.steps, cfg=body.cfg_scale,
             width=body.width, height=body.height, batch=body.batch_size * body.n_iter,
             sampler=_sampler(body.sampler_name or body.sampler_index),
-            model=body.override_settings.get("sd_model_checkpoint") or s.catalog.default_name,
+            model=model,
             init_image=init_image, strength=body.denoising_strength if init_image is not None else None, hires=hires,
         )
     except ValidationError as exc:
@@ -132,7 +159,9 @@ async def txt2img(body: Txt2ImgRequest, s: Server = Depends(server)) -> dict[str
 async def img2img(body: Img2ImgRequest, s: Server = Depends(server)) -> dict[str, Any]:
     if not body.init_images:
         raise FieldError("init_images", "init_images needs one base64 image")
-    echo = body.model_dump(exclude={"init_images"})
+    if body.mask:  # ignored, the whole image would be redrawn where the client asked for the masked part only
+        raise FieldError("mask", "mask: inpainting is not supported; send img2img without a mask to redraw the whole image")
+    echo = body.model_dump(exclude={"init_images", "mask"})
     return await _generate(_to_job(body, s, body.init_images[0]), s, echo)
 
 

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
 
 from . import a1111, native, openai
 from .config import ServeConfig
@@ -44,6 +45,18 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
     field = ".".join(loc) or "body"
     return error_response(422, field, f"{field}: {first.get('msg', 'invalid value')}")
+
+
+def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Routing's own errors (no such path, a method the path does not take) in the shape of every other error."""
+    if exc.status_code == 404:
+        message = f"{request.method} {request.url.path}: no such endpoint on this server (see /docs)"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("allow")
+        message = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
+    else:
+        message = str(exc.detail)
+    return error_response(exc.status_code, None, message, exc.headers)
 
 
 def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> FastAPI:
@@ -84,6 +97,7 @@ def create_app(config: ServeConfig, loader: PipelineLoader | None = None) -> Fas
         QueueFull, lambda _r, e: error_response(429, None, str(e), {"retry-after": "5"})  # type: ignore[arg-type]
     )
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     for module in (native, a1111, openai):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -6,10 +6,10 @@ import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from .errors import FieldError, FieldNames
-from .spec import JobRequest, parse_size
+from .spec import JobRequest, NullMeansUnset, parse_size
 from .state import Server, server
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -20,8 +20,8 @@ NAMES = FieldNames(
 )
 
 
-class ImagesRequest(BaseModel):
-    """OpenAI's image generation body. quality, style, user and the like are accepted and ignored."""
+class ImagesRequest(NullMeansUnset):
+    """OpenAI's image generation body. quality, style, user and the like are accepted and ignored; null: the default."""
 
     model_config = ConfigDict(extra="ignore")
     prompt: str

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bonsai.images import flatten_on_white
 from bonsai.limits import CFG_RANGE, MAX_PROMPT_CHARS, last_seed
@@ -28,6 +28,16 @@ from .models import ModelCatalog, ModelInfo
 
 UPSCALERS = ("lanczos",)
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class NullMeansUnset(BaseModel):
+    """A compatible API's body: null stands for an unset field, as A1111 (whose fields are all Optional)
+    and OpenAI (n, size, response_format... are nullable) take it; their clients send it so."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class LoraRef(BaseModel):

@@ -6,11 +6,15 @@ const state = { models: [], config: null, job: null, initImage: null, cursor: nu
 
 async function api(path, options = {}) {
   const response = await fetch(path, { credentials: "same-origin", ...options });
-  const body = response.status === 204 ? null : await response.json();
+  // An error page that is not this server's JSON (a reverse proxy's 502 page) is told by its status.
+  const body = response.status === 204 ? null : await response.json().catch(() => undefined);
   if (!response.ok) {
     // The server's messages name their field already ("steps must be between 1 and 200, got 0").
-    throw new Error(body && body.error ? body.error.message : response.statusText);
+    const error = new Error(body && body.error ? body.error.message : `the server answered ${response.status} ${response.statusText}`.trim());
+    error.status = response.status;
+    throw error;
   }
+  if (body === undefined) throw new Error(`the server's answer to ${path} is not JSON`);
   return body;
 }
 
@@ -176,11 +180,19 @@ async function poll(id) {
   try {
     job = await api(`/api/jobs/${id}`);
   } catch (e) {
+    // No answer (the network dropped, the server restarts, its proxy answers 502-504): the job may
+    // still run, or its end be recorded; keep watching rather than leave it for lost.
+    if (e instanceof TypeError || [502, 503, 504].includes(e.status)) {
+      $("progress_text").textContent = "connection lost, retrying…";
+      setTimeout(() => poll(id), 1000);
+      return;
+    }
     showError(e.message);
     return finish();
   }
   if (job.status === "queued") {
-    $("progress_text").textContent = `queued (${job.position} ahead)`;
+    // position counts the jobs waiting before this one; a job waits only while another one runs, so add that one.
+    $("progress_text").textContent = `queued (${(job.position ?? 0) + 1} ahead)`;
   } else if (job.status === "running") {
     const p = job.progress;
     $("progress").value = p.fraction;
@@ -229,7 +241,12 @@ function figure(job, url, n) {
 }
 
 // ---- gallery and detail
+// Only the latest load may fill the gallery: two that overlap (a double click on the tab or on
+// "Load more") would both append their page.
+let galleryLoad = 0;
+
 async function loadGallery(reset) {
+  const ticket = ++galleryLoad;
   if (reset) { state.cursor = null; $("gallery").replaceChildren(); }
   const q = new URLSearchParams({ status: "done", limit: "40" });
   if (state.cursor !== null) q.set("before", state.cursor);
@@ -237,8 +254,10 @@ async function loadGallery(reset) {
   try {
     page = await api(`/api/jobs?${q}`);
   } catch (e) {
-    return showError(e.message, "gallery_error");
+    if (ticket === galleryLoad) showError(e.message, "gallery_error");
+    return;
   }
+  if (ticket !== galleryLoad) return;
   showError("", "gallery_error");
   for (const job of page.jobs) $("gallery").append(...job.images.map((url, n) => figure(job, url, n)));
   state.cursor = page.next;
@@ -279,6 +298,14 @@ $("reuse").addEventListener("click", () => {
   }
   $("lora").value = s.loras.length ? s.loras[0][0] : "";
   if (s.loras.length) $("lora_weight").value = s.loras[0][1];
+  // The source image is not kept: an img2img job's strength comes back, the user picks the image again.
+  // A text-to-image job must not turn into img2img on an image left chosen from before.
+  if (s.img2img) {
+    $("strength").value = s.strength;
+  } else {
+    $("init_image").value = "";
+    state.initImage = null;
+  }
   $("detail").close();
   showTab("generate");
 });
