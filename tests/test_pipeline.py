@@ -204,6 +204,23 @@ def test_transparent_pixels_become_white_not_the_colour_they_hold(mode: str) -> 
     assert flatten_on_white(Image.fromarray(np.zeros((2, 3, 3), np.uint8))).getpixel((0, 0)) == (0, 0, 0)  # no alpha: as it is
 
 
+@pytest.mark.parametrize("transparent", [False, True])
+def test_16_bit_greyscale_keeps_its_tones(transparent: bool, tmp_path: Path) -> None:
+    # Pillow's convert("RGB") clips 16-bit grey (mode I;16) at 255: a 16-bit PNG init image came out nearly white.
+    values = np.random.default_rng(5).integers(0, 65536, size=(9, 7)).astype(np.uint16)
+    values[0, 0] = 4242
+    path = tmp_path / "grey16.png"
+    Image.fromarray(values).save(path, transparency=4242) if transparent else Image.fromarray(values).save(path)
+    with Image.open(path) as image:
+        assert image.mode == "I;16"
+        flat = np.asarray(flatten_on_white(image), dtype=np.float64)
+    want = np.repeat((values.astype(np.float64) / 257)[..., None], 3, axis=2)
+    if transparent:
+        want[values == 4242] = 255.0
+    assert flat.shape == want.shape
+    assert np.abs(flat - want).max() <= 0.5 + 1e-9  # 8-bit rounding only
+
+
 def test_img2img_starts_from_a_transparent_image_over_white(pipe: Pipeline) -> None:
     image, reference = transparent_image("RGBA", seed=17, partial=False)
     on_white = Image.fromarray(reference.astype(np.uint8))

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -17,10 +18,23 @@ NUMBERED = re.compile(r"^(\d{5,})-.*\.png$")  # NNNNN-SEED.png as next_free_path
 ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
+def _gray16_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (PNG's 16-bit grey opens as I;16) as L, or LA where a grey value is
+    transparent: Pillow's convert clips 16-bit values at 255, which turns the image nearly white."""
+    values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    gray = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if "transparency" not in image.info:
+        return gray
+    alpha = np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)
+    return Image.merge("LA", (gray, Image.fromarray(alpha, "L")))
+
+
 def flatten_on_white(image: Image.Image) -> Image.Image:
     """`image` as a new RGB image, its transparent parts composited over white: convert("RGB") alone
     keeps the colour that transparent pixels happen to hold, often black. White, as the emoji
     training images were composited, so an init image's empty background stays empty."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        image = _gray16_to_8bit(image)
     if image.mode not in ALPHA_MODES and "transparency" not in image.info:
         return image.convert("RGB")
     rgba = image.convert("RGBA")
