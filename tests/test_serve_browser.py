@@ -190,6 +190,23 @@ def test_reusing_a_text_to_image_job_drops_a_chosen_init_image(live, browser, tm
     expect(page.locator("#strength")).to_have_value("0.9")
 
 
+def test_generate_waits_for_the_init_image_being_read(live, browser, tmp_path):
+    # A click on Generate before the chosen file was read sent a text-to-image job.
+    page = open_page(live, browser)
+    page.evaluate("""() => {
+        const read = FileReader.prototype.readAsDataURL;
+        FileReader.prototype.readAsDataURL = function (file) { setTimeout(() => read.call(this, file), 1500); };
+    }""")
+    bodies = posted_jobs(page)
+    Image.new("RGB", (16, 16), (30, 200, 30)).save(tmp_path / "slow.png")
+    page.click("#img2img_box summary")
+    page.set_input_files("#init_image", tmp_path / "slow.png")
+    page.fill("#prompt", "a fern")
+    page.click("#generate")
+    sync_api.expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    assert bodies[-1]["prompt"] == "a fern" and bodies[-1]["init_image"].startswith("data:image/png;base64,")
+
+
 def posted_jobs(page) -> list[dict]:
     bodies: list[dict] = []
     page.on("request", lambda r: r.method == "POST" and r.url.endswith("/api/jobs") and bodies.append(r.post_data_json))

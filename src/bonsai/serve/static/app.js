@@ -99,12 +99,20 @@ async function init() {
 
 $("model").addEventListener("change", applyModelDefaults);
 $("seed_random").addEventListener("click", () => { $("seed").value = -1; $("seed_lock").checked = false; });
+// state.initImage holds the read as a promise: Generate waits for it, so a click before the file is
+// read sends the img2img job it means (not a text-to-image one), and a later pick replaces an earlier one.
+function readDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`could not read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
 $("init_image").addEventListener("change", () => {
   const file = $("init_image").files[0];
-  if (!file) { state.initImage = null; return; }
-  const reader = new FileReader();
-  reader.onload = () => { state.initImage = reader.result; };
-  reader.readAsDataURL(file);
+  state.initImage = file ? readDataURL(file) : null;
 });
 $("clear_init").addEventListener("click", () => { $("init_image").value = ""; state.initImage = null; });
 
@@ -115,7 +123,7 @@ function fieldNumber(id) {
   return text === "" ? undefined : Number(text);
 }
 
-function request() {
+async function request() {
   const [width, height] = $("size").value.split("x").map(Number);
   const body = {
     prompt: $("prompt").value,
@@ -133,7 +141,7 @@ function request() {
     body.hires = { scale: fieldNumber("hires_scale"), strength: fieldNumber("hires_strength"), steps: fieldNumber("hires_steps") };
   }
   if (state.initImage) {
-    body.init_image = state.initImage;
+    body.init_image = await state.initImage;
     body.strength = fieldNumber("strength");
   }
   return body;
@@ -146,7 +154,7 @@ $("form").addEventListener("submit", async (event) => {
   $("generate").disabled = true;  // now, not when the server answers: a double click queued two jobs
   try {
     const job = await api("/api/jobs", {
-      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(request()),
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(await request()),
     });
     if ($("seed_lock").checked) $("seed").value = job.spec.seed;
     watch(job.id);
