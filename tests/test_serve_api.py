@@ -897,3 +897,16 @@ def test_allowed_origins_admit_a_reverse_proxy_address(tmp_path, tiny_checkpoint
         assert c.post("/sdapi/v1/interrupt", headers=CROSS_SITE).status_code == 200
     with pytest.raises(ValueError, match="not an origin"):
         open_app(tmp_path, tiny_checkpoint, gate, allowed_origins=("https://example.org/path",))
+
+
+def test_a_blocking_request_that_times_out_says_where_its_job_is(tmp_path, tiny_checkpoint, gate):
+    # The 504 said "still queued" of a job that was running.
+    with open_app(tmp_path, tiny_checkpoint, gate, sync_timeout_s=0.5) as c:
+        gate.close()
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "a birch", "steps": 2})
+        assert r.status_code == 504
+        message = r.json()["error"]["message"]
+        job_id = c.get("/api/jobs").json()["jobs"][0]["id"]
+        assert "still running" in message and f"/api/jobs/{job_id}" in message
+        gate.open()
+        assert wait(c, job_id)["status"] == "done"  # the job went on after its request gave up

@@ -66,7 +66,9 @@ class Server:
     async def finished(self, job: Job) -> JobRecord:
         """Wait for `job` (a blocking A1111/OpenAI request) and return its record; FieldError unless it is done."""
         if not await job.wait(self.config.sync_timeout_s):
-            raise FieldError("job", f"job {job.id} did not finish within {self.config.sync_timeout_s:g} s; it is still queued", 504)
+            # the job goes on (queued or running); its result will be at /api/jobs/{id}
+            raise FieldError("job", f"job {job.id} did not finish within {self.config.sync_timeout_s:g} s; it is still "
+                             f"{job.status} (see /api/jobs/{job.id})", 504)
         rec = self.record(job.id)
         if rec.status == "done":
             return rec
