@@ -201,3 +201,15 @@ def test_a_diffusers_weights_file_passed_alone_names_its_folder(tmp_path):
         assert result.exit_code == 1 and f"pass the folder {folder} instead" in result.output, result.output
         result = CliRunner().invoke(main, ["quantize", str(folder), "-o", str(tmp_path / "o.safetensors"), "-q"])
         assert result.exit_code == 0, result.output
+
+
+def test_single_file_with_the_config_of_another_model_is_a_one_line_error(tmp_path):
+    """An SD 1.5 file with an SDXL config: diffusers' key translation fails inside; the user gets which file and config clash."""
+    tiny_model("sdxl").save_pretrained(tmp_path / "sdxl")
+    ldm = unet_to_ldm(tiny_model("sd15").state_dict(), 1, [True, False], [False, True])
+    save_file({k: v.contiguous() for k, v in ldm.items()}, tmp_path / "sd15.safetensors")
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "sd15.safetensors"), "--config", str(tmp_path / "sdxl"),
+                                       "-o", str(tmp_path / "o.safetensors"), "-q"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{tmp_path / 'sd15.safetensors'}: its tensors do not match the config from {tmp_path / 'sdxl'}" in result.output
+    assert not (tmp_path / "o.safetensors").exists()

@@ -231,8 +231,19 @@ def open_single_file(file: Path, config: Path | None) -> Source:
     pipeline_dir, cfg = _config_for_single_file(config, file, class_name)
     if cfg.get("_class_name", class_name) != class_name:
         raise SourceError(f"{config}: config is for {cfg['_class_name']}, but {file} holds a {class_name}")
-    convert = SINGLE_FILE_LOADABLE_CLASSES[class_name]["checkpoint_mapping_fn"]
-    converted = convert(checkpoint=dict(meta), config=cfg)
+    mapping = SINGLE_FILE_LOADABLE_CLASSES[class_name]["checkpoint_mapping_fn"]
+
+    def convert(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers' key translation; it fails on keys the config does not lead it to expect."""
+        try:
+            return mapping(checkpoint=checkpoint, config=cfg)
+        except (KeyError, IndexError, ValueError, RuntimeError) as e:
+            raise SourceError(
+                f"{file}: its tensors do not match the config from {config} ({type(e).__name__}: {e}); "
+                f"pass --config of the same model (a {model_type!r} checkpoint)"
+            ) from None
+
+    converted = convert(dict(meta))
     renamed = {k: stored.get(id(t)) for k, t in converted.items()}
     if all(v is not None for v in renamed.values()):
         keys = {k: (file, v.removeprefix(LDM_UNET_PREFIX) if bare_unet else v) for k, v in renamed.items()}
@@ -243,7 +254,7 @@ def open_single_file(file: Path, config: Path | None) -> Source:
     full = load_file(os.fspath(file))
     if bare_unet:
         full = {LDM_UNET_PREFIX + k: v for k, v in full.items()}
-    return Source(adapter, cfg, file, pipeline_dir, {}, tensors=dict(convert(checkpoint=full, config=cfg)))
+    return Source(adapter, cfg, file, pipeline_dir, {}, tensors=dict(convert(full)))
 
 
 def open_source(src: str | os.PathLike[str], config: str | os.PathLike[str] | None = None) -> Source:
