@@ -213,3 +213,14 @@ def test_single_file_with_the_config_of_another_model_is_a_one_line_error(tmp_pa
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert f"{tmp_path / 'sd15.safetensors'}: its tensors do not match the config from {tmp_path / 'sdxl'}" in result.output
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("options", [["--keep", "*"], ["--min-params", str(10**9)]])
+def test_options_that_leave_no_layer_to_binarize_are_refused_before_writing(tmp_path, options):
+    """A 'quantized' file with no 1-bit layer is not what was asked for: one line, nothing written (it was a
+    TypeError traceback from the report, after the file had been written)."""
+    tiny_model("sd3").save_pretrained(tmp_path / "sd3")
+    out = tmp_path / "o.safetensors"
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "sd3"), "-o", str(out), "-q", *options])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "no layer to binarize" in result.output and not out.exists()
