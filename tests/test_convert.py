@@ -224,3 +224,17 @@ def test_options_that_leave_no_layer_to_binarize_are_refused_before_writing(tmp_
     result = CliRunner().invoke(main, ["quantize", str(tmp_path / "sd3"), "-o", str(out), "-q", *options])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "no layer to binarize" in result.output and not out.exists()
+
+
+def test_output_onto_the_source_weights_is_refused(tmp_path):
+    """-o naming the file being converted would replace the user's full-precision model with its 1-bit copy."""
+    unet = tiny_model("sd15")
+    unet.save_pretrained(tmp_path / "unet")
+    single = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in unet_to_ldm(unet.state_dict(), 1, [True, False], [False, True]).items()}, single)
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    for args, target in (([str(single), "--config", str(tmp_path / "unet")], single), ([str(tmp_path / "unet")], weights)):
+        before = target.read_bytes()
+        result = CliRunner().invoke(main, ["quantize", *args, "-o", str(target), "-q"])
+        assert result.exit_code == 1 and "is a weights file of the model being converted" in result.output, result.output
+        assert target.read_bytes() == before
