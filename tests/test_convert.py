@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers_tiny import MODELS, tiny_dc_vae, tiny_model, tiny_sd15_pipeline, tiny_vae, unet_to_ldm
+from diffusers_tiny import MODELS, sana_to_original, tiny_dc_vae, tiny_model, tiny_sd15_pipeline, tiny_vae, unet_to_ldm
 from safetensors.torch import load_file, save_file
 
 from bonsai.cli import main
@@ -238,3 +238,18 @@ def test_output_onto_the_source_weights_is_refused(tmp_path):
         result = CliRunner().invoke(main, ["quantize", *args, "-o", str(target), "-q"])
         assert result.exit_code == 1 and "is a weights file of the model being converted" in result.output, result.output
         assert target.read_bytes() == before
+
+
+def test_single_file_converted_whole_matches_folder_and_counts_its_bytes(tmp_path):
+    """Sana's original layout fuses qkv, so the file is translated whole (not tensor by tensor): the result is the
+    folder's, and the report's source size is the file's (it said 0.0 MiB)."""
+    sana = tiny_model("sana")
+    sana.save_pretrained(tmp_path / "sana")
+    single = tmp_path / "sana_orig.safetensors"
+    save_file({k: v.contiguous() for k, v in sana_to_original(sana.state_dict(), MODELS["sana"][1]["num_layers"]).items()}, single)
+    quantize_model(tmp_path / "sana", tmp_path / "a.safetensors", progress=False)
+    with pytest.warns(UserWarning, match="converting it whole"):
+        stats = quantize_model(single, tmp_path / "b.safetensors", config=tmp_path / "sana", progress=False)
+    assert stats.source_bytes == single.stat().st_size
+    sa, sb = load_bonsai_model(tmp_path / "a.safetensors").state_dict(), load_bonsai_model(tmp_path / "b.safetensors").state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

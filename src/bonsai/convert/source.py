@@ -103,8 +103,9 @@ class Source:
         return self._files[file].read(name)
 
     def source_bytes(self) -> int:
-        """Bytes of the weight files read."""
-        return sum(f.stat().st_size for f in {f for f, _ in self.keys.values()})
+        """Bytes of the weight files read (a single file converted whole has no per-key files: itself)."""
+        files = {f for f, _ in self.keys.values()} or ({self.path} if self.path.is_file() else set())
+        return sum(f.stat().st_size for f in files)
 
 
 def _read_json(path: Path) -> dict:
