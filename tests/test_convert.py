@@ -253,3 +253,25 @@ def test_single_file_converted_whole_matches_folder_and_counts_its_bytes(tmp_pat
     assert stats.source_bytes == single.stat().st_size
     sa, sb = load_bonsai_model(tmp_path / "a.safetensors").state_dict(), load_bonsai_model(tmp_path / "b.safetensors").state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_single_files_of_no_known_layout(tmp_path):
+    """A Bonsai checkpoint is named as one; diffusers-layout weights away from their folder convert with --config
+    (they were taken for an SD 1.5 UNet: 'config is for SD3Transformer2DModel, but ... holds a UNet2DConditionModel')."""
+    tiny_model("sd3").save_pretrained(tmp_path / "sd3")
+    quantize_model(tmp_path / "sd3", tmp_path / "a.safetensors", progress=False)
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((tmp_path / "sd3" / "diffusion_pytorch_model.safetensors").read_bytes())
+
+    def quantize(*args):
+        return CliRunner().invoke(main, ["quantize", *map(str, args), "-o", str(tmp_path / "b.safetensors"), "-q"])
+
+    result = quantize(tmp_path / "a.safetensors", "--config", tmp_path / "sd3")
+    assert result.exit_code == 1 and "is a Bonsai checkpoint already" in result.output, result.output
+    result = quantize(lone)
+    assert result.exit_code == 1 and "not a single-file checkpoint layout Bonsai recognizes" in result.output, result.output
+    assert "pass --config" in result.output
+    result = quantize(lone, "--config", tmp_path / "sd3" / "config.json")
+    assert result.exit_code == 0, result.output
+    sa, sb = load_bonsai_model(tmp_path / "a.safetensors").state_dict(), load_bonsai_model(tmp_path / "b.safetensors").state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -4,7 +4,8 @@ A source is one of:
 - a diffusers pipeline folder (model_index.json): its unet/ or transformer/ component is used;
 - a diffusers component folder: config.json + diffusion_pytorch_model*.safetensors (sharded or not);
 - a single-file checkpoint in the original (A1111 / ComfyUI) key layout, with `config` naming a
-  diffusers folder or config.json of the same model (the hub is not consulted).
+  diffusers folder or config.json of the same model (the hub is not consulted);
+- a single file in diffusers' own key layout (a component's weights away from their folder), with `config`.
 
 For single files the key layout is translated with diffusers' own conversion functions, run on
 meta tensors: where the translation is a pure renaming (SD 1.x/2.x/XL UNets) the tensors are
@@ -29,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 from ..format import CheckpointError
-from ..format.header import read_layout
+from ..format.header import METADATA_KEY, read_layout
 from .adapters import ADAPTERS, Adapter, UnsupportedModel, adapter_for
 
 WEIGHTS = "diffusion_pytorch_model"
@@ -217,6 +218,8 @@ def open_single_file(file: Path, config: Path | None) -> Source:
         meta = _meta_checkpoint(file)
     except Exception as e:
         raise SourceError(f"{file} is not a readable safetensors file ({e})") from None
+    if METADATA_KEY in read_layout(file).raw_metadata:
+        raise SourceError(f"{file} is a Bonsai checkpoint already: bonsai quantize converts full-precision models")
     bare_unet = not any(k.startswith(LDM_UNET_PREFIX) for k in meta) and any(k.startswith("input_blocks.") for k in meta)
     if bare_unet:  # a UNet without its pipeline (ComfyUI models/unet): add the prefix the converter expects
         meta = {LDM_UNET_PREFIX + k: v for k, v in meta.items()}
@@ -225,6 +228,15 @@ def open_single_file(file: Path, config: Path | None) -> Source:
     unrecognized = model_type == "v1" and not bare_unet and not any(k.startswith(LDM_UNET_PREFIX) for k in meta)  # diffusers' fallback
     if unrecognized and (folder := _folder_to_pass(file)):
         raise SourceError(f"{file} holds a diffusers component's weights, not a single-file checkpoint: pass the folder {folder} instead")
+    if unrecognized:  # no single-file layout diffusers knows: weights in diffusers' own key layout, away from their folder?
+        if config is None:
+            raise SourceError(
+                f"{file}: not a single-file checkpoint layout Bonsai recognizes (SD 1.x/2.x/XL, SD3, FLUX.1, Sana); "
+                "if it holds a diffusers model's weights, pass --config with that model's folder or config.json"
+            )
+        pipeline_dir, cfg = _config_for_single_file(config, file, "diffusers")
+        adapter = adapter_for(str(cfg.get("_class_name", "")), str(config))
+        return Source(adapter, cfg, file, pipeline_dir, {k: (file, k) for k in meta})
     class_name = _SINGLE_FILE_CLASSES.get(model_type)
     if class_name is None:
         raise UnsupportedModel(f"{file}: checkpoint type {model_type!r} is not one Bonsai converts")
