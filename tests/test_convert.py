@@ -275,3 +275,19 @@ def test_single_files_of_no_known_layout(tmp_path):
     assert result.exit_code == 0, result.output
     sa, sb = load_bonsai_model(tmp_path / "a.safetensors").state_dict(), load_bonsai_model(tmp_path / "b.safetensors").state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_scaled_fp8_single_file_is_refused(tmp_path):
+    """ComfyUI's fp8_scaled files store weight / scale_weight: converted without the scales every layer would be
+    silently off by its own factor; plain fp8 files (no scales) convert."""
+    unet = tiny_model("sd15")
+    unet.save_pretrained(tmp_path / "unet")
+    ldm = {k: v.contiguous().to(torch.float8_e4m3fn) for k, v in unet_to_ldm(unet.state_dict(), 1, [True, False], [False, True]).items()}
+    save_file(ldm, tmp_path / "fp8.safetensors")
+    quantize_model(tmp_path / "fp8.safetensors", tmp_path / "a.safetensors", config=tmp_path / "unet", progress=False)
+    scaled = {**ldm, "model.diffusion_model.scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn),
+              "model.diffusion_model.out.2.scale_weight": torch.tensor(0.5)}
+    save_file(scaled, tmp_path / "fp8_scaled.safetensors")
+    with pytest.raises(SourceError, match="scaled fp8 weights"):
+        quantize_model(tmp_path / "fp8_scaled.safetensors", tmp_path / "b.safetensors", config=tmp_path / "unet", progress=False)
+    assert not (tmp_path / "b.safetensors").exists()

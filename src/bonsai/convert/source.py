@@ -220,6 +220,9 @@ def open_single_file(file: Path, config: Path | None) -> Source:
         raise SourceError(f"{file} is not a readable safetensors file ({e})") from None
     if METADATA_KEY in read_layout(file).raw_metadata:
         raise SourceError(f"{file} is a Bonsai checkpoint already: bonsai quantize converts full-precision models")
+    if any(k.endswith((".scale_weight", "scaled_fp8")) for k in meta):
+        # ComfyUI's "fp8 scaled" files: weight = stored fp8 x scale_weight; diffusers' translation drops the scales
+        raise SourceError(f"{file} holds scaled fp8 weights (ComfyUI's fp8_scaled), which Bonsai does not read: convert the fp16/bf16 file")
     bare_unet = not any(k.startswith(LDM_UNET_PREFIX) for k in meta) and any(k.startswith("input_blocks.") for k in meta)
     if bare_unet:  # a UNet without its pipeline (ComfyUI models/unet): add the prefix the converter expects
         meta = {LDM_UNET_PREFIX + k: v for k, v in meta.items()}
