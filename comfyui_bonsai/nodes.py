@@ -31,12 +31,12 @@ DEVICES = ("comfy", "auto", "cpu", "cuda")
 
 
 def _is_bonsai_checkpoint(path: Path) -> bool:
-    """True for a file whose header is a valid Bonsai checkpoint header (reads the header only)."""
+    """True for a file whose header is a valid Bonsai checkpoint header of a model these loaders take (reads the
+    header only): a diffusers model converted by bonsai quantize needs its diffusers pipeline, which they lack."""
     try:
-        read_header(path)
+        return not read_header(path).metadata["architecture"].startswith("diffusers:")
     except CheckpointError:
         return False
-    return True
 
 
 def bonsai_models() -> dict[str, str]:

@@ -125,3 +125,31 @@ def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int, down_attn
             rest = f"{resnet[head]}.{tail}"
         out["model.diffusion_model." + prefixes[prefix] + rest] = t
     return out
+
+
+def sana_to_original(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """A diffusers Sana state dict in the original single-file layout (fused qkv and kv): the inverse of
+    diffusers' convert_sana_transformer_to_diffusers, which needs the file converted whole."""
+    out = {"pos_embed": torch.zeros(1), "y_embedder.y_embedding": torch.zeros(1)}  # read and dropped by the converter
+    renames = {"patch_embed.proj.": "x_embedder.proj.", "time_embed.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+               "time_embed.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.", "time_embed.linear.": "t_block.1.",
+               "caption_projection.linear_1.": "y_embedder.y_proj.fc1.", "caption_projection.linear_2.": "y_embedder.y_proj.fc2.",
+               "proj_out.": "final_layer.linear."}
+    for new, old in renames.items():
+        for s in ("weight", "bias"):
+            out[old + s] = state[new + s]
+    out["attention_y_norm.weight"] = state["caption_norm.weight"]
+    out["final_layer.scale_shift_table"] = state["scale_shift_table"]
+    for i in range(num_layers):
+        d, o = f"transformer_blocks.{i}.", f"blocks.{i}."
+        out[o + "scale_shift_table"] = state[d + "scale_shift_table"]
+        out[o + "attn.qkv.weight"] = torch.cat([state[d + f"attn1.to_{x}.weight"] for x in "qkv"])
+        for s in ("weight", "bias"):
+            out[o + "attn.proj." + s] = state[d + "attn1.to_out.0." + s]
+            out[o + "cross_attn.q_linear." + s] = state[d + "attn2.to_q." + s]
+            out[o + "cross_attn.kv_linear." + s] = torch.cat([state[d + "attn2.to_k." + s], state[d + "attn2.to_v." + s]])
+            out[o + "cross_attn.proj." + s] = state[d + "attn2.to_out.0." + s]
+            out[o + "mlp.inverted_conv.conv." + s] = state[d + "ff.conv_inverted." + s]
+            out[o + "mlp.depth_conv.conv." + s] = state[d + "ff.conv_depth." + s]
+        out[o + "mlp.point_conv.conv.weight"] = state[d + "ff.conv_point.weight"]
+    return out

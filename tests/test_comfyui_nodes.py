@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the pack lives at the repository root, as in ComfyUI/custom_nodes/
 
 from comfyui_bonsai import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
-from comfyui_bonsai.model_nodes import BonsaiModelLoRA  # noqa: E402
+from comfyui_bonsai.model_nodes import BonsaiModelLoader, BonsaiModelLoRA  # noqa: E402
 from comfyui_bonsai.nodes import (  # noqa: E402
     BonsaiCheckpointLoader,
     BonsaiLoRA,
@@ -229,3 +229,17 @@ def test_any_seed_the_sampler_widget_allows_fits_any_batch(comfy_models: dict[st
     images = BonsaiSampler().sample(pipe, "a red circle", batch_size=2, **{**SAMPLE, "seed": top_seed, "steps": 1})[0]
     assert images.shape[0] == 2
     pipe.check(replace(pipe.defaults, prompt="x", seed=top_seed), top_batch)  # the largest batch too: no error
+
+
+def test_loaders_do_not_offer_converted_diffusers_models(comfy_models: dict[str, Path]) -> None:
+    """A `bonsai quantize` output in models/diffusion_models was offered, then failed to load ('text encoder
+    'diffusers' / decoder 'pixels' is not supported'): the loaders have no diffusers text encoder or VAE."""
+    pytest.importorskip("diffusers")
+    from diffusers_tiny import tiny_model
+
+    from bonsai.convert import quantize_model
+
+    tiny_model("sd3").save_pretrained(comfy_models["checkpoints"].parent / "sd3")
+    quantize_model(comfy_models["checkpoints"].parent / "sd3", comfy_models["diffusion_models"] / "sd3-1bit.safetensors", progress=False)
+    assert BonsaiCheckpointLoader.INPUT_TYPES()["required"]["ckpt_name"][0] == ["bonsai-emoji", "tiny-1bit.safetensors", "tiny-float.safetensors"]
+    assert "sd3-1bit.safetensors" not in BonsaiModelLoader.INPUT_TYPES()["required"]["ckpt_name"][0]

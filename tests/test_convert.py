@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers_tiny import MODELS, tiny_dc_vae, tiny_model, tiny_sd15_pipeline, tiny_vae, unet_to_ldm
+from diffusers_tiny import MODELS, sana_to_original, tiny_dc_vae, tiny_model, tiny_sd15_pipeline, tiny_vae, unet_to_ldm
 from safetensors.torch import load_file, save_file
 
 from bonsai.cli import main
@@ -201,3 +201,93 @@ def test_a_diffusers_weights_file_passed_alone_names_its_folder(tmp_path):
         assert result.exit_code == 1 and f"pass the folder {folder} instead" in result.output, result.output
         result = CliRunner().invoke(main, ["quantize", str(folder), "-o", str(tmp_path / "o.safetensors"), "-q"])
         assert result.exit_code == 0, result.output
+
+
+def test_single_file_with_the_config_of_another_model_is_a_one_line_error(tmp_path):
+    """An SD 1.5 file with an SDXL config: diffusers' key translation fails inside; the user gets which file and config clash."""
+    tiny_model("sdxl").save_pretrained(tmp_path / "sdxl")
+    ldm = unet_to_ldm(tiny_model("sd15").state_dict(), 1, [True, False], [False, True])
+    save_file({k: v.contiguous() for k, v in ldm.items()}, tmp_path / "sd15.safetensors")
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "sd15.safetensors"), "--config", str(tmp_path / "sdxl"),
+                                       "-o", str(tmp_path / "o.safetensors"), "-q"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{tmp_path / 'sd15.safetensors'}: its tensors do not match the config from {tmp_path / 'sdxl'}" in result.output
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("options", [["--keep", "*"], ["--min-params", str(10**9)]])
+def test_options_that_leave_no_layer_to_binarize_are_refused_before_writing(tmp_path, options):
+    """A 'quantized' file with no 1-bit layer is not what was asked for: one line, nothing written (it was a
+    TypeError traceback from the report, after the file had been written)."""
+    tiny_model("sd3").save_pretrained(tmp_path / "sd3")
+    out = tmp_path / "o.safetensors"
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "sd3"), "-o", str(out), "-q", *options])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "no layer to binarize" in result.output and not out.exists()
+
+
+def test_output_onto_the_source_weights_is_refused(tmp_path):
+    """-o naming the file being converted would replace the user's full-precision model with its 1-bit copy."""
+    unet = tiny_model("sd15")
+    unet.save_pretrained(tmp_path / "unet")
+    single = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in unet_to_ldm(unet.state_dict(), 1, [True, False], [False, True]).items()}, single)
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    for args, target in (([str(single), "--config", str(tmp_path / "unet")], single), ([str(tmp_path / "unet")], weights)):
+        before = target.read_bytes()
+        result = CliRunner().invoke(main, ["quantize", *args, "-o", str(target), "-q"])
+        assert result.exit_code == 1 and "is a weights file of the model being converted" in result.output, result.output
+        assert target.read_bytes() == before
+
+
+def test_single_file_converted_whole_matches_folder_and_counts_its_bytes(tmp_path):
+    """Sana's original layout fuses qkv, so the file is translated whole (not tensor by tensor): the result is the
+    folder's, and the report's source size is the file's (it said 0.0 MiB)."""
+    sana = tiny_model("sana")
+    sana.save_pretrained(tmp_path / "sana")
+    single = tmp_path / "sana_orig.safetensors"
+    save_file({k: v.contiguous() for k, v in sana_to_original(sana.state_dict(), MODELS["sana"][1]["num_layers"]).items()}, single)
+    quantize_model(tmp_path / "sana", tmp_path / "a.safetensors", progress=False)
+    with pytest.warns(UserWarning, match="converting it whole"):
+        stats = quantize_model(single, tmp_path / "b.safetensors", config=tmp_path / "sana", progress=False)
+    assert stats.source_bytes == single.stat().st_size
+    sa, sb = load_bonsai_model(tmp_path / "a.safetensors").state_dict(), load_bonsai_model(tmp_path / "b.safetensors").state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_single_files_of_no_known_layout(tmp_path):
+    """A Bonsai checkpoint is named as one; diffusers-layout weights away from their folder convert with --config
+    (they were taken for an SD 1.5 UNet: 'config is for SD3Transformer2DModel, but ... holds a UNet2DConditionModel')."""
+    tiny_model("sd3").save_pretrained(tmp_path / "sd3")
+    quantize_model(tmp_path / "sd3", tmp_path / "a.safetensors", progress=False)
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((tmp_path / "sd3" / "diffusion_pytorch_model.safetensors").read_bytes())
+
+    def quantize(*args):
+        return CliRunner().invoke(main, ["quantize", *map(str, args), "-o", str(tmp_path / "b.safetensors"), "-q"])
+
+    result = quantize(tmp_path / "a.safetensors", "--config", tmp_path / "sd3")
+    assert result.exit_code == 1 and "is a Bonsai checkpoint already" in result.output, result.output
+    result = quantize(lone)
+    assert result.exit_code == 1 and "not a single-file checkpoint layout Bonsai recognizes" in result.output, result.output
+    assert "pass --config" in result.output
+    result = quantize(lone, "--config", tmp_path / "sd3" / "config.json")
+    assert result.exit_code == 0, result.output
+    sa, sb = load_bonsai_model(tmp_path / "a.safetensors").state_dict(), load_bonsai_model(tmp_path / "b.safetensors").state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_scaled_fp8_single_file_is_refused(tmp_path):
+    """ComfyUI's fp8_scaled files store weight / scale_weight: converted without the scales every layer would be
+    silently off by its own factor; plain fp8 files (no scales) convert."""
+    unet = tiny_model("sd15")
+    unet.save_pretrained(tmp_path / "unet")
+    ldm = {k: v.contiguous().to(torch.float8_e4m3fn) for k, v in unet_to_ldm(unet.state_dict(), 1, [True, False], [False, True]).items()}
+    save_file(ldm, tmp_path / "fp8.safetensors")
+    quantize_model(tmp_path / "fp8.safetensors", tmp_path / "a.safetensors", config=tmp_path / "unet", progress=False)
+    scaled = {**ldm, "model.diffusion_model.scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn),
+              "model.diffusion_model.out.2.scale_weight": torch.tensor(0.5)}
+    save_file(scaled, tmp_path / "fp8_scaled.safetensors")
+    with pytest.raises(SourceError, match="scaled fp8 weights"):
+        quantize_model(tmp_path / "fp8_scaled.safetensors", tmp_path / "b.safetensors", config=tmp_path / "unet", progress=False)
+    assert not (tmp_path / "b.safetensors").exists()

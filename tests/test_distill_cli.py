@@ -151,3 +151,18 @@ def test_a_1bit_teacher_names_the_model_to_distill_from(teacher, tmp_path):
     quantize_model(teacher, quantized, QuantPolicy())
     result = CliRunner().invoke(main, ["distill", str(quantized), "-o", str(tmp_path / "run"), "--steps", "1"])
     assert result.exit_code == 1 and "is a 1-bit model" in result.output and f"distill from {teacher.resolve()}" in result.output, result.output
+
+
+def test_a_run_folder_resumes_only_its_own_run(teacher, tmp_path):
+    """Another teacher's state was a load_state_dict traceback listing every key; another binarization resumed
+    silently, changing the student's scheme mid-run. Both are one-line errors; the same run resumes."""
+    tiny_model("sd3").save_pretrained(tmp_path / "sd3")
+    run = ["-o", str(tmp_path / "run"), "--batch", "1", "--no-samples", "--no-compile", "--latent-size", "8"]
+    result = CliRunner().invoke(main, ["distill", str(teacher), *run, "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["distill", str(teacher), *run, "--steps", "3", "--scheme", "xnor"])
+    assert result.exit_code == 1 and "holds a run with --scheme mean --group-size 0 --rank 0" in result.output, result.output
+    result = CliRunner().invoke(main, ["distill", str(tmp_path / "sd3"), *run, "--steps", "3"])
+    assert result.exit_code == 1 and "holds a run with another teacher (diffusers:UNet2DConditionModel" in result.output, result.output
+    result = CliRunner().invoke(main, ["distill", str(teacher), *run, "--steps", "3"])
+    assert result.exit_code == 0 and "resumed" in result.output and "at step 2" in result.output, result.output

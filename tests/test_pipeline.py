@@ -229,3 +229,19 @@ def test_img2img_starts_from_a_transparent_image_over_white(pipe: Pipeline) -> N
     assert torch.equal(got, pipe.generate(PROMPT, init_images=[on_white], **run).samples)
     on_black = pipe.generate(PROMPT, init_images=[image.convert("RGB")], **run).samples
     assert (got - on_black).abs().max() > 0.5  # the background matters: the check above can fail
+
+
+def test_a_converted_diffusers_model_is_named_before_its_weights_load(tmp_path, monkeypatch):
+    """`bonsai generate --model` on a `bonsai quantize` output said "text encoder 'diffusers' / decoder 'pixels' is not
+    supported", after loading the whole model; it now says where such a model generates, without loading it."""
+    pytest.importorskip("diffusers")
+    from diffusers_tiny import tiny_model
+
+    import bonsai.models
+    from bonsai.convert import quantize_model
+
+    tiny_model("sd3").save_pretrained(tmp_path / "sd3")
+    quantize_model(tmp_path / "sd3", tmp_path / "sd3-1bit.safetensors", progress=False)
+    monkeypatch.setattr(bonsai.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(InvalidRequest, match="a 1-bit SD3Transformer2DModel .* generates through diffusers: bonsai.diffusers.load_bonsai_pipeline"):
+        Pipeline.from_pretrained(tmp_path / "sd3-1bit.safetensors", device="cpu")

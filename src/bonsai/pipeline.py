@@ -176,11 +176,18 @@ class Pipeline:
         """Load a model by catalog name or file path (see `bonsai models list`). The checkpoint's
         metadata picks the text encoder and the decoder; `memory` is one of MEMORY_MODES;
         `cuda_graph` as in Pipeline()."""
+        from .format import read_header
         from .hub import resolve
         from .models import load_model
         from .text import TextEncoder
 
         path = resolve(str(name_or_path))
+        architecture = read_header(path).metadata["architecture"]
+        if architecture.startswith("diffusers:"):  # before its weights load: this pipeline has no diffusers text encoder or VAE
+            raise InvalidRequest(
+                f"{path}: a 1-bit {architecture.removeprefix('diffusers:')} (from bonsai quantize or distill) generates "
+                "through diffusers: bonsai.diffusers.load_bonsai_pipeline(path)"
+            )
         dev = pick_device(device)
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
         model, meta = load_model(path, device="cpu", dtype=dtype)

@@ -38,6 +38,9 @@ def quantize_model(
     except OSError as e:
         raise CheckpointError(f"cannot create the output folder ({e.strerror})", out.parent, "pick another -o") from None
     source = open_source(src, config)
+    read = {f.resolve() for f, _ in source.keys.values()} | ({source.path.resolve()} if source.path.is_file() else set())
+    if out.resolve() in read:  # the conversion reads it while the new file replaces it: the user's model would be gone
+        raise SourceError(f"{out} is a weights file of the model being converted: write the 1-bit checkpoint elsewhere (-o)")
     adapter = source.adapter
     pipeline_dir = None if source.pipeline_dir is None else Path(source.pipeline_dir).resolve()
     if bundle == "copy" and pipeline_dir is None:

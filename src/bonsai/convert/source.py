@@ -4,7 +4,8 @@ A source is one of:
 - a diffusers pipeline folder (model_index.json): its unet/ or transformer/ component is used;
 - a diffusers component folder: config.json + diffusion_pytorch_model*.safetensors (sharded or not);
 - a single-file checkpoint in the original (A1111 / ComfyUI) key layout, with `config` naming a
-  diffusers folder or config.json of the same model (the hub is not consulted).
+  diffusers folder or config.json of the same model (the hub is not consulted);
+- a single file in diffusers' own key layout (a component's weights away from their folder), with `config`.
 
 For single files the key layout is translated with diffusers' own conversion functions, run on
 meta tensors: where the translation is a pure renaming (SD 1.x/2.x/XL UNets) the tensors are
@@ -29,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 from ..format import CheckpointError
-from ..format.header import read_layout
+from ..format.header import METADATA_KEY, read_layout
 from .adapters import ADAPTERS, Adapter, UnsupportedModel, adapter_for
 
 WEIGHTS = "diffusion_pytorch_model"
@@ -103,8 +104,9 @@ class Source:
         return self._files[file].read(name)
 
     def source_bytes(self) -> int:
-        """Bytes of the weight files read."""
-        return sum(f.stat().st_size for f in {f for f, _ in self.keys.values()})
+        """Bytes of the weight files read (a single file converted whole has no per-key files: itself)."""
+        files = {f for f, _ in self.keys.values()} or ({self.path} if self.path.is_file() else set())
+        return sum(f.stat().st_size for f in files)
 
 
 def _read_json(path: Path) -> dict:
@@ -216,6 +218,11 @@ def open_single_file(file: Path, config: Path | None) -> Source:
         meta = _meta_checkpoint(file)
     except Exception as e:
         raise SourceError(f"{file} is not a readable safetensors file ({e})") from None
+    if METADATA_KEY in read_layout(file).raw_metadata:
+        raise SourceError(f"{file} is a Bonsai checkpoint already: bonsai quantize converts full-precision models")
+    if any(k.endswith((".scale_weight", "scaled_fp8")) for k in meta):
+        # ComfyUI's "fp8 scaled" files: weight = stored fp8 x scale_weight; diffusers' translation drops the scales
+        raise SourceError(f"{file} holds scaled fp8 weights (ComfyUI's fp8_scaled), which Bonsai does not read: convert the fp16/bf16 file")
     bare_unet = not any(k.startswith(LDM_UNET_PREFIX) for k in meta) and any(k.startswith("input_blocks.") for k in meta)
     if bare_unet:  # a UNet without its pipeline (ComfyUI models/unet): add the prefix the converter expects
         meta = {LDM_UNET_PREFIX + k: v for k, v in meta.items()}
@@ -224,6 +231,15 @@ def open_single_file(file: Path, config: Path | None) -> Source:
     unrecognized = model_type == "v1" and not bare_unet and not any(k.startswith(LDM_UNET_PREFIX) for k in meta)  # diffusers' fallback
     if unrecognized and (folder := _folder_to_pass(file)):
         raise SourceError(f"{file} holds a diffusers component's weights, not a single-file checkpoint: pass the folder {folder} instead")
+    if unrecognized:  # no single-file layout diffusers knows: weights in diffusers' own key layout, away from their folder?
+        if config is None:
+            raise SourceError(
+                f"{file}: not a single-file checkpoint layout Bonsai recognizes (SD 1.x/2.x/XL, SD3, FLUX.1, Sana); "
+                "if it holds a diffusers model's weights, pass --config with that model's folder or config.json"
+            )
+        pipeline_dir, cfg = _config_for_single_file(config, file, "diffusers")
+        adapter = adapter_for(str(cfg.get("_class_name", "")), str(config))
+        return Source(adapter, cfg, file, pipeline_dir, {k: (file, k) for k in meta})
     class_name = _SINGLE_FILE_CLASSES.get(model_type)
     if class_name is None:
         raise UnsupportedModel(f"{file}: checkpoint type {model_type!r} is not one Bonsai converts")
@@ -231,8 +247,19 @@ def open_single_file(file: Path, config: Path | None) -> Source:
     pipeline_dir, cfg = _config_for_single_file(config, file, class_name)
     if cfg.get("_class_name", class_name) != class_name:
         raise SourceError(f"{config}: config is for {cfg['_class_name']}, but {file} holds a {class_name}")
-    convert = SINGLE_FILE_LOADABLE_CLASSES[class_name]["checkpoint_mapping_fn"]
-    converted = convert(checkpoint=dict(meta), config=cfg)
+    mapping = SINGLE_FILE_LOADABLE_CLASSES[class_name]["checkpoint_mapping_fn"]
+
+    def convert(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers' key translation; it fails on keys the config does not lead it to expect."""
+        try:
+            return mapping(checkpoint=checkpoint, config=cfg)
+        except (KeyError, IndexError, ValueError, RuntimeError) as e:
+            raise SourceError(
+                f"{file}: its tensors do not match the config from {config} ({type(e).__name__}: {e}); "
+                f"pass --config of the same model (a {model_type!r} checkpoint)"
+            ) from None
+
+    converted = convert(dict(meta))
     renamed = {k: stored.get(id(t)) for k, t in converted.items()}
     if all(v is not None for v in renamed.values()):
         keys = {k: (file, v.removeprefix(LDM_UNET_PREFIX) if bare_unet else v) for k, v in renamed.items()}
@@ -243,7 +270,7 @@ def open_single_file(file: Path, config: Path | None) -> Source:
     full = load_file(os.fspath(file))
     if bare_unet:
         full = {LDM_UNET_PREFIX + k: v for k, v in full.items()}
-    return Source(adapter, cfg, file, pipeline_dir, {}, tensors=dict(convert(checkpoint=full, config=cfg)))
+    return Source(adapter, cfg, file, pipeline_dir, {}, tensors=dict(convert(full)))
 
 
 def open_source(src: str | os.PathLike[str], config: str | os.PathLike[str] | None = None) -> Source:

@@ -103,6 +103,11 @@ def quantize_source(
     model = source.adapter.build(source.config)
     policy = policy_for(source.adapter, policy)
     targets = {name for name, m in model.named_modules() if name and policy.wants(name, m)}
+    if not targets:  # before any weight is read: the output would hold no 1-bit layer
+        raise ValueError(
+            f"no layer to binarize: the keep patterns and the minimum of {policy.min_params} weights per layer "
+            "leave every layer in high precision (drop a --keep pattern or lower --min-params)"
+        )
     total = sum(t.numel() for t in model.state_dict().values())  # parameters and persistent buffers, as stored
     # names only: a list of the modules themselves would keep every replaced float layer alive
     names = [name for name, m in model.named_modules() if m._parameters or m._buffers]

@@ -19,7 +19,7 @@ same x_t, t and text (train/distill.py); the student is the straight-through (Bi
 Sample grids: teacher row over student row on 4 fixed prompts and seeds, every --sample-every
 steps and at the end, in OUT/samples/step-NNNNNN.png (samples.py): Euler on pixels for Bonsai
 pixel DiTs, the folder's own pipeline (scheduler + VAE) for diffusers models with a VAE.
-Resumable (OUT/state.pt); one GPU, or several with `torchrun --nproc_per_node N -m bonsai.cli distill ...`
+Resumable (OUT/state.pt; OUT/run.json records the teacher and binarization a run resumes with); one GPU, or several with `torchrun --nproc_per_node N -m bonsai.cli distill ...`
 (DDP; gloo on CPU). Writes OUT/log.jsonl and, at the end, OUT/student.safetensors (packed); the student
 of a diffusers pipeline folder references that folder as `bonsai quantize` does, so load_bonsai_pipeline needs no source=.
 On a CPU shared with other jobs, OMP_NUM_THREADS=1 avoids intra-op thread stalls (~6-10x).
@@ -206,6 +206,32 @@ def _sampler(teacher: Teacher, cond, shape, steps: int, device):
     return pixel_sampler(spec), lambda m: m
 
 
+def _check_same_run(out: Path, identity: dict, write: bool) -> None:
+    """A run folder resumes only the run it holds (OUT/run.json: teacher architecture and config, binarization):
+    another teacher's state failed to load deep in torch, and another binarization silently changed the student mid-run."""
+    import json
+
+    from ..atomic import atomic_write
+
+    path = out / "run.json"
+    identity = json.loads(json.dumps(identity, default=str))  # as it reads back
+    if path.exists() and (out / "state.pt").exists():
+        recorded = json.loads(path.read_text())
+        if recorded.get("architecture") != identity["architecture"] or recorded.get("config") != identity["config"]:
+            raise click.ClickException(
+                f"{out} holds a run with another teacher ({recorded.get('architecture')}, other config): "
+                "resume it with that teacher, or pass a new -o"
+            )
+        if recorded.get("binarize") != identity["binarize"]:
+            b = recorded.get("binarize") or {}
+            raise click.ClickException(
+                f"{out} holds a run with --scheme {b.get('scheme')} --group-size {b.get('group_size')} --rank {b.get('rank')}: "
+                "resume it with those, or pass a new -o"
+            )
+    if write:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(identity, indent=2) + "\n"))
+
+
 @click.command()
 @click.argument("teacher", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder (resumable).")
@@ -264,6 +290,7 @@ def distill(teacher, out, prompts, text_encoder, images, latent_size, steps, bat
         if prompts and not lines:
             raise click.ClickException(f"{prompts} holds no prompts: write one per line (or leave out --prompts for random text states)")
         t = _load_teacher(teacher)
+        _check_same_run(out, {"architecture": t.architecture, "config": t.config, "binarize": binarize.to_dict()}, rank() == 0)
         size = latent_size or t.config.get("sample_size", 64)
         multiple, why = _latent_multiple(t.config)
         if size % multiple:
