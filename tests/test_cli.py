@@ -161,3 +161,20 @@ def test_version_names_the_installed_distribution() -> None:
 
     result = CliRunner().invoke(main, ["--version"], prog_name="bonsai")
     assert result.exit_code == 0 and result.output.strip() == f"bonsai, version {version('bonsai-diffusion')}", result.output
+
+
+def test_warnings_print_as_one_line():
+    # The library's warnings (e.g. quantize converting a file whole) printed Python's source line under them.
+    code = (
+        "import sys, warnings, click, bonsai.cli as cli\n"
+        "@click.command()\n"
+        "def warn():\n"
+        "    warnings.warn('converting it whole (memory ~ file size)', stacklevel=2)\n"
+        "sys.modules['w'] = type(sys)('w'); sys.modules['w'].warn = warn\n"
+        "cli.SUBCOMMANDS['warn'] = 'w:warn'\n"
+        "cli.main(['warn'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "warning: converting it whole (memory ~ file size)\n"

@@ -6,6 +6,7 @@ Subcommands live beside the code they drive and are imported only when used, so 
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import click
 
@@ -35,10 +36,16 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line: at the command line the Python source line that raised it says nothing."""
+    return f"warning: {message}\n"
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bonsai-diffusion")
 def main() -> None:
     """Bonsai: local text-to-image generation with 1-bit diffusion models."""
+    warnings.formatwarning = one_line_warning
 
 
 if __name__ == "__main__":
