@@ -151,6 +151,10 @@ def test_malformed_sources(tmp_path):
     (tmp_path / "m" / "config.json").write_text('{"_class_name": "Kandinsky3UNet"}')
     with pytest.raises(UnsupportedModel, match="Kandinsky3UNet.*not supported"):
         quantize_model(tmp_path / "m", tmp_path / "o.safetensors")
+    (tmp_path / "te").mkdir()  # a transformers component (text encoder): its config has no _class_name
+    (tmp_path / "te" / "config.json").write_text('{"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}')
+    with pytest.raises(UnsupportedModel, match="names no diffusers model class"):
+        quantize_model(tmp_path / "te", tmp_path / "o.safetensors")
     tiny_model("sd3").save_pretrained(tmp_path / "sd3")
     (tmp_path / "sd3" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(SourceError, match="no diffusion_pytorch_model"):

@@ -135,9 +135,8 @@ def adapter_for(class_name: str, where: str = "") -> Adapter:
         return ADAPTERS[name]
     except KeyError:
         at = f"{where}: " if where else ""
-        raise UnsupportedModel(
-            f"{at}model class {name!r} is not supported; Bonsai converts {', '.join(sorted(ADAPTERS))}"
-        ) from None
+        what = f"model class {name!r} is" if name else "its config names no diffusers model class (_class_name), so it is"
+        raise UnsupportedModel(f"{at}{what} not supported; Bonsai converts {', '.join(sorted(ADAPTERS))}") from None
 
 
 for _adapter in ADAPTERS.values():
