@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import transparent_image
 from bonsai.images import flatten_on_white, next_free_paths, save_numbered, save_png
-from bonsai.pipeline import GenerationParams, InvalidRequest, Pipeline, from_pil
+from bonsai.pipeline import GenerationParams, InvalidRequest, Pipeline, from_pil, pick_device
 from bonsai.quant import BitLinear
 
 PROMPT = "a red apple on a table"
@@ -212,3 +212,13 @@ def test_img2img_starts_from_a_transparent_image_over_white(pipe: Pipeline) -> N
     assert torch.equal(got, pipe.generate(PROMPT, init_images=[on_white], **run).samples)
     on_black = pipe.generate(PROMPT, init_images=[image.convert("RGB")], **run).samples
     assert (got - on_black).abs().max() > 0.5  # the background matters: the check above can fail
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_an_absent_device_is_a_request_error_not_a_crash(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    # "mps" went through unchecked: the first tensor moved there raised a RuntimeError traceback.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(InvalidRequest, match=f"device '{device}' was asked for but no .* is available; use --device cpu"):
+        pick_device(device)
+    assert pick_device("auto") == torch.device("cpu")

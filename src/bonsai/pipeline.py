@@ -77,14 +77,21 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise InvalidRequest(f"device {device!r} is not one of auto, cpu, cuda, mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidRequest("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    if device == "mps" and not _mps_available():
+        raise InvalidRequest("device 'mps' was asked for but no Apple MPS device is available; use --device cpu")
     return torch.device(device)
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
 
 
 def from_pil(images: list[Image.Image], width: int, height: int) -> torch.Tensor:
