@@ -161,6 +161,9 @@ def test_a1111_text_without_negative_prompt() -> None:
         (PROMPT, {"seed": 2**32 - 2, "batch": 3}, "seed must be between 0 and 4294967293 for a batch of 3"),
         ("", {}, "prompt is empty"),
         ("   ", {}, "prompt is empty"),
+        # a byte that is not UTF-8, as Python decodes it from argv: the tokenizer raised a TypeError
+        ("a red \udcff apple", {}, r"prompt is not UTF-8 text \(character 7 is an undecodable byte\)"),
+        (PROMPT, {"negative_prompt": "blurry\udce9"}, r"negative prompt is not UTF-8 text \(character 7"),
     ],
 )
 def test_invalid_requests(pipe: Pipeline, prompt: str, overrides: dict, message: str) -> None:

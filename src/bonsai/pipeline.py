@@ -209,6 +209,11 @@ class Pipeline:
             raise InvalidRequest("prompt is empty: describe the image you want")
         if len(params.prompt) > MAX_PROMPT_CHARS or len(params.negative_prompt) > MAX_PROMPT_CHARS:
             raise InvalidRequest(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        for name, text in (("prompt", params.prompt), ("negative prompt", params.negative_prompt)):
+            try:  # bytes a terminal sent in another encoding arrive as lone surrogates, which the tokenizer rejects
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidRequest(f"{name} is not UTF-8 text (character {e.start + 1} is an undecodable byte); retype it or use a UTF-8 terminal") from None
         if not 1 <= params.steps <= MAX_STEPS:
             raise InvalidRequest(f"steps must be between 1 and {MAX_STEPS}, got {params.steps}")
         if not CFG_RANGE[0] <= params.cfg <= CFG_RANGE[1]:
