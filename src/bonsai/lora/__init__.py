@@ -7,6 +7,7 @@ branches, stack and weight them, parse `<lora:name:0.8>` in prompts, and save tr
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -90,9 +91,12 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     loras = []
     for m in _PROMPT_LORA.finditer(prompt):
         try:
-            loras.append((m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0))
+            weight = float(m.group(2)) if m.group(2) else 1.0
         except ValueError:
-            raise LoRAError(f"bad LoRA weight in '{m.group(0)}': write <lora:NAME:0.8>") from None
+            weight = math.nan
+        if not math.isfinite(weight):  # float() reads "nan" and "inf" too, which turn every pixel black
+            raise LoRAError(f"bad LoRA weight in '{m.group(0)}': write <lora:NAME:0.8>")
+        loras.append((m.group(1).strip(), weight))
     return " ".join(_PROMPT_LORA.sub(" ", prompt).split()), loras
 
 
