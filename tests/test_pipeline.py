@@ -225,3 +225,12 @@ def test_an_absent_device_is_a_request_error_not_a_crash(monkeypatch: pytest.Mon
     with pytest.raises(InvalidRequest, match=f"device '{device}' was asked for but no .* is available; use --device cpu"):
         pick_device(device)
     assert pick_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("count, batch", [(0, 1), (3, 2), (2, 1)])
+def test_init_images_are_one_per_image_or_one_for_all(pipe: Pipeline, count: int, batch: int) -> None:
+    # Other counts used the first image alone, silently (three for a batch of two), or raised numpy's
+    # "need at least one array to stack" (none).
+    image = Image.new("RGB", (16, 16), (200, 30, 30))
+    with pytest.raises(InvalidRequest, match=f"init_images holds {count} images: give one for each of the {batch} images, or one for all"):
+        pipe.generate(PROMPT, batch=batch, seed=1, strength=0.5, init_images=[image] * count)

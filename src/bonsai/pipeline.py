@@ -305,6 +305,8 @@ class Pipeline:
             fields_["seed"] = secrets.randbelow(max(1, last_seed(batch) + 1))  # 0 .. the last seed check() allows
         params = replace(self.defaults, prompt=prompt, **fields_)
         self.check(params, batch)
+        if init_images is not None and len(init_images) not in (1, batch):
+            raise InvalidRequest(f"init_images holds {len(init_images)} images: give one for each of the {batch} images, or one for all")
         text, loras = self._prompt_loras(params.prompt)
         timesteps = flow_timesteps(params.steps, params.shift)
         x = self.noise(params, batch)
