@@ -4,6 +4,7 @@ seeds, batching, metadata, bad requests."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from conftest import transparent_image
 from bonsai.images import flatten_on_white, next_free_paths, save_numbered, save_png
-from bonsai.pipeline import GenerationParams, InvalidRequest, Pipeline, from_pil, pick_device
+from bonsai.pipeline import GenerationParams, InvalidRequest, Pipeline, from_pil, pick_device, PromptTruncated
 from bonsai.quant import BitLinear
 
 PROMPT = "a red apple on a table"
@@ -234,3 +235,19 @@ def test_init_images_are_one_per_image_or_one_for_all(pipe: Pipeline, count: int
     image = Image.new("RGB", (16, 16), (200, 30, 30))
     with pytest.raises(InvalidRequest, match=f"init_images holds {count} images: give one for each of the {batch} images, or one for all"):
         pipe.generate(PROMPT, batch=batch, seed=1, strength=0.5, init_images=[image] * count)
+
+
+def test_a_prompt_past_the_text_encoders_tokens_warns_what_it_ignores(pipe: Pipeline) -> None:
+    # The text encoder reads 32 tokens and cut the rest without a word: its end changed nothing.
+    words = [f"w{i}" for i in range(80)]  # each "wN" is two word pieces: 15 words and [CLS], [SEP] fill 32
+    kept, cut = " ".join(words[:15]), " ".join(words[15:])
+    with pytest.warns(PromptTruncated) as caught:
+        long = pipe.generate(f"{kept}, {cut}", seed=2, negative_prompt=f"{kept} {cut}").samples
+    assert [str(w.message) for w in caught] == [
+        f"the {field} is longer than the 32 tokens tiny-test reads: '{cut[:57]}...' is ignored"
+        for field in ("prompt", "negative prompt")
+    ]
+    # what it names as ignored is what the encoder cut: the image is that of the prompt without it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptTruncated)  # 32 tokens exactly: no warning
+        assert torch.equal(long, pipe.generate(kept, seed=2, negative_prompt=kept).samples)

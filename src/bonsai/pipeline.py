@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -71,6 +72,10 @@ class Generation:
 
 class InvalidRequest(ValueError):
     """A generation request with a bad field; the message names the field and the fix."""
+
+
+class PromptTruncated(UserWarning):
+    """A prompt longer than the text encoder reads: its end has no effect on the image."""
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -232,6 +237,16 @@ class Pipeline:
         if not 0 < params.strength <= 1:
             raise InvalidRequest(f"strength must be in (0, 1], got {params.strength:g}")
 
+    def unread_text(self, text: str) -> str:
+        """The end of `text` past the tokens the text encoder reads (it cuts the rest), or ''."""
+        tokenizer = getattr(self.text_encoder, "tokenizer", None)
+        if tokenizer is None or not text:
+            return ""
+        encoding = tokenizer.encode(text)
+        if not encoding.overflowing:
+            return ""
+        return text[max(end for _, end in encoding.offsets):].strip(" \t\n,")
+
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.text_encoder.tokens(prompts)
@@ -308,6 +323,13 @@ class Pipeline:
         if init_images is not None and len(init_images) not in (1, batch):
             raise InvalidRequest(f"init_images holds {len(init_images)} images: give one for each of the {batch} images, or one for all")
         text, loras = self._prompt_loras(params.prompt)
+        for name, words in (("prompt", text), ("negative prompt", params.negative_prompt)):
+            unread = self.unread_text(words)
+            if unread:
+                shown = unread if len(unread) <= 60 else unread[:57] + "..."
+                warnings.warn(PromptTruncated(
+                    f"the {name} is longer than the {self.text_encoder.max_tokens} tokens {self.name} reads: {shown!r} is ignored"
+                ), stacklevel=2)
         timesteps = flow_timesteps(params.steps, params.shift)
         x = self.noise(params, batch)
         if init_images is not None:
