@@ -178,3 +178,15 @@ def test_warnings_print_as_one_line():
                           env={**os.environ, "PYTHONWARNINGS": "default"})
     assert done.returncode == 0, done.stderr
     assert done.stderr == "warning: converting it whole (memory ~ file size)\n"
+
+
+def test_generate_warns_of_prompt_words_the_model_does_not_read(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BONSAI_HOME", str(tmp_path / "home"))
+    prompt = " ".join(f"w{i}" for i in range(20))  # 40 word pieces; the text encoder reads 30 and [CLS], [SEP]
+    args = ["generate", prompt, "--model", str(tiny_checkpoint), "-o", str(tmp_path / "out"), "--seed", "1", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "warning: the prompt is longer than the 32 tokens tiny-test reads: 'w15 w16 w17 w18 w19' is ignored"
+    ]
+    assert result.stdout.splitlines() == [str(tmp_path / "out" / "00001-1.png")]

@@ -227,6 +227,20 @@ def test_truncated_files(good):
             read_header(path)
 
 
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_pickle_file_is_named_as_such(tmp_path, zipped):
+    # A .ckpt given as a checkpoint was reported as a safetensors header "too large": corrupt, it said.
+    path = tmp_path / "model.ckpt"
+    torch.save({"w": torch.randn(4, 4)}, path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(CheckpointError, match=r"a PyTorch pickle file \(.ckpt/.pt/.bin\), not safetensors.*never loads pickle"):
+        read_header(path)
+    # a real header whose length starts with the byte 0x80, as a pickle does, is still read
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.zeros(1)}, path, metadata={"pad": "x" * (0x180 - 87)})
+    assert path.read_bytes()[:2] == b"\x80\x01"
+    assert read_layout(path).tensors["w"].shape == (1,)
+
+
 def test_structural_header_errors(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes((MAX_HEADER_BYTES + 1).to_bytes(8, "little") + b"{}")

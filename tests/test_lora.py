@@ -135,8 +135,10 @@ def test_formats_agree_and_stack(bit_unet, tmp_path):
 
 def test_prompt_syntax(bit_unet, tmp_path):
     assert parse_prompt_loras("a cat <lora:ink:0.8> on a mat <lora:style>") == ("a cat on a mat", [("ink", 0.8), ("style", 1.0)])
-    with pytest.raises(LoRAError, match="bad LoRA weight"):
-        parse_prompt_loras("<lora:ink:lots>")
+    for weight in ("lots", "nan", "inf", "-Infinity", "1e999"):  # float() takes all but the first: black images
+        with pytest.raises(LoRAError, match=f"bad LoRA weight in '<lora:ink:{weight}>'"):
+            parse_prompt_loras(f"a cat <lora:ink:{weight}>")
+    assert parse_prompt_loras("<lora:ink:-0.5> x <lora:b:1e-3>")[1] == [("ink", -0.5), ("b", 0.001)]
     write_peft(tmp_path / "ink.safetensors", random_factors())
     unet = load_bonsai_unet(bit_unet)
     before = run(unet)

@@ -120,3 +120,20 @@ def test_an_active_lora_runs_in_the_fused_blocks_like_the_unfused_ones(
     assert differs(inked, base)
     # measured: the LoRA moves pixels by up to 0.60 (of 2); fused and unfused agree to 0.0063 (mean 0.0011)
     assert (inked - inked_unfused).abs().max() < 0.03 and (inked - inked_unfused).abs().mean() < 5e-3
+
+
+def test_a_tag_may_name_a_file_with_dots(pipe: Pipeline) -> None:
+    # "detail_v1.5.safetensors" is a common kind of name; its tag failed: "a '.' ... rename the file".
+    lora_dir = Path(pipe.lora_dir)
+    (lora_dir / "ink.safetensors").rename(lora_dir / "ink_v1.5.safetensors")
+    base = sample(pipe)
+    inked = sample(pipe, f"{PROMPT} <lora:ink_v1.5:0.7>")
+    assert differs(inked, base) and torch.equal(sample(pipe), base)
+    assert loaded_loras(pipe.denoiser) == {"ink_v1_5": 0.0}  # the name apply_lora gives that file
+    apply_lora(pipe.denoiser, lora_dir / "ink_v1.5.safetensors", weight=0.7)
+    assert torch.equal(sample(pipe), inked)  # the tag loaded that file's LoRA at that weight
+
+    # another file that would load under the same name is an error, not a silent swap of LoRAs
+    (lora_dir / "style.safetensors").rename(lora_dir / "ink_v1_5.safetensors")
+    with pytest.raises(InvalidRequest, match=r"ink_v1.5.safetensors and ink_v1_5.safetensors in .* would load under one name"):
+        sample(pipe, f"{PROMPT} <lora:ink_v1.5:0.7>")

@@ -4,6 +4,7 @@ seeds, batching, metadata, bad requests."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from conftest import transparent_image
 from bonsai.images import flatten_on_white, next_free_paths, save_numbered, save_png
-from bonsai.pipeline import GenerationParams, InvalidRequest, Pipeline, from_pil
+from bonsai.pipeline import GenerationParams, InvalidRequest, Pipeline, from_pil, pick_device, PromptTruncated
 from bonsai.quant import BitLinear
 
 PROMPT = "a red apple on a table"
@@ -161,6 +162,9 @@ def test_a1111_text_without_negative_prompt() -> None:
         (PROMPT, {"seed": 2**32 - 2, "batch": 3}, "seed must be between 0 and 4294967293 for a batch of 3"),
         ("", {}, "prompt is empty"),
         ("   ", {}, "prompt is empty"),
+        # a byte that is not UTF-8, as Python decodes it from argv: the tokenizer raised a TypeError
+        ("a red \udcff apple", {}, r"prompt is not UTF-8 text \(character 7 is an undecodable byte\)"),
+        (PROMPT, {"negative_prompt": "blurry\udce9"}, r"negative prompt is not UTF-8 text \(character 7"),
     ],
 )
 def test_invalid_requests(pipe: Pipeline, prompt: str, overrides: dict, message: str) -> None:
@@ -245,3 +249,38 @@ def test_a_converted_diffusers_model_is_named_before_its_weights_load(tmp_path, 
     monkeypatch.setattr(bonsai.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(InvalidRequest, match="a 1-bit SD3Transformer2DModel .* generates through diffusers: bonsai.diffusers.load_bonsai_pipeline"):
         Pipeline.from_pretrained(tmp_path / "sd3-1bit.safetensors", device="cpu")
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_an_absent_device_is_a_request_error_not_a_crash(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    # "mps" went through unchecked: the first tensor moved there raised a RuntimeError traceback.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(InvalidRequest, match=f"device '{device}' was asked for but no .* is available; use --device cpu"):
+        pick_device(device)
+    assert pick_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("count, batch", [(0, 1), (3, 2), (2, 1)])
+def test_init_images_are_one_per_image_or_one_for_all(pipe: Pipeline, count: int, batch: int) -> None:
+    # Other counts used the first image alone, silently (three for a batch of two), or raised numpy's
+    # "need at least one array to stack" (none).
+    image = Image.new("RGB", (16, 16), (200, 30, 30))
+    with pytest.raises(InvalidRequest, match=f"init_images holds {count} images: give one for each of the {batch} images, or one for all"):
+        pipe.generate(PROMPT, batch=batch, seed=1, strength=0.5, init_images=[image] * count)
+
+
+def test_a_prompt_past_the_text_encoders_tokens_warns_what_it_ignores(pipe: Pipeline) -> None:
+    # The text encoder reads 32 tokens and cut the rest without a word: its end changed nothing.
+    words = [f"w{i}" for i in range(80)]  # each "wN" is two word pieces: 15 words and [CLS], [SEP] fill 32
+    kept, cut = " ".join(words[:15]), " ".join(words[15:])
+    with pytest.warns(PromptTruncated) as caught:
+        long = pipe.generate(f"{kept}, {cut}", seed=2, negative_prompt=f"{kept} {cut}").samples
+    assert [str(w.message) for w in caught] == [
+        f"the {field} is longer than the 32 tokens tiny-test reads: '{cut[:57]}...' is ignored"
+        for field in ("prompt", "negative prompt")
+    ]
+    # what it names as ignored is what the encoder cut: the image is that of the prompt without it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptTruncated)  # 32 tokens exactly: no warning
+        assert torch.equal(long, pipe.generate(kept, seed=2, negative_prompt=kept).samples)

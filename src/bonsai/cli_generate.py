@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -51,7 +52,7 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
     from .format import CheckpointError
     from .hub import ModelNotFound
     from .images import save_numbered
-    from .pipeline import InvalidRequest, Pipeline
+    from .pipeline import InvalidRequest, Pipeline, PromptTruncated
 
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty: describe the image you want", param_hint="PROMPT")
@@ -69,12 +70,19 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
                 bar = tqdm(total=total, desc="denoising", unit="step", disable=quiet)
             bar.update(step - bar.n)
 
-        result = pipe.generate(
-            prompt, batch=batch, callback=progress, negative_prompt=negative_prompt, steps=steps, cfg=cfg,
-            seed=seed, width=width, height=height, sampler=sampler,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptTruncated)
+            result = pipe.generate(
+                prompt, batch=batch, callback=progress, negative_prompt=negative_prompt, steps=steps, cfg=cfg,
+                seed=seed, width=width, height=height, sampler=sampler,
+            )
         if bar is not None:
             bar.close()
+        for w in caught:  # after the bar, one plain line each
+            if issubclass(w.category, PromptTruncated):
+                click.echo(f"warning: {w.message}", err=True)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except (InvalidRequest, CheckpointError, ModelNotFound) as e:
         raise click.ClickException(str(e)) from None
     paths = save_numbered(result.images, [p.seed for p in result.params], out_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -73,18 +74,29 @@ class InvalidRequest(ValueError):
     """A generation request with a bad field; the message names the field and the fix."""
 
 
+class PromptTruncated(UserWarning):
+    """A prompt longer than the text encoder reads: its end has no effect on the image."""
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise InvalidRequest(f"device {device!r} is not one of auto, cpu, cuda, mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidRequest("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    if device == "mps" and not _mps_available():
+        raise InvalidRequest("device 'mps' was asked for but no Apple MPS device is available; use --device cpu")
     return torch.device(device)
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
 
 
 def from_pil(images: list[Image.Image], width: int, height: int) -> torch.Tensor:
@@ -209,6 +221,11 @@ class Pipeline:
             raise InvalidRequest("prompt is empty: describe the image you want")
         if len(params.prompt) > MAX_PROMPT_CHARS or len(params.negative_prompt) > MAX_PROMPT_CHARS:
             raise InvalidRequest(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        for name, text in (("prompt", params.prompt), ("negative prompt", params.negative_prompt)):
+            try:  # bytes a terminal sent in another encoding arrive as lone surrogates, which the tokenizer rejects
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidRequest(f"{name} is not UTF-8 text (character {e.start + 1} is an undecodable byte); retype it or use a UTF-8 terminal") from None
         if not 1 <= params.steps <= MAX_STEPS:
             raise InvalidRequest(f"steps must be between 1 and {MAX_STEPS}, got {params.steps}")
         if not CFG_RANGE[0] <= params.cfg <= CFG_RANGE[1]:
@@ -226,6 +243,16 @@ class Pipeline:
             raise InvalidRequest(f"seed must be between 0 and {last_seed(batch)} for a batch of {batch}, got {params.seed}")
         if not 0 < params.strength <= 1:
             raise InvalidRequest(f"strength must be in (0, 1], got {params.strength:g}")
+
+    def unread_text(self, text: str) -> str:
+        """The end of `text` past the tokens the text encoder reads (it cuts the rest), or ''."""
+        tokenizer = getattr(self.text_encoder, "tokenizer", None)
+        if tokenizer is None or not text:
+            return ""
+        encoding = tokenizer.encode(text)
+        if not encoding.overflowing:
+            return ""
+        return text[max(end for _, end in encoding.offsets):].strip(" \t\n,")
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +327,16 @@ class Pipeline:
             fields_["seed"] = secrets.randbelow(max(1, last_seed(batch) + 1))  # 0 .. the last seed check() allows
         params = replace(self.defaults, prompt=prompt, **fields_)
         self.check(params, batch)
+        if init_images is not None and len(init_images) not in (1, batch):
+            raise InvalidRequest(f"init_images holds {len(init_images)} images: give one for each of the {batch} images, or one for all")
         text, loras = self._prompt_loras(params.prompt)
+        for name, words in (("prompt", text), ("negative prompt", params.negative_prompt)):
+            unread = self.unread_text(words)
+            if unread:
+                shown = unread if len(unread) <= 60 else unread[:57] + "..."
+                warnings.warn(PromptTruncated(
+                    f"the {name} is longer than the {self.text_encoder.max_tokens} tokens {self.name} reads: {shown!r} is ignored"
+                ), stacklevel=2)
         timesteps = flow_timesteps(params.steps, params.shift)
         x = self.noise(params, batch)
         if init_images is not None:

@@ -129,6 +129,13 @@ def _read_raw(path: str) -> tuple[int, int, bytes]:
             if len(prefix) < 8:
                 raise _fail(path, f"file is truncated: {size} bytes, too short for a safetensors header")
             length = int.from_bytes(prefix, "little")
+            if (length > MAX_HEADER_BYTES or 8 + length > size) and _is_pickle(prefix):
+                raise _fail(
+                    path,
+                    "a PyTorch pickle file (.ckpt/.pt/.bin), not safetensors",
+                    "Bonsai never loads pickle files (they can run code): save the weights as .safetensors, "
+                    "then convert them with 'bonsai quantize'",
+                )
             if length > MAX_HEADER_BYTES:
                 raise _fail(
                     path,
@@ -148,6 +155,12 @@ def _read_raw(path: str) -> tuple[int, int, bytes]:
         raise _fail(path, "is a directory, expected a .safetensors file") from None
     except PermissionError:
         raise _fail(path, "permission denied") from None
+
+
+def _is_pickle(prefix: bytes) -> bool:
+    """Whether a file's first bytes are those of torch.save (a zip archive) or of a plain pickle (protocol 2-5).
+    Asked only of a file whose safetensors header length is impossible: a real length may start with 0x80."""
+    return prefix.startswith(b"PK\x03\x04") or (prefix[0] == 0x80 and 2 <= prefix[1] <= 5)
 
 
 def _strict_json(text: str | bytes) -> Any:

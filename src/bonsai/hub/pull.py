@@ -109,7 +109,8 @@ def pull(
         result = download(url, part_path(store, url), sha256=sha256, client=client, progress=progress)
     try:
         entry = store.add(result.part, url, name=name, sha256=result.sha256, mode="move")
-    except InvalidCheckpoint:
-        result.part.unlink(missing_ok=True)
-        raise
+    except InvalidCheckpoint as exc:
+        result.part.unlink(missing_ok=True)  # so name the URL: the message named this file, now gone
+        problem = str(exc).removeprefix(f"{result.part}: ")
+        raise InvalidCheckpoint(f"{url}: the downloaded file was deleted: {problem}") from None
     return Pulled(entry, downloaded=True, verified=sha256 is not None)

@@ -7,6 +7,7 @@ branches, stack and weight them, parse `<lora:name:0.8>` in prompts, and save tr
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -90,9 +91,12 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     loras = []
     for m in _PROMPT_LORA.finditer(prompt):
         try:
-            loras.append((m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0))
+            weight = float(m.group(2)) if m.group(2) else 1.0
         except ValueError:
-            raise LoRAError(f"bad LoRA weight in '{m.group(0)}': write <lora:NAME:0.8>") from None
+            weight = math.nan
+        if not math.isfinite(weight):  # float() reads "nan" and "inf" too, which turn every pixel black
+            raise LoRAError(f"bad LoRA weight in '{m.group(0)}': write <lora:NAME:0.8>")
+        loras.append((m.group(1).strip(), weight))
     return " ".join(_PROMPT_LORA.sub(" ", prompt).split()), loras
 
 
@@ -113,12 +117,22 @@ def use_prompt_loras(model: nn.Module, loras: list[tuple[str, float]], lora_dir:
 
     Prompt tags thus act for one generation only and never switch off a LoRA attached through the
     API; a tag naming an attached LoRA overrides its weight for that generation."""
-    wanted = dict(loras)
+    tag_of = {_loaded_name(name, lora_dir): name for name, _ in loras}
+    wanted = {_loaded_name(name, lora_dir): weight for name, weight in loras}
     before = loaded_loras(model)
     for name in wanted.keys() - before.keys():  # load all first: a missing one leaves every weight as it was
-        apply_lora(model, resolve_lora(name, lora_dir), 0.0, name=name)
+        apply_lora(model, resolve_lora(tag_of[name], lora_dir), 0.0, name=name)
     set_lora_weights(model, wanted)
     return {name: before.get(name, 0.0) for name in wanted}
+
+
+def _loaded_name(tag: str, lora_dir: str | os.PathLike[str] | None) -> str:
+    """The name a tag's LoRA is loaded under: the tag with '.' as '_' (a '.' cannot name a parameter), as
+    apply_lora names a file's LoRA, so that files like "detail_v1.5.safetensors" can be tagged."""
+    name = tag.replace(".", "_")
+    if name != tag and lora_dir is not None and all((Path(lora_dir) / f"{n}.safetensors").is_file() for n in (tag, name)):
+        raise LoRAError(f"LoRA '{tag}': {tag}.safetensors and {name}.safetensors in {lora_dir} would load under one name; rename one")
+    return name
 
 
 __all__ = [
