@@ -284,3 +284,17 @@ def test_a_prompt_past_the_text_encoders_tokens_warns_what_it_ignores(pipe: Pipe
     with warnings.catch_warnings():
         warnings.simplefilter("error", PromptTruncated)  # 32 tokens exactly: no warning
         assert torch.equal(long, pipe.generate(kept, seed=2, negative_prompt=kept).samples)
+
+
+def test_a_pipeline_settles_mkl_vml_before_it_generates(tiny_checkpoint: Path, monkeypatch) -> None:
+    # A fresh process's first parallel VML call could run a low-accuracy kernel on one thread's chunk
+    # (the position embedding's sin, ~1e-4 off): the same seed then gave another image in that process.
+    import bonsai.pipeline as pipeline_module
+    from bonsai.vml import VML_OPS, settle_vml
+
+    calls = []
+    monkeypatch.setattr(pipeline_module, "settle_vml", lambda: calls.append(1))
+    Pipeline.from_pretrained(tiny_checkpoint, device="cpu")
+    assert calls == [1]
+    settle_vml.__wrapped__()  # every op it names exists in torch and takes a one-element float tensor
+    assert {"sin", "cos", "exp", "sqrt"} <= set(VML_OPS)

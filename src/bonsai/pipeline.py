@@ -26,6 +26,8 @@ from .limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, last_seed
 from .models.offload import on_device, sequential_offload
 from .models.per_sample import per_sample
 from .sampling import SAMPLERS, cfg_velocity, flow_timesteps, img2img_timesteps, seeded_noise
+from .vml import settle_vml
+
 # normal: every part stays on the device; lean: one part at a time (text encoder -> denoiser ->
 # tiled decoder), weights kept in CPU memory between uses; offload: lean, and the denoiser's
 # blocks visit the device one at a time (for GPUs smaller than the denoiser).
@@ -143,6 +145,7 @@ class Pipeline:
         else on for CUDA in the normal and lean memory modes)."""
         if memory not in MEMORY_MODES:
             raise InvalidRequest(f"memory {memory!r} is not one of {', '.join(MEMORY_MODES)}")
+        settle_vml()  # else the same seed can give another image in one fresh process in a few dozen
         self.denoiser = denoiser
         self.text_encoder = text_encoder
         self.decoder = decoder
