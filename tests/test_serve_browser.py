@@ -127,6 +127,13 @@ def open_page(live, browser):
     return page
 
 
+def generate(page, prompt: str) -> None:
+    """Type `prompt`, press Generate and wait for the job to finish."""
+    page.fill("#prompt", prompt)
+    page.click("#generate")
+    sync_api.expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+
+
 def form_values(page) -> dict:
     return page.evaluate(
         "Object.fromEntries([...document.querySelectorAll('#form input, #form select, #form textarea')]"
@@ -166,16 +173,12 @@ def test_reusing_a_text_to_image_job_drops_a_chosen_init_image(live, browser, tm
     page = open_page(live, browser)
     bodies = posted_jobs(page)
     expect = sync_api.expect
-    page.fill("#prompt", "a rowan")
-    page.click("#generate")
-    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    generate(page, "a rowan")
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "init.png")
     page.click("#img2img_box summary")
     page.set_input_files("#init_image", tmp_path / "init.png")
     page.fill("#strength", "0.9")
-    page.fill("#prompt", "a holly")
-    page.click("#generate")
-    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    generate(page, "a holly")
     assert bodies[-1]["init_image"].startswith("data:image/png;base64,")
     page.click("nav button[data-tab=gallery]")
     page.locator("#gallery img[alt='a rowan']").first.click()
@@ -201,9 +204,7 @@ def test_generate_waits_for_the_init_image_being_read(live, browser, tmp_path):
     Image.new("RGB", (16, 16), (30, 200, 30)).save(tmp_path / "slow.png")
     page.click("#img2img_box summary")
     page.set_input_files("#init_image", tmp_path / "slow.png")
-    page.fill("#prompt", "a fern")
-    page.click("#generate")
-    sync_api.expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    generate(page, "a fern")
     assert bodies[-1]["prompt"] == "a fern" and bodies[-1]["init_image"].startswith("data:image/png;base64,")
 
 
@@ -270,9 +271,7 @@ def test_overlapping_gallery_loads_show_each_image_once(live, browser):
     # Each click on the Gallery tab (or "Load more") starts a load; two that overlapped both appended.
     page = open_page(live, browser)
     expect = sync_api.expect
-    page.fill("#prompt", "a cedar")
-    page.click("#generate")
-    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    generate(page, "a cedar")
     done = page.request.get(f"{live.url}/api/jobs?status=done&limit=40").json()["jobs"]
     images = sum(len(job["images"]) for job in done)
     page.route("**/api/jobs?*", lambda route: (time.sleep(0.3), route.continue_()))  # slow enough to overlap
@@ -309,9 +308,7 @@ def test_a_lost_connection_does_not_drop_the_job(live, gate, browser):
 def test_gallery_opens_from_the_keyboard(live, browser):
     page = open_page(live, browser)
     expect = sync_api.expect
-    page.fill("#prompt", "an oak")
-    page.click("#generate")
-    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    generate(page, "an oak")
     page.click("nav button[data-tab=gallery]")
     expect(page.locator("#gallery img").first).to_be_visible()
     page.focus("nav button[data-tab=models]")  # the last control before the gallery
