@@ -117,8 +117,9 @@ def use_prompt_loras(model: nn.Module, loras: list[tuple[str, float]], lora_dir:
 
     Prompt tags thus act for one generation only and never switch off a LoRA attached through the
     API; a tag naming an attached LoRA overrides its weight for that generation."""
-    tag_of = {_loaded_name(name, lora_dir): name for name, _ in loras}
-    wanted = {_loaded_name(name, lora_dir): weight for name, weight in loras}
+    named = [(_loaded_name(tag, lora_dir), tag, weight) for tag, weight in loras]  # one look at the folder per tag
+    tag_of = {name: tag for name, tag, _ in named}
+    wanted = {name: weight for name, _, weight in named}
     before = loaded_loras(model)
     for name in wanted.keys() - before.keys():  # load all first: a missing one leaves every weight as it was
         apply_lora(model, resolve_lora(tag_of[name], lora_dir), 0.0, name=name)
