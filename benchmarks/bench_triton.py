@@ -1,7 +1,7 @@
 """Benchmark the Triton bitmatmul kernels against cuBLAS bf16, torch._int_mm and torch._scaled_mm on one CUDA GPU.
 
     PYTHONPATH=src python benchmarks/bench_triton.py [--out DIR] [--models 4b,emoji] [--ms 1,16,1024,2048,4096]
-        [--variants k-major,fragment]
+        [--variants k-major,fragment] [--timing do_bench|graph]
 
 For every GEMM shape of bonsai-4b and bonsai-emoji and every M it times, in one run with
 triton.testing.do_bench (median; do_bench clears L2 before each repetition, so weights are read
@@ -14,6 +14,12 @@ restricts to the 4B compute-bound shapes.
 It first checks every kernel's relative error against a float64 reference. Prints a table last;
 with --out, writes the full results as JSON and the table as text. It also times a kernel that does
 nothing (one element += 1) the same way: the floor under every small-M time in the table.
+
+--timing graph times without the host: each path runs `calls` times in one CUDA graph, every call on its
+own copy of the weights (the copies together are at least twice the L2 cache, so the weights still come
+from memory; where the copy count cap leaves them smaller, "cold" is false in the JSON), and the graph's
+median replay time is divided by `calls`. This is how a model runs its layers under CUDA graphs
+(bonsai.cuda_graph), and it measures the small-M kernels below do_bench's launch floor.
 """
 
 from __future__ import annotations
@@ -102,43 +108,101 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def launch_floor(device: str) -> float:
-    """do_bench's time (ms) for one trivial kernel: launch, events and the rest that any kernel pays."""
+GRAPH_CALLS = 20  # calls per graph at least: the graph's own launch is shared by all of them
+MAX_COPIES = 256
+
+
+def copies_for(bytes_per_call: int) -> int:
+    """Weight copies that together exceed twice the L2 cache (capped at MAX_COPIES)."""
+    l2 = torch.cuda.get_device_properties().L2_cache_size
+    return max(1, min(MAX_COPIES, -(-2 * l2 // bytes_per_call)))
+
+
+def graph_time(calls: list) -> float:
+    """Median ms per call of `calls` (callables) captured once in a CUDA graph, over 50 replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # allocations and lazy setup outside the capture
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(50):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2] / len(calls)
+
+
+class Timer:
+    """Times a path given as fn(i) -> result of call i: do_bench on call 0, or a CUDA graph of calls over copies."""
+
+    def __init__(self, timing: str):
+        self.timing = timing
+
+    def __call__(self, fn, copies: int) -> float:
+        if self.timing == "do_bench":
+            return bench(lambda: fn(0))
+        calls = max(GRAPH_CALLS, copies)
+        return graph_time([lambda i=i: fn(i % copies) for i in range(calls)])
+
+
+def launch_floor(timer: Timer, device: str) -> float:
+    """The time (ms) of one trivial kernel: launch, events and the rest that any kernel pays."""
     one = torch.zeros(1, device=device)
-    return bench(lambda: one.add_(1))
+    return timer(lambda i: one.add_(1), 1)
 
 
-def time_shape(k: int, n: int, m: int, device: str, variants: list[str]) -> dict:
-    w = random_weight(n, k, False, device)
+def time_shape(k: int, n: int, m: int, device: str, variants: list[str], timer: Timer) -> dict:
+    graph = timer.timing == "graph"
+    packed = copies_for(n * k // 8) if graph else 1
+    ws = [random_weight(n, k, False, device) for _ in range(packed)]
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-    w_bf16 = w.dequantize(torch.bfloat16)
-    row = {"K": k, "N": n, "M": m}
-    row["bf16"] = bench(lambda: torch.matmul(x, w_bf16.t()))
+    dense = copies_for(n * k * 2) if graph else 1
+    w_bf16 = [w.dequantize(torch.bfloat16) for w in ws[:dense]]
+    row = {"K": k, "N": n, "M": m, "timing": timer.timing, "copies": packed,
+           "cold": not graph or packed * n * k // 8 >= 2 * torch.cuda.get_device_properties().L2_cache_size}
+    row["bf16"] = timer(lambda i: torch.matmul(x, w_bf16[i].t()), len(w_bf16))
     ours = kernels(variants)
     for key, fn in ours:  # tune every kernel before timing anything of ours
         try:
-            fn(x, w)
+            fn(x, ws[0])
         except Exception as err:  # reported below, when timing it fails the same way
             print(json.dumps({"K": k, "N": n, "M": m, "kernel": key, "tuning_error": describe(err)}), flush=True)
     q, _, _ = quantize_rows(x, None)
-    w_int8 = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
+    dense_int8 = copies_for(n * k) if graph else 1
+    w_int8 = [torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8) for _ in range(dense_int8)]
     try:
-        row["int8"] = bench(lambda: torch._int_mm(q, w_int8.t()))
+        row["int8"] = timer(lambda i: torch._int_mm(q, w_int8[i].t()), dense_int8)
     except RuntimeError as err:  # _int_mm rejects some shapes (e.g. M <= 16)
         row["int8"], row["int8_error"] = None, str(err).splitlines()[0]
+    del w_int8
     row["fp8"] = None
     if torch.cuda.get_device_capability() >= FP8_CAPABILITY:
         q8, xs8 = quantize_rows(x, None, fp8=True)[:2]
-        w_fp8 = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)
+        w_fp8 = [torch.randn(n, k, device=device).to(torch.float8_e4m3fn) for _ in range(dense_int8)]
         one = torch.ones(1, n, device=device)
         try:  # per-token and per-channel scales, as our W1A8 applies them
-            row["fp8"] = bench(lambda: torch._scaled_mm(q8, w_fp8.t(), xs8[:, None], one, out_dtype=torch.bfloat16))
+            row["fp8"] = timer(lambda i: torch._scaled_mm(q8, w_fp8[i].t(), xs8[:, None], one,
+                                                          out_dtype=torch.bfloat16), dense_int8)
         except RuntimeError as err:  # _scaled_mm rejects some shapes (dimensions not multiples of 16)
             row["fp8_error"] = str(err).splitlines()[0]
-    timed = [(key, lambda fn=fn: fn(x, w)) for key, fn in ours] + [("quant", lambda: quantize_rows(x, None))]
-    for key, fn in timed:
+        del w_fp8
+    timed = [(key, lambda i, fn=fn: fn(x, ws[i]), packed) for key, fn in ours]
+    timed.append(("quant", lambda i: quantize_rows(x, None), 1))
+    for key, fn, copies in timed:
         try:
-            row[key] = bench(fn)
+            row[key] = timer(fn, copies)
         except Exception as err:  # report and go on: one failing kernel must not hide the others
             row[key], row[f"{key}_error"] = None, describe(err)
     for key in ["bf16", "int8", "fp8"] + [key for key, _ in ours]:
@@ -186,13 +250,16 @@ def main() -> None:
     parser.add_argument("--ms", default="1,16,1024,2048,4096")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--timing", choices=("do_bench", "graph"), default="do_bench",
+                        help="do_bench: one call at a time, L2 cleared; graph: calls on weight copies in one CUDA graph")
     args = parser.parse_args()
     variants = args.variants.split(",")
     device = "cuda"
     torch.manual_seed(0)
+    timer = Timer(args.timing)
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "commit": commit(), "torch": torch.__version__, "triton": triton.__version__,
-            "floor_us": launch_floor(device) * 1e3}
+            "commit": commit(), "torch": torch.__version__, "triton": triton.__version__, "timing": args.timing,
+            "floor_us": launch_floor(timer, device) * 1e3}
     print(json.dumps(meta), flush=True)
     errors = [] if args.skip_check else check_errors(device, variants)
     for e in errors:
@@ -202,7 +269,7 @@ def main() -> None:
         for k, n in SHAPES[model]:
             for m in (int(s) for s in args.ms.split(",")):
                 try:
-                    rows.append(time_shape(k, n, m, device, variants))
+                    rows.append(time_shape(k, n, m, device, variants, timer))
                 except Exception as err:  # report and go on with the other shapes
                     print(json.dumps({"K": k, "N": n, "M": m, "error": describe(err)}))
                     continue

@@ -156,6 +156,41 @@ def test_w1a16_group_not_multiple_of_tile_and_bias(interp, variant):
     assert y.shape == (2, 3, 20) and rel_err(y, ref) < 2e-3
 
 
+@pytest.mark.parametrize("m,n,k,features,shares", [
+    (1, 48, 300, {"group": 64, "col": True, "offset": True, "rank": 5}, 3),  # 5 K blocks: 2 + 2 + 1
+    (5, 40, 520, {}, 4),  # K off the block
+    (16, 33, 256, {"col": True}, 2),
+])
+def test_w1a16_split_k_matches_float64_reference(interp, monkeypatch, m, n, k, features, shares):
+    gen = torch.Generator().manual_seed(m * 100 + shares)
+    w = random_weight(n, k, gen=gen, **features)
+    x, bias = torch.randn(m, k, generator=gen).bfloat16(), torch.randn(n, generator=gen).bfloat16()
+    summed = []
+    sum_shares = interp._sum_shares
+    monkeypatch.setattr(interp, "_sum_shares", lambda part, *a: (summed.append(part.shape[0]), sum_shares(part, *a)))
+    y = interp.w1a16(x, w, bias, config=triton_ops.TileConfig(16, 32, 64, split_k=shares), variant="fragment")
+    assert summed == [shares]
+    assert rel_err(y, x.double() @ w.dequantize(torch.float64).T + bias.double()) < 1e-2
+    whole = interp.w1a16(x, w, bias, config=triton_ops.TileConfig(16, 32, 64), variant="fragment")
+    assert summed == [shares] and rel_err(y, whole.double()) < 1e-2  # one bf16 rounding apart
+
+
+def test_split_k_shares():
+    split_k = triton_ops.split_k
+    assert split_k(1, 9216, 3072, 64, 256, 132) == 3  # 144 tiles: three programs each
+    assert split_k(16, 3072, 3072, 64, 256, 132) == 6  # 48 tiles, 12 K blocks: at least two blocks a share
+    assert split_k(16, 3072, 12288, 64, 128, 132) == 8
+    assert split_k(17, 3072, 3072, 64, 256, 132) == 1  # more rows: tiles along M fill the SMs
+    assert split_k(1, 3072, 384, 64, 128, 132) == 1  # three K blocks: nothing to split
+    for n in (64, 320, 3072, 9216):
+        for k in range(256, 8192, 320):
+            for block_k in (64, 128, 256):
+                s = split_k(4, n, k, 64, block_k, 132)
+                blocks = -(-k // block_k)
+                per = -(-blocks // s)
+                assert 1 <= s <= triton_ops.MAX_SPLIT_K and (s - 1) * per < blocks  # no share is empty
+
+
 def test_quantize_rows_error_within_half_step(interp):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(9, 300, generator=gen).bfloat16()

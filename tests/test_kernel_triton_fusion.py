@@ -172,6 +172,9 @@ W1A16_CASES = [
     (1, 7, 136, 33, {"col": True, "offset": True}, "heads16-q+residual", TILE),
     (3, 3, 150, 40, {"group": 48, "rank": 3}, "gelu+heads12-q+gated", triton_ops.TileConfig(16, 16, 32)),
     (2, 6, 256, 96, {}, "gelu+heads16-q+gated", triton_ops.TileConfig(16, 32, 64)),
+    # K in three shares (fragment kernel), the epilogue after their sum
+    (2, 5, 300, 72, {"group": 64, "col": True, "offset": True, "rank": 4}, "gelu+heads8-qk+gated",
+     triton_ops.TileConfig(16, 64, 64, split_k=3)),
 ]
 
 

@@ -16,7 +16,9 @@ shape instead, which is how the tests run the kernels under TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 import triton
@@ -55,6 +57,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    split_k: int = 1  # W1A16 fragment kernel only: K shares summed by a second kernel
 
 
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -132,9 +135,37 @@ def _bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-def _autotuned(kernel, tiles: dict[str, list], per_group: bool):
+# Few rows (M <= SMALL_M) leave most SMs idle: a 3072-wide output is 48 tiles of 64 rows for 132 SMs, and
+# streaming the weights needs several programs per SM. The W1A16 fragment kernel then splits K.
+MAX_SPLIT_K = 8
+PROGRAMS_PER_SM = 4
+
+
+@cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_k(m: int, n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
+    """K shares for an [m, k] x [k, n] product: 1 above SMALL_M rows; else about PROGRAMS_PER_SM programs per
+    SM, at most MAX_SPLIT_K shares of at least two K blocks each, and none of them empty."""
+    blocks = triton.cdiv(k, block_k)
+    if m > SMALL_M or blocks < 4:
+        return 1
+    shares = min(MAX_SPLIT_K, max(1, PROGRAMS_PER_SM * sms // triton.cdiv(n, block_n)), blocks // 2)
+    return triton.cdiv(blocks, triton.cdiv(blocks, shares))
+
+
+def _split_heuristic(a: dict) -> int:
+    return split_k(a["M"], a["N"], a["K"], a["BLOCK_N"], a["BLOCK_K"], _sm_count(a["x_ptr"].device))
+
+
+def _autotuned(kernel, tiles: dict[str, list], per_group: bool, splits_k: bool = False):
     all_tiles = sorted({t for ts in tiles.values() for t in ts})
-    even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(kernel)
+    heuristics = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}
+    if splits_k:  # the autotuner times the K shares' kernel, not the sum after it (a few microseconds at most)
+        heuristics["SPLIT_K"] = _split_heuristic
+    even_k = triton.heuristics(heuristics)(kernel)
     prune = lambda c, n, **kw: _prune(tiles, per_group, c, n, **kw)  # noqa: E731
     return triton.autotune(configs=_configs(all_tiles), key=["M_BUCKET", "N", "K", "GROUP", "HEAD_DIM"],
                            prune_configs_by={"early_config_prune": prune}, do_bench=_bench)(even_k)
@@ -142,7 +173,7 @@ def _autotuned(kernel, tiles: dict[str, list], per_group: bool):
 
 _w1a16_tuned = _autotuned(kernels.w1a16_kernel, _W1A16_TILES, per_group=False)
 _w1a8_tuned = _autotuned(kernels.w1a8_kernel, _W1A8_TILES, per_group=True)
-_w1a16_frag_tuned = _autotuned(fragment_kernels.w1a16_frag_kernel, _W1A16_FRAG_TILES, per_group=True)
+_w1a16_frag_tuned = _autotuned(fragment_kernels.w1a16_frag_kernel, _W1A16_FRAG_TILES, per_group=True, splits_k=True)
 _w1a8_frag_tuned = _autotuned(fragment_kernels.w1a8_frag_kernel, _W1A8_FRAG_TILES, per_group=True)
 # Kernels whose BLOCK_K must divide the group size (they apply group scales per K step or per group).
 _PER_GROUP = (kernels.w1a8_kernel, fragment_kernels.w1a16_frag_kernel, fragment_kernels.w1a8_frag_kernel)
@@ -157,28 +188,40 @@ def _interpreting() -> bool:
 _chosen: dict[tuple, triton.Config] = {}
 
 
-def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, config: TileConfig | None) -> None:
+def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, config: TileConfig | None,
+            shares: Callable[[int, int], int] | None = None) -> int:
+    """Run the kernel (autotuned, or with `config`); returns the number of K shares it ran with. `shares`
+    (block_n, block_k) -> K shares, for kernels with SPLIT_K (as their autotuner's heuristic computes it)."""
     if config is None and not _interpreting():
         key = (kernel.__name__, m_bucket(m), n, k, consts["GROUP"], consts["HEAD_DIM"], args[0].dtype)
         chosen = _chosen.get(key)
         if chosen is None:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                                 meta.get("SPLIT_K", 1))
             tuned[grid](*args, **consts)
-            if getattr(tuned, "best_config", None) is not None:
-                _chosen[key] = tuned.best_config
-            return
-        kw = chosen.kwargs
-        grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]),)
+            chosen = getattr(tuned, "best_config", None)
+            if chosen is None:
+                return 1
+            _chosen[key] = chosen
+            return shares(chosen.kwargs["BLOCK_N"], chosen.kwargs["BLOCK_K"]) if shares else 1
+        kw = dict(chosen.kwargs)
+        split = shares(kw["BLOCK_N"], kw["BLOCK_K"]) if shares else 1
+        if shares:
+            kw["SPLIT_K"] = split
+        grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]), split)
         kernel[grid](*args, **consts, **kw, EVEN_K=k % kw["BLOCK_K"] == 0, num_warps=chosen.num_warps,
                      num_stages=chosen.num_stages)
-        return
+        return split
     config = config or TileConfig(SMALL_M, 32, 64)
     block_k = _fit_group(config.block_k, consts.get("GROUP", 0) if kernel in _PER_GROUP else 0)
     head_dim = consts["HEAD_DIM"]
     block_n = config.block_n if not head_dim else triton.cdiv(config.block_n, head_dim) * head_dim  # whole heads
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),)
-    kernel[grid](*args, **consts, EVEN_K=k % block_k == 0, BLOCK_M=config.block_m, BLOCK_N=block_n,
+    split = config.split_k if shares else 1
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n), split)
+    extra = {"SPLIT_K": split} if shares else {}
+    kernel[grid](*args, **consts, **extra, EVEN_K=k % block_k == 0, BLOCK_M=config.block_m, BLOCK_N=block_n,
                  BLOCK_K=block_k, GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
+    return split
 
 
 @dataclass(frozen=True)
@@ -316,8 +359,7 @@ def _fragment_config(config: TileConfig | None, chunk: int) -> TileConfig | None
     """A fixed tile for the fragment kernels: BLOCK_K at least one chunk, BLOCK_N a multiple of 16."""
     if config is None:
         return None
-    return TileConfig(config.block_m, max(16, config.block_n), max(chunk, config.block_k), config.num_warps,
-                      config.num_stages, config.group_m)
+    return replace(config, block_n=max(16, config.block_n), block_k=max(chunk, config.block_k))
 
 
 def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
@@ -345,11 +387,17 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         if weight.col_scale is not None:  # x^T goes to shared memory as loaded: scale x first (as k-major does, in fp32)
             xc = (xc.float() * weight.col_scale).to(xc.dtype)
         words = weight.prepared("triton-fragment-bf16", bf16_words)
+        config = _fragment_config(config, BF16_CHUNK)
+        most = config.split_k if config else MAX_SPLIT_K if m <= SMALL_M and xc.is_cuda else 1
+        part = torch.empty(most, m, n, dtype=torch.float32, device=xc.device) if most > 1 else ops.out
         r_s, *rest = epi_args
-        args = (xc, words, ops.out, r_s, gsb, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
+        args = (xc, words, ops.out, part, r_s, gsb, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
                 *_epilogue_scalars(ops))
-        _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k,
-                _fragment_config(config, BF16_CHUNK))
+        shares = None if not xc.is_cuda else lambda bn, bk: split_k(m, n, k, bn, bk, _sm_count(xc.device))
+        split = _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k, config,
+                        shares or (lambda bn, bk: 1))
+        if split > 1:
+            _sum_shares(part[:split], ops, weight, consts)
         return _finish(x, ops.out, n, after)
     cs = _or(weight.col_scale, weight.row_scale)
     r_s, *rest = epi_args
@@ -357,6 +405,16 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
     _launch(_w1a16_tuned, kernels.w1a16_kernel, args, {**consts, "HAS_COL": weight.col_scale is not None}, m, n, k,
             config)
     return _finish(x, ops.out, n, after)
+
+
+def _sum_shares(part: torch.Tensor, ops: _Operands, weight: PackedWeight, consts: dict) -> None:
+    """ops.out = the epilogue of the K shares' sum (part [shares, M, N] float32)."""
+    shares, m, n = part.shape
+    block_n = max(128, ops.head_dim)  # whole heads in a tile
+    epi = {key: consts[key] for key in ("HAS_OFFSET", "RANK", "HAS_BIAS", "GELU", "HEAD_DIM", "HAS_RESIDUAL", "HAS_GATE")}
+    grid = (triton.cdiv(m, SMALL_M), triton.cdiv(n, block_n))
+    fragment_kernels.split_k_sum_kernel[grid](part, ops.out, *_epilogue_args(weight, ops), m, n, *_epilogue_scalars(ops),
+                                              **epi, SPLIT_K=shares, BLOCK_M=SMALL_M, BLOCK_N=block_n, num_warps=4)
 
 
 def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None, xsum: torch.Tensor | None = None,
