@@ -55,7 +55,8 @@ def variants():
     w1a16_old = {"x_ptr": "*bf16", "wt_ptr": "*u8", "out_ptr": "*bf16", "rs_ptr": "*fp32", "cs_ptr": "*fp32",
                  "gsb_ptr": "*i16", **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
                  "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", **SCALARS}
-    w1a16_new = {"x_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "rs_ptr": "*fp32", "gsb_ptr": "*i16",
+    w1a16_new = {"x_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "part_ptr": "*fp32", "rs_ptr": "*fp32",
+                 "gsb_ptr": "*i16",
                  **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
                  "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "KC": "i32", "M_BUCKET": "i32", **SCALARS}
     w1a8_old = {"q_ptr": "*i8", "xs_ptr": "*fp32", "qsum_ptr": "*i32", "wt_ptr": "*u8", "out_ptr": "*bf16",
@@ -67,14 +68,16 @@ def variants():
     w1a16_new = {k: w1a16_new[k] for k in frag.w1a16_frag_kernel.arg_names if k in w1a16_new}
     w1a8_fp8 = {**w1a8_new, "q_ptr": "*fp8e4nv"}
     one = {"ONE_BITS": 0x3F80}
+    frag16 = {**one, "SPLIT_K": 1}
     int8, fp8 = {"FP8": False}, {"FP8": True}
     return [
         ("w1a16 k-major", old.w1a16_kernel, w1a16_old, {**one, "HAS_COL": False, **PLAIN}, (128, 256, 64, 8, 3)),
         ("w1a16 k-major", old.w1a16_kernel, w1a16_old, {**one, "HAS_COL": False, **PLAIN}, (256, 128, 64, 8, 3)),
-        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (256, 128, 64, 8, 3)),
-        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (128, 256, 64, 8, 3)),
-        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (256, 128, 128, 8, 3)),
-        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN}, (16, 64, 256, 4, 4)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**frag16, **PLAIN}, (256, 128, 64, 8, 3)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**frag16, **PLAIN}, (128, 256, 64, 8, 3)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**frag16, **PLAIN}, (256, 128, 128, 8, 3)),
+        ("w1a16 fragment", frag.w1a16_frag_kernel, w1a16_new, {**frag16, **PLAIN}, (16, 64, 256, 4, 4)),
+        ("w1a16 split-K 4", frag.w1a16_frag_kernel, w1a16_new, {**frag16, **PLAIN, "SPLIT_K": 4}, (16, 64, 256, 4, 4)),
         ("w1a8 k-major", old.w1a8_kernel, w1a8_old, dict(PLAIN), (128, 256, 128, 8, 3)),
         ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, {**PLAIN, **int8}, (256, 128, 128, 8, 3)),
         ("w1a8 fragment", frag.w1a8_frag_kernel, w1a8_new, {**PLAIN, **int8}, (128, 256, 128, 8, 3)),
@@ -84,7 +87,7 @@ def variants():
         ("w1a8 fp8 frag", frag.w1a8_frag_kernel, w1a8_fp8, {**PLAIN, **fp8}, (128, 128, 128, 4, 4)),
         ("w1a8 fp8 frag", frag.w1a8_frag_kernel, w1a8_fp8, {**PLAIN, **fp8, "GROUP": 128}, (256, 128, 128, 8, 3)),
         ("w1a8 fp8+heads", frag.w1a8_frag_kernel, w1a8_fp8, {**PLAIN, **HEADS, **fp8}, (256, 128, 128, 8, 3)),
-        ("w1a16 frag+heads", frag.w1a16_frag_kernel, w1a16_new, {**one, **PLAIN, **HEADS}, (128, 128, 64, 4, 4)),
+        ("w1a16 frag+heads", frag.w1a16_frag_kernel, w1a16_new, {**frag16, **PLAIN, **HEADS}, (128, 128, 64, 4, 4)),
     ]
 
 
