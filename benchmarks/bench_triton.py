@@ -1,15 +1,14 @@
 """Benchmark the Triton bitmatmul kernels against cuBLAS bf16, torch._int_mm and torch._scaled_mm on one CUDA GPU.
 
     PYTHONPATH=src python benchmarks/bench_triton.py [--out DIR] [--models 4b,emoji] [--ms 1,16,1024,2048,4096]
-        [--variants k-major,fragment] [--timing do_bench|graph]
+        [--variants k-major,fragment] [--timing do_bench|graph] [--split-ks 1,16]
 
 For every GEMM shape of bonsai-4b and bonsai-emoji and every M it times, in one run with
 triton.testing.do_bench (median; do_bench clears L2 before each repetition, so weights are read
 from memory every time): torch.matmul in bf16 (cuBLAS), torch._int_mm in int8 and torch._scaled_mm
 in float8 e4m3 (GEMMs only, no activation quantization), and for each kernel variant (ops.VARIANTS:
 "k-major" expands the weight into shared memory, "fragment" into the A-operand registers) our W1A16
-and our W1A8 (including its activation quantization kernel); with "fragment" also W1A8 on float8
-e4m3 activations ("w1a8-fp8", GPUs of compute capability 8.9+). `--models 4b --ms 1024,2048,4096`
+and our W1A8 (including its activation quantization kernel). `--models 4b --ms 1024,2048,4096`
 restricts to the 4B compute-bound shapes.
 It first checks every kernel's relative error against a float64 reference. Prints a table last;
 with --out, writes the full results as JSON and the table as text. It also times a kernel that does
@@ -30,7 +29,6 @@ import json
 import subprocess
 from pathlib import Path
 
-from functools import partial
 
 import torch
 import triton
@@ -38,6 +36,7 @@ import triton.testing
 
 from bonsai.kernels import PackedWeight, pack_signs
 from bonsai.kernels.triton import quantize_rows, w1a8, w1a16
+from bonsai.kernels.triton import ops
 from bonsai.kernels.triton.ops import FP8_CAPABILITY, VARIANTS
 
 SHAPES = {  # model -> [(K, N)]: qkv, attention out, (emoji: cross-attention kv,) MLP up, MLP down
@@ -66,13 +65,24 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).norm() / ref.norm()).item()
 
 
+SPLIT_KS: list[int] = []  # --split-ks: extra W1A16 fragment columns with another MAX_SPLIT_K
+
+
 def kernels(variants: list[str]) -> list[tuple[str, object]]:
-    """(column name, fn(x, weight)) for W1A16 and W1A8 in each variant, and W1A8 on fp8 with "fragment"."""
+    """(column name, fn(x, weight)) for W1A16 and W1A8 in each variant, and W1A16 fragment at each of SPLIT_KS."""
     paths = [(f"{name}:{v}", lambda x, w, fn=fn, v=v: fn(x, w, variant=v))
              for v in variants for name, fn in (("w1a16", w1a16), ("w1a8", w1a8))]
-    if "fragment" in variants and torch.cuda.get_device_capability() >= FP8_CAPABILITY:
-        paths.append(("w1a8-fp8:fragment", partial(w1a8, variant="fragment", activation="fp8")))
-    return paths
+    return paths + [(f"w1a16-sk{s}:fragment", lambda x, w, s=s: with_max_split(s, x, w)) for s in SPLIT_KS]
+
+
+def with_max_split(shares: int, x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """W1A16 fragment with at most `shares` K shares (and PROGRAMS_PER_SM = max(4, shares))."""
+    saved = ops.MAX_SPLIT_K, ops.PROGRAMS_PER_SM
+    ops.MAX_SPLIT_K, ops.PROGRAMS_PER_SM = shares, max(4, shares)
+    try:
+        return w1a16(x, w, variant="fragment")
+    finally:
+        ops.MAX_SPLIT_K, ops.PROGRAMS_PER_SM = saved
 
 
 def check_errors(device: str, variants: list[str]) -> list[dict]:
@@ -252,8 +262,10 @@ def main() -> None:
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--timing", choices=("do_bench", "graph"), default="do_bench",
                         help="do_bench: one call at a time, L2 cleared; graph: calls on weight copies in one CUDA graph")
+    parser.add_argument("--split-ks", default="", help="W1A16 fragment also at these MAX_SPLIT_K (1: no split)")
     args = parser.parse_args()
     variants = args.variants.split(",")
+    SPLIT_KS.extend(int(s) for s in args.split_ks.split(",") if s)
     device = "cuda"
     torch.manual_seed(0)
     timer = Timer(args.timing)

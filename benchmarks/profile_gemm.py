@@ -3,7 +3,7 @@
     ncu --clock-control none --profile-from-start off --set full \
         python3 benchmarks/profile_gemm.py --path w1a16 --m 4096 --k 3072 --n 3072
 
-Paths: bf16 (torch.matmul, cuBLAS), w1a16, w1a8, w1a8-fp8 (our fragment kernels). Everything before
+Paths: bf16 (torch.matmul, cuBLAS), w1a16, w1a8 (our fragment kernels). Everything before
 the range (random weights, autotuning, the first call) stays out of the profile, so ncu sees exactly
 the kernels of one call: W1A8's quantization kernel and GEMM, or W1A16's GEMM (and its K-share sum).
 """
@@ -17,7 +17,7 @@ import torch
 from bonsai.kernels import PackedWeight, pack_signs
 from bonsai.kernels.triton import w1a8, w1a16
 
-PATHS = ("bf16", "w1a16", "w1a8", "w1a8-fp8")
+PATHS = ("bf16", "w1a16", "w1a8")
 
 
 def main() -> None:
@@ -37,8 +37,7 @@ def main() -> None:
     elif args.path == "w1a16":
         call = lambda: w1a16(x, w, variant="fragment")  # noqa: E731
     else:
-        activation = "fp8" if args.path == "w1a8-fp8" else "int8"
-        call = lambda: w1a8(x, w, variant="fragment", activation=activation)  # noqa: E731
+        call = lambda: w1a8(x, w, variant="fragment")  # noqa: E731
     for _ in range(3):  # tune, then settle
         call()
     torch.cuda.synchronize()

@@ -355,7 +355,8 @@ def test_w1a8_rejects_group_sizes_it_cannot_tile(interp):
 
 
 def test_kernels_registered_for_cuda_only():
-    assert {"triton-w1a16", "triton-w1a8", "triton-w1a8-fp8"} <= set(available_kernels())
+    assert {"triton-w1a16", "triton-w1a8"} <= set(available_kernels())
+    assert "triton-w1a8-fp8" not in available_kernels()  # compiled wrong on GPUs (RESULTS.md)
     w = random_weight(8, 32)
     x = torch.randn(3, 32)
     try:
@@ -373,8 +374,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("kernel,m,tol", [("triton-w1a16", 1, 1e-2), ("triton-w1a16", 300, 1e-2),
-                                          ("triton-w1a8", 3, 2e-2), ("triton-w1a8", 1100, 2e-2),
-                                          ("triton-w1a8-fp8", 3, 4e-2), ("triton-w1a8-fp8", 1100, 4e-2)])
+                                          ("triton-w1a8", 3, 2e-2), ("triton-w1a8", 1100, 2e-2)])
 def test_cuda_dispatch_matches_reference(kernel, m, tol):
     gen = torch.Generator().manual_seed(m)
     w = random_weight(1000, 3000, group=128, col=True, offset=True, rank=16, gen=gen).to("cuda")
@@ -389,22 +389,41 @@ def test_cuda_dispatch_matches_reference(kernel, m, tol):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("activation", ["int8", "fp8"])
-def test_cuda_w1a8_computes_its_numerics_reference(activation):
+def test_cuda_w1a8_computes_its_numerics_reference():
     """Against bitmatmul_w1a8_reference on the same rounded activations, so that only the GEMM's own
-    accumulation and the bf16 output are measured: Hopper's fp8 wgmma accumulates in fewer bits than
-    float32 (Triton does not promote by default), which over K = 12288 (bonsai-4b's MLP down) shows here."""
+    accumulation and the bf16 output are measured, over K = 12288 (bonsai-4b's MLP down)."""
     from bonsai.kernels.reference import bitmatmul_w1a8_reference
 
-    if activation == "fp8" and torch.cuda.get_device_capability() < triton_ops.FP8_CAPABILITY:
-        pytest.skip("fp8 tensor cores need compute capability 8.9+")
     gen = torch.Generator().manual_seed(12288)
     w = random_weight(3072, 12288, offset=True, gen=gen).to("cuda")
     x = (torch.randn(1024, 12288, generator=gen) * 2 + 0.3).bfloat16().cuda()
-    y = triton_ops.w1a8(x, w, activation=activation)
-    err = rel_err(y, bitmatmul_w1a8_reference(x.float(), w, activation).double())
-    print(f"{activation}: relative error against its numerics reference {err:.2e}")
+    y = triton_ops.w1a8(x, w)
+    err = rel_err(y, bitmatmul_w1a8_reference(x.float(), w, "int8").double())
+    print(f"int8: relative error against its numerics reference {err:.2e}")
     assert err < 8e-3
+    with pytest.raises(RuntimeError, match="does not run on CUDA"):  # fp8: compiled wrong by Triton 3.6
+        triton_ops.w1a8(x, w, activation="fp8")
+
+
+def _every_tile(tiles: dict[str, list]) -> list[tuple]:
+    return sorted({t for ts in tiles.values() for t in ts})
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name,tile", [("w1a16", t) for t in _every_tile(triton_ops._W1A16_FRAG_TILES)]
+                         + [("w1a16", (*t, 4)) for t in triton_ops._W1A16_FRAG_TILES["small"]]
+                         + [("w1a8", t) for t in _every_tile(triton_ops._W1A8_FRAG_TILES)])
+def test_cuda_every_fragment_tile_matches_reference(name, tile):
+    """Each tile the autotuner may pick (and the small ones with K in four shares), compiled for this GPU: the
+    compiler lays out registers per tile, and Triton 3.6 got some tiles of the fp8 variant wrong."""
+    bm, bn, bk, warps, stages, *split = tile
+    config = triton_ops.TileConfig(bm, bn, bk, warps, stages, split_k=split[0] if split else 1)
+    gen = torch.Generator().manual_seed(sum(tile))
+    w = random_weight(1000, 6144, offset=True, gen=gen).to("cuda")
+    x = (torch.randn(300 if not split else 5, 6144, generator=gen) * 2 + 0.3).bfloat16().cuda()
+    y = getattr(triton_ops, name)(x, w, config=config, variant="fragment")
+    assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < (1e-2 if name == "w1a16" else 2e-2)
 
 
 @pytest.mark.gpu

@@ -251,8 +251,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("kernel,m,tol", [("triton-w1a16", 300, 1e-2), ("triton-w1a8", 1024, 3e-2),
-                                          ("triton-w1a8-fp8", 1024, 5e-2)])
+@pytest.mark.parametrize("kernel,m,tol", [("triton-w1a16", 300, 1e-2), ("triton-w1a8", 1024, 3e-2)])
 @pytest.mark.parametrize("pro,epi", [("modulated", "gelu"), ("affine", "heads-qk+gated"), (None, "gelu+heads-q+gated")])
 def test_cuda_fused_rows_match_float64(kernel, m, tol, pro, epi):
     """bonsai-4b's shapes (K = 3072, two samples), autotuned kernels through the dispatcher (which splits the

@@ -7,8 +7,8 @@ and W1A16 (bonsai-4b: 44.9 vs 55.9 ms per step on an H200, benchmarks/RESULTS.md
 where int8 quantization does not pay (and for group sizes the fragment W1A8 cannot take). W1A8 is
 less exact (relative error ~9e-3 against ~2e-3; on bonsai-emoji 36 dB PSNR against the reference
 path's images, Fréchet distance unchanged). `BONSAI_KERNEL=triton-w1a16|triton-w1a8|reference`
-forces one; `triton-w1a8-fp8` (float8 e4m3 activations instead of int8, compute capability 8.9+) is
-only run when forced: it is not yet timed against the int8 kernel. Layers under MIN_AUTO_WEIGHTS
+forces one. (W1A8 on float8 e4m3 activations, ops.w1a8(activation="fp8"), is not registered: on an H200,
+Triton 3.6 compiled it wrong for most of its tiles.) Layers under MIN_AUTO_WEIGHTS
 weights go to the reference path instead: their GEMMs are launch-bound, and bonsai-emoji (largest
 layer 320 x 1280) drew 128 images 3.7x faster on an H200 through the reference than through W1A16
 (benchmarks/RESULTS.md, "Kernel choice and image quality").
@@ -16,7 +16,6 @@ layer 320 x 1280) drew 128 images 3.7x faster on an H200 through the reference t
 
 from __future__ import annotations
 
-from functools import partial
 
 import torch
 
@@ -53,8 +52,5 @@ def _supports_w1a8(x: torch.Tensor, weight: PackedWeight) -> bool:
 # quantizes x.
 register_kernel(Kernel("triton-w1a16", ("cuda",), w1a16, _supports_w1a16, fuses_bias=True, fuses=W1A16_FUSES))
 register_kernel(Kernel("triton-w1a8", ("cuda",), w1a8, _supports_w1a8, fuses_bias=True, fuses=W1A8_FUSES))
-# Forced only (BONSAI_KERNEL=triton-w1a8-fp8): never the automatic choice until it is timed against triton-w1a8.
-register_kernel(Kernel("triton-w1a8-fp8", ("cuda",), partial(w1a8, activation="fp8"), lambda x, w: False,
-                       fuses_bias=True, fuses=W1A8_FUSES))
 
 __all__ = ["MIN_AUTO_WEIGHTS", "W1A8_FUSES", "W1A8_MIN_ROWS", "W1A16_FUSES", "TileConfig", "large_enough", "quantize_rows", "w1a16", "w1a8", "w1a8_supports_group"]

@@ -14,6 +14,7 @@ names which register holds which element (compiled, it moves no data: see benchm
   of q as in kernels.w1a8_kernel. With FP8, x is float8 e4m3 instead (quantize_rows_kernel's FP8) and
   the weights are the e4m3 bytes of +-1, accumulated in float32: Triton keeps a float32-accumulating
   wgmma asynchronous (in flight while the next step unpacks), an int32-accumulating one it does not.
+  FP8 runs under the interpreter only: Triton 3.6 compiled it wrong on an H200 (ops.ACTIVATIONS).
 Both need GROUP == 0 or GROUP % BLOCK_K == 0 (the launcher falls back to kernels.py otherwise).
 """
 
