@@ -16,7 +16,6 @@ layer 320 x 1280) drew 128 images 3.7x faster on an H200 through the reference t
 
 from __future__ import annotations
 
-
 import torch
 
 from ..dispatch import Kernel, register_kernel

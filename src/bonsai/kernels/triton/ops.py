@@ -394,9 +394,10 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         r_s, *rest = epi_args
         args = (xc, words, ops.out, part, r_s, gsb, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
                 *_epilogue_scalars(ops))
-        shares = None if not xc.is_cuda else lambda bn, bk: split_k(m, n, k, bn, bk, _sm_count(xc.device))
-        split = _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k, config,
-                        shares or (lambda bn, bk: 1))
+        def shares(block_n: int, block_k: int) -> int:  # as _split_heuristic, for the launches after tuning
+            return split_k(m, n, k, block_n, block_k, _sm_count(xc.device)) if xc.is_cuda else 1
+
+        split = _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k, config, shares)
         if split > 1:
             _sum_shares(part[:split], ops, weight, consts)
         return _finish(x, ops.out, n, after)
