@@ -169,6 +169,14 @@ def test_malformed_sources(tmp_path):
         load_bonsai_model(tmp_path / "dit.safetensors")
 
 
+def test_a_failed_conversion_leaves_no_folder_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "deeper" / "o.safetensors", tmp_path / "kept" / "o.safetensors"):
+        with pytest.raises(SourceError, match="does not exist"):
+            quantize_model(tmp_path / "nope", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # the folder that was there stays
+
+
 def test_source_tensors_and_json_checked_against_the_config(tmp_path):
     tiny_model("sd3").save_pretrained(tmp_path / "sd3")  # its pos_embed is a persistent buffer
     weights = tmp_path / "sd3" / "diffusion_pytorch_model.safetensors"

@@ -33,10 +33,32 @@ def quantize_model(
     if bundle not in BUNDLE_MODES:
         raise ValueError(f"bundle {bundle!r} is not one of {', '.join(BUNDLE_MODES)}")
     out = Path(out)
+    made = _missing_folders(out.parent)
     try:  # now, not after the conversion: a missing folder is made, one that cannot be fails at once
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"cannot create the output folder ({e.strerror})", out.parent, "pick another -o") from None
+    try:
+        return _convert(src, out, policy, config, dtype, progress, bundle)
+    except BaseException:  # a failed conversion leaves no empty folders behind
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # something was written there after all, or it is gone
+                break
+        raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _convert(src, out: Path, policy: QuantPolicy, config, dtype: torch.dtype, progress: bool, bundle: str) -> ConversionStats:
     source = open_source(src, config)
     read = {f.resolve() for f, _ in source.keys.values()} | ({source.path.resolve()} if source.path.is_file() else set())
     if out.resolve() in read:  # the conversion reads it while the new file replaces it: the user's model would be gone
