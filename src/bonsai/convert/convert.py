@@ -58,7 +58,8 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def _convert(src, out: Path, policy: QuantPolicy, config, dtype: torch.dtype, progress: bool, bundle: str) -> ConversionStats:
+def _convert(src: str | os.PathLike[str], out: Path, policy: QuantPolicy, config: str | os.PathLike[str] | None,
+             dtype: torch.dtype, progress: bool, bundle: str) -> ConversionStats:
     source = open_source(src, config)
     read = {f.resolve() for f, _ in source.keys.values()} | ({source.path.resolve()} if source.path.is_file() else set())
     if out.resolve() in read:  # the conversion reads it while the new file replaces it: the user's model would be gone
