@@ -29,14 +29,12 @@ import json
 import subprocess
 from pathlib import Path
 
-
 import torch
 import triton
 import triton.testing
 
 from bonsai.kernels import PackedWeight, pack_signs
-from bonsai.kernels.triton import quantize_rows, w1a8, w1a16
-from bonsai.kernels.triton import ops
+from bonsai.kernels.triton import ops, quantize_rows, w1a8, w1a16
 from bonsai.kernels.triton.ops import FP8_CAPABILITY, VARIANTS
 
 SHAPES = {  # model -> [(K, N)]: qkv, attention out, (emoji: cross-attention kv,) MLP up, MLP down
