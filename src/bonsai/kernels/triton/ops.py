@@ -399,7 +399,7 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
 
         split = _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k, config, shares)
         if split > 1:
-            _sum_shares(part[:split], ops, weight, consts)
+            _sum_shares(part[:split], ops, weight)
         return _finish(x, ops.out, n, after)
     cs = _or(weight.col_scale, weight.row_scale)
     r_s, *rest = epi_args
@@ -409,14 +409,14 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
     return _finish(x, ops.out, n, after)
 
 
-def _sum_shares(part: torch.Tensor, ops: _Operands, weight: PackedWeight, consts: dict) -> None:
+def _sum_shares(part: torch.Tensor, ops: _Operands, weight: PackedWeight) -> None:
     """ops.out = the epilogue of the K shares' sum (part [shares, M, N] float32)."""
     shares, m, n = part.shape
     block_n = max(128, ops.head_dim)  # whole heads in a tile
-    epi = {key: consts[key] for key in ("HAS_OFFSET", "RANK", "HAS_BIAS", "GELU", "HEAD_DIM", "HAS_RESIDUAL", "HAS_GATE")}
     grid = (triton.cdiv(m, SMALL_M), triton.cdiv(n, block_n))
     fragment_kernels.split_k_sum_kernel[grid](part, ops.out, *_epilogue_args(weight, ops), m, n, *_epilogue_scalars(ops),
-                                              **epi, SPLIT_K=shares, BLOCK_M=SMALL_M, BLOCK_N=block_n, num_warps=4)
+                                              **_epilogue_consts(weight, ops), SPLIT_K=shares, BLOCK_M=SMALL_M,
+                                              BLOCK_N=block_n, num_warps=4)
 
 
 def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None, xsum: torch.Tensor | None = None,
