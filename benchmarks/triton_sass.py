@@ -55,9 +55,8 @@ def variants():
     w1a16_old = {"x_ptr": "*bf16", "wt_ptr": "*u8", "out_ptr": "*bf16", "rs_ptr": "*fp32", "cs_ptr": "*fp32",
                  "gsb_ptr": "*i16", **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
                  "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", **SCALARS}
-    w1a16_new = {"x_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "part_ptr": "*fp32", "rs_ptr": "*fp32",
-                 "gsb_ptr": "*i16",
-                 **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
+    w1a16_new = {"x_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
+                 "rs_ptr": "*fp32", "gsb_ptr": "*i16", **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},
                  "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "KC": "i32", "M_BUCKET": "i32", **SCALARS}
     w1a8_old = {"q_ptr": "*i8", "xs_ptr": "*fp32", "qsum_ptr": "*i32", "wt_ptr": "*u8", "out_ptr": "*bf16",
                 "rs_ptr": "*fp32", "gs_ptr": "*fp32", **{k: v for k, v in EPILOGUE.items() if k != "rs_ptr"},

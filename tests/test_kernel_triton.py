@@ -165,14 +165,16 @@ def test_w1a16_split_k_matches_float64_reference(interp, monkeypatch, m, n, k, f
     gen = torch.Generator().manual_seed(m * 100 + shares)
     w = random_weight(n, k, gen=gen, **features)
     x, bias = torch.randn(m, k, generator=gen).bfloat16(), torch.randn(n, generator=gen).bfloat16()
-    summed = []
-    sum_shares = interp._sum_shares
-    monkeypatch.setattr(interp, "_sum_shares", lambda part, *a: (summed.append(part.shape[0]), sum_shares(part, *a)))
-    y = interp.w1a16(x, w, bias, config=triton_ops.TileConfig(16, 32, 64, split_k=shares), variant="fragment")
-    assert summed == [shares]
+    counters = []
+    tile_counters = interp._tile_counters
+    monkeypatch.setattr(interp, "_tile_counters", lambda *a: counters.append(tile_counters(*a)) or counters[-1])
+    config = triton_ops.TileConfig(16, 32, 64, split_k=shares)
+    y = interp.w1a16(x, w, bias, config=config, variant="fragment")
+    assert len(counters) == 1 and not counters[0].any()  # each tile's last program set its counter back to zero
     assert rel_err(y, x.double() @ w.dequantize(torch.float64).T + bias.double()) < 1e-2
     whole = interp.w1a16(x, w, bias, config=triton_ops.TileConfig(16, 32, 64), variant="fragment")
-    assert summed == [shares] and rel_err(y, whole.double()) < 1e-2  # one bf16 rounding apart
+    assert len(counters) == 1 and rel_err(y, whole.double()) < 1e-2  # one bf16 rounding apart
+    assert torch.equal(interp.w1a16(x, w, bias, config=config, variant="fragment"), y)  # the counters, reused
 
 
 def test_split_k_shares():
@@ -424,6 +426,26 @@ def test_cuda_every_fragment_tile_matches_reference(name, tile):
     x = (torch.randn(300 if not split else 5, 6144, generator=gen) * 2 + 0.3).bfloat16().cuda()
     y = getattr(triton_ops, name)(x, w, config=config, variant="fragment")
     assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < (1e-2 if name == "w1a16" else 2e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_split_k_counts_every_share_once():
+    """Split-K's last program per tile sums the shares: were a share's stores not visible before its count,
+    or a count lost, results would differ between runs or counters stay set. 200 launches with 8 shares of
+    48 tiles each, back to back on one stream, two inputs in turn (a stale share would be the other input's),
+    against each input's first launch bit for bit."""
+    gen = torch.Generator().manual_seed(8)
+    w = random_weight(3072, 4096, offset=True, gen=gen).to("cuda")
+    xs = [torch.randn(3, 4096, generator=gen).bfloat16().cuda() for _ in range(2)]
+    config = triton_ops.TileConfig(16, 64, 256, 4, 4, split_k=8)
+    firsts = [triton_ops.w1a16(x, w, config=config, variant="fragment") for x in xs]
+    runs = torch.stack([triton_ops.w1a16(xs[i % 2], w, config=config, variant="fragment") for i in range(200)])
+    for x, first in zip(xs, firsts):
+        assert rel_err(first, x.double() @ w.dequantize(torch.float64).T) < 1e-2
+    assert bool((runs == torch.stack(firsts * 100)).all())
+    torch.cuda.synchronize()
+    assert not triton_ops._tile_counters(xs[0].device, 1).any()
 
 
 @pytest.mark.gpu

@@ -124,15 +124,16 @@ def _row_bases(gsb_ptr, pid_n, k0, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def w1a16_frag_kernel(x_ptr, w_ptr, out_ptr, part_ptr, rs_ptr, gsb_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-                      res_ptr, gate_ptr, nw_ptr, M, N, K, NG, KC, M_BUCKET, RPS, NORM_COLS, NORM_PART, norm_eps,
-                      ONE_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+def w1a16_frag_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, rs_ptr, gsb_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr,
+                      bias_ptr, res_ptr, gate_ptr, nw_ptr, M, N, K, NG, KC, M_BUCKET, RPS, NORM_COLS, NORM_PART,
+                      norm_eps, ONE_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                       RANK: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HEAD_DIM: tl.constexpr,
                       HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """x [M, K] bf16/fp16 (column scale applied), w int32 [NG, KC, 32] fragment words -> out [M, N].
     SPLIT_K > 1 (few rows: more programs to stream the weights): program (tile, s) sums its share of the
-    K blocks into part [SPLIT_K, M, N] float32, and split_k_sum_kernel adds the shares and applies the epilogue."""
+    K blocks into part [SPLIT_K, M, N] float32, and the tile's last program to finish (count_ptr: one
+    zeroed int32 per tile) adds the shares and applies the epilogue."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -156,31 +157,34 @@ def w1a16_frag_kernel(x_ptr, w_ptr, out_ptr, part_ptr, rs_ptr, gsb_ptr, ro_ptr, 
             a = _bf16_operand(w, base0, base1, BLOCK_N, BLOCK_K)
         a = a.to(x_ptr.dtype.element_ty, bitcast=True)
         acc = tl.dot(a, xt, acc)
+    last = True
     if SPLIT_K > 1:
-        part_ptrs = part_ptr + (tl.program_id(1) * M + offs_m[None, :]) * N + offs_n[:, None]
-        tl.store(part_ptrs, acc, mask=(offs_n < N)[:, None] & (offs_m < M)[None, :])
-    else:
+        acc, last = _shares_sum(acc, part_ptr, count_ptr, offs_m, offs_n, M, N, SPLIT_K)
+    if last:
         _epilogue(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
                   res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, RANK, HAS_BIAS, GELU,
                   HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
 
 
 @triton.jit
-def split_k_sum_kernel(part_ptr, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr, res_ptr, gate_ptr,
-                       nw_ptr, M, N, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET: tl.constexpr,
-                       RANK: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, SPLIT_K: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out [M, N] = epilogue(sum over s of part [SPLIT_K, M, N]), summed in a fixed order (the same bits every run)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0)
-    _epilogue(acc, offs_m, offs_n, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, xv_ptr, ut_ptr, bias_ptr,
-              res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, RANK, HAS_BIAS, GELU,
-              HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
+def _shares_sum(acc, part_ptr, count_ptr, offs_m, offs_n, M, N, SPLIT_K: tl.constexpr):
+    """Writes this program's share acc [BLOCK_N, BLOCK_M] to part [SPLIT_K, M, N] and counts it in the tile's
+    counter. The tile's last program to finish gets (the sum of all shares, True), added in a fixed order (the
+    same bits every run) and resets the counter; the others get (acc, False)."""
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    offs = offs_m[None, :] * N + offs_n[:, None]
+    tl.store(part_ptr + tl.program_id(1) * M * N + offs, acc, mask=mask)
+    # As CUTLASS's split-K semaphore: every thread's stores come before one thread's release of the count,
+    # and the last program's acquire comes before its loads (.cg: from L2, where the other programs wrote).
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+    last = done == SPLIT_K - 1
+    if last:
+        acc = tl.zeros_like(acc)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(count_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")  # zero for the next launch
+    return acc, last
 
 
 @triton.jit

@@ -58,7 +58,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
-    split_k: int = 1  # W1A16 fragment kernel only: K shares summed by a second kernel
+    split_k: int = 1  # W1A16 fragment kernel only: K shares, summed by the last program of each tile
 
 
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -164,7 +164,7 @@ def _split_heuristic(a: dict) -> int:
 def _autotuned(kernel, tiles: dict[str, list], per_group: bool, splits_k: bool = False):
     all_tiles = sorted({t for ts in tiles.values() for t in ts})
     heuristics = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}
-    if splits_k:  # the autotuner times the K shares' kernel, not the sum after it (a few microseconds at most)
+    if splits_k:
         heuristics["SPLIT_K"] = _split_heuristic
     even_k = triton.heuristics(heuristics)(kernel)
     prune = lambda c, n, **kw: _prune(tiles, per_group, c, n, **kw)  # noqa: E731
@@ -190,9 +190,9 @@ _chosen: dict[tuple, triton.Config] = {}
 
 
 def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, config: TileConfig | None,
-            shares: Callable[[int, int], int] | None = None) -> int:
-    """Run the kernel (autotuned, or with `config`); returns the number of K shares it ran with. `shares`
-    (block_n, block_k) -> K shares, for kernels with SPLIT_K (as their autotuner's heuristic computes it)."""
+            shares: Callable[[int, int], int] | None = None) -> None:
+    """Run the kernel (autotuned, or with `config`). `shares`: (block_n, block_k) -> K shares, for kernels
+    with SPLIT_K (as their autotuner's heuristic computes it)."""
     if config is None and not _interpreting():
         key = (kernel.__name__, m_bucket(m), n, k, consts["GROUP"], consts["HEAD_DIM"], args[0].dtype)
         chosen = _chosen.get(key)
@@ -200,11 +200,9 @@ def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, co
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
                                  meta.get("SPLIT_K", 1))
             tuned[grid](*args, **consts)
-            chosen = getattr(tuned, "best_config", None)
-            if chosen is None:
-                return 1
-            _chosen[key] = chosen
-            return shares(chosen.kwargs["BLOCK_N"], chosen.kwargs["BLOCK_K"]) if shares else 1
+            if getattr(tuned, "best_config", None) is not None:
+                _chosen[key] = tuned.best_config
+            return
         kw = dict(chosen.kwargs)
         split = shares(kw["BLOCK_N"], kw["BLOCK_K"]) if shares else 1
         if shares:
@@ -212,7 +210,7 @@ def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, co
         grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]), split)
         kernel[grid](*args, **consts, **kw, EVEN_K=k % kw["BLOCK_K"] == 0, num_warps=chosen.num_warps,
                      num_stages=chosen.num_stages)
-        return split
+        return
     config = config or TileConfig(SMALL_M, 32, 64)
     block_k = _fit_group(config.block_k, consts.get("GROUP", 0) if kernel in _PER_GROUP else 0)
     head_dim = consts["HEAD_DIM"]
@@ -222,7 +220,6 @@ def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, co
     extra = {"SPLIT_K": split} if shares else {}
     kernel[grid](*args, **consts, **extra, EVEN_K=k % block_k == 0, BLOCK_M=config.block_m, BLOCK_N=block_n,
                  BLOCK_K=block_k, GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
-    return split
 
 
 @dataclass(frozen=True)
@@ -390,16 +387,17 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         words = weight.prepared("triton-fragment-bf16", bf16_words)
         config = _fragment_config(config, BF16_CHUNK)
         most = config.split_k if config else MAX_SPLIT_K if m <= SMALL_M and xc.is_cuda else 1
-        part = torch.empty(most, m, n, dtype=torch.float32, device=xc.device) if most > 1 else ops.out
+        part, counts = ops.out, ops.out
+        if most > 1:
+            part = torch.empty(most, m, n, dtype=torch.float32, device=xc.device)
+            counts = _tile_counters(xc.device, m * triton.cdiv(n, 16))  # tiles of any BLOCK_M, BLOCK_N >= 16
         r_s, *rest = epi_args
-        args = (xc, words, ops.out, part, r_s, gsb, *rest, m, n, k, words.shape[0], words.shape[1], m_bucket(m),
-                *_epilogue_scalars(ops))
+        args = (xc, words, ops.out, part, counts, r_s, gsb, *rest, m, n, k, words.shape[0], words.shape[1],
+                m_bucket(m), *_epilogue_scalars(ops))
         def shares(block_n: int, block_k: int) -> int:  # as _split_heuristic, for the launches after tuning
             return split_k(m, n, k, block_n, block_k, _sm_count(xc.device)) if xc.is_cuda else 1
 
-        split = _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k, config, shares)
-        if split > 1:
-            _sum_shares(part[:split], ops, weight)
+        _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k, config, shares)
         return _finish(x, ops.out, n, after)
     cs = _or(weight.col_scale, weight.row_scale)
     r_s, *rest = epi_args
@@ -409,14 +407,18 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
     return _finish(x, ops.out, n, after)
 
 
-def _sum_shares(part: torch.Tensor, ops: _Operands, weight: PackedWeight) -> None:
-    """ops.out = the epilogue of the K shares' sum (part [shares, M, N] float32)."""
-    shares, m, n = part.shape
-    block_n = max(128, ops.head_dim)  # whole heads in a tile
-    grid = (triton.cdiv(m, SMALL_M), triton.cdiv(n, block_n))
-    fragment_kernels.split_k_sum_kernel[grid](part, ops.out, *_epilogue_args(weight, ops), m, n, *_epilogue_scalars(ops),
-                                              **_epilogue_consts(weight, ops), SPLIT_K=shares, BLOCK_M=SMALL_M,
-                                              BLOCK_N=block_n, num_warps=4)
+# (device, stream) -> int32 counters, one per output tile, that split-K launches count their finished shares
+# in. Each launch leaves them zero again, and launches on one stream run one after another, so a stream's
+# launches can share one set. Outgrown sets are kept: a captured CUDA graph may still point at them.
+_counters: dict[tuple, list[torch.Tensor]] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    sets = _counters.setdefault((device, stream), [])
+    if not sets or sets[-1].numel() < tiles:
+        sets.append(torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device))
+    return sets[-1]
 
 
 def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None, xsum: torch.Tensor | None = None,
