@@ -11,16 +11,16 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..text.bert import BertConfig, BertEncoder
+from ..text.minilm import WordPieceEncoder, minilm_path, wordpiece_tokenizer
 
 BERT_FIELDS = tuple(f.name for f in fields(BertConfig))  # config fields besides "max_tokens"
 MAX_TOKENS = 64
 
 
-class BertTextEncoder(nn.Module):
+class BertTextEncoder(WordPieceEncoder):
     """Prompts -> token states float32 [B, max_tokens, hidden] and a mask bool [B, max_tokens]."""
 
     def __init__(self, config: dict, tokenizer_path: str | Path | None = None):
@@ -41,28 +41,10 @@ class BertTextEncoder(nn.Module):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from ..text.minilm import minilm_path, wordpiece_tokenizer
-
             self._tokenizer = wordpiece_tokenizer(Path(self.tokenizer_path or minilm_path()), self.max_tokens)
         return self._tokenizer
-
-    @property
-    def device(self) -> torch.device:
-        return self.bert.embeddings.word_embeddings.weight.device
 
     @property
     def network(self) -> nn.Module:
         """The part that maps (ids, mask) to token states: what a pipeline may replay from a CUDA graph."""
         return self.bert
-
-    def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids long [B, max_tokens] and mask bool [B, max_tokens] on this encoder's device."""
-        from ..text.minilm import tokenize
-
-        return tokenize(self.tokenizer, prompts, self.device)
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states float32 [B, max_tokens, hidden] and mask bool [B, max_tokens] (True = real token)."""
-        ids, mask = self.tokens(prompts)
-        return self.network(ids, mask).float(), mask

