@@ -190,3 +190,20 @@ def test_generate_warns_of_prompt_words_the_model_does_not_read(tiny_checkpoint:
         "warning: the prompt is longer than the 32 tokens tiny-test reads: 'w15 w16 w17 w18 w19' is ignored"
     ]
     assert result.stdout.splitlines() == [str(tmp_path / "out" / "00001-1.png")]
+
+
+def test_generate_warns_of_black_images_and_still_writes_them(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    from conftest import write_tiny_lora
+
+    monkeypatch.setenv("BONSAI_HOME", str(tmp_path / "home"))
+    (tmp_path / "loras").mkdir()
+    write_tiny_lora(tiny_checkpoint, tmp_path / "loras" / "ink.safetensors", seed=6)
+    args = ["generate", "a red circle <lora:ink:1e38>", "--model", str(tiny_checkpoint), "--lora-dir",
+            str(tmp_path / "loras"), "-o", str(tmp_path / "out"), "--seed", "7", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "warning: the image of seed 7 came out with NaN or infinite pixels, drawn black: the LoRAs' weights may be "
+        "too strong (ink:1e+38): lower them"
+    ]
+    assert result.stdout.splitlines() == [str(tmp_path / "out" / "00001-7.png")]

@@ -4,6 +4,7 @@ tag is active for that generation and off on the next prompt without the tag."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import write_tiny_lora
 
 from bonsai.kernels import available_kernels, set_kernel
 from bonsai.lora import apply_lora, loaded_loras
-from bonsai.pipeline import InvalidRequest, Pipeline
+from bonsai.pipeline import InvalidRequest, NonFiniteImage, Pipeline
 
 PROMPT = "a red circle"
 
@@ -137,3 +138,17 @@ def test_a_tag_may_name_a_file_with_dots(pipe: Pipeline) -> None:
     (lora_dir / "style.safetensors").rename(lora_dir / "ink_v1_5.safetensors")
     with pytest.raises(InvalidRequest, match=r"ink_v1.5.safetensors and ink_v1_5.safetensors in .* would load under one name"):
         sample(pipe, f"{PROMPT} <lora:ink_v1.5:0.7>")
+
+
+def test_an_overflowing_lora_weight_is_named_in_a_warning(pipe: Pipeline) -> None:
+    # A finite but huge weight overflows the model to NaN, which the PNG shows as black pixels.
+    with pytest.warns(NonFiniteImage) as caught:
+        samples = pipe.generate(f"{PROMPT} <lora:ink:1e38>", seed=3, batch=2).samples
+    assert not torch.isfinite(samples).all()
+    assert [str(w.message) for w in caught] == [
+        "the images of seeds 3, 4 came out with NaN or infinite pixels, drawn black: the LoRAs' weights may be "
+        "too strong (ink:1e+38): lower them"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteImage)
+        assert torch.isfinite(sample(pipe, f"{PROMPT} <lora:ink:0.7>")).all()

@@ -52,7 +52,7 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
     from .format import CheckpointError
     from .hub import ModelNotFound
     from .images import save_numbered
-    from .pipeline import InvalidRequest, Pipeline, PromptTruncated
+    from .pipeline import GenerationWarning, InvalidRequest, Pipeline
 
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty: describe the image you want", param_hint="PROMPT")
@@ -71,7 +71,7 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
             bar.update(step - bar.n)
 
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PromptTruncated)
+            warnings.simplefilter("always", GenerationWarning)
             result = pipe.generate(
                 prompt, batch=batch, callback=progress, negative_prompt=negative_prompt, steps=steps, cfg=cfg,
                 seed=seed, width=width, height=height, sampler=sampler,
@@ -79,7 +79,7 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
         if bar is not None:
             bar.close()
         for w in caught:  # after the bar, one plain line each
-            if issubclass(w.category, PromptTruncated):
+            if issubclass(w.category, GenerationWarning):
                 click.echo(f"warning: {w.message}", err=True)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -76,8 +76,16 @@ class InvalidRequest(ValueError):
     """A generation request with a bad field; the message names the field and the fix."""
 
 
-class PromptTruncated(UserWarning):
+class GenerationWarning(UserWarning):
+    """Something about a generation its caller should hear of; the images are still returned."""
+
+
+class PromptTruncated(GenerationWarning):
     """A prompt longer than the text encoder reads: its end has no effect on the image."""
+
+
+class NonFiniteImage(GenerationWarning):
+    """Images with NaN or infinite pixels (written black): the model's numbers overflowed."""
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -111,6 +119,16 @@ def to_pil(samples: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> RGB images."""
     arr = ((samples.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def _warn_non_finite(samples: torch.Tensor, seeds: list[int], loras: dict[str, float]) -> None:
+    bad = [seed for seed, sample in zip(seeds, samples) if not bool(torch.isfinite(sample).all())]
+    if not bad:
+        return
+    which = f"the image of seed {bad[0]}" if len(bad) == 1 else f"the images of seeds {', '.join(map(str, bad))}"
+    cause = ("a numeric overflow in the model" if not loras else "the LoRAs' weights may be too strong "
+             f"({', '.join(f'{n}:{w:g}' for n, w in loras.items())}): lower them")
+    warnings.warn(NonFiniteImage(f"{which} came out with NaN or infinite pixels, drawn black: {cause}"), stacklevel=3)
 
 
 def image_geometry(metadata: dict[str, Any]) -> tuple[int, int]:
@@ -312,6 +330,11 @@ class Pipeline:
         finally:
             set_lora_weights(self.denoiser, restore)
 
+    def _active_loras(self) -> dict[str, float]:
+        from .lora import loaded_loras
+
+        return {name: w for name, w in loaded_loras(self.denoiser).items() if w}
+
     @torch.no_grad()
     def generate(
         self,
@@ -353,8 +376,10 @@ class Pipeline:
         step_cb = None if callback is None else (lambda i, x_, x0: callback(i + 1, total, x0))
         with self._use_loras(loras):
             samples = self.sample([text] * batch, [params.negative_prompt] * batch, params, x, timesteps, step_cb)
+            active = self._active_loras()
         images = to_pil(samples)
         per_image = [replace(params, seed=params.seed + i) for i in range(batch)]
+        _warn_non_finite(samples, [p.seed for p in per_image], active)
         for image, p in zip(images, per_image):
             image.info["parameters"] = p.to_a1111()
         return Generation(images, per_image, samples.float().cpu())
