@@ -143,9 +143,9 @@ def test_a_tag_may_name_a_file_with_dots(pipe: Pipeline) -> None:
 def test_an_overflowing_lora_weight_is_named_in_a_warning(pipe: Pipeline) -> None:
     # A finite but huge weight overflows the model to NaN, which the PNG shows as black pixels.
     with pytest.warns(NonFiniteImage) as caught:
-        samples = pipe.generate(f"{PROMPT} <lora:ink:1e38>", seed=3, batch=2).samples
-    assert not torch.isfinite(samples).all()
-    assert [str(w.message) for w in caught] == [
+        result = pipe.generate(f"{PROMPT} <lora:ink:1e38>", seed=3, batch=2)
+    assert not torch.isfinite(result.samples).all()
+    assert result.warnings == [str(w.message) for w in caught] == [
         "the images of seeds 3, 4 came out with NaN or infinite pixels, drawn black: the LoRAs' weights may be "
         "too strong (ink:1e+38): lower them"
     ]

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import sqlite3
 import time
 from pathlib import Path
 
@@ -161,6 +162,42 @@ def test_loras_apply_from_the_lora_folder_only(client, tiny_checkpoint, tmp_path
     for tag in [f"<lora:{outside}:1>", f"<lora:{outside.with_suffix('')}:1>", "<lora:../outside:1>", "<lora:gone:1>"]:
         r = client.post("/api/jobs", json={"prompt": f"a red circle {tag}"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "prompt", (tag, r.text)
+
+
+def test_jobs_keep_what_the_generation_warned_of(client, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "home" / "loras"
+    folder.mkdir(parents=True)
+    write_tiny_lora(tiny_checkpoint, folder / "ink.safetensors", seed=6)
+    assert wait(client, submit(client, seed=3))["warnings"] == []
+    long = " ".join(f"w{i}" for i in range(20))  # 40 word pieces: the tiny model reads 30
+    job = wait(client, submit(client, seed=3, prompt=f"{long} <lora:ink:1e38>"))
+    assert job["status"] == "done" and len(job["images"]) == 1, job  # the images are still there
+    assert job["warnings"] == [
+        "the prompt is longer than the 32 tokens tiny-test reads: 'w15 w16 w17 w18 w19' is ignored",
+        "the image of seed 3 came out with NaN or infinite pixels, drawn black: the LoRAs' weights may be too "
+        "strong (ink:1e+38): lower them",
+    ]
+    assert client.get("/api/jobs").json()["jobs"][0]["warnings"] == job["warnings"]  # in the history too
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": long, "seed": 3})
+    assert json.loads(r.json()["info"])["warnings"] == job["warnings"][:1]
+
+
+def test_a_history_from_before_warnings_opens_with_none(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, source TEXT NOT NULL, "
+        "status TEXT NOT NULL, spec TEXT NOT NULL, params TEXT NOT NULL DEFAULT '[]', images INTEGER NOT NULL "
+        "DEFAULT 0, error TEXT, created REAL NOT NULL, started REAL, finished REAL);"
+        "INSERT INTO jobs (id, source, status, spec, params, images, created) "
+        "VALUES ('a', 'api', 'done', '{}', '[\"p\"]', 1, 1.0);")
+    old.close()
+    db = JobDB(path)
+    assert db.get("a").warnings == [] and db.get("a").params == ["p"]
+    db.insert("b", "api", {}, 2.0)
+    db.finished("b", "done", 3.0, ["q"], warnings=["w"])
+    assert db.get("b").warnings == ["w"]
+    db.close()
 
 
 def test_history_newest_first_with_cursor(client):

@@ -329,6 +329,21 @@ def test_a_refused_request_shows_the_servers_message_once(live, browser):
     sync_api.expect(page.locator("#error")).to_have_text("hires.scale must be at most 4, got 5")
 
 
+def test_a_jobs_warnings_show_under_its_images_until_the_next_job(live, browser):
+    page = open_page(live, browser)
+    expect = sync_api.expect
+    page.fill("#prompt", " ".join(f"w{i}" for i in range(20)))  # more word pieces than the tiny model reads
+    page.click("#generate")
+    expect(page.locator("#results img")).to_have_count(1, timeout=60_000)
+    expect(page.locator("#job_warnings")).to_have_text(
+        "warning: the prompt is longer than the 32 tokens tiny-test reads: 'w15 w16 w17 w18 w19' is ignored")
+    page.fill("#prompt", "a birch")
+    page.click("#generate")
+    expect(page.locator("#job_warnings")).to_be_hidden()
+    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    expect(page.locator("#job_warnings")).to_be_hidden()
+
+
 def test_size_menu_offers_the_models_own_sizes(live, browser):
     # The server's presets start at 512 px, above the tiny model's 64 px limit, so the menu offered
     # its native size only; sizes derived from the model (multiples of its 4 px step) fit.

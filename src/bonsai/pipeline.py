@@ -70,6 +70,7 @@ class Generation:
     images: list[Image.Image]
     params: list[GenerationParams]
     samples: torch.Tensor = field(repr=False)  # decoded float samples [B, 3, H, W] in [-1, 1]
+    warnings: list[str] = field(default_factory=list)  # the GenerationWarnings generate() also emitted
 
 
 class InvalidRequest(ValueError):
@@ -121,14 +122,14 @@ def to_pil(samples: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
-def _warn_non_finite(samples: torch.Tensor, seeds: list[int], loras: dict[str, float]) -> None:
+def _non_finite(samples: torch.Tensor, seeds: list[int], loras: dict[str, float]) -> NonFiniteImage | None:
     bad = [seed for seed, sample in zip(seeds, samples) if not bool(torch.isfinite(sample).all())]
     if not bad:
-        return
+        return None
     which = f"the image of seed {bad[0]}" if len(bad) == 1 else f"the images of seeds {', '.join(map(str, bad))}"
     cause = ("a numeric overflow in the model" if not loras else "the LoRAs' weights may be too strong "
              f"({', '.join(f'{n}:{w:g}' for n, w in loras.items())}): lower them")
-    warnings.warn(NonFiniteImage(f"{which} came out with NaN or infinite pixels, drawn black: {cause}"), stacklevel=3)
+    return NonFiniteImage(f"{which} came out with NaN or infinite pixels, drawn black: {cause}")
 
 
 def image_geometry(metadata: dict[str, Any]) -> tuple[int, int]:
@@ -356,13 +357,14 @@ class Pipeline:
         if init_images is not None and len(init_images) not in (1, batch):
             raise InvalidRequest(f"init_images holds {len(init_images)} images: give one for each of the {batch} images, or one for all")
         text, loras = self._prompt_loras(params.prompt)
+        notes: list[GenerationWarning | None] = []
         for name, words in (("prompt", text), ("negative prompt", params.negative_prompt)):
             unread = self.unread_text(words)
             if unread:
                 shown = unread if len(unread) <= 60 else unread[:57] + "..."
-                warnings.warn(PromptTruncated(
+                notes.append(PromptTruncated(
                     f"the {name} is longer than the {self.text_encoder.max_tokens} tokens {self.name} reads: {shown!r} is ignored"
-                ), stacklevel=2)
+                ))
         timesteps = flow_timesteps(params.steps, params.shift)
         x = self.noise(params, batch)
         if init_images is not None:
@@ -379,10 +381,13 @@ class Pipeline:
             active = self._active_loras()
         images = to_pil(samples)
         per_image = [replace(params, seed=params.seed + i) for i in range(batch)]
-        _warn_non_finite(samples, [p.seed for p in per_image], active)
+        notes.append(_non_finite(samples, [p.seed for p in per_image], active))
+        notes = [n for n in notes if n is not None]
+        for note in notes:
+            warnings.warn(note, stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
         for image, p in zip(images, per_image):
             image.info["parameters"] = p.to_a1111()
-        return Generation(images, per_image, samples.float().cpu())
+        return Generation(images, per_image, samples.float().cpu(), [str(n) for n in notes])
 
     def sample(
         self,

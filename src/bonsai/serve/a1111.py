@@ -146,6 +146,7 @@ async def _generate(req: JobRequest, s: Server, echo: dict[str, Any]) -> dict[st
         "width": (spec["hires"] or spec)["width"], "height": (spec["hires"] or spec)["height"],
         "sampler_name": SAMPLER_TITLES.get(spec["sampler"], spec["sampler"]), "cfg_scale": spec["cfg"],
         "steps": spec["steps"], "batch_size": rec.images, "sd_model_name": spec["model"], "infotexts": rec.params,
+        "warnings": rec.warnings,  # not A1111's: what the generation warned of (a prompt cut short, black images)
     }
     return {"images": [s.image_b64(rec.id, n) for n in range(rec.images)], "parameters": echo, "info": json.dumps(info)}
 

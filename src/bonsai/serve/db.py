@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     params TEXT NOT NULL DEFAULT '[]',
     images INTEGER NOT NULL DEFAULT 0,
     error TEXT,
+    warnings TEXT NOT NULL DEFAULT '[]',
     created REAL NOT NULL,
     started REAL,
     finished REAL
@@ -43,6 +44,7 @@ class JobRecord:
     params: list[str]  # per image: its A1111 "parameters" text
     images: int
     error: str | None
+    warnings: list[str]  # what the generation warned of (pipeline.GenerationWarning), for a job that ran
     created: float
     started: float | None
     finished: float | None
@@ -57,6 +59,9 @@ class JobDB:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+        if "warnings" not in columns:  # a history written before jobs kept their warnings
+            self._conn.execute("ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -86,11 +91,12 @@ class JobDB:
     def started(self, job_id: str, when: float) -> None:
         self._exec("UPDATE jobs SET status='running', started=? WHERE id=?", (when, job_id))
 
-    def finished(self, job_id: str, status: str, when: float, params: list[str] = (), error: str | None = None) -> None:
+    def finished(self, job_id: str, status: str, when: float, params: list[str] = (), error: str | None = None,
+                 warnings: list[str] = ()) -> None:
         assert status in FINAL
         self._exec(
-            "UPDATE jobs SET status=?, finished=?, params=?, images=?, error=? WHERE id=?",
-            (status, when, json.dumps(list(params)), len(params), error, job_id),
+            "UPDATE jobs SET status=?, finished=?, params=?, images=?, error=?, warnings=? WHERE id=?",
+            (status, when, json.dumps(list(params)), len(params), error, json.dumps(list(warnings)), job_id),
         )
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -116,9 +122,10 @@ class JobDB:
         return self._exec("SELECT COUNT(*) FROM jobs WHERE status=?", (status,))[0][0]
 
 
-_COLUMNS = "id, source, status, spec, params, images, error, created, started, finished"
+_COLUMNS = "id, source, status, spec, params, images, error, warnings, created, started, finished"
 
 
 def _record(row: tuple) -> JobRecord:
-    id_, source, status, spec, params, images, error, created, started, finished = row[:10]
-    return JobRecord(id_, source, status, json.loads(spec), json.loads(params), images, error, created, started, finished)
+    id_, source, status, spec, params, images, error, warnings, created, started, finished = row[:11]
+    return JobRecord(id_, source, status, json.loads(spec), json.loads(params), images, error, json.loads(warnings),
+                     created, started, finished)

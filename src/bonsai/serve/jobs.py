@@ -169,9 +169,10 @@ class JobQueue:
                 job.init = None
                 job.done.set()
 
-    def _finish(self, job: Job, status: str, params: list[str] = (), error: str | None = None) -> None:
+    def _finish(self, job: Job, status: str, params: list[str] = (), error: str | None = None,
+                warnings: list[str] = ()) -> None:
         # The history row first: a reader that sees the new status must find its parameters.
-        self.db.finished(job.id, status, time.time(), params, error)
+        self.db.finished(job.id, status, time.time(), params, error, warnings)
         job.status, job.error = status, error
 
     def _run(self, job: Job) -> None:
@@ -189,10 +190,10 @@ class JobQueue:
             job.stage, job.stages, job.step, job.total = stage, stages, step, total
 
         try:
-            images = self.runner.run(job.spec, job.init, progress)
+            images, warnings = self.runner.run(job.spec, job.init, progress)
             for n, image in enumerate(images):
                 save_png(image, image_path(self.images_dir, job.id, n))
-            self._finish(job, "done", [im.info.get("parameters", "") for im in images])
+            self._finish(job, "done", [im.info.get("parameters", "") for im in images], warnings=warnings)
         except Cancelled:
             self._finish(job, "interrupted" if job.error else "cancelled", error=job.error)
         except InvalidRequest as exc:

@@ -61,8 +61,9 @@ class Runner:
             self._loaded = (model, pipe)
         return self._loaded[1]
 
-    def run(self, spec: JobSpec, init: Image.Image | None, progress: Progress) -> list[Image.Image]:
-        """Generate the job's images; each carries its A1111 parameters in .info["parameters"]."""
+    def run(self, spec: JobSpec, init: Image.Image | None, progress: Progress) -> tuple[list[Image.Image], list[str]]:
+        """Generate the job's images, each with its A1111 parameters in .info["parameters"], and the warnings
+        of the generation (pipeline.GenerationWarning: a prompt cut short, black images)."""
         pipe = self.pipeline(spec.model)
         stages = 2 if spec.hires else 1
         # The job's LoRAs act as prompt tags do, and so are written into each image's parameters with the prompt.
@@ -74,7 +75,7 @@ class Runner:
             steps=spec.steps, width=spec.width, height=spec.height, **common,
         )
         if spec.hires is None:
-            return first.images
+            return first.images, first.warnings
         h = spec.hires
         second = pipe.generate(
             prompt, batch=spec.batch, callback=lambda s, t, x0: progress(2, stages, s, t, x0),
@@ -87,4 +88,4 @@ class Runner:
         )
         for image in second.images:
             image.info["parameters"] += note
-        return second.images
+        return second.images, list(dict.fromkeys(first.warnings + second.warnings))

@@ -89,6 +89,7 @@ class Server:
             "started": live.started if live is not None else rec.started,
             "finished": rec.finished,
             "error": rec.error,
+            "warnings": rec.warnings,
             "images": [f"{base}/api/jobs/{rec.id}/images/{n}" for n in range(rec.images)],
             "parameters": rec.params,
         }

@@ -24,6 +24,12 @@ function showError(message, id = "error") {
   $(id).hidden = !message;
 }
 
+// What a finished job warned of (a prompt cut short, black images), under its progress: the images stay.
+function showWarnings(warnings) {
+  $("job_warnings").textContent = warnings.map((w) => `warning: ${w}`).join("\n");
+  $("job_warnings").hidden = !warnings.length;
+}
+
 function option(value, text) {
   const o = document.createElement("option");
   o.value = value;
@@ -151,6 +157,7 @@ async function request() {
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   showError("");
+  showWarnings([]);
   $("generate").disabled = true;  // now, not when the server answers: a double click queued two jobs
   try {
     const job = await api("/api/jobs", {
@@ -219,6 +226,7 @@ async function poll(id) {
   $("progress").value = job.status === "done" ? 1 : $("progress").value;
   $("progress_text").textContent = job.status + (job.error ? `: ${job.error}` : "");
   if (job.status === "failed") showError(job.error);
+  showWarnings(job.warnings ?? []);
   $("results").replaceChildren(...job.images.map((url, n) => figure(job, url, n)));
   finish();
 }
