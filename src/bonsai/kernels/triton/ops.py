@@ -16,7 +16,6 @@ shape instead, which is how the tests run the kernels under TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 
@@ -190,9 +189,9 @@ _chosen: dict[tuple, triton.Config] = {}
 
 
 def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, config: TileConfig | None,
-            shares: Callable[[int, int], int] | None = None) -> None:
-    """Run the kernel (autotuned, or with `config`). `shares`: (block_n, block_k) -> K shares, for kernels
-    with SPLIT_K (as their autotuner's heuristic computes it)."""
+            splits_k: bool = False) -> None:
+    """Run the kernel (autotuned, or with `config`). splits_k: the kernel has SPLIT_K, which the launches
+    after tuning compute as the autotuner's heuristic does (split_k)."""
     if config is None and not _interpreting():
         key = (kernel.__name__, m_bucket(m), n, k, consts["GROUP"], consts["HEAD_DIM"], args[0].dtype)
         chosen = _chosen.get(key)
@@ -204,8 +203,8 @@ def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, co
                 _chosen[key] = tuned.best_config
             return
         kw = dict(chosen.kwargs)
-        split = shares(kw["BLOCK_N"], kw["BLOCK_K"]) if shares else 1
-        if shares:
+        split = split_k(m, n, k, kw["BLOCK_N"], kw["BLOCK_K"], _sm_count(args[0].device)) if splits_k else 1
+        if splits_k:
             kw["SPLIT_K"] = split
         grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]), split)
         kernel[grid](*args, **consts, **kw, EVEN_K=k % kw["BLOCK_K"] == 0, num_warps=chosen.num_warps,
@@ -215,9 +214,9 @@ def _launch(tuned, kernel, args: tuple, consts: dict, m: int, n: int, k: int, co
     block_k = _fit_group(config.block_k, consts.get("GROUP", 0) if kernel in _PER_GROUP else 0)
     head_dim = consts["HEAD_DIM"]
     block_n = config.block_n if not head_dim else triton.cdiv(config.block_n, head_dim) * head_dim  # whole heads
-    split = config.split_k if shares else 1
+    split = config.split_k if splits_k else 1
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n), split)
-    extra = {"SPLIT_K": split} if shares else {}
+    extra = {"SPLIT_K": split} if splits_k else {}
     kernel[grid](*args, **consts, **extra, EVEN_K=k % block_k == 0, BLOCK_M=config.block_m, BLOCK_N=block_n,
                  BLOCK_K=block_k, GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -394,10 +393,7 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         r_s, *rest = epi_args
         args = (xc, words, ops.out, part, counts, r_s, gsb, *rest, m, n, k, words.shape[0], words.shape[1],
                 m_bucket(m), *_epilogue_scalars(ops))
-        def shares(block_n: int, block_k: int) -> int:  # as _split_heuristic, for the launches after tuning
-            return split_k(m, n, k, block_n, block_k, _sm_count(xc.device)) if xc.is_cuda else 1
-
-        _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k, config, shares)
+        _launch(_w1a16_frag_tuned, fragment_kernels.w1a16_frag_kernel, args, consts, m, n, k, config, splits_k=True)
         return _finish(x, ops.out, n, after)
     cs = _or(weight.col_scale, weight.row_scale)
     r_s, *rest = epi_args
