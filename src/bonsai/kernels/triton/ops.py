@@ -389,7 +389,7 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         part, counts = ops.out, ops.out
         if most > 1:
             part = torch.empty(most, m, n, dtype=torch.float32, device=xc.device)
-            counts = _tile_counters(xc.device, m * triton.cdiv(n, 16))  # tiles of any BLOCK_M, BLOCK_N >= 16
+            counts = _tile_counters(xc.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))  # tl.dot tiles: 16 and up
         r_s, *rest = epi_args
         args = (xc, words, ops.out, part, counts, r_s, gsb, *rest, m, n, k, words.shape[0], words.shape[1],
                 m_bucket(m), *_epilogue_scalars(ops))
@@ -405,15 +405,17 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
 
 # (device, stream) -> int32 counters, one per output tile, that split-K launches count their finished shares
 # in. Each launch leaves them zero again, and launches on one stream run one after another, so a stream's
-# launches can share one set. Outgrown sets are kept: a captured CUDA graph may still point at them.
+# launches can share one set. Outgrown sets are kept: a captured CUDA graph may still point at them. The
+# sets stay few: torch.cuda.Stream() hands out streams from a fixed pool per device.
 _counters: dict[tuple, list[torch.Tensor]] = {}
+_COUNTERS = 4096  # a set's size: 16-row products up to 65536 columns wide in the narrowest tiles
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     sets = _counters.setdefault((device, stream), [])
     if not sets or sets[-1].numel() < tiles:
-        sets.append(torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device))
+        sets.append(torch.zeros(max(tiles, _COUNTERS), dtype=torch.int32, device=device))
     return sets[-1]
 
 
