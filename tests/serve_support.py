@@ -61,6 +61,10 @@ class GatedPipeline:
     def lora_dir(self, value: str | None) -> None:
         self.pipe.lora_dir = value
 
+    @property
+    def size_multiple(self) -> int:
+        return self.pipe.size_multiple
+
 
 def loader(gate: Gate):
     """A pipeline loader that loads each checkpoint once per test session and gates its steps."""

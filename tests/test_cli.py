@@ -49,6 +49,11 @@ IN_PROCESS = {
     "seed-negative": Case(("--seed", "-1"), "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
     "seed-too-large": Case(("--seed", str(2**64)), f"Invalid value for '--seed': {2**64} is not in the range 0<=x<=4294967295"),
     "model-path-missing": Case(("--model", "missing/model.safetensors"), "missing/model.safetensors: no such file"),
+    "strength-without-init": Case(("--strength", "0.5"), "Invalid value for --strength: applies to img2img only: give --init IMAGE too"),
+    "hires-steps-without-hires": Case(("--hires-steps", "3"), "Invalid value for --hires-steps: applies to the second pass only"),
+    "hires-scale-1": Case(("--hires", "1"), "Invalid value for '--hires': 1.0 is not in the range 1<x<=4"),
+    "hires-too-large": Case(("--size", "2048x2048", "--hires", "3"), "hires scale 3 turns 2048x2048 into 6144x6144, over 4096 px a side"),
+    "init-missing": Case(("--init", "missing.png"), "Invalid value for '--init': File 'missing.png' does not exist"),
 }
 
 
@@ -207,3 +212,43 @@ def test_generate_warns_of_black_images_and_still_writes_them(tiny_checkpoint: P
         "too strong (ink:1e+38): lower them"
     ]
     assert result.stdout.splitlines() == [str(tmp_path / "out" / "00001-7.png")]
+
+
+def test_generate_img2img_and_hires_give_the_python_apis_images(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    from bonsai.hires import generate_hires
+
+    monkeypatch.setenv("BONSAI_HOME", str(tmp_path / "home"))
+    pipe = Pipeline.from_pretrained(tiny_checkpoint, device="cpu")
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(init)
+    common = ["--model", str(tiny_checkpoint), "--seed", "4", "--steps", "3", "--size", "16x16", "-q"]
+    cases = {  # CLI options -> the Python API's images
+        "img2img": (["--init", str(init), "--strength", "0.6"],
+                    lambda: pipe.generate(PROMPT, seed=4, steps=3, width=16, height=16, strength=0.6,
+                                          init_images=[Image.open(init).convert("RGB")])),
+        "hires": (["--hires", "2", "--hires-steps", "2"],
+                  lambda: generate_hires(pipe, PROMPT, scale=2, hires_steps=2, seed=4, steps=3, width=16, height=16)),
+    }
+    for name, (options, api) in cases.items():
+        out = tmp_path / name
+        result = CliRunner().invoke(main, ["generate", PROMPT, *common, *options, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        expected = api()
+        with Image.open(out / "00001-4.png") as png:
+            np.testing.assert_array_equal(np.asarray(png), np.asarray(expected.images[0]))
+            assert png.text["parameters"] == expected.images[0].info["parameters"]
+    with Image.open(tmp_path / "hires" / "00001-4.png") as png:
+        assert png.size == (32, 32)
+        assert png.text["parameters"].endswith(
+            "Size: 32x32, Model: tiny-test, Schedule shift: 1, Denoising strength: 0.5, Hires upscale: 2, "
+            "Hires upscaler: lanczos, First pass size: 16x16, First pass steps: 3")
+    with Image.open(tmp_path / "img2img" / "00001-4.png") as png:
+        assert "Size: 16x16" in png.text["parameters"] and "Denoising strength: 0.6" in png.text["parameters"]
+
+
+def test_an_init_file_that_is_not_an_image_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image\n")
+    result = CliRunner().invoke(main, ["generate", PROMPT, "--model", str(tmp_path / "absent.safetensors"),
+                                       "--init", str(bad), "-o", str(tmp_path / "out")])
+    check_error(result.exit_code, result.stdout, result.stderr, f"{bad} is not an image Bonsai can read", tmp_path / "out")

@@ -236,9 +236,14 @@ class Pipeline:
             raise InvalidRequest(f"{path}: text encoder {text_kind!r} / decoder {decoder_kind!r} is not supported by this Bonsai")
         return cls(model, TextEncoder(), meta, dev, name, None, memory, cuda_graph)
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the denoiser's patch, in pixels."""
+        return self.patch_size * self.latent_factor
+
     def check(self, params: GenerationParams, batch: int) -> None:
         """Raise InvalidRequest naming the first bad field."""
-        factor = self.patch_size * self.latent_factor
+        factor = self.size_multiple
         if not params.prompt.strip():
             raise InvalidRequest("prompt is empty: describe the image you want")
         if len(params.prompt) > MAX_PROMPT_CHARS or len(params.negative_prompt) > MAX_PROMPT_CHARS:

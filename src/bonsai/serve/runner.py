@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from bonsai.hires import generate_hires
 from bonsai.pipeline import Pipeline, to_pil
 
 from .models import ModelCatalog
@@ -32,12 +33,6 @@ def preview_png(x0: torch.Tensor, side: int) -> bytes | None:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-def upscale(images: list[Image.Image], width: int, height: int, upscaler: str) -> list[Image.Image]:
-    """Pixel upscale for the second pass (LANCZOS is the only upscaler so far)."""
-    assert upscaler == "lanczos", upscaler
-    return [im.resize((width, height), Image.LANCZOS) for im in images]
 
 
 def _load(path: Path, device: str) -> Pipeline:
@@ -65,27 +60,17 @@ class Runner:
         """Generate the job's images, each with its A1111 parameters in .info["parameters"], and the warnings
         of the generation (pipeline.GenerationWarning: a prompt cut short, black images)."""
         pipe = self.pipeline(spec.model)
-        stages = 2 if spec.hires else 1
         # The job's LoRAs act as prompt tags do, and so are written into each image's parameters with the prompt.
         prompt = " ".join([spec.prompt, *(f"<lora:{name}:{weight:g}>" for name, weight in spec.loras)])
-        common = dict(negative_prompt=spec.negative_prompt, cfg=spec.cfg, seed=spec.seed, sampler=spec.sampler)
-        first = pipe.generate(
-            prompt, batch=spec.batch, callback=lambda s, t, x0: progress(1, stages, s, t, x0),
+        first = dict(
+            negative_prompt=spec.negative_prompt, cfg=spec.cfg, seed=spec.seed, sampler=spec.sampler,
             init_images=[init] if init is not None else None, strength=spec.strength,
-            steps=spec.steps, width=spec.width, height=spec.height, **common,
+            steps=spec.steps, width=spec.width, height=spec.height,
         )
         if spec.hires is None:
-            return first.images, first.warnings
-        h = spec.hires
-        second = pipe.generate(
-            prompt, batch=spec.batch, callback=lambda s, t, x0: progress(2, stages, s, t, x0),
-            init_images=upscale(first.images, h.width, h.height, h.upscaler), strength=h.strength,
-            steps=h.steps, width=h.width, height=h.height, **common,
-        )
-        note = (
-            f", Hires upscale: {h.scale:g}, Hires upscaler: {h.upscaler}, "
-            f"First pass size: {spec.width}x{spec.height}, First pass steps: {spec.steps}"
-        )
-        for image in second.images:
-            image.info["parameters"] += note
-        return second.images, list(dict.fromkeys(first.warnings + second.warnings))
+            result = pipe.generate(prompt, batch=spec.batch, callback=lambda s, t, x0: progress(1, 1, s, t, x0), **first)
+        else:
+            h = spec.hires
+            result = generate_hires(pipe, prompt, scale=h.scale, hires_strength=h.strength, hires_steps=h.steps,
+                                    upscaler=h.upscaler, batch=spec.batch, callback=progress, **first)
+        return result.images, result.warnings

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bonsai.hires import UPSCALERS, hires_size
 from bonsai.images import flatten_on_white
 from bonsai.limits import CFG_RANGE, MAX_PROMPT_CHARS, last_seed
 from bonsai.lora import LoRAError, parse_prompt_loras
@@ -26,7 +27,6 @@ from .config import ServeConfig
 from .errors import FieldError
 from .models import ModelCatalog, ModelInfo
 
-UPSCALERS = ("lanczos",)
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
@@ -158,10 +158,6 @@ def _check_img2img_steps(strength_field: str, strength: float, steps_field: str,
         )
 
 
-def _round_to(value: float, multiple: int) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
-
-
 def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[JobSpec, Image.Image | None]:
     """Check `req` and fill its defaults -> (spec, decoded init image or None); FieldError on the first bad field."""
     model = catalog.get(req.model)
@@ -208,7 +204,7 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
         if not 1 <= hires_steps <= cfg.max_steps:
             raise FieldError("hires.steps", f"hires.steps must be between 1 and {cfg.max_steps}, got {hires_steps}")
         _check_img2img_steps("hires.strength", h.strength, "hires.steps", hires_steps, shift)
-        hw, hh = _round_to(width * h.scale, model.size_step), _round_to(height * h.scale, model.size_step)
+        hw, hh = hires_size(width, height, h.scale, model.size_step)
         limit, reason = _side_limit(model, cfg)
         if max(hw, hh) > limit:
             raise FieldError(
