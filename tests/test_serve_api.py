@@ -235,6 +235,26 @@ def test_a_transparent_init_image_is_taken_over_white(client):
     assert np.array_equal(got, want)
 
 
+def sideways_photo() -> tuple[bytes, np.ndarray]:
+    """A 6x4 PNG whose EXIF says "turn me 90 degrees clockwise" (orientation 6, as phones write), and the
+    upright 4x6 pixels it shows."""
+    pixels = np.random.default_rng(3).integers(0, 255, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", exif=exif)
+    return buf.getvalue(), np.rot90(pixels, k=-1)
+
+
+def test_an_init_image_is_turned_upright_as_its_exif_says(tmp_path):
+    from bonsai.cli_generate import _open_image
+
+    data, upright = sideways_photo()
+    np.testing.assert_array_equal(np.asarray(decode_image(base64.b64encode(data).decode(), "init_image", 1 << 20)), upright)
+    (tmp_path / "photo.png").write_bytes(data)
+    np.testing.assert_array_equal(np.asarray(_open_image(tmp_path / "photo.png")), upright)
+
+
 def test_strength_that_leaves_no_step_is_refused_up_front(client, tiny_checkpoint):
     # The pipeline refused it only in the worker (with hires, after the whole first pass); the server
     # now answers 422 by the pipeline's own rule. tiny's 2 steps run at t = 1, 0.5, 0.

@@ -16,13 +16,14 @@ SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 def _open_image(path: Path):
-    """The image at `path`, read whole now: a file that is not one fails before the model loads."""
-    from PIL import Image, UnidentifiedImageError
+    """The image at `path`, read whole now (a file that is not one fails before the model loads), turned
+    upright as its EXIF orientation says (phone photos)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
-            return image.copy()
+            return ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
         raise click.BadParameter(f"{path} is not an image Bonsai can read ({e})", param_hint="--init") from None
 

@@ -47,8 +47,8 @@ def generate_hires(
     **first: Any,
 ) -> Generation:
     """Pipeline.generate(prompt, batch, **first), upscaled by `scale` and refined by img2img at
-    `hires_strength` over `hires_steps` steps (default: the first pass's). Returns the second pass, each image's parameters
-    naming the first pass as A1111 does; its warnings are both passes'."""
+    `hires_strength` over `hires_steps` steps (default: the first pass's). Returns the second pass, each
+    image's parameters naming the first pass as A1111 does; its warnings are both passes'."""
     if scale <= 1:
         raise InvalidRequest(f"hires scale must be above 1, got {scale:g}")
     w0, h0 = first.get("width") or pipe.defaults.width, first.get("height") or pipe.defaults.height

@@ -14,7 +14,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bonsai.hires import UPSCALERS, hires_size
@@ -123,7 +123,7 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
                 raise FieldError(field, f"{field} is {im.width}x{im.height}; at most {max_pixels} pixels are accepted")
             if im.format not in ("PNG", "JPEG", "WEBP"):
                 raise FieldError(field, f"{field} must be a PNG, JPEG or WebP image, got {im.format}")
-            return flatten_on_white(im)
+            return flatten_on_white(ImageOps.exif_transpose(im))  # upright, as its EXIF orientation says
     except (OSError, Image.DecompressionBombError, SyntaxError):
         raise FieldError(field, f"{field} is not a readable image") from None
 
