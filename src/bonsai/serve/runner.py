@@ -68,7 +68,8 @@ class Runner:
             steps=spec.steps, width=spec.width, height=spec.height,
         )
         if spec.hires is None:
-            result = pipe.generate(prompt, batch=spec.batch, callback=lambda s, t, x0: progress(1, 1, s, t, x0), **first)
+            one_pass = lambda s, t, x0: progress(1, 1, s, t, x0)  # noqa: E731
+            result = pipe.generate(prompt, batch=spec.batch, callback=one_pass, **first)
         else:
             h = spec.hires
             result = generate_hires(pipe, prompt, scale=h.scale, hires_strength=h.strength, hires_steps=h.steps,
