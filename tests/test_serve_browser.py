@@ -342,6 +342,14 @@ def test_a_jobs_warnings_show_under_its_images_until_the_next_job(live, browser)
     expect(page.locator("#job_warnings")).to_be_hidden()
     expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
     expect(page.locator("#job_warnings")).to_be_hidden()
+    # the gallery's detail view says it too, for that job's images only
+    page.click("nav button[data-tab=gallery]")
+    expect(page.locator("#gallery img").first).to_have_attribute("alt", "a birch", timeout=30_000)
+    page.locator("#gallery img").nth(1).click()
+    expect(page.locator("#detail_warnings")).to_contain_text("'w15 w16 w17 w18 w19' is ignored")
+    page.click("#close_detail")
+    page.locator("#gallery img").first.click()
+    expect(page.locator("#detail_warnings")).to_be_hidden()
 
 
 def test_size_menu_offers_the_models_own_sizes(live, browser):

@@ -24,10 +24,11 @@ function showError(message, id = "error") {
   $(id).hidden = !message;
 }
 
-// What a finished job warned of (a prompt cut short, black images), under its progress: the images stay.
-function showWarnings(warnings) {
-  $("job_warnings").textContent = warnings.map((w) => `warning: ${w}`).join("\n");
-  $("job_warnings").hidden = !warnings.length;
+// What a finished job warned of (a prompt cut short, black images), under its progress or in the gallery's
+// detail view (id): the images stay.
+function showWarnings(warnings, id = "job_warnings") {
+  $(id).textContent = warnings.map((w) => `warning: ${w}`).join("\n");
+  $(id).hidden = !warnings.length;
 }
 
 function option(value, text) {
@@ -286,6 +287,7 @@ function openDetail(job, n) {
   $("detail_image").src = job.images[n];
   $("detail_image").alt = job.spec.prompt;
   $("detail_params").textContent = job.parameters[n] || "";
+  showWarnings(job.warnings ?? [], "detail_warnings");
   $("download").href = `${job.images[n]}?download=1`;
   $("detail").showModal();
 }
