@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bonsai.kernels import PackedWeight, pack_signs
+from bonsai.heap import keep_large_blocks
 from bonsai.kernels.cpu import available_isas, bitmatmul_cpu, chosen_isa
 
 SHAPES = {  # (K, N) of each linear layer
@@ -229,8 +230,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("BONSAI_CPU_THREADS", str(torch.get_num_threads()))
+    heap = keep_large_blocks()  # as a CPU Pipeline does (BONSAI_MALLOC_TUNING=0: glibc's defaults)
 
     print(machine_line())
+    print(f"C heap: {'large freed blocks kept for reuse (bonsai.heap)' if heap else 'the C library defaults'}")
     clock = time.thread_time if args.cpu_time else time.perf_counter
     if args.breakdown:
         step_breakdown()

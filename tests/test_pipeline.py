@@ -298,3 +298,12 @@ def test_a_pipeline_settles_mkl_vml_before_it_generates(tiny_checkpoint: Path, m
     assert calls == [1]
     settle_vml.__wrapped__()  # every op it names exists in torch and takes a one-element float tensor
     assert {"sin", "cos", "exp", "sqrt"} <= set(VML_OPS)
+
+
+def test_a_cpu_pipeline_keeps_large_freed_blocks_in_the_heap(tiny_checkpoint: Path, monkeypatch) -> None:
+    import bonsai.pipeline
+
+    calls = []
+    monkeypatch.setattr(bonsai.pipeline, "keep_large_blocks", lambda: calls.append("heap"))
+    Pipeline.from_pretrained(tiny_checkpoint, device="cpu")
+    assert calls == ["heap"]

@@ -26,6 +26,7 @@ from .limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, last_seed
 from .models.offload import on_device, sequential_offload
 from .models.per_sample import per_sample
 from .sampling import SAMPLERS, cfg_velocity, flow_timesteps, img2img_timesteps, seeded_noise
+from .heap import keep_large_blocks
 from .vml import settle_vml
 
 # normal: every part stays on the device; lean: one part at a time (text encoder -> denoiser ->
@@ -165,6 +166,8 @@ class Pipeline:
         if memory not in MEMORY_MODES:
             raise InvalidRequest(f"memory {memory!r} is not one of {', '.join(MEMORY_MODES)}")
         settle_vml()  # else the same seed can give another image in one fresh process in a few dozen
+        if device.type == "cpu":
+            keep_large_blocks()  # large layer outputs reuse heap memory instead of fresh pages (bonsai/heap.py)
         self.denoiser = denoiser
         self.text_encoder = text_encoder
         self.decoder = decoder
