@@ -3,9 +3,10 @@
 glibc's malloc takes every block above its mmap threshold (at most 32 MB, by default) from the
 kernel as fresh pages and gives them back on free. On CPU each large layer output is then page-
 faulted and zeroed by the kernel on every call: bonsai-4b at 512x512 writes 75-100 MB per GEMM,
-and its GEMMs at M >= 1024 ran at 2/3 of their speed (benchmarks/RESULTS.md, "CPU, 2026-12-05: the C heap"). Raising
-the mmap and trim thresholds keeps such blocks in the heap, as glibc's own dynamic threshold does
-for blocks up to 32 MB. The cost: the heap stays at its high-water mark.
+and its steps ran 1.2x slower for it (benchmarks/RESULTS.md, "CPU, 2026-12-05: the C heap").
+Raising the mmap and trim thresholds keeps such blocks in the heap, as glibc's own dynamic
+threshold does for blocks up to 32 MB. The cost: the heap stays near its high-water mark (+0.28
+GiB peak RSS there).
 
 Set BONSAI_MALLOC_TUNING=0 to keep glibc's behaviour; MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_
 or GLIBC_TUNABLES set by the user are left to rule as well.
