@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dit_fused
+from .attention import attention
 from .per_sample import per_sample
 
 
@@ -110,7 +111,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(rms_norm(self.q_norm, q), rms_norm(self.k_norm, k), v)
+        out = attention(rms_norm(self.q_norm, q), rms_norm(self.k_norm, k), v)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -130,7 +131,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(B, T, H, D // H).transpose(1, 2)
         k, v = self.kv(text).reshape(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
         mask = text_mask[:, None, None, :]  # [B, 1, 1, L]; True = attend
-        out = F.scaled_dot_product_attention(rms_norm(self.q_norm, q), rms_norm(self.k_norm, k), v, attn_mask=mask)
+        out = attention(rms_norm(self.q_norm, q), rms_norm(self.k_norm, k), v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 

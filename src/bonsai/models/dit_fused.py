@@ -16,12 +16,12 @@ Triton kernels, with the dispatcher running the rest in torch, as dit.py would).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import Epilogue, Prologue, bitmatmul, fused_parts
 from ..lora.layers import LoRALayer
 from ..quant import BitLinear
+from .attention import attention
 
 _LINEARS = ("attn.qkv", "attn.proj", "cross.q", "cross.kv", "cross.proj", "mlp.fc1", "mlp.fc2")
 
@@ -72,7 +72,7 @@ def self_attention(attn: nn.Module, x: torch.Tensor, prologue: Prologue, gate: t
     H = attn.num_heads
     qkv = linear(attn.qkv, x, prologue, head_norms([attn.q_norm, attn.k_norm], D))
     q, k, v = qkv.reshape(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = attention(q, k, v)
     return linear(attn.proj, out.transpose(1, 2).reshape(B, T, D), epilogue=Epilogue(residual=x, gate=gate))
 
 
@@ -84,7 +84,7 @@ def cross_attention(
     L, H = text.shape[1], cross.num_heads
     q = linear(cross.q, x, prologue, head_norms([cross.q_norm], D)).reshape(B, T, H, D // H).transpose(1, 2)
     k, v = linear(cross.kv, text, epilogue=head_norms([cross.k_norm], D)).reshape(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask[:, None, None, :])
+    out = attention(q, k, v, attn_mask=text_mask[:, None, None, :])
     return linear(cross.proj, out.transpose(1, 2).reshape(B, T, D), epilogue=Epilogue(residual=x))
 
 
