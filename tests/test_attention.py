@@ -1,4 +1,4 @@
-"""bonsai.models.attention: bfloat16 attention on CPUs that compute it natively, float32 elsewhere."""
+"""bonsai.models.attention and bonsai.cpu_bf16: bfloat16 on CPUs that compute it natively, float32 elsewhere."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bonsai.models import attention as attention_module
+from bonsai import cpu_bf16
 from bonsai.models.attention import BF16_MIN_SCORES, attention
 
 
@@ -21,7 +21,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("native", [True, False])
 def test_large_attention_runs_in_bf16_only_where_the_cpu_computes_it(monkeypatch, native: bool) -> None:
-    monkeypatch.setattr(attention_module, "cpu_computes_bf16", lambda: native)
+    monkeypatch.setattr(cpu_bf16, "cpu_computes_bf16", lambda: native)
     q, k, v = qkv(512, 512, seed=1)
     mask = torch.rand(2, 1, 1, 512, generator=torch.Generator().manual_seed(2)) > 0.2
     assert q.shape[-2] * k.shape[-2] >= BF16_MIN_SCORES
@@ -36,20 +36,20 @@ def test_large_attention_runs_in_bf16_only_where_the_cpu_computes_it(monkeypatch
 
 
 def test_small_attention_stays_float32(monkeypatch) -> None:
-    monkeypatch.setattr(attention_module, "cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(cpu_bf16, "cpu_computes_bf16", lambda: True)
     q, k, v = qkv(256, 256, seed=3)  # bonsai-emoji's 256 tokens
     assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
 def test_the_environment_can_keep_float32_and_refuses_other_values(monkeypatch) -> None:
-    for value, expected in (("float32", False), ("fp16", ValueError)):
-        monkeypatch.setenv("BONSAI_CPU_ATTENTION", value)
-        attention_module.cpu_computes_bf16.cache_clear()
+    for value, expected in (("0", False), ("float32", ValueError)):
+        monkeypatch.setenv("BONSAI_CPU_BF16", value)
+        cpu_bf16.cpu_computes_bf16.cache_clear()
         try:
             if expected is ValueError:
-                with pytest.raises(ValueError, match="BONSAI_CPU_ATTENTION must be auto or float32"):
-                    attention_module.cpu_computes_bf16()
+                with pytest.raises(ValueError, match="BONSAI_CPU_BF16 must be auto or 0"):
+                    cpu_bf16.cpu_computes_bf16()
             else:
-                assert attention_module.cpu_computes_bf16() is expected
+                assert cpu_bf16.cpu_computes_bf16() is expected
         finally:
-            attention_module.cpu_computes_bf16.cache_clear()
+            cpu_bf16.cpu_computes_bf16.cache_clear()

@@ -239,3 +239,21 @@ def test_text_encoder_replays_match_eager_encoding(monkeypatch):
     assert stats.captures == 1 and stats.replays == 3 and stats.failure is None
     pipe.generate("a fox", steps=2, width=32, height=32, seed=1)
     assert pipe._graphs["text_encoder"].stats.captures == 1  # the same signature: replayed, not captured again
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_large_decodes_run_in_bf16_only_where_the_cpu_computes_it(tiny_ckpt, monkeypatch, native):
+    from bonsai import cpu_bf16
+
+    monkeypatch.setattr(cpu_bf16, "cpu_computes_bf16", lambda: native)
+    pipe = Pipeline.from_pretrained(str(tiny_ckpt), device="cpu")
+    latents = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))  # 256 x 256 px
+    with torch.no_grad():
+        images = pipe.decode(latents)
+        with torch.autocast("cpu", enabled=False):
+            fp32 = pipe.decoder(latents)
+        small = pipe.decode(latents[..., :64, :64])  # 128 x 128 px: float32 whatever the CPU
+        assert torch.equal(small, pipe.decoder(latents[..., :64, :64]))
+    assert images.dtype == torch.float32 and images.shape == (1, 3, 256, 256)
+    err = ((images.double() - fp32.double()).norm() / fp32.double().norm()).item()
+    assert (1e-4 < err < 2e-2) if native else err == 0

@@ -20,19 +20,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import cpu_bf16
 from .cuda_graph import GraphedModule, use_cuda_graph
+from .heap import keep_large_blocks
 from .images import flatten_on_white
 from .limits import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, last_seed
 from .models.offload import on_device, sequential_offload
 from .models.per_sample import per_sample
 from .sampling import SAMPLERS, cfg_velocity, flow_timesteps, img2img_timesteps, seeded_noise
-from .heap import keep_large_blocks
 from .vml import settle_vml
 
 # normal: every part stays on the device; lean: one part at a time (text encoder -> denoiser ->
 # tiled decoder), weights kept in CPU memory between uses; offload: lean, and the denoiser's
 # blocks visit the device one at a time (for GPUs smaller than the denoiser).
 MEMORY_MODES = ("normal", "lean", "offload")
+DECODE_BF16_MIN_PIXELS = 256 * 256  # decodes from this size run in bfloat16 on CPUs that compute it
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised estimate)
 
@@ -450,8 +452,12 @@ class Pipeline:
         """Denoised samples -> images [B, 3, H, W] in [-1, 1] (latents through the decoder)."""
         if self.decoder is None:
             return samples
-        with self._placed(self.decoder):
-            return self.decoder(samples.to(self.device))
+        # 2.2x faster in bfloat16 at 512x512 on a CPU with bfloat16 arithmetic (bonsai.cpu_bf16)
+        pixels = samples.shape[-2] * samples.shape[-1] * self.latent_factor**2
+        bf16 = self.device.type == "cpu" and pixels >= DECODE_BF16_MIN_PIXELS and cpu_bf16.cpu_computes_bf16()
+        with self._placed(self.decoder), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            images = self.decoder(samples.to(self.device))
+        return images.float() if bf16 else images
 
     @contextmanager
     def _placed(self, module: Any, offload_blocks: bool = False):
