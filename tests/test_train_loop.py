@@ -92,3 +92,14 @@ def test_resume_from_an_older_checkpoint_logs_each_step_once(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 11))
     assert lines[:5] == first_run  # the records up to the checkpoint are kept as they were
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_training_settles_mkl_vml_before_its_first_step(tmp_path, monkeypatch):
+    # As a Pipeline does: a fresh process's first multi-threaded sin/exp could take a low-accuracy kernel.
+    import bonsai.train.loop as loop
+
+    order = []
+    monkeypatch.setattr(loop, "settle_vml", lambda: order.append("settle"))
+    cfg = TrainConfig(steps=2, lr=1e-2, warmup=1, log_every=1, checkpoint_every=100, compile=False)
+    train(nn.Linear(8, 8), lambda net, x: order.append("step") or (net(x) - x).pow(2).mean(), _batches(), cfg, tmp_path)
+    assert order == ["settle", "step", "step"]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..atomic import atomic_write
+from ..vml import settle_vml
 from .fsdp import full_training_state, is_sharded, load_training_state
 
 
@@ -189,6 +190,7 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
+    settle_vml()  # as Pipeline does: else a fresh process's first sin/exp may take MKL's low-accuracy kernel
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda" and all(p.is_floating_point() for p in params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=fused)
