@@ -6,7 +6,8 @@
 #   3. with BASELINE_SRC (a `src` folder of another commit, e.g. from `git archive REV src`), step 2 again
 #      on that code, for an A/B on the same machine.
 #
-#   OUT=/tmp/out BASELINE_SRC=.carry/old_src/src bash benchmarks/gpu_checks.sh
+#   mkdir -p .carry/old_src && git archive ab8c4ff src | tar -x -C .carry/old_src   # two-launch split-K
+#   OUT=/tmp/out BASELINE_SRC=.carry/old_src/src bash benchmarks/gpu_checks.sh      # on the device, carry .carry
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_checks}
