@@ -125,8 +125,9 @@ def to_pil(samples: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
-def _non_finite(samples: torch.Tensor, seeds: list[int], loras: dict[str, float]) -> NonFiniteImage | None:
-    bad = [seed for seed, sample in zip(seeds, samples) if not bool(torch.isfinite(sample).all())]
+def _non_finite(finite: list[bool], seeds: list[int], loras: dict[str, float]) -> NonFiniteImage | None:
+    """The warning for the images (by seed) that are not all finite, naming `loras` (name -> weight) as a cause."""
+    bad = [seed for seed, ok in zip(seeds, finite) if not ok]
     if not bad:
         return None
     which = f"the image of seed {bad[0]}" if len(bad) == 1 else f"the images of seeds {', '.join(map(str, bad))}"
@@ -388,10 +389,11 @@ class Pipeline:
         step_cb = None if callback is None else (lambda i, x_, x0: callback(i + 1, total, x0))
         with self._use_loras(loras):
             samples = self.sample([text] * batch, [params.negative_prompt] * batch, params, x, timesteps, step_cb)
-            active = self._active_loras()
+            finite = torch.isfinite(samples).flatten(1).all(1).tolist()  # one check (one device sync) per batch
+            active = {} if all(finite) else self._active_loras()  # walks every module: only when it is needed
         images = to_pil(samples)
         per_image = [replace(params, seed=params.seed + i) for i in range(batch)]
-        notes.append(_non_finite(samples, [p.seed for p in per_image], active))
+        notes.append(_non_finite(finite, [p.seed for p in per_image], active))
         notes = [n for n in notes if n is not None]
         for note in notes:
             warnings.warn(note, stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
