@@ -5,7 +5,8 @@
 
 Paths: bf16 (torch.matmul, cuBLAS), w1a16, w1a8 (our fragment kernels). Everything before
 the range (random weights, autotuning, the first call) stays out of the profile, so ncu sees exactly
-the kernels of one call: W1A8's quantization kernel and GEMM, or W1A16's GEMM (and its K-share sum).
+the kernels of one call: W1A8's quantization kernel and GEMM, or W1A16's GEMM (which also adds its
+K shares at M <= 16).
 """
 
 from __future__ import annotations
