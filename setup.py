@@ -18,7 +18,8 @@ OPENMP_PROBE = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 
 # The AMX path needs a compiler and assembler that know the tile instructions (GCC 11+, binutils 2.36+).
 AMX_PROBE = (
     "#include <immintrin.h>\n"
-    '__attribute__((target("amx-tile,amx-int8,avx512bf16"))) void f(void* p) { _tile_loadd(1, p, 64); _tile_dpbsud(0, 1, 2);\n'
+    '__attribute__((target("amx-tile,amx-int8,avx512bf16,avx512vbmi"))) void f(void* p) { _tile_loadd(1, p, 64);\n'
+    "  _tile_dpbsud(0, 1, 2); __m512i z = _mm512_setzero_si512(); _mm512_storeu_si512(p, _mm512_permutex2var_epi8(z, z, z));\n"
     "  _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), _mm512_setzero_ps())); }\n"
     "int main() { return 0; }\n"
 )

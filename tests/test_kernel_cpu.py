@@ -42,6 +42,9 @@ CASES = [
     (45, 71, 1203, 600, True, True, 17, True),  # the same on two 32-row panels; rank past 16 columns
     (301, 71, 4099, 0, False, True, 0, True),  # several M-blocks
     (50, 70, 1100, 0, True, False, 40, True),  # rank 40: 16-rank blocks in a pair and alone (AMX x V.T)
+    # AMX: one group past 3072 columns goes in passes (768 + 768 + 16 k4 steps); whole tiles keep
+    # their sums in y between passes, the edge tiles (13 last rows, 4 last columns) elsewhere.
+    (77, 100, 6151, 0, True, True, 5, True),
 ]
 
 
@@ -123,11 +126,13 @@ def test_matches_float64_references(isa: str, case: tuple) -> None:
     assert rel < 2e-2, msg
 
 
-def test_paths_agree_and_threads_do_not_change_results(monkeypatch) -> None:
+# (N, K, group size): 12M multiply-adds, big enough for 2 threads; the second in passes over K on AMX.
+@pytest.mark.parametrize("n, k, g", [(177, 1517, 64), (200, 3500, 0)])
+def test_paths_agree_and_threads_do_not_change_results(monkeypatch, n: int, k: int, g: int) -> None:
     gen = torch.Generator().manual_seed(5)
-    w = random_weight(gen, 177, 1517, 64, True, True, 5)  # 12M multiply-adds: big enough for 2 threads
-    x = torch.randn(45, 1517, generator=gen)
-    bias = torch.randn(177, generator=gen)
+    w = random_weight(gen, n, k, g, True, True, 5)
+    x = torch.randn(45, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
     results = {}
     for isa in ISAS:
         monkeypatch.setenv("BONSAI_CPU_ISA", isa)

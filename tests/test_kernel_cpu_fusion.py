@@ -41,6 +41,7 @@ CASES = [
     (1, 33, 1283, 50, 2, None, "residual"),
     (3, 17, 99, 130, 0, "affine", None),
     (2, 21, 130, 64, 4, "modulated", "gelu+gated"),
+    (2, 21, 3203, 130, 0, "modulated", "gelu+gated"),  # AMX: two passes over K, the epilogue on the last
 ]
 
 

@@ -23,7 +23,10 @@
 //    x), bias, and the low-rank residual in float32 (x @ V.T per row during quantization, then a
 //    rank-r update of the tile), so a "mean + rank-16" layer is one call and one write of y.
 //  * Blocking: activation rows in blocks of ~BLOCK_BYTES (stay in L2), 32-column weight panels in
-//    L2/L1, register tiles of mr rows x 32 columns. OpenMP threads take (M-block, panel) work items
+//    L2/L1, register tiles of mr rows x 32 columns. A path with Ops::pass_steps (AMX) goes over K in
+//    passes of that many k4 steps when there is one group, each over every tile, so that a block's
+//    share of K (not all of K) has to stay in L2 and a block keeps ~320 rows at K = 12288; a
+//    tile's int32 sums wait in its own part of y between passes. OpenMP threads take (M-block, panel) work items
 //    from one contiguous range each, then from the back of the others' ranges; small products run
 //    on fewer threads (waking a thread costs more than it saves).
 //  * Paths: scalar (portable, reference for the others), AVX2+FMA, AVX-512 BW+VNNI, AMX-INT8 (x86,
@@ -79,8 +82,8 @@ void quantize_row_scalar(const Problem& p, const float* x, int8_t* q, float* sca
   *qsum = s;
 }
 
-void expand_panel_scalar(const Problem& p, int64_t n0, uint8_t* w) {
-  for_each_chunk(p, 64, [&](int64_t kp, int64_t k, int nb, int nvalid) {
+void expand_panel_scalar(const Problem& p, int64_t n0, int64_t j0, int64_t j1, uint8_t* w) {
+  for_each_chunk(p, 64, j0 * 4, j1 * 4, [&](int64_t kp, int64_t k, int nb, int nvalid) {
     for (int i = 0; i < PANEL; ++i) {
       const uint64_t bits = row_bits(p, n0 + i, k, nvalid);
       for (int b = 0; b < nb; ++b)
@@ -137,6 +140,12 @@ const Ops* ops_for(int isa) {
   }
 }
 
+// Row chunks of KU bytes to every mr * KU bytes of out (the row's place in its activation panel).
+template <int KU>
+void scatter_chunks(const int8_t* row, int64_t kpad, int mr, int8_t* out) {
+  for (int64_t j = 0; j < kpad / KU; ++j) memcpy(out + j * mr * KU, row + j * KU, KU);
+}
+
 // Quantize row m (after the fused prologue, if any, into xrow) and place it in its panel:
 // q[kpad / kunit][mr][kunit] with group padding, plus group sums and (when lowrank) the row's
 // low-rank factor x @ V.T.
@@ -164,7 +173,23 @@ void place_row(const Problem& p, const Ops& ops, int64_t m, int8_t* qall, int32_
     sumx[g * mr + r] = s;
   }
   int8_t* base = qall + mp * MR * p.kpad + r * KU;
-  for (int64_t j = 0; j < p.kpad / KU; ++j) memcpy(base + j * mr * KU, padded + j * KU, (size_t)KU);
+  if (KU == 64)  // copies of a constant size, which compilers inline (a call per chunk cost ~7% of a call)
+    scatter_chunks<64>(padded, p.kpad, mr, base);
+  else if (KU == 4)
+    scatter_chunks<4>(padded, p.kpad, mr, base);
+  else
+    for (int64_t j = 0; j < p.kpad / KU; ++j) memcpy(base + j * mr * KU, padded + j * KU, (size_t)KU);
+}
+
+// Asks for the sign bits of k4 steps j0 .. j1 - 1 of the panel at n0 to be brought into L2 while the
+// current item runs: the expansion reads them 8 bytes per row at a time, a pattern the hardware
+// prefetchers miss, and waited on L3 for most of its time. (Padded columns are ignored: the bytes
+// past a group's end are the next group's, so nothing is missed for long.)
+void prefetch_panel(const Problem& p, int64_t n0, int64_t j0, int64_t j1) {
+  const int64_t rows = p.N - n0 < PANEL ? p.N - n0 : PANEL;
+  const int64_t b0 = j0 * 4 / 8, b1 = (j1 * 4 + 7) / 8 < p.row_bytes ? (j1 * 4 + 7) / 8 : p.row_bytes;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = b0 & ~63; b < b1; b += 64) __builtin_prefetch(p.signs + (n0 + r) * p.row_bytes + b, 0, 2);
 }
 
 void* aligned(size_t bytes) {
@@ -350,7 +375,13 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   const int64_t k4 = p.kpad / 4;
   const size_t row_tmp = (size_t)(p.K + p.kpad + 64), wbytes = (size_t)(k4 * PANEL_BYTES);
   const bool shared = wbytes * (size_t)npn <= SHARED_PANEL_BYTES;
-  int64_t mc = shared ? (ROW_BLOCK + MR - 1) / MR : BLOCK_BYTES / (MR * p.kpad);  // activation panels per M-block
+  const bool direct = ops->direct_single_group && p.ngroups == 1;
+  // Passes over K (Ops::pass_steps): `span` k4 steps of every tile per pass, one kernel call each.
+  const bool passes = direct && !shared && ops->pass_steps > 0;
+  const int64_t span = passes && ops->pass_steps < k4 ? ops->pass_steps : k4;
+  const int64_t npass = (k4 + span - 1) / span;
+  const int64_t kc = passes ? span : KC_STEPS;  // k4 steps per kernel call
+  int64_t mc = shared ? (ROW_BLOCK + MR - 1) / MR : BLOCK_BYTES / (MR * 4 * span);  // activation panels per M-block
   mc = mc < 1 ? 1 : (mc > npm ? npm : mc);
   const int64_t nbm = (npm + mc - 1) / mc;
   const int64_t panel_sets = shared ? npn : nt;  // expanded panels (and their scales) held at once
@@ -360,7 +391,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   const bool bf16_rows = p.rank && ops->lowrank_bf16;
   uint16_t* lrb;
   int8_t *q, *rows;
-  int32_t *sumx, *accall;
+  int32_t *sumx, *accall, *carry_edge;
   float *scale, *gsall, *fall, *xrows;
   uint8_t* wall;
   auto carve = [&](char* base) {  // with base null: only the size
@@ -375,6 +406,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     gsall = c.take<float>(gsn * panel_sets);
     accall = c.take<int32_t>(tile_n * nt);
     fall = c.take<float>(tile_n * nt);
+    carry_edge = c.take<int32_t>(npass > 1 ? (size_t)((npn + npm) * MR * PANEL) : 0);
     return c.used;
   };
   static thread_local Workspace workspace;
@@ -392,7 +424,6 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   const bool block_lowrank = p.rank && ops->lowrank_rows;
   const bool prologue = fusion && fusion->layer_norm;
   const bool epilogue_tile = fusion && (fusion->gelu || (fusion->residual && !fusion->norm_cols));
-  const bool direct = ops->direct_single_group && p.ngroups == 1;
   const float* row_scale = p.row_scale;
   const uint16_t* group_scale = p.group_scale;
 
@@ -418,10 +449,10 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
           lrb[m * lowrank_bf16_stride(p) + j] = j < p.rank ? bf16_bits(lrt[m * p.rank_pad + j]) : 0;
     }
 
-    // Panel n0 / PANEL expanded into w, with its columns' scales in gs.
-    auto prepare_panel = [&](int64_t n0, uint8_t* w, float* gs) {
+    // k4 steps j0 .. j1 - 1 of panel n0 / PANEL expanded into w, with its columns' scales in gs.
+    auto prepare_panel = [&](int64_t n0, int64_t j0, int64_t j1, uint8_t* w, float* gs) {
       const int ncols = (int)(N - n0 < PANEL ? N - n0 : PANEL);
-      ops->expand_panel(p, n0, w);
+      ops->expand_panel(p, n0, j0, j1, w);
       for (int c = 0; c < PANEL; ++c) {
         const int64_t n = n0 + c;
         for (int64_t g = 0; g < p.ngroups; ++g) {
@@ -432,28 +463,40 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     };
     if (shared) {
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < npn; ++j) prepare_panel(j * PANEL, wall + wbytes * j, gsall + gsn * j);
+      for (int64_t j = 0; j < npn; ++j) prepare_panel(j * PANEL, 0, k4, wall + wbytes * j, gsall + gsn * j);
     }
     int32_t* acc = accall + tile_n * t;
     float* f = fall + tile_n * t;
-    auto item = [&](int64_t it) {
+    // Item `it` of pass `pass`: the pass's k4 steps of one panel for the rows of one M-block.
+    auto item = [&](int64_t it, int64_t pass) {
       const int64_t bm = it / npn, n0 = (it % npn) * PANEL;
+      const int64_t jp0 = pass * span, jp1 = jp0 + span < k4 ? jp0 + span : k4;
       const int ncols = (int)(N - n0 < PANEL ? N - n0 : PANEL);
       const int64_t set = shared ? it % npn : t;
       uint8_t* w = wall + wbytes * set;
       float* gs = gsall + gsn * set;
-      if (!shared) prepare_panel(n0, w, gs);
+      if (!shared) {
+        prefetch_panel(p, (it + 1) % npn * PANEL, jp0, jp1);
+        prepare_panel(n0, jp0, jp1, w, gs);
+      }
       const int64_t mp0 = bm * mc, mp1 = (bm + 1) * mc < npm ? (bm + 1) * mc : npm;
       // K-chunks outside, activation panels inside: the weight chunk stays in L1. With one K-chunk
       // every panel is finished before the next starts, so they share one tile's scratch (in L1).
-      for (int64_t j0 = 0; j0 < k4; j0 += KC_STEPS) {
-        const int64_t j1 = j0 + KC_STEPS < k4 ? j0 + KC_STEPS : k4;
+      for (int64_t j0 = jp0; j0 < jp1; j0 += kc) {
+        const int64_t j1 = j0 + kc < jp1 ? j0 + kc : jp1;
         for (int64_t mp = mp0; mp < mp1; ++mp) {
-          const int64_t m0 = mp * MR, slot = (k4 <= KC_STEPS ? 0 : mp - mp0) * MR * PANEL;
+          const int64_t m0 = mp * MR, slot = (jp1 - jp0 <= kc ? 0 : mp - mp0) * MR * PANEL;
           const ActPanel a = {q + m0 * p.kpad, sumx + m0 * p.ngroups, scale + m0, xsum + m0,
                               lrt + m0 * p.rank_pad, (int)(M - m0 < MR ? M - m0 : MR),
                               bf16_rows ? lrb + m0 * lowrank_bf16_stride(p) : nullptr};
-          const Tile tile = {acc + slot, f + slot, n0, gs};
+          // Between passes a whole tile's sums wait in its own part of y (int32, overwritten by the
+          // last pass); a tile at the bottom or right edge would spill past it, so its sums wait in
+          // carry_edge (per panel for the last rows, per activation panel for the last columns).
+          const bool whole = a.mr == MR && ncols == PANEL;
+          int32_t* carry = npass == 1 ? nullptr
+                           : whole   ? (int32_t*)(y + m0 * N + n0)
+                                     : carry_edge + (a.mr < MR ? n0 / PANEL : npn + mp) * MR * PANEL;
+          const Tile tile = {acc + slot, f + slot, n0, gs, carry, whole ? N * 4 : PANEL * 4};
           if (j0 == 0 && !direct) memset(tile.f, 0, sizeof(float) * (size_t)(MR * PANEL));
           ops->kernel(p, a, w, tile, j0, j1, ncols);
           if (j1 == k4) {
@@ -470,9 +513,16 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     // M = 512: 1.26x from the second thread, now 1.55-1.65x). Taking from the back still
     // balances threads that run at different speeds (measured: the calling thread is often the
     // slower one). A team smaller than nt is fine: the others' ranges are taken from the back.
-    for (int64_t it; (it = ranges[t].take_front()) >= 0;) item(it);
-    for (int o = 1; o < nt; ++o)
-      for (int64_t it; (it = ranges[(t + o) % nt].take_back()) >= 0;) item(it);
+    for (int64_t pass = 0; pass < npass; ++pass) {
+      if (pass > 0) {  // every tile's sums of the last pass are in place before any item goes on
+#pragma omp barrier
+#pragma omp single
+        for (int i = 0; i < nt; ++i) ranges[i].reset(items * i / nt, items * (i + 1) / nt);
+      }
+      for (int64_t it; (it = ranges[t].take_front()) >= 0;) item(it, pass);
+      for (int o = 1; o < nt; ++o)
+        for (int64_t it; (it = ranges[(t + o) % nt].take_back()) >= 0;) item(it, pass);
+    }
     if (ops->thread_end) ops->thread_end();
     if (fusion && fusion->norm_cols) {
 #pragma omp barrier

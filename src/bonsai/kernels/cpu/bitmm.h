@@ -89,6 +89,8 @@ struct Tile {
   float* f;      // [mr][PANEL] sum over finished groups of gs * (dot - sumx); zeroed by the driver
   int64_t n0;    // the weight panel's first output column
   const float* gs;  // [ngroups][PANEL] row_scale * group_scale of the panel's columns (0 past N)
+  int32_t* carry;  // where the sums wait between passes (Ops::pass_steps), or null: acc
+  int64_t carry_stride;  // bytes per row of carry
 };
 
 // The pieces each ISA provides; the driver in bitmm.cpp does the rest.
@@ -100,8 +102,9 @@ struct Ops {
   // t[rank_pad] = V @ x for one raw row x[K], zero past the rank (float32; the low-rank residual's
   // first factor).
   void (*lowrank_row)(const Problem& p, const float* x, float* t);
-  // Expand weight rows n0 .. n0 + PANEL - 1 (rows >= N read as zero) into wbuf[kpad/4][PANEL][4].
-  void (*expand_panel)(const Problem& p, int64_t n0, uint8_t* wbuf);
+  // Expand weight rows n0 .. n0 + PANEL - 1 (rows >= N read as zero) into wbuf[kpad/4][PANEL][4], k4
+  // steps j0 .. j1 - 1 (multiples of kunit / 4).
+  void (*expand_panel)(const Problem& p, int64_t n0, int64_t j0, int64_t j1, uint8_t* wbuf);
   // Accumulate k4 steps [j0, j1) into the tile: f[r][c] += t.gs[g][c] * (int dot_g - sumx_g[r]) for
   // each group g finished in the range (columns c >= ncols may be skipped).
   void (*kernel)(const Problem& p, const ActPanel& a, const uint8_t* wbuf, Tile t, int64_t j0,
@@ -130,6 +133,10 @@ struct Ops {
   bool direct_single_group;
   // The driver also keeps the low-rank factors in bfloat16 (ActPanel::lrb), rounded once per row.
   bool lowrank_bf16;
+  // With one group: k4 steps per pass (0: one pass, whose kernel calls go KC_STEPS steps at a time).
+  // Each pass runs over every output tile, and a tile's int32 sums wait in y (Tile::carry) between
+  // passes; the kernel then covers a whole pass per call.
+  int64_t pass_steps;
 };
 
 constexpr int LOWRANK_ROWS = 16;  // one AMX tile of rows
@@ -175,7 +182,7 @@ TARGET_AVX512 void epilogue_tile_avx512(const Problem& p, int64_t m0, int rows, 
 TARGET_AVX512 void epilogue_norms_avx512(const Problem& p, int64_t m, float* y);
 TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum,
                                        int32_t* qsum);
-TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w);
+TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, int64_t j0, int64_t j1, uint8_t* w);
 TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t);
 TARGET_AVX512 void lowrank_rows_avx512(const Problem& p, const float* x, int rows, float* t);
 // The tile's output with the low-rank sum taken from lowrank [mr][PANEL] when given (else computed).
@@ -219,12 +226,15 @@ static inline int64_t group_len(const Problem& p, int64_t g) {
 }
 
 // Calls fn(kp, k, nb, nvalid) for consecutive chunks of at most `width` padded columns that never
-// straddle a group: padded positions kp .. kp + nb - 1 hold real columns k .. k + nvalid - 1, then 0.
+// straddle a group, from padded column kp0 up to kp1 (chunk boundaries): padded positions kp .. kp +
+// nb - 1 hold real columns k .. k + nvalid - 1, then 0.
 template <typename Fn>
-static inline void for_each_chunk(const Problem& p, int width, Fn fn) {
-  for (int64_t g = 0; g < p.ngroups; ++g) {
+static inline void for_each_chunk(const Problem& p, int width, int64_t kp0, int64_t kp1, Fn fn) {
+  for (int64_t g = kp0 / p.gpad; g < p.ngroups && g * p.gpad < kp1; ++g) {
     const int64_t valid = group_len(p, g);
     for (int64_t c = 0; c < p.gpad; c += width) {
+      if (g * p.gpad + c < kp0) continue;
+      if (g * p.gpad + c >= kp1) break;
       const int nb = (int)(p.gpad - c < width ? p.gpad - c : width);
       const int nvalid = c < valid ? (int)(valid - c < nb ? valid - c : nb) : 0;
       fn(g * p.gpad + c, g * p.gsize + c, nb, nvalid);

@@ -3,8 +3,10 @@
 // sums (16K multiply-adds per instruction, ~16x a vpdpbusd). The expanded panel of bitmm.cpp,
 // wbuf[k4][32][4], already is the B-tile layout (16 k4 rows of one 16-column half, row stride 128
 // bytes); activations are placed in 64-byte chunks per row (Ops::kunit = 64) so that 16 rows of a
-// chunk are one A tile. Quantization, panel expansion, group flushes and the epilogue are the
-// AVX-512 pieces; the AVX-512 kernel is this kernel's reference. The low-rank residual's second
+// chunk are one A tile. Quantization, group flushes and the epilogue are the AVX-512 pieces, and the
+// AVX-512 kernel is this kernel's reference; the panel expansion is its own (byte permutes, VBMI).
+// With one group the kernel covers a whole pass over K per call (Ops::pass_steps), so the C tiles
+// are stored once per pass, not per L1-sized chunk (those stores cost ~20% of a call). The low-rank residual's second
 // product, (x V.T) U.T, runs on AMX-BF16 tiles as well (tdpbf16ps: x V.T rounded to bfloat16, U is
 // stored in bfloat16, float32 sums): at K = 320 its rank-16 FMAs cost more than the 1-bit product.
 // Linux hands out tile state only after arch_prctl(ARCH_REQ_XCOMP_PERM); without it, without the
@@ -20,8 +22,8 @@
 #include <unistd.h>
 
 #define TARGET_AMX                                                                                    \
-  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,amx-tile,amx-int8," \
-                         "amx-bf16")))
+  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx512vbmi,amx-tile," \
+                         "amx-int8,amx-bf16")))
 
 namespace bonsai {
 namespace {
@@ -30,6 +32,10 @@ constexpr int AMX_MR = 32;   // rows per activation panel: two A tiles
 constexpr int TILE_BYTES = 64;  // bytes per tile row (Ops::kunit)
 constexpr int TILE_K4 = 16;  // k4 steps per tile
 constexpr int ACC_STRIDE = PANEL * 4;  // bytes per row of t.acc
+// k4 steps per pass over the output (3072 columns of K): 32 activation rows of a pass take 96 KiB,
+// so an M-block of them stays in L2 at any K, and the expanded weights of a pass (96 KiB) are used by
+// all of the block's rows. At K = 12288 a block held 64 rows before (each panel expanded per 64 rows).
+constexpr int64_t AMX_PASS_STEPS = 768;
 
 // A compiler barrier where tile loads and stores meet ordinary memory accesses: GCC's tile
 // intrinsics do not declare the memory they touch.
@@ -55,26 +61,77 @@ TARGET_AMX void amx_begin() {
 
 TARGET_AMX void amx_end() { _tile_release(); }
 
-// C tiles <-> t.acc [MR][PANEL] int32 (tile (i, h) at row 16i, column 16h).
+// Sign bits of 64 columns from k of weight rows n0 .. n0 + 15 (zero past N and past nvalid
+// columns), rows n0 .. n0 + 7 in lo and the rest in hi: two gathers where the bits start on a byte
+// and 8 bytes are left in the row, else read_bits per row.
+TARGET_AMX inline void sign_rows16(const Problem& p, int64_t n0, int64_t k, int nvalid, __m512i& lo, __m512i& hi) {
+  const int64_t b = k >> 3;
+  if ((k & 7) == 0 && p.row_bytes - b >= 8) {
+    const __m512i offsets =
+        _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(p.row_bytes));
+    const __m512i keep = _mm512_set1_epi64(nvalid >= 64 ? -1ll : (long long)((1ull << nvalid) - 1));
+    const int64_t rows = p.N - n0;
+    const __mmask8 m_lo = (__mmask8)(rows >= 8 ? 0xff : rows <= 0 ? 0 : (1u << rows) - 1);
+    const __mmask8 m_hi = (__mmask8)(rows >= 16 ? 0xff : rows <= 8 ? 0 : (1u << (rows - 8)) - 1);
+    const uint8_t* base = p.signs + n0 * p.row_bytes + b;
+    lo = _mm512_and_si512(_mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m_lo, offsets, base, 1), keep);
+    hi = _mm512_and_si512(
+        _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m_hi, offsets, base + 8 * p.row_bytes, 1), keep);
+    return;
+  }
+  alignas(64) uint64_t bits[16];
+  for (int i = 0; i < 16; ++i) bits[i] = row_bits(p, n0 + i, k, nvalid);
+  lo = _mm512_load_si512(bits);
+  hi = _mm512_load_si512(bits + 8);
+}
+
+// expand_panel_avx512's bytes with one byte permute per two k4 rows instead of a dword transpose
+// (AVX512-VBMI, which every AMX CPU has): vpermi2b copies byte b of weight row n into the 4 bytes
+// of B-tile column n, and a bit test per byte gives k4 row 2b (bits 0-3) and 2b + 1 (bits 4-7).
+TARGET_AMX void expand_chunk_amx(const Problem& p, int64_t n0, int64_t k, int nb, int nvalid, uint8_t* out) {
+  const __m512i two = _mm512_set1_epi8(2);
+  const __m512i low_bits = _mm512_set1_epi32(0x08040201), high_bits = _mm512_set1_epi32((int)0x80402010u);
+  // Byte 4n + i of the permute index: byte b of row n, i.e. 8n + b (rows 8-15 in the second register).
+  const __m512i row_start = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(0x08080808));
+  for (int half = 0; half < 2; ++half, out += 64) {
+    __m512i lo, hi;
+    sign_rows16(p, n0 + half * 16, k, nvalid, lo, hi);
+    for (int j = 0; j < nb / 4; j += 2) {
+      const __m512i v = _mm512_permutex2var_epi8(lo, _mm512_add_epi8(row_start, _mm512_set1_epi8((char)(j / 2))), hi);
+      _mm512_store_si512(out + j * PANEL_BYTES, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(v, low_bits), two));
+      if (j + 1 < nb / 4)
+        _mm512_store_si512(out + (j + 1) * PANEL_BYTES, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(v, high_bits), two));
+    }
+  }
+}
+
+TARGET_AMX void expand_panel_amx(const Problem& p, int64_t n0, int64_t j0, int64_t j1, uint8_t* w) {
+  for_each_chunk(p, 64, j0 * 4, j1 * 4, [&](int64_t kp, int64_t k, int nb, int nvalid) {
+    expand_chunk_amx(p, n0, k, nb, nvalid, w + (kp / 4) * PANEL_BYTES);
+  });
+}
+
+// C tiles <-> int32 [MR][PANEL] at acc, `stride` bytes per row (tile (i, h) at row 16i, column 16h).
 template <bool TWO>
-TARGET_AMX void store_acc(int32_t* acc) {
-  _tile_stored(0, acc, ACC_STRIDE);
-  _tile_stored(1, acc + 16, ACC_STRIDE);
+TARGET_AMX void store_acc(int32_t* acc, int64_t stride = ACC_STRIDE) {
+  _tile_stored(0, acc, stride);
+  _tile_stored(1, acc + 16, stride);
   if (TWO) {
-    _tile_stored(2, acc + 16 * PANEL, ACC_STRIDE);
-    _tile_stored(3, acc + 16 * PANEL + 16, ACC_STRIDE);
+    _tile_stored(2, (char*)acc + 16 * stride, stride);
+    _tile_stored(3, (char*)(acc + 16) + 16 * stride, stride);
   }
   memory_barrier();
 }
 
 template <bool TWO>
-TARGET_AMX void load_acc(const int32_t* acc) {
+TARGET_AMX void load_acc(const int32_t* acc, int64_t stride = ACC_STRIDE) {
   memory_barrier();
-  _tile_loadd(0, acc, ACC_STRIDE);
-  _tile_loadd(1, acc + 16, ACC_STRIDE);
+  _tile_loadd(0, acc, stride);
+  _tile_loadd(1, acc + 16, stride);
   if (TWO) {
-    _tile_loadd(2, acc + 16 * PANEL, ACC_STRIDE);
-    _tile_loadd(3, acc + 16 * PANEL + 16, ACC_STRIDE);
+    _tile_loadd(2, (const char*)acc + 16 * stride, stride);
+    _tile_loadd(3, (const char*)(acc + 16) + 16 * stride, stride);
   }
 }
 
@@ -179,7 +236,9 @@ template <bool TWO>
 TARGET_AMX void kernel_amx_rows(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t,
                                 int64_t j0, int64_t j1) {
   const int64_t g4 = p.gpad / 4;  // a multiple of TILE_K4
-  if (j0 % g4)
+  if (j0 % g4 && t.carry)
+    load_acc<TWO>(t.carry, t.carry_stride);
+  else if (j0 % g4)
     load_acc<TWO>(t.acc);
   else
     zero_acc<TWO>();
@@ -205,7 +264,9 @@ TARGET_AMX void kernel_amx_rows(const Problem& p, const ActPanel& a, const uint8
       zero_acc<TWO>();
     }
   }
-  if (j1 % g4)
+  if (j1 % g4 && t.carry)
+    store_acc<TWO>(t.carry, t.carry_stride);
+  else if (j1 % g4)
     store_acc<TWO>(t.acc);
   else if (p.rank && j1 == p.kpad / 4)
     lowrank_tiles<TWO>(p, a, t, p.ngroups == 1 ? t.f : (float*)t.acc);
@@ -246,13 +307,13 @@ void write_tile_amx(const Problem& p, const ActPanel& a, Tile t, int ncols, floa
   x86::write_tile_avx512(p, a, t.f, p.rank ? (const float*)t.acc : nullptr, t.n0, ncols, y);
 }
 
-// CPU has AMX-BF16, AMX-TILE and AMX-INT8 (CPUID.7.0:EDX bits 22, 24, 25) and AVX512-BF16 (CPUID.7.1:EAX
-// bit 5; every AMX CPU so far has it) and the kernel lets this
+// CPU has AMX-BF16, AMX-TILE and AMX-INT8 (CPUID.7.0:EDX bits 22, 24, 25), AVX512-VBMI (CPUID.7.0:ECX
+// bit 1) and AVX512-BF16 (CPUID.7.1:EAX bit 5; every AMX CPU so far has both) and the kernel lets this
 // process use tile data (permission is per process and covers threads started later as well).
 bool amx_usable() {
   unsigned eax, ebx, ecx, edx;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !((edx >> 22) & 1) || !((edx >> 24) & 1) ||
-      !((edx >> 25) & 1))
+      !((edx >> 25) & 1) || !((ecx >> 1) & 1))
     return false;
   if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !((eax >> 5) & 1)) return false;  // AVX512-BF16
   constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
@@ -260,9 +321,9 @@ bool amx_usable() {
 }
 
 const Ops AMX_OPS = {AMX_MR,           TILE_BYTES,         x86::quantize_row_avx512, x86::lowrank_row_avx512,
-                     x86::expand_panel_avx512, kernel_amx, write_tile_amx, x86::prologue_row_avx512,
+                     expand_panel_amx, kernel_amx, write_tile_amx, x86::prologue_row_avx512,
                      x86::epilogue_tile_avx512, x86::epilogue_norms_avx512, amx_begin, amx_end,
-                     lowrank_rows_amx, true, true};
+                     lowrank_rows_amx, true, true, AMX_PASS_STEPS};
 
 }  // namespace
 

@@ -98,8 +98,8 @@ TARGET_AVX2 void transpose8x8(__m256i r[8]) {
   }
 }
 
-TARGET_AVX2 void expand_panel_avx2(const Problem& p, int64_t n0, uint8_t* w) {
-  for_each_chunk(p, 32, [&](int64_t kp, int64_t k, int nb, int nvalid) TARGET_AVX2 {
+TARGET_AVX2 void expand_panel_avx2(const Problem& p, int64_t n0, int64_t j0, int64_t j1, uint8_t* w) {
+  for_each_chunk(p, 32, j0 * 4, j1 * 4, [&](int64_t kp, int64_t k, int nb, int nvalid) TARGET_AVX2 {
     for (int rg = 0; rg < PANEL / 8; ++rg) {
       __m256i v[8];
       for (int i = 0; i < 8; ++i) v[i] = expand32((uint32_t)row_bits(p, n0 + rg * 8 + i, k, nvalid));
@@ -238,9 +238,9 @@ TARGET_AVX512 static void transpose16x16(__m512i r[16]) {
   }
 }
 
-TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, uint8_t* w) {
+TARGET_AVX512 void expand_panel_avx512(const Problem& p, int64_t n0, int64_t j0, int64_t j1, uint8_t* w) {
   const __m512i two = _mm512_set1_epi8(2);
-  for_each_chunk(p, 64, [&](int64_t kp, int64_t k, int nb, int nvalid) TARGET_AVX512 {
+  for_each_chunk(p, 64, j0 * 4, j1 * 4, [&](int64_t kp, int64_t k, int nb, int nvalid) TARGET_AVX512 {
     for (int half = 0; half < 2; ++half) {
       __m512i v[16];
       for (int i = 0; i < 16; ++i) v[i] = _mm512_maskz_mov_epi8(row_bits(p, n0 + half * 16 + i, k, nvalid), two);
