@@ -340,7 +340,10 @@ def test_a_jobs_warnings_show_under_its_images_until_the_next_job(live, browser)
     page.fill("#prompt", "a birch")
     page.click("#generate")
     expect(page.locator("#job_warnings")).to_be_hidden()
-    expect(page.locator("#progress_text")).to_have_text("done", timeout=60_000)
+    # Wait for the new job's image: the progress text still says the last job's "done" until the
+    # new job's POST returns (this test failed once on that, under load).
+    expect(page.locator("#results img").first).to_have_attribute("alt", "a birch", timeout=60_000)
+    expect(page.locator("#progress_text")).to_have_text("done")
     expect(page.locator("#job_warnings")).to_be_hidden()
     # the gallery's detail view says it too, for that job's images only
     page.click("nav button[data-tab=gallery]")
