@@ -60,6 +60,10 @@ constexpr size_t KEEP_WORKSPACE = 16 << 20;   // workspace bytes kept between ca
 // row: at K = 320, N = 1280, M = 512 the stores of y took more time than the products).
 constexpr size_t SHARED_PANEL_BYTES = 1 << 19;
 constexpr int64_t ROW_BLOCK = 32;
+// Outputs of at least this many bytes are written with streaming stores where the path has them
+// (Ops::stream_tile): they are far larger than L2, so caching them only costs a read of every line
+// of y before it is written (measured on the 4B GEMMs at M = 2048: 1.12-1.19x, K = 12288 slower).
+constexpr int64_t STREAM_BYTES = 16 << 20;
 
 void quantize_row_scalar(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum, int32_t* qsum) {
   float amax = 0.f, sum = 0.f;
@@ -283,11 +287,11 @@ void lowrank_row_scalar(const Problem& p, const float* x, float* t) {
   }
 }
 
-void write_tile_scalar(const Problem& p, const ActPanel& a, Tile tile, int ncols, float* y) {
+void write_tile_scalar(const Problem& p, const ActPanel& a, Tile tile, int ncols, float* y, int64_t ldy) {
   const float* f = tile.f;
   const int64_t n0 = tile.n0;
   for (int r = 0; r < a.mr; ++r) {
-    float* yr = y + r * p.N;
+    float* yr = y + r * ldy;
     const float* t = a.lrt + r * p.rank_pad;
     for (int c = 0; c < ncols; ++c) yr[c] = a.scale[r] * f[r * PANEL + c];
     if (p.row_offset)
@@ -389,10 +393,14 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
   // One buffer: quantized rows (plus a tile of slack: AMX loads whole 16-row tiles), per-row sums,
   // scales and low-rank factors, and per-thread panel and tile scratch.
   const bool bf16_rows = p.rank && ops->lowrank_bf16;
+  // Head norms read finished rows back, so their outputs stay in the cache; so do outputs that held
+  // the sums between passes (their lines are in the cache already).
+  const bool stream = ops->stream_tile && M * N * 4 >= STREAM_BYTES && N % 16 == 0 && (uintptr_t)y % 64 == 0 &&
+                      !(fusion && fusion->norm_cols) && npass == 1;
   uint16_t* lrb;
   int8_t *q, *rows;
   int32_t *sumx, *accall, *carry_edge;
-  float *scale, *gsall, *fall, *xrows;
+  float *scale, *gsall, *fall, *xrows, *sball;
   uint8_t* wall;
   auto carve = [&](char* base) {  // with base null: only the size
     Carver c = {base};
@@ -407,6 +415,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     accall = c.take<int32_t>(tile_n * nt);
     fall = c.take<float>(tile_n * nt);
     carry_edge = c.take<int32_t>(npass > 1 ? (size_t)((npn + npm) * MR * PANEL) : 0);
+    sball = c.take<float>(stream ? (size_t)(MR * PANEL * nt) : 0);
     return c.used;
   };
   static thread_local Workspace workspace;
@@ -467,6 +476,7 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
     }
     int32_t* acc = accall + tile_n * t;
     float* f = fall + tile_n * t;
+    float* sbuf = sball + MR * PANEL * t;  // a whole tile on its way to y, when streamed
     // Item `it` of pass `pass`: the pass's k4 steps of one panel for the rows of one M-block.
     auto item = [&](int64_t it, int64_t pass) {
       const int64_t bm = it / npn, n0 = (it % npn) * PANEL;
@@ -500,8 +510,12 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
           if (j0 == 0 && !direct) memset(tile.f, 0, sizeof(float) * (size_t)(MR * PANEL));
           ops->kernel(p, a, w, tile, j0, j1, ncols);
           if (j1 == k4) {
-            ops->write_tile(p, a, tile, ncols, y + m0 * N + n0);
-            if (epilogue_tile) ops->epilogue_tile(p, m0, a.mr, n0, ncols, y + m0 * N + n0);
+            const bool streamed = stream && ncols == PANEL;  // the tile and its epilogue in sbuf, then to y
+            float* out = streamed ? sbuf : y + m0 * N + n0;
+            const int64_t ldo = streamed ? PANEL : N;
+            ops->write_tile(p, a, tile, ncols, out, ldo);
+            if (epilogue_tile) ops->epilogue_tile(p, m0, a.mr, n0, ncols, out, ldo);
+            if (streamed) ops->stream_tile(sbuf, a.mr, y + m0 * N + n0, N);
           }
         }
       }
@@ -524,6 +538,8 @@ BONSAI_API int bonsai_bitmm(int isa, int nthreads, const BonsaiWeight* wt, const
         for (int64_t it; (it = ranges[(t + o) % nt].take_back()) >= 0;) item(it, pass);
     }
     if (ops->thread_end) ops->thread_end();
+    // Streaming stores are weakly ordered: a full fence (x86: a locked instruction or mfence) drains them.
+    if (stream) std::atomic_thread_fence(std::memory_order_seq_cst);
     if (fusion && fusion->norm_cols) {
 #pragma omp barrier
 #pragma omp for schedule(static)

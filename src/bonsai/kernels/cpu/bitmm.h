@@ -109,17 +109,17 @@ struct Ops {
   // each group g finished in the range (columns c >= ncols may be skipped).
   void (*kernel)(const Problem& p, const ActPanel& a, const uint8_t* wbuf, Tile t, int64_t j0,
                  int64_t j1, int ncols);
-  // The tile's output, y[r, c] for c < ncols (row stride N), from t.f of the finished tile:
+  // The tile's output, y[r, c] for c < ncols (row stride ldy), from t.f of the finished tile:
   // scale[r] * f[r][c] + row_offset[n0 + c] * xsum[r] + bias[n0 + c] + sum_j lrt[r][j] * ut[j][n0 + c]
   // (the AMX path has the low-rank sum in t.acc already, as float32).
-  void (*write_tile)(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y);
+  void (*write_tile)(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y, int64_t ldy);
   // The fused prologue of row m: out[K] = modulate(layer_norm(x[K])) (p.fusion is set).
   void (*prologue_row)(const Problem& p, int64_t m, const float* x, float* out);
   // The fused epilogue, in place (p.fusion is set), in two parts: on a finished tile, rows m0 ..
-  // m0 + rows - 1 and columns n0 .. n0 + ncols - 1 (y points at (m0, n0), row stride N; run while it
+  // m0 + rows - 1 and columns n0 .. n0 + ncols - 1 (y points at (m0, n0), row stride ldy; run while it
   // is in L1): tanh-GELU, then the residual unless there are head norms; and on the whole finished
   // row m: head norms, then the residual.
-  void (*epilogue_tile)(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y);
+  void (*epilogue_tile)(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y, int64_t ldy);
   void (*epilogue_norms)(const Problem& p, int64_t m, float* y);
   // Per-thread set-up and tear-down around the kernel calls (AMX tile configuration), or null.
   void (*thread_begin)();
@@ -137,6 +137,9 @@ struct Ops {
   // Each pass runs over every output tile, and a tile's int32 sums wait in y (Tile::carry) between
   // passes; the kernel then covers a whole pass per call.
   int64_t pass_steps;
+  // Copies a finished tile [rows][PANEL] to y (64-byte aligned, row stride ldy a multiple of 16) with
+  // streaming stores, or null. See the driver for when.
+  void (*stream_tile)(const float* tile, int rows, float* y, int64_t ldy);
 };
 
 constexpr int LOWRANK_ROWS = 16;  // one AMX tile of rows
@@ -161,10 +164,10 @@ bool x86_has(Isa isa);    // this x86 CPU (and OS) runs the AVX2 / AVX-512 path
 // Shared between ISA paths: the scalar low-rank row product and tile write (compilers vectorize
 // them), and the AVX-512 pieces the AMX path reuses.
 void lowrank_row_scalar(const Problem& p, const float* x, float* t);
-void write_tile_scalar(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y);
+void write_tile_scalar(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y, int64_t ldy);
 // Fused row operations (bitmm_rows.cpp): one source, compiled for each vector width.
 void prologue_row_scalar(const Problem& p, int64_t m, const float* x, float* out);
-void epilogue_tile_scalar(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y);
+void epilogue_tile_scalar(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y, int64_t ldy);
 void epilogue_norms_scalar(const Problem& p, int64_t m, float* y);
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -174,11 +177,12 @@ void epilogue_norms_scalar(const Problem& p, int64_t m, float* y);
 #define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 namespace x86 {
 TARGET_AVX2 void prologue_row_avx2(const Problem& p, int64_t m, const float* x, float* out);
-TARGET_AVX2 void epilogue_tile_avx2(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y);
+TARGET_AVX2 void epilogue_tile_avx2(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y,
+                                    int64_t ldy);
 TARGET_AVX2 void epilogue_norms_avx2(const Problem& p, int64_t m, float* y);
 TARGET_AVX512 void prologue_row_avx512(const Problem& p, int64_t m, const float* x, float* out);
-TARGET_AVX512 void epilogue_tile_avx512(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols,
-                                        float* y);
+TARGET_AVX512 void epilogue_tile_avx512(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y,
+                                        int64_t ldy);
 TARGET_AVX512 void epilogue_norms_avx512(const Problem& p, int64_t m, float* y);
 TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum,
                                        int32_t* qsum);
@@ -187,7 +191,8 @@ TARGET_AVX512 void lowrank_row_avx512(const Problem& p, const float* x, float* t
 TARGET_AVX512 void lowrank_rows_avx512(const Problem& p, const float* x, int rows, float* t);
 // The tile's output with the low-rank sum taken from lowrank [mr][PANEL] when given (else computed).
 TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, const float* lowrank,
-                                     int64_t n0, int ncols, float* y);
+                                     int64_t n0, int ncols, float* y, int64_t ldy);
+TARGET_AVX512 void stream_tile_avx512(const float* tile, int rows, float* y, int64_t ldy);
 // Adds gs[g][c] * (acc[r][c] - sumx[g][r]) to f[r][c] for rows r < a.mr, all PANEL columns.
 TARGET_AVX512 void flush_group_avx512(const ActPanel& a, const int32_t* acc, const float* gs, int64_t g, float* f);
 }  // namespace x86

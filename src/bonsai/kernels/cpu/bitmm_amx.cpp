@@ -282,7 +282,7 @@ void kernel_amx(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t, i
 
 // One group: y = scale[r] * gs[c] * (acc[r][c] - sumx[r]) + low-rank + row_offset[c] * xsum[r] + bias[c]
 // in one pass over the integer sums (no float tile in between).
-TARGET_AMX void write_tile_direct(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y) {
+TARGET_AMX void write_tile_direct(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y, int64_t ldy) {
   const float* lowrank = p.rank ? t.f : nullptr;
   for (int h = 0; h * 16 < ncols; ++h) {
     const __mmask16 m = lanes(ncols - 16 * h);
@@ -297,14 +297,14 @@ TARGET_AMX void write_tile_direct(const Problem& p, const ActPanel& a, Tile t, i
       __m512 v = _mm512_fmadd_ps(ro, _mm512_set1_ps(a.xsum[r]), bias);
       if (lowrank) v = _mm512_add_ps(v, _mm512_load_ps(lowrank + r * PANEL + 16 * h));
       v = _mm512_fmadd_ps(_mm512_mul_ps(g, _mm512_set1_ps(a.scale[r])), _mm512_cvtepi32_ps(sums), v);
-      _mm512_mask_storeu_ps(yh + r * p.N, m, v);
+      _mm512_mask_storeu_ps(yh + r * ldy, m, v);
     }
   }
 }
 
-void write_tile_amx(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y) {
-  if (p.ngroups == 1) return write_tile_direct(p, a, t, ncols, y);
-  x86::write_tile_avx512(p, a, t.f, p.rank ? (const float*)t.acc : nullptr, t.n0, ncols, y);
+void write_tile_amx(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y, int64_t ldy) {
+  if (p.ngroups == 1) return write_tile_direct(p, a, t, ncols, y, ldy);
+  x86::write_tile_avx512(p, a, t.f, p.rank ? (const float*)t.acc : nullptr, t.n0, ncols, y, ldy);
 }
 
 // CPU has AMX-BF16, AMX-TILE and AMX-INT8 (CPUID.7.0:EDX bits 22, 24, 25), AVX512-VBMI (CPUID.7.0:ECX
@@ -323,7 +323,7 @@ bool amx_usable() {
 const Ops AMX_OPS = {AMX_MR,           TILE_BYTES,         x86::quantize_row_avx512, x86::lowrank_row_avx512,
                      expand_panel_amx, kernel_amx, write_tile_amx, x86::prologue_row_avx512,
                      x86::epilogue_tile_avx512, x86::epilogue_norms_avx512, amx_begin, amx_end,
-                     lowrank_rows_amx, true, true, AMX_PASS_STEPS};
+                     lowrank_rows_amx, true, true, AMX_PASS_STEPS, x86::stream_tile_avx512};
 
 }  // namespace
 

@@ -110,11 +110,12 @@ TARGET_AVX512 void gelu_avx512(float* y, int n) {
 #endif
 
 template <void (*Gelu)(float*, int)>
-ROW_INLINE void epilogue_tile_body(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y) {
+ROW_INLINE void epilogue_tile_body(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y,
+                                   int64_t ldy) {
   const Fusion& f = *p.fusion;
   for (int r = 0; r < rows; ++r) {
-    if (f.gelu) Gelu(y + r * p.N, ncols);
-    if (f.residual && !f.norm_cols) add_residual(f, p.N, m0 + r, n0, ncols, y + r * p.N);
+    if (f.gelu) Gelu(y + r * ldy, ncols);
+    if (f.residual && !f.norm_cols) add_residual(f, p.N, m0 + r, n0, ncols, y + r * ldy);
   }
 }
 
@@ -135,8 +136,8 @@ ROW_INLINE void epilogue_norms_body(const Problem& p, int64_t m, float* y) {
 }  // namespace
 
 void prologue_row_scalar(const Problem& p, int64_t m, const float* x, float* out) { prologue_row_body(p, m, x, out); }
-void epilogue_tile_scalar(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y) {
-  epilogue_tile_body<gelu_loop>(p, m0, rows, n0, ncols, y);
+void epilogue_tile_scalar(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y, int64_t ldy) {
+  epilogue_tile_body<gelu_loop>(p, m0, rows, n0, ncols, y, ldy);
 }
 void epilogue_norms_scalar(const Problem& p, int64_t m, float* y) { epilogue_norms_body(p, m, y); }
 
@@ -145,15 +146,17 @@ namespace x86 {
 TARGET_AVX2 void prologue_row_avx2(const Problem& p, int64_t m, const float* x, float* out) {
   prologue_row_body(p, m, x, out);
 }
-TARGET_AVX2 void epilogue_tile_avx2(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y) {
-  epilogue_tile_body<gelu_loop>(p, m0, rows, n0, ncols, y);
+TARGET_AVX2 void epilogue_tile_avx2(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y,
+                                    int64_t ldy) {
+  epilogue_tile_body<gelu_loop>(p, m0, rows, n0, ncols, y, ldy);
 }
 TARGET_AVX2 void epilogue_norms_avx2(const Problem& p, int64_t m, float* y) { epilogue_norms_body(p, m, y); }
 TARGET_AVX512 void prologue_row_avx512(const Problem& p, int64_t m, const float* x, float* out) {
   prologue_row_body(p, m, x, out);
 }
-TARGET_AVX512 void epilogue_tile_avx512(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y) {
-  epilogue_tile_body<gelu_avx512>(p, m0, rows, n0, ncols, y);
+TARGET_AVX512 void epilogue_tile_avx512(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y,
+                                        int64_t ldy) {
+  epilogue_tile_body<gelu_avx512>(p, m0, rows, n0, ncols, y, ldy);
 }
 TARGET_AVX512 void epilogue_norms_avx512(const Problem& p, int64_t m, float* y) { epilogue_norms_body(p, m, y); }
 }  // namespace x86

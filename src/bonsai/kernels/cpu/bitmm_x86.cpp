@@ -214,6 +214,11 @@ TARGET_AVX512 void quantize_row_avx512(const Problem& p, const float* x, int8_t*
   *qsum = _mm512_reduce_add_epi32(qs);
 }
 
+TARGET_AVX512 void stream_tile_avx512(const float* tile, int rows, float* y, int64_t ldy) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < PANEL; c += 16) _mm512_stream_ps(y + r * ldy + c, _mm512_loadu_ps(tile + r * PANEL + c));
+}
+
 // In-register transpose of a 16x16 matrix of 32-bit elements.
 TARGET_AVX512 static void transpose16x16(__m512i r[16]) {
   __m512i t[16], u[16];
@@ -340,7 +345,7 @@ TARGET_AVX512 void flush_group_avx512(const ActPanel& a, const int32_t* acc, con
 // One 16-column half at a time: the half's bias, row offsets and 16 columns of U.T stay in
 // registers across the tile's rows; rows go eight at a time, interleaved (independent FMA chains).
 TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const float* f, const float* lowrank,
-                                     int64_t n0, int ncols, float* y) {
+                                     int64_t n0, int ncols, float* y, int64_t ldy) {
   constexpr int RB = 8;
   const bool fma_rank = p.rank && !lowrank;
   for (int h = 0; h * 16 < ncols; ++h) {
@@ -362,14 +367,14 @@ TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const 
           const int r = r0 + i < a.mr ? r0 + i : a.mr - 1;  // past the tile: recompute the last row, not stored
           acc[i] = j0 == 0 ? _mm512_add_ps(_mm512_fmadd_ps(ro, _mm512_set1_ps(a.xsum[r]), bias),
                                            _mm512_mul_ps(_mm512_set1_ps(a.scale[r]), _mm512_loadu_ps(f + r * PANEL + 16 * h)))
-                           : _mm512_maskz_loadu_ps(m, y + r * p.N + 16 * h);
+                           : _mm512_maskz_loadu_ps(m, y + r * ldy + 16 * h);
           if (lowrank) acc[i] = _mm512_add_ps(acc[i], _mm512_loadu_ps(lowrank + r * PANEL + 16 * h));
           t[i] = a.lrt + r * p.rank_pad + j0;
         }
         if (fma_rank)
           for (int jj = 0; jj < 16; ++jj)
             for (int i = 0; i < RB; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[i][jj]), u[jj], acc[i]);
-        for (int i = 0; i < RB && r0 + i < a.mr; ++i) _mm512_mask_storeu_ps(y + (r0 + i) * p.N + 16 * h, m, acc[i]);
+        for (int i = 0; i < RB && r0 + i < a.mr; ++i) _mm512_mask_storeu_ps(y + (r0 + i) * ldy + 16 * h, m, acc[i]);
       }
     }
   }
@@ -428,8 +433,8 @@ void kernel_avx512(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t
   by_rows[a.mr - 1](p, a, w, t, j0, j1, ncols);
 }
 
-void write_tile_avx512(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y) {
-  x86::write_tile_avx512(p, a, t.f, nullptr, t.n0, ncols, y);
+void write_tile_avx512(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y, int64_t ldy) {
+  x86::write_tile_avx512(p, a, t.f, nullptr, t.n0, ncols, y, ldy);
 }
 
 const Ops AVX512_OPS = {AVX512_MR,     4,
@@ -437,7 +442,7 @@ const Ops AVX512_OPS = {AVX512_MR,     4,
                         expand_panel_avx512, kernel_avx512,
                         write_tile_avx512, x86::prologue_row_avx512,
                         x86::epilogue_tile_avx512, x86::epilogue_norms_avx512, nullptr,
-                        nullptr,             x86::lowrank_rows_avx512};
+                        nullptr,             x86::lowrank_rows_avx512, false, false, 0, x86::stream_tile_avx512};
 
 }  // namespace
 
