@@ -7,24 +7,31 @@ import torch
 import torch.nn.functional as F
 
 from bonsai import cpu_bf16
-from bonsai.models.attention import BF16_MIN_SCORES, attention
+from bonsai.models.attention import BF16_MIN_MACS, attention
 
 
-def qkv(t: int, s: int, seed: int) -> tuple[torch.Tensor, ...]:
+def qkv(t: int, s: int, seed: int, heads: int = 3, size: int = 64) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(2, 3, n, 64, generator=gen) for n in (t, s, s))
+    return tuple(torch.randn(2, heads, n, size, generator=gen) for n in (t, s, s))
+
+
+def macs_per_sample(q: torch.Tensor, k: torch.Tensor) -> int:
+    return q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+# Self-attention over 512 tokens, and bonsai-4b's cross-attention: 1024 queries, 64 text tokens, 24 heads of 128.
+@pytest.mark.parametrize("queries, keys, heads, size", [(512, 512, 3, 64), (1024, 64, 24, 128)])
 @pytest.mark.parametrize("native", [True, False])
-def test_large_attention_runs_in_bf16_only_where_the_cpu_computes_it(monkeypatch, native: bool) -> None:
+def test_large_attention_runs_in_bf16_only_where_the_cpu_computes_it(monkeypatch, native: bool, queries: int,
+                                                                      keys: int, heads: int, size: int) -> None:
     monkeypatch.setattr(cpu_bf16, "cpu_computes_bf16", lambda: native)
-    q, k, v = qkv(512, 512, seed=1)
-    mask = torch.rand(2, 1, 1, 512, generator=torch.Generator().manual_seed(2)) > 0.2
-    assert q.shape[-2] * k.shape[-2] >= BF16_MIN_SCORES
+    q, k, v = qkv(queries, keys, seed=1, heads=heads, size=size)
+    mask = torch.rand(2, 1, 1, keys, generator=torch.Generator().manual_seed(2)) > 0.2
+    assert macs_per_sample(q, k) >= BF16_MIN_MACS
     out = attention(q, k, v, attn_mask=mask)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
     assert out.dtype == torch.float32
@@ -37,7 +44,8 @@ def test_large_attention_runs_in_bf16_only_where_the_cpu_computes_it(monkeypatch
 
 def test_small_attention_stays_float32(monkeypatch) -> None:
     monkeypatch.setattr(cpu_bf16, "cpu_computes_bf16", lambda: True)
-    q, k, v = qkv(256, 256, seed=3)  # bonsai-emoji's 256 tokens
+    q, k, v = qkv(256, 256, seed=3, heads=5, size=64)  # bonsai-emoji's self-attention
+    assert macs_per_sample(q, k) < BF16_MIN_MACS
     assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
