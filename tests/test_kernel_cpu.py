@@ -45,7 +45,7 @@ CASES = [
     # AMX: one group past 3072 columns goes in passes (768 + 768 + 16 k4 steps); whole tiles keep
     # their sums in y between passes, the edge tiles (13 last rows, 4 last columns) elsewhere.
     (77, 100, 6151, 0, True, True, 5, True),
-    (1027, 4096, 203, 0, False, True, 0, True),  # a 16.4 MiB output: AVX-512 and AMX stream it to y
+    (2053, 4096, 203, 0, False, True, 0, True),  # a 32.1 MiB output: AVX-512 and AMX stream it to y
 ]
 
 

@@ -61,9 +61,11 @@ constexpr size_t KEEP_WORKSPACE = 16 << 20;   // workspace bytes kept between ca
 constexpr size_t SHARED_PANEL_BYTES = 1 << 19;
 constexpr int64_t ROW_BLOCK = 32;
 // Outputs of at least this many bytes are written with streaming stores where the path has them
-// (Ops::stream_tile): they are far larger than L2, so caching them only costs a read of every line
-// of y before it is written (measured on the 4B GEMMs at M = 2048: 1.12-1.19x, K = 12288 slower).
-constexpr int64_t STREAM_BYTES = 16 << 20;
+// (Ops::stream_tile): they leave the caches before the next layer reads them, so caching them only
+// costs a read of every line of y before it is written (4B's qkv and fc1 at M >= 1024: 1.12-1.27x
+// alone, a 4B step ~7%). Smaller ones may still be in L3 when read; with 16 MiB here bonsai-emoji
+// at batch 8 (fc1: 21 MB) measured 0-6% slower, within this machine's noise, so they are left out.
+constexpr int64_t STREAM_BYTES = 32 << 20;
 
 void quantize_row_scalar(const Problem& p, const float* x, int8_t* q, float* scale, float* xsum, int32_t* qsum) {
   float amax = 0.f, sum = 0.f;
