@@ -228,6 +228,9 @@ def test_generate_img2img_and_hires_give_the_python_apis_images(tiny_checkpoint:
                                           init_images=[Image.open(init).convert("RGB")])),
         "hires": (["--hires", "2", "--hires-steps", "2"],
                   lambda: generate_hires(pipe, PROMPT, scale=2, hires_steps=2, seed=4, steps=3, width=16, height=16)),
+        "img2img-hires": (["--init", str(init), "--strength", "0.6", "--hires", "2"],
+                          lambda: generate_hires(pipe, PROMPT, scale=2, seed=4, steps=3, width=16, height=16, strength=0.6,
+                                                 init_images=[Image.open(init).convert("RGB")])),
     }
     for name, (options, api) in cases.items():
         out = tmp_path / name
@@ -244,6 +247,10 @@ def test_generate_img2img_and_hires_give_the_python_apis_images(tiny_checkpoint:
             "Hires upscaler: lanczos, First pass size: 16x16, First pass steps: 3")
     with Image.open(tmp_path / "img2img" / "00001-4.png") as png:
         assert "Size: 16x16" in png.text["parameters"] and "Denoising strength: 0.6" in png.text["parameters"]
+    with Image.open(tmp_path / "img2img-hires" / "00001-4.png") as png:  # both strengths, each named
+        assert png.text["parameters"].endswith(
+            "Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: lanczos, First pass size: 16x16, "
+            "First pass steps: 3, First pass denoising strength: 0.6")
 
 
 def test_an_init_file_that_is_not_an_image_is_refused_before_the_model_loads(tmp_path: Path) -> None:

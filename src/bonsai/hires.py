@@ -48,7 +48,8 @@ def generate_hires(
 ) -> Generation:
     """Pipeline.generate(prompt, batch, **first), upscaled by `scale` and refined by img2img at
     `hires_strength` over `hires_steps` steps (default: the first pass's). Returns the second pass, each
-    image's parameters naming the first pass as A1111 does; its warnings are both passes'."""
+    image's parameters naming the first pass as A1111 does (and its img2img strength, when it had an
+    init image); its warnings are both passes'."""
     if scale <= 1:
         raise InvalidRequest(f"hires scale must be above 1, got {scale:g}")
     w0, h0 = first.get("width") or pipe.defaults.width, first.get("height") or pipe.defaults.height
@@ -66,7 +67,8 @@ def generate_hires(
         strength=hires_strength, steps=hires_steps or p.steps, width=width, height=height, **common,
     )
     note = (f", Hires upscale: {scale:g}, Hires upscaler: {upscaler}, "
-            f"First pass size: {p.width}x{p.height}, First pass steps: {p.steps}")
+            f"First pass size: {p.width}x{p.height}, First pass steps: {p.steps}"
+            + (f", First pass denoising strength: {p.strength:g}" if p.strength < 1 else ""))  # an img2img first pass
     for image in second.images:
         image.info["parameters"] += note
     return replace(second, warnings=list(dict.fromkeys(base.warnings + second.warnings)))
