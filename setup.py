@@ -23,6 +23,12 @@ AMX_PROBE = (
     "  _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), _mm512_setzero_ps())); }\n"
     "int main() { return 0; }\n"
 )
+# The AVX-VNNI path (vpdpbusd on 256 bits, VEX-encoded) needs GCC 11+ and binutils 2.36+ as well.
+AVX_VNNI_PROBE = (
+    "#include <immintrin.h>\n"
+    '__attribute__((target("avx2,avxvnni"))) void f(__m256i* p) { p[0] = _mm256_dpbusd_avx_epi32(p[0], p[1], p[2]); }\n'
+    "int main() { return 0; }\n"
+)
 SOURCES = [
     f"{CPU_DIR}/{name}.cpp" for name in ("bitmm", "bitmm_rows", "bitmm_x86", "bitmm_amx", "bitmm_neon")
 ]
@@ -55,9 +61,13 @@ class BuildCpuKernel(build_ext):
             else:
                 self.warn("OpenMP not found: the CPU kernel is built single-threaded")
                 link_args = []
-            if platform.machine().lower() in ("x86_64", "amd64") and not self._compiles_with([], AMX_PROBE):
+            x86 = platform.machine().lower() in ("x86_64", "amd64")
+            if x86 and not self._compiles_with([], AMX_PROBE):
                 self.warn("the compiler does not know AMX instructions: the CPU kernel is built without its AMX path")
                 compile_args.append("-DBONSAI_NO_AMX")
+            if x86 and not self._compiles_with([], AVX_VNNI_PROBE):
+                self.warn("the compiler does not know AVX-VNNI: the CPU kernel is built without its AVX-VNNI path")
+                compile_args.append("-DBONSAI_NO_AVX_VNNI")
         for ext in self.extensions:
             ext.extra_compile_args, ext.extra_link_args = compile_args, link_args
         super().build_extensions()

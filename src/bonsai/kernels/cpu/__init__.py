@@ -2,7 +2,7 @@
 
 Importing this module registers the kernel with the dispatcher for CPU tensors. When the library
 was not built, importing warns once and raises ImportError; bitmatmul then uses the reference path.
-Environment: BONSAI_CPU_ISA=auto|scalar|avx2|avx512|amx|neon forces a code path, BONSAI_CPU_THREADS
+Environment: BONSAI_CPU_ISA=auto|scalar|avx2|avxvnni|avx512|amx|neon forces a code path, BONSAI_CPU_THREADS
 sets the thread count (default torch.get_num_threads()).
 """
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "amx": 4}
+ISAS = {"scalar": 0, "avx2": 1, "avxvnni": 5, "avx512": 2, "neon": 3, "amx": 4}
 _ERRORS = {1: "the requested ISA path cannot run on this CPU", 2: "out of memory", 3: "invalid sizes"}
 _warned = False
 
@@ -99,7 +99,7 @@ def _best_isa(lib: ctypes.CDLL) -> str:
 
 
 def chosen_isa(lib: ctypes.CDLL) -> str:
-    """BONSAI_CPU_ISA (auto|scalar|avx2|avx512|neon|amx), or the fastest path this CPU runs."""
+    """BONSAI_CPU_ISA (auto|scalar|avx2|avxvnni|avx512|neon|amx), or the fastest path this CPU runs."""
     name = os.environ.get("BONSAI_CPU_ISA", "auto").strip().lower() or "auto"
     if name == "auto":
         return _best_isa(lib)

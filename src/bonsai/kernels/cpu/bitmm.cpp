@@ -139,6 +139,7 @@ const Ops* ops_for(int isa) {
   switch (isa) {
     case ISA_SCALAR: return scalar_ops();
     case ISA_AVX2: return x86_has(ISA_AVX2) ? avx2_ops() : nullptr;
+    case ISA_AVX_VNNI: return x86_has(ISA_AVX_VNNI) ? avx_vnni_ops() : nullptr;
     case ISA_AVX512: return x86_has(ISA_AVX512) ? avx512_ops() : nullptr;
     case ISA_NEON: return neon_ops();  // NEON is part of every AArch64 CPU
     case ISA_AMX: return amx_ops();
@@ -280,31 +281,6 @@ struct Carver {
 
 const Ops* scalar_ops() { return &SCALAR_OPS; }
 
-void lowrank_row_scalar(const Problem& p, const float* x, float* t) {
-  for (int64_t j = 0; j < p.rank_pad; ++j) {
-    float s = 0.f;
-    if (j < p.rank)
-      for (int64_t k = 0; k < p.K; ++k) s += x[k] * p.lowrank_v[j * p.K + k];
-    t[j] = s;
-  }
-}
-
-void write_tile_scalar(const Problem& p, const ActPanel& a, Tile tile, int ncols, float* y, int64_t ldy) {
-  const float* f = tile.f;
-  const int64_t n0 = tile.n0;
-  for (int r = 0; r < a.mr; ++r) {
-    float* yr = y + r * ldy;
-    const float* t = a.lrt + r * p.rank_pad;
-    for (int c = 0; c < ncols; ++c) yr[c] = a.scale[r] * f[r * PANEL + c];
-    if (p.row_offset)
-      for (int c = 0; c < ncols; ++c) yr[c] += p.row_offset[n0 + c] * a.xsum[r];
-    if (p.bias)
-      for (int c = 0; c < ncols; ++c) yr[c] += p.bias[n0 + c];
-    for (int64_t j = 0; j < p.rank; ++j)
-      for (int c = 0; c < ncols; ++c) yr[c] += t[j] * lowrank_u(p, n0 + c, j);
-  }
-}
-
 }  // namespace bonsai
 
 using namespace bonsai;
@@ -335,7 +311,7 @@ struct BonsaiWeight {
 BONSAI_API int bonsai_bitmm_has_isa(int isa) { return ops_for(isa) != nullptr; }
 
 BONSAI_API int bonsai_bitmm_best_isa(void) {
-  for (int isa : {ISA_AMX, ISA_AVX512, ISA_AVX2, ISA_NEON})
+  for (int isa : {ISA_AMX, ISA_AVX512, ISA_AVX_VNNI, ISA_AVX2, ISA_NEON})
     if (ops_for(isa)) return isa;
   return ISA_SCALAR;
 }

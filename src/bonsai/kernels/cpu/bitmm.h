@@ -7,7 +7,7 @@
 
 namespace bonsai {
 
-enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_NEON = 3, ISA_AMX = 4 };
+enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_NEON = 3, ISA_AMX = 4, ISA_AVX_VNNI = 5 };
 
 // Output columns (weight rows) per weight panel. Every ISA expands a panel into the same
 // byte layout: wbuf[k4][PANEL][4], byte = 2 where the sign is +1, else 0 (see bitmm.cpp).
@@ -157,12 +157,13 @@ static inline uint16_t bf16_bits(float v) {
 const Ops* scalar_ops();
 const Ops* avx2_ops();    // null when not compiled in
 const Ops* avx512_ops();  // null when not compiled in
+const Ops* avx_vnni_ops();  // null when not compiled in
 const Ops* neon_ops();    // null when not compiled in
 const Ops* amx_ops();     // null when not compiled in, or when this CPU or OS cannot run AMX tiles
-bool x86_has(Isa isa);    // this x86 CPU (and OS) runs the AVX2 / AVX-512 path
+bool x86_has(Isa isa);    // this x86 CPU (and OS) runs the AVX2 / AVX-VNNI / AVX-512 path
 
-// Shared between ISA paths: the scalar low-rank row product and tile write (compilers vectorize
-// them), and the AVX-512 pieces the AMX path reuses.
+// Shared between ISA paths: the low-rank row product and tile write (bitmm_rows.cpp, also compiled
+// for AVX2), and the AVX-512 pieces the AMX path reuses.
 void lowrank_row_scalar(const Problem& p, const float* x, float* t);
 void write_tile_scalar(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y, int64_t ldy);
 // Fused row operations (bitmm_rows.cpp): one source, compiled for each vector width.
@@ -177,6 +178,8 @@ void epilogue_norms_scalar(const Problem& p, int64_t m, float* y);
 #define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 namespace x86 {
 TARGET_AVX2 void prologue_row_avx2(const Problem& p, int64_t m, const float* x, float* out);
+TARGET_AVX2 void lowrank_row_avx2(const Problem& p, const float* x, float* t);
+TARGET_AVX2 void write_tile_avx2(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y, int64_t ldy);
 TARGET_AVX2 void epilogue_tile_avx2(const Problem& p, int64_t m0, int rows, int64_t n0, int ncols, float* y,
                                     int64_t ldy);
 TARGET_AVX2 void epilogue_norms_avx2(const Problem& p, int64_t m, float* y);

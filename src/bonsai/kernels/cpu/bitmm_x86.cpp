@@ -109,6 +109,66 @@ TARGET_AVX2 void expand_panel_avx2(const Problem& p, int64_t n0, int64_t j0, int
   });
 }
 
+}  // namespace
+
+// write_tile_scalar's sums in 8-column groups: bias and row offsets in registers across the rows, and
+// U's bfloat16 pairs (8 columns x 2 ranks, one load) widened in registers, rows four at a time. The
+// generic loops, vectorized by the compiler, spilled their sums and took a fifth of a bonsai-emoji image.
+namespace x86 {
+// lowrank_row_scalar 8 ranks at a time with k outermost: 8 independent FMA chains (one dot product
+// per rank was bound by its FMA latency: a tenth of a bonsai-emoji image), then a horizontal add tree.
+TARGET_AVX2 void lowrank_row_avx2(const Problem& p, const float* x, float* t) {
+  for (int64_t j0 = 0; j0 < p.rank_pad; j0 += 8) {
+    const float* v[8];
+    for (int jj = 0; jj < 8; ++jj) v[jj] = p.lowrank_v + (j0 + jj < p.rank ? j0 + jj : p.rank - 1) * p.K;
+    __m256 acc[8];
+    for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < p.K; k += 8) {
+      const __m256i m = tail_mask8(p.K - k);
+      const __m256 xv = _mm256_maskload_ps(x + k, m);
+      for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_fmadd_ps(xv, _mm256_maskload_ps(v[jj] + k, m), acc[jj]);
+    }
+    // hadd twice: per 128-bit half, the partial sums of ranks 0-3 and 4-7; the halves added last
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+    _mm256_storeu_ps(t + j0, _mm256_and_ps(sums, _mm256_castsi256_ps(tail_mask8(p.rank - j0))));
+  }
+}
+
+TARGET_AVX2 void write_tile_avx2(const Problem& p, const ActPanel& a, Tile tile, int ncols, float* y, int64_t ldy) {
+  constexpr int RB = 4;
+  const int64_t pairs = p.rank_pad / 2;
+  for (int c0 = 0; c0 < ncols; c0 += 8) {
+    const int64_t n = tile.n0 + c0;
+    const __m256i m = tail_mask8(ncols - c0);
+    const __m256 bias = p.bias ? _mm256_maskload_ps(p.bias + n, m) : _mm256_setzero_ps();
+    const __m256 ro = p.row_offset ? _mm256_maskload_ps(p.row_offset + n, m) : _mm256_setzero_ps();
+    const uint16_t* ub = p.rank ? p.lowrank_ub + (n / 16) * pairs * 32 + (n % 16) * 2 : nullptr;
+    for (int r0 = 0; r0 < a.mr; r0 += RB) {
+      __m256 acc[RB];
+      const float* t[RB];
+      for (int i = 0; i < RB; ++i) {
+        const int r = r0 + i < a.mr ? r0 + i : a.mr - 1;  // past the tile: the last row again, not stored
+        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(a.scale[r]), _mm256_loadu_ps(tile.f + r * PANEL + c0),
+                                 _mm256_fmadd_ps(ro, _mm256_set1_ps(a.xsum[r]), bias));
+        t[i] = a.lrt + r * p.rank_pad;
+      }
+      for (int64_t j = 0; j < p.rank; j += 2) {  // lrt and U are zero past the rank
+        const __m256i pair = _mm256_loadu_si256((const __m256i*)(ub + (j / 2) * 32));
+        const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+        const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32((int)0xffff0000u)));
+        for (int i = 0; i < RB; ++i)
+          acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(t[i][j + 1]), odd, _mm256_fmadd_ps(_mm256_set1_ps(t[i][j]), even, acc[i]));
+      }
+      for (int i = 0; i < RB && r0 + i < a.mr; ++i) _mm256_maskstore_ps(y + (r0 + i) * ldy + c0, m, acc[i]);
+    }
+  }
+}
+}  // namespace x86
+
+namespace {
+
 // MR rows x 16 columns (half of a panel): int16 sums over at most AVX2_CHUNK steps, then int32
 // and float running sums in the tile.
 template <int MR>
@@ -170,11 +230,92 @@ void kernel_avx2(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t, 
 }
 
 const Ops AVX2_OPS = {AVX2_MR,           4,
-                      quantize_row_avx2, lowrank_row_scalar,
+                      quantize_row_avx2, x86::lowrank_row_avx2,
                       expand_panel_avx2, kernel_avx2,
-                      write_tile_scalar, x86::prologue_row_avx2,
+                      x86::write_tile_avx2, x86::prologue_row_avx2,
                       x86::epilogue_tile_avx2, x86::epilogue_norms_avx2, nullptr,
                       nullptr};
+
+// ---------------------------------------------------------------- AVX2 + AVX-VNNI
+// Intel since Alder Lake (laptops and desktops without AVX-512) and AMD since Zen 5: vpdpbusd on 256
+// bits, one instruction per 32 multiply-adds into int32 where the AVX2 path needs vpmaddubsw and an
+// int16 add (and int16 sums flushed every AVX2_CHUNK steps). The AVX2 path's other pieces, unchanged.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#if !defined(BONSAI_NO_AVX_VNNI)
+#define BONSAI_AVX_VNNI 1
+#define TARGET_AVX_VNNI __attribute__((target("avx2,fma,avxvnni")))
+constexpr int VNNI_MR = 6;  // 12 accumulators, 2 weight registers and a broadcast: 15 of 16 ymm
+
+// MR rows x one 16-column half: int32 sums of the current group in registers, finished groups in t.f.
+template <int MR>
+TARGET_AVX_VNNI void kernel_avx_vnni_half(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t,
+                                          int64_t j0, int64_t j1, int h) {
+  const int32_t* xq = (const int32_t*)a.q;
+  const int64_t g4 = p.gpad / 4;
+  __m256i acc[MR][2];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 2; ++v)
+      acc[r][v] = j0 % g4 ? _mm256_loadu_si256((const __m256i*)(t.acc + r * PANEL + h * 16 + 8 * v))
+                          : _mm256_setzero_si256();
+  for (int64_t g = j0 / g4, j = j0; j < j1; ++g) {
+    const int64_t gend = (g + 1) * g4, end = gend < j1 ? gend : j1;
+    for (; j < end; ++j) {
+      const __m256i w0 = _mm256_load_si256((const __m256i*)(w + j * PANEL_BYTES + h * 64));
+      const __m256i w1 = _mm256_load_si256((const __m256i*)(w + j * PANEL_BYTES + h * 64 + 32));
+      for (int r = 0; r < MR; ++r) {
+        const __m256i xb = _mm256_set1_epi32(xq[j * MR + r]);
+        acc[r][0] = _mm256_dpbusd_avx_epi32(acc[r][0], w0, xb);
+        acc[r][1] = _mm256_dpbusd_avx_epi32(acc[r][1], w1, xb);
+      }
+    }
+    if (end == gend) {
+      for (int r = 0; r < MR; ++r) {
+        const __m256i corr = _mm256_set1_epi32(a.sumx[g * MR + r]);
+        for (int v = 0; v < 2; ++v) {
+          const int c = h * 16 + 8 * v;
+          const __m256 s = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][v], corr));
+          float* f = t.f + r * PANEL + c;
+          _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_loadu_ps(t.gs + g * PANEL + c), s, _mm256_loadu_ps(f)));
+          acc[r][v] = _mm256_setzero_si256();
+        }
+      }
+    }
+  }
+  if (j1 % g4)
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < 2; ++v) _mm256_storeu_si256((__m256i*)(t.acc + r * PANEL + h * 16 + 8 * v), acc[r][v]);
+}
+
+template <int MR>
+TARGET_AVX_VNNI void kernel_avx_vnni_mr(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t,
+                                        int64_t j0, int64_t j1, int ncols) {
+  for (int h = 0; h < 2 && h * 16 < ncols; ++h) kernel_avx_vnni_half<MR>(p, a, w, t, j0, j1, h);
+}
+
+void kernel_avx_vnni(const Problem& p, const ActPanel& a, const uint8_t* w, Tile t, int64_t j0,
+                     int64_t j1, int ncols) {
+  static const KernelFn by_rows[VNNI_MR] = {kernel_avx_vnni_mr<1>, kernel_avx_vnni_mr<2>, kernel_avx_vnni_mr<3>,
+                                            kernel_avx_vnni_mr<4>, kernel_avx_vnni_mr<5>, kernel_avx_vnni_mr<6>};
+  by_rows[a.mr - 1](p, a, w, t, j0, j1, ncols);
+}
+
+const Ops AVX_VNNI_OPS = {VNNI_MR,           4,
+                          quantize_row_avx2, x86::lowrank_row_avx2,
+                          expand_panel_avx2, kernel_avx_vnni,
+                          x86::write_tile_avx2, x86::prologue_row_avx2,
+                          x86::epilogue_tile_avx2, x86::epilogue_norms_avx2, nullptr,
+                          nullptr};
+
+// CPUID.(EAX=7, ECX=1):EAX bit 4.
+bool cpu_has_avx_vnni() {
+  unsigned eax, ebx, ecx, edx;
+  __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+  if (eax < 1) return false;  // no subleaf 1
+  __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(1));
+  return (eax >> 4) & 1;
+}
+#endif
+#endif
 
 // ---------------------------------------------------------------- AVX-512 BW + VNNI
 constexpr int AVX512_MR = 12;
@@ -448,11 +589,19 @@ const Ops AVX512_OPS = {AVX512_MR,     4,
 
 const Ops* avx2_ops() { return &AVX2_OPS; }
 const Ops* avx512_ops() { return &AVX512_OPS; }
+#ifdef BONSAI_AVX_VNNI
+const Ops* avx_vnni_ops() { return &AVX_VNNI_OPS; }
+#else
+const Ops* avx_vnni_ops() { return nullptr; }
+#endif
 
 bool x86_has(Isa isa) {
   __builtin_cpu_init();
   switch (isa) {
     case ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#ifdef BONSAI_AVX_VNNI
+    case ISA_AVX_VNNI: return x86_has(ISA_AVX2) && cpu_has_avx_vnni();
+#endif
     case ISA_AVX512:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
@@ -468,6 +617,7 @@ bool x86_has(Isa isa) {
 namespace bonsai {
 const Ops* avx2_ops() { return nullptr; }
 const Ops* avx512_ops() { return nullptr; }
+const Ops* avx_vnni_ops() { return nullptr; }
 bool x86_has(Isa) { return false; }
 }  // namespace bonsai
 
