@@ -6,6 +6,7 @@ the same inputs (medians of interleaved calls, so a burst of load on a shared ma
     git worktree add /tmp/base <commit> && (cd /tmp/base && python setup.py build_ext --inplace -q)
     python benchmarks/ab_cpu_kernel.py /tmp/base/src/bonsai/kernels/cpu/_bitmm*.so     # vs this checkout's
     python benchmarks/ab_cpu_kernel.py A.so B.so --models emoji --m 512 4096 --isa avx512
+    python benchmarks/ab_cpu_kernel.py src/bonsai/kernels/cpu/_bitmm*.so --isa avx2 --isa-b avxvnni   # two paths
 
 Prints per shape both times, the ratio A/B (> 1: B is faster) and the largest difference between the
 two outputs relative to max |y| (0 when both do the same integer sums and float operations). Weights
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["4b"], choices=list(SHAPES))
     parser.add_argument("--m", nargs="+", type=int, default=[1024, 2048])
     parser.add_argument("--isa", default=None, help="kernel path for both (default: the best this CPU runs)")
+    parser.add_argument("--isa-b", default=None, help="another path for B (default: --isa)")
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--group-size", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=9)
@@ -54,9 +56,10 @@ def main() -> None:
         raise SystemExit("this checkout has no built kernel: python setup.py build_ext --inplace")
     folder = Path(tempfile.mkdtemp())
     libs = [load_copy(args.lib_a, folder, "a"), load_copy(lib_b_path, folder, "b")]
-    isa = args.isa or binding.chosen_isa(libs[1])
+    isas = [args.isa or binding.chosen_isa(libs[1])] * 2
+    isas[1] = args.isa_b or isas[0]
     threads = binding.thread_count()
-    print(f"A = {args.lib_a}\nB = {lib_b_path}\nISA {isa}, {threads} threads, {args.repeats} interleaved calls each")
+    print(f"A = {args.lib_a} ({isas[0]})\nB = {lib_b_path} ({isas[1]})\n{threads} threads, {args.repeats} interleaved calls each")
     torch.manual_seed(0)
     for model in args.models:
         for k, n in SHAPES[model]:
@@ -65,11 +68,11 @@ def main() -> None:
             weight = prepared.c_weight
             for m in args.m:
                 x = torch.randn(m, k)
-                ys = [binding.call_bitmm(lib, isa, threads, x, weight, None) for lib in libs]  # also the warm-up
+                ys = [binding.call_bitmm(lib, isa, threads, x, weight, None) for lib, isa in zip(libs, isas)]  # + warm-up
                 diff = ((ys[0] - ys[1]).abs().max() / ys[0].abs().max()).item()
                 times: list[list[float]] = [[], []]
                 for _ in range(args.repeats):
-                    for lib, bucket in zip(libs, times):
+                    for lib, isa, bucket in zip(libs, isas, times):
                         start = time.perf_counter()
                         binding.call_bitmm(lib, isa, threads, x, weight, None)
                         bucket.append(time.perf_counter() - start)
