@@ -169,6 +169,19 @@ def test_bitmatmul_dispatches_cpu_tensors_to_the_kernel(monkeypatch) -> None:
     assert "cpu" in w.cache  # prepared once per weight
 
 
+def test_without_a_vector_path_the_reference_path_runs_unless_scalar_is_asked_for(monkeypatch) -> None:
+    monkeypatch.delenv("BONSAI_KERNEL", raising=False)
+    monkeypatch.delenv("BONSAI_CPU_ISA", raising=False)
+    monkeypatch.setattr(binding, "_warned", False)
+    monkeypatch.setattr(binding, "_best_isa", lambda lib: "scalar")  # a CPU with none of the vector paths
+    w = random_weight(torch.Generator().manual_seed(8), 20, 70, 0, False, True, 0)
+    x = torch.randn(3, 70)
+    with pytest.warns(RuntimeWarning, match="none of the compiled kernel's vector paths"):
+        assert dispatch.select_kernel(x, w).name == "reference"
+    monkeypatch.setenv("BONSAI_CPU_ISA", "scalar")
+    assert dispatch.select_kernel(x, w).name == "cpu"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_come_back_in_their_dtype(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(11)

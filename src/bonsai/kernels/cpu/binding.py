@@ -74,17 +74,13 @@ def load_library(path: Path | None) -> ctypes.CDLL:
     return lib
 
 
-def warn_reference_path(reason: str) -> None:
+def warn_reference_path(reason: str, fix: str = "Reinstall with a C++ compiler available (pip install -e .) to build it.") -> None:
     """Say once per process that bitmatmul falls back to the slower reference path on CPU."""
     global _warned
     if not _warned:
         _warned = True
-        warnings.warn(
-            f"{reason}; Bonsai runs 1-bit layers on the slower reference path on CPU. "
-            "Reinstall with a C++ compiler available (pip install -e .) to build it.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warnings.warn(f"{reason}; Bonsai runs 1-bit layers on the slower reference path on CPU. {fix}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def available_isas(lib: ctypes.CDLL) -> list[str]:
