@@ -147,12 +147,6 @@ const Ops* ops_for(int isa) {
   }
 }
 
-// Row chunks of KU bytes to every mr * KU bytes of out (the row's place in its activation panel).
-template <int KU>
-void scatter_chunks(const int8_t* row, int64_t kpad, int mr, int8_t* out) {
-  for (int64_t j = 0; j < kpad / KU; ++j) memcpy(out + j * mr * KU, row + j * KU, KU);
-}
-
 // Quantize row m (after the fused prologue, if any, into xrow) and place it in its panel:
 // q[kpad / kunit][mr][kunit] with group padding, plus group sums and (when lowrank) the row's
 // low-rank factor x @ V.T.
@@ -180,12 +174,7 @@ void place_row(const Problem& p, const Ops& ops, int64_t m, int8_t* qall, int32_
     sumx[g * mr + r] = s;
   }
   int8_t* base = qall + mp * MR * p.kpad + r * KU;
-  if (KU == 64)  // copies of a constant size, which compilers inline (a call per chunk cost ~7% of a call)
-    scatter_chunks<64>(padded, p.kpad, mr, base);
-  else if (KU == 4)
-    scatter_chunks<4>(padded, p.kpad, mr, base);
-  else
-    for (int64_t j = 0; j < p.kpad / KU; ++j) memcpy(base + j * mr * KU, padded + j * KU, (size_t)KU);
+  for (int64_t j = 0; j < p.kpad / KU; ++j) memcpy(base + j * mr * KU, padded + j * KU, (size_t)KU);
 }
 
 // Asks for the sign bits of k4 steps j0 .. j1 - 1 of the panel at n0 to be brought into L2 while the

@@ -162,8 +162,8 @@ const Ops* neon_ops();    // null when not compiled in
 const Ops* amx_ops();     // null when not compiled in, or when this CPU or OS cannot run AMX tiles
 bool x86_has(Isa isa);    // this x86 CPU (and OS) runs the AVX2 / AVX-VNNI / AVX-512 path
 
-// Shared between ISA paths: the low-rank row product and tile write (bitmm_rows.cpp, also compiled
-// for AVX2), and the AVX-512 pieces the AMX path reuses.
+// Shared between ISA paths: the portable low-rank row product and tile write (bitmm_rows.cpp; the
+// AVX2 paths have their own), and the AVX-512 pieces the AMX path reuses.
 void lowrank_row_scalar(const Problem& p, const float* x, float* t);
 void write_tile_scalar(const Problem& p, const ActPanel& a, Tile t, int ncols, float* y, int64_t ldy);
 // Fused row operations (bitmm_rows.cpp): one source, compiled for each vector width.
@@ -200,14 +200,6 @@ TARGET_AVX512 void stream_tile_avx512(const float* tile, int rows, float* y, int
 TARGET_AVX512 void flush_group_avx512(const ActPanel& a, const int32_t* acc, const float* gs, int64_t g, float* f);
 }  // namespace x86
 #endif
-
-// U[n][j] (bfloat16 in the layout of Problem::lowrank_ub) as float.
-static inline float lowrank_u(const Problem& p, int64_t n, int64_t j) {
-  const uint32_t bits = (uint32_t)p.lowrank_ub[((n / 16) * (p.rank_pad / 2) + j / 2) * 32 + (n % 16) * 2 + (j & 1)] << 16;
-  float u;
-  memcpy(&u, &bits, 4);
-  return u;
-}
 
 // n (1..64) bits of a packed row starting at bit `start`, never reading past row_bytes.
 static inline uint64_t read_bits(const uint8_t* row, int64_t row_bytes, int64_t start, int n) {

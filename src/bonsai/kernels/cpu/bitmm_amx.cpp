@@ -6,9 +6,10 @@
 // chunk are one A tile. Quantization, group flushes and the epilogue are the AVX-512 pieces, and the
 // AVX-512 kernel is this kernel's reference; the panel expansion is its own (byte permutes, VBMI).
 // With one group the kernel covers a whole pass over K per call (Ops::pass_steps), so the C tiles
-// are stored once per pass, not per L1-sized chunk (those stores cost ~20% of a call). The low-rank residual's second
-// product, (x V.T) U.T, runs on AMX-BF16 tiles as well (tdpbf16ps: x V.T rounded to bfloat16, U is
-// stored in bfloat16, float32 sums): at K = 320 its rank-16 FMAs cost more than the 1-bit product.
+// are stored once per pass, not per L1-sized chunk (those stores cost ~20% of a call). The low-rank
+// residual's second product, (x V.T) U.T, runs on AMX-BF16 tiles as well (tdpbf16ps: x V.T rounded
+// to bfloat16, U is stored in bfloat16, float32 sums): at K = 320 its rank-16 FMAs cost more than
+// the 1-bit product.
 // Linux hands out tile state only after arch_prctl(ARCH_REQ_XCOMP_PERM); without it, without the
 // CPU feature, on other systems or with a compiler that lacks AMX (setup.py then defines
 // BONSAI_NO_AMX), amx_ops() is null and the AVX-512 path runs.

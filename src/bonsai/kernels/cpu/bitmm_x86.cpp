@@ -5,6 +5,7 @@
 #include "bitmm.h"
 
 #ifdef BONSAI_X86
+#include <cpuid.h>
 #include <immintrin.h>
 
 namespace bonsai {
@@ -111,9 +112,6 @@ TARGET_AVX2 void expand_panel_avx2(const Problem& p, int64_t n0, int64_t j0, int
 
 }  // namespace
 
-// write_tile_scalar's sums in 8-column groups: bias and row offsets in registers across the rows, and
-// U's bfloat16 pairs (8 columns x 2 ranks, one load) widened in registers, rows four at a time. The
-// generic loops, vectorized by the compiler, spilled their sums and took a fifth of a bonsai-emoji image.
 namespace x86 {
 // lowrank_row_scalar 8 ranks at a time with k outermost: 8 independent FMA chains (one dot product
 // per rank was bound by its FMA latency: a tenth of a bonsai-emoji image), then a horizontal add tree.
@@ -136,6 +134,9 @@ TARGET_AVX2 void lowrank_row_avx2(const Problem& p, const float* x, float* t) {
   }
 }
 
+// write_tile_scalar's sums in 8-column groups: bias and row offsets in registers across the rows, and
+// U's bfloat16 pairs (8 columns x 2 ranks, one load) widened in registers, rows four at a time. The
+// generic loops, vectorized by the compiler, spilled their sums and took a fifth of a bonsai-emoji image.
 TARGET_AVX2 void write_tile_avx2(const Problem& p, const ActPanel& a, Tile tile, int ncols, float* y, int64_t ldy) {
   constexpr int RB = 4;
   const int64_t pairs = p.rank_pad / 2;
@@ -309,10 +310,7 @@ const Ops AVX_VNNI_OPS = {VNNI_MR,           4,
 // CPUID.(EAX=7, ECX=1):EAX bit 4.
 bool cpu_has_avx_vnni() {
   unsigned eax, ebx, ecx, edx;
-  __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
-  if (eax < 1) return false;  // no subleaf 1
-  __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(1));
-  return (eax >> 4) & 1;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 4) & 1);
 }
 #endif
 #endif
