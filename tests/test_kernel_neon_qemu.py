@@ -18,15 +18,19 @@ CXX, QEMU = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
 pytestmark = pytest.mark.skipif(not (CXX and QEMU), reason="needs aarch64-linux-gnu-g++ and qemu-aarch64")
 
 
-def test_neon_path_matches_the_scalar_path(tmp_path: Path) -> None:
+# Baseline NEON (a generic AArch64 build) and the sdot kernel of a build for CPUs with the dot product
+# extension (as Apple's compilers build for Apple Silicon); qemu's "max" CPU runs both.
+@pytest.mark.parametrize("march, built_for", [(None, "baseline NEON"), ("armv8.2-a+dotprod", "the dot product extension")])
+def test_neon_path_matches_the_scalar_path(tmp_path: Path, march: str | None, built_for: str) -> None:
     exe = tmp_path / "neon_check"
     build = subprocess.run(
-        [CXX, "-O2", "-std=c++17", "-fopenmp", "-fno-math-errno", "-static", *map(str, SOURCES),
-         str(ROOT / "tests/native/neon_check.cpp"), "-o", str(exe)],
+        [CXX, "-O2", "-std=c++17", "-fopenmp", "-fno-math-errno", "-static", *([f"-march={march}"] if march else []),
+         *map(str, SOURCES), str(ROOT / "tests/native/neon_check.cpp"), "-o", str(exe)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-3000:]
-    run = subprocess.run([QEMU, str(exe)], capture_output=True, text=True, timeout=600)
-    lines = run.stdout.splitlines()
+    run = subprocess.run([QEMU, "-cpu", "max", str(exe)], capture_output=True, text=True, timeout=600)
+    first, *cases = run.stdout.splitlines()
     assert run.returncode == 0, run.stdout + run.stderr
-    assert len(lines) == 7 and all(line.endswith(" ok") for line in lines), run.stdout
+    assert built_for in first, first
+    assert len(cases) == 7 and all(line.endswith(" ok") for line in cases), run.stdout

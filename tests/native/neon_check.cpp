@@ -34,6 +34,11 @@ int main() {
     std::printf("no NEON path in this build\n");
     return 1;
   }
+#if defined(__ARM_FEATURE_DOTPROD)
+  std::printf("built with the dot product extension (sdot)\n");
+#else
+  std::printf("built for baseline NEON\n");
+#endif
   // M, N, K, group size, rank
   const int64_t cases[][5] = {{1, 33, 203, 0, 0},     {45, 71, 1203, 0, 17}, {301, 70, 1100, 64, 3},
                               {17, 45, 203, 24, 0},   {512, 320, 320, 0, 16}, {512, 40, 1280, 0, 16},
