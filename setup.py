@@ -23,6 +23,12 @@ AMX_PROBE = (
     "  _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), _mm512_setzero_ps())); }\n"
     "int main() { return 0; }\n"
 )
+# Every Apple Silicon Mac has the dot product extension: built for it there, the NEON path uses sdot.
+DOTPROD_PROBE = (
+    "#include <arm_neon.h>\n"
+    "int main() { int32x4_t a = vdupq_n_s32(1); int8x16_t b = vdupq_n_s8(2);\n"
+    "  return vgetq_lane_s32(vdotq_s32(a, b, b), 0) == 17 ? 0 : 1; }\n"
+)
 # The AVX-VNNI path (vpdpbusd on 256 bits, VEX-encoded) needs GCC 11+ and binutils 2.36+ as well.
 AVX_VNNI_PROBE = (
     "#include <immintrin.h>\n"
@@ -68,6 +74,9 @@ class BuildCpuKernel(build_ext):
             if x86 and not self._compiles_with([], AVX_VNNI_PROBE):
                 self.warn("the compiler does not know AVX-VNNI: the CPU kernel is built without its AVX-VNNI path")
                 compile_args.append("-DBONSAI_NO_AVX_VNNI")
+            apple_silicon = sys.platform == "darwin" and platform.machine().lower() == "arm64"
+            if apple_silicon and self._compiles_with(["-mcpu=apple-m1"], DOTPROD_PROBE):
+                compile_args.append("-mcpu=apple-m1")
         for ext in self.extensions:
             ext.extra_compile_args, ext.extra_link_args = compile_args, link_args
         super().build_extensions()

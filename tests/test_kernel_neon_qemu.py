@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not (CXX and QEMU), reason="needs aarch64-linux-
 
 
 # Baseline NEON (a generic AArch64 build) and the sdot kernel of a build for CPUs with the dot product
-# extension (as Apple's compilers build for Apple Silicon); qemu's "max" CPU runs both.
+# extension (as setup.py builds on Apple Silicon Macs); qemu's "max" CPU runs both.
 @pytest.mark.parametrize("march, built_for", [(None, "baseline NEON"), ("armv8.2-a+dotprod", "the dot product extension")])
 def test_neon_path_matches_the_scalar_path(tmp_path: Path, march: str | None, built_for: str) -> None:
     exe = tmp_path / "neon_check"
