@@ -182,10 +182,14 @@ void place_row(const Problem& p, const Ops& ops, int64_t m, int8_t* qall, int32_
 // prefetchers miss, and waited on L3 for most of its time. (Padded columns are ignored: the bytes
 // past a group's end are the next group's, so nothing is missed for long.)
 void prefetch_panel(const Problem& p, int64_t n0, int64_t j0, int64_t j1) {
+#if defined(__GNUC__) || defined(__clang__)
   const int64_t rows = p.N - n0 < PANEL ? p.N - n0 : PANEL;
   const int64_t b0 = j0 * 4 / 8, b1 = (j1 * 4 + 7) / 8 < p.row_bytes ? (j1 * 4 + 7) / 8 : p.row_bytes;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = b0 & ~63; b < b1; b += 64) __builtin_prefetch(p.signs + (n0 + r) * p.row_bytes + b, 0, 2);
+#else
+  (void)p, (void)n0, (void)j0, (void)j1;
+#endif
 }
 
 void* aligned(size_t bytes) {
