@@ -147,6 +147,12 @@ constexpr int LOWRANK_ROWS = 16;  // one AMX tile of rows
 // Row stride of ActPanel::lrb: the rank rounded up to 32 (one 64-byte AMX tile row of bfloat16).
 static inline int64_t lowrank_bf16_stride(const Problem& p) { return (p.rank + 31) / 32 * 32; }
 
+// U's bfloat16 for ranks j and j + 1 (j even) of column n, then those of the next columns of n's
+// 16-column block: one row of the AMX-BF16 B tile in Problem::lowrank_ub (zero past N and the rank).
+static inline const uint16_t* lowrank_pairs(const Problem& p, int64_t n, int64_t j) {
+  return p.lowrank_ub + ((n / 16) * (p.rank_pad / 2) + j / 2) * 32 + (n % 16) * 2;
+}
+
 // float32 -> bfloat16 bits, rounding half to even (finite inputs).
 static inline uint16_t bf16_bits(float v) {
   uint32_t bits;

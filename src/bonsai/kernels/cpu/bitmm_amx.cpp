@@ -158,7 +158,7 @@ TARGET_AMX void lowrank_tiles(const Problem& p, const ActPanel& a, Tile t, float
   zero_acc<TWO>();
   memory_barrier();
   for (int64_t c0 = 0; c0 < p.rank_pad; c0 += 32) {
-    const uint16_t* ub = p.lowrank_ub + ((t.n0 / 16) * pairs + c0 / 2) * 32;
+    const uint16_t* ub = lowrank_pairs(p, t.n0, c0);
     _tile_loadd(4, a.lrb + c0, stride);
     _tile_loadd(6, ub, TILE_BYTES);
     _tile_loadd(7, ub + pairs * 32, TILE_BYTES);

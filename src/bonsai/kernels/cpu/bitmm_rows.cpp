@@ -102,7 +102,7 @@ ROW_INLINE void write_tile_body(const Problem& p, const ActPanel& a, Tile tile, 
     // is): all 32 columns and 16 ranks are unpacked, and the loop below has constant trip counts
     for (int h = 0; h < 2; ++h)
       for (int jj = 0; jj < 16; jj += 2) {
-        const uint16_t* pair = p.lowrank_ub + ((n0 / 16 + h) * (p.rank_pad / 2) + (j0 + jj) / 2) * 32;
+        const uint16_t* pair = lowrank_pairs(p, n0 + 16 * h, j0 + jj);
         for (int c = 0; c < 16; ++c) {
           const uint32_t even = (uint32_t)pair[2 * c] << 16, odd = (uint32_t)pair[2 * c + 1] << 16;
           memcpy(&u[jj][16 * h + c], &even, 4);

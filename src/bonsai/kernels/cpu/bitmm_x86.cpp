@@ -139,13 +139,11 @@ TARGET_AVX2 void lowrank_row_avx2(const Problem& p, const float* x, float* t) {
 // generic loops, vectorized by the compiler, spilled their sums and took a fifth of a bonsai-emoji image.
 TARGET_AVX2 void write_tile_avx2(const Problem& p, const ActPanel& a, Tile tile, int ncols, float* y, int64_t ldy) {
   constexpr int RB = 4;
-  const int64_t pairs = p.rank_pad / 2;
   for (int c0 = 0; c0 < ncols; c0 += 8) {
     const int64_t n = tile.n0 + c0;
     const __m256i m = tail_mask8(ncols - c0);
     const __m256 bias = p.bias ? _mm256_maskload_ps(p.bias + n, m) : _mm256_setzero_ps();
     const __m256 ro = p.row_offset ? _mm256_maskload_ps(p.row_offset + n, m) : _mm256_setzero_ps();
-    const uint16_t* ub = p.rank ? p.lowrank_ub + (n / 16) * pairs * 32 + (n % 16) * 2 : nullptr;
     for (int r0 = 0; r0 < a.mr; r0 += RB) {
       __m256 acc[RB];
       const float* t[RB];
@@ -156,7 +154,7 @@ TARGET_AVX2 void write_tile_avx2(const Problem& p, const ActPanel& a, Tile tile,
         t[i] = a.lrt + r * p.rank_pad;
       }
       for (int64_t j = 0; j < p.rank; j += 2) {  // lrt and U are zero past the rank
-        const __m256i pair = _mm256_loadu_si256((const __m256i*)(ub + (j / 2) * 32));
+        const __m256i pair = _mm256_loadu_si256((const __m256i*)lowrank_pairs(p, n, j));
         const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
         const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32((int)0xffff0000u)));
         for (int i = 0; i < RB; ++i)
@@ -495,7 +493,7 @@ TARGET_AVX512 void write_tile_avx512(const Problem& p, const ActPanel& a, const 
     for (int64_t j0 = 0; j0 == 0 || (fma_rank && j0 < p.rank_pad); j0 += 16) {
       __m512 u[16];
       for (int jj = 0; fma_rank && jj < 16; jj += 2) {  // one 64-byte tile row: two ranks of 16 columns
-        const __m512i pair = _mm512_loadu_si512(p.lowrank_ub + ((c0 / 16) * (p.rank_pad / 2) + (j0 + jj) / 2) * 32);
+        const __m512i pair = _mm512_loadu_si512(lowrank_pairs(p, c0, j0 + jj));
         u[jj] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
         u[jj + 1] = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xffff0000u)));
       }
