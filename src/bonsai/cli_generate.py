@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .cli_paths import writable_dir
-from .limits import CFG_RANGE, MAX_BATCH, MAX_SEED, MAX_STEPS
+from .limits import CFG_RANGE, HIRES_STRENGTH, IMG2IMG_STRENGTH, MAX_BATCH, MAX_SEED, MAX_STEPS
 
 SIZE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -60,11 +60,11 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> tupl
 @click.option("--init", "init_image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Image to start from (img2img), resized to the output size.")
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="With --init: how much of it to redraw, from a little (0.1) to all (1).  [default: 0.75]")
+              help=f"With --init: how much of it to redraw, from a little (0.1) to all (1).  [default: {IMG2IMG_STRENGTH:g}]")
 @click.option("--hires", "hires_scale", type=click.FloatRange(1, 4, min_open=True), default=None, metavar="SCALE",
               help="Second pass: upscale the images by SCALE, then refine them with img2img (hires fix).")
 @click.option("--hires-strength", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="With --hires: how much the second pass redraws.  [default: 0.5]")
+              help=f"With --hires: how much the second pass redraws.  [default: {HIRES_STRENGTH:g}]")
 @click.option("--hires-steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="With --hires: the second pass's steps (default: the first pass's).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -105,13 +105,13 @@ def generate(prompt, negative_prompt, steps, cfg, seed, size, batch, sampler, mo
 
         first = dict(negative_prompt=negative_prompt, steps=steps, cfg=cfg, seed=seed, width=width, height=height,
                      sampler=sampler, init_images=None if init is None else [init],
-                     strength=None if init is None else (strength or 0.75))
+                     strength=None if init is None else (strength or IMG2IMG_STRENGTH))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("ignore", GenerationWarning)  # printed below from the result, once each
             if hires_scale is None:
                 result = pipe.generate(prompt, batch=batch, callback=lambda s, t, x0: progress(1, 1, s, t, x0), **first)
             else:
-                result = generate_hires(pipe, prompt, scale=hires_scale, hires_strength=hires_strength or 0.5,
+                result = generate_hires(pipe, prompt, scale=hires_scale, hires_strength=hires_strength or HIRES_STRENGTH,
                                         hires_steps=hires_steps, batch=batch, callback=progress, **first)
         for bar in bars.values():
             bar.close()

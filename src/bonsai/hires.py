@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from .limits import MAX_SIDE
+from .limits import HIRES_STRENGTH, MAX_SIDE
 from .pipeline import Generation, InvalidRequest, Pipeline
 
 UPSCALERS = ("lanczos",)
@@ -39,7 +39,7 @@ def generate_hires(
     prompt: str,
     *,
     scale: float = 2.0,
-    hires_strength: float = 0.5,
+    hires_strength: float = HIRES_STRENGTH,
     hires_steps: int | None = None,
     upscaler: str = "lanczos",
     batch: int = 1,

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import ConfigDict, Field, ValidationError
 
+from bonsai.limits import HIRES_STRENGTH
 from bonsai.sampling import SAMPLERS
 
 from .errors import FieldError, FieldNames
@@ -116,7 +117,7 @@ def _to_job(body: Txt2ImgRequest, s: Server, init_image: str | None = None) -> J
             raise FieldError("hr_upscaler", f"hr_upscaler {body.hr_upscaler!r} is not available; use Lanczos")
         try:
             hires = HiresRequest(
-                scale=_hires_scale(body, model, s), strength=body.denoising_strength or 0.5, steps=body.hr_second_pass_steps or None
+                scale=_hires_scale(body, model, s), strength=body.denoising_strength or HIRES_STRENGTH, steps=body.hr_second_pass_steps or None
             )
         except ValidationError as exc:
             raise _field_error(exc, "hires.") from None

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bonsai.hires import UPSCALERS, hires_size
 from bonsai.images import flatten_on_white
-from bonsai.limits import CFG_RANGE, MAX_PROMPT_CHARS, last_seed
+from bonsai.limits import CFG_RANGE, HIRES_STRENGTH, IMG2IMG_STRENGTH, MAX_PROMPT_CHARS, last_seed
 from bonsai.lora import LoRAError, parse_prompt_loras
 from bonsai.sampling import SAMPLERS, img2img_timesteps
 
@@ -51,7 +51,7 @@ class HiresRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     scale: float = Field(2.0, gt=1.0)
-    strength: float = Field(0.5, gt=0.0, le=1.0)
+    strength: float = Field(HIRES_STRENGTH, gt=0.0, le=1.0)
     steps: int | None = Field(None, description="second-pass steps (default: the first pass's)")
     upscaler: str = "lanczos"
 
@@ -72,7 +72,7 @@ class JobRequest(BaseModel):
     batch: int = 1
     loras: list[LoraRef] = Field(default_factory=list, max_length=8)
     init_image: str | None = Field(None, description="img2img source: base64 PNG/JPEG/WebP (a data: URL is fine)")
-    strength: float | None = Field(None, description="img2img denoising strength in (0, 1]; default 0.75")
+    strength: float | None = Field(None, description=f"img2img denoising strength in (0, 1]; default {IMG2IMG_STRENGTH:g}")
     hires: HiresRequest | None = None
 
 
@@ -221,7 +221,7 @@ def resolve(req: JobRequest, catalog: ModelCatalog, cfg: ServeConfig) -> tuple[J
     strength = 1.0
     if req.init_image is not None:
         init = decode_image(req.init_image, "init_image", cfg.max_upload_pixels)
-        strength = req.strength if req.strength is not None else 0.75
+        strength = req.strength if req.strength is not None else IMG2IMG_STRENGTH
         if not 0.0 < strength <= 1.0:
             raise FieldError("strength", f"strength must be in (0, 1], got {strength:g}")
         _check_img2img_steps("strength", strength, "steps", steps, shift)
