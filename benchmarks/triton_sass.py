@@ -8,7 +8,10 @@ cuobjdump shipped in Triton's wheel disassembles the cubin. Use the Triton versi
 main loop (the loop that holds the HGMMA): the instruction count, the opcodes that matter (integer
 ops that unpack signs, shared-memory stores/loads, barriers, HGMMA), registers, and from the TTGIR
 whether the weight operand stays in registers and how many wgmma groups stay in flight
-(HGMMA: bf16, IGMMA: int8, QGMMA: fp8).
+(HGMMA: bf16, IGMMA: int8, QGMMA: fp8), and whether ptxas actually keeps the wgmmas in flight: it
+serializes them, with a C7513 / C7515 "Potential Performance Loss" note, when non-wgmma instructions define
+a wgmma's input or accumulator registers inside its pipeline stage ("serialized"; "waits" counts the
+WARPGROUP.DEPBAR of the whole kernel against its GMMA). --gluon adds the warp-specialized Gluon kernels.
 Pointers and M, N, K are compiled as multiples of 16, as the 4B shapes launch them.
 """
 
@@ -120,6 +123,15 @@ def main_loop(sass: str) -> list[str]:
 UNPACK_OPS = ("LOP3", "SHF", "IMAD", "PRMT", "IADD3", "SEL", "I2F", "F2F", "VIADD", "LEA")
 
 
+def ptxas_serializes(ptx: Path) -> str:
+    """ptxas's own note on this kernel's wgmmas (triton.compile does not show it): the C75xx codes, or ''."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    run = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", str(ptx), "-o", str(ptx.with_suffix(".ptxas.cubin"))],
+                         capture_output=True, text=True, check=True)
+    return ",".join(sorted(set(re.findall(r"\((C75\d\d)\) Potential Performance Loss: wgmma", run.stderr))))
+
+
 def summarize(label: str, ck, tile: tuple, cubin: Path) -> dict:
     sass = _tool("cuobjdump", "-sass", str(cubin))
     body = main_loop(sass)
@@ -136,20 +148,62 @@ def summarize(label: str, ck, tile: tuple, cubin: Path) -> dict:
             "unpack_alu": sum(ops[o] for o in UNPACK_OPS), "STS": ops["STS"], "LDS": ops["LDS"] + ops["LDSM"],
             "BAR": ops["BAR"], "GMMA": ops["HGMMA"] + ops["IGMMA"] + ops["QGMMA"], "LDGSTS": ops["LDGSTS"], "LDG": ops["LDG"],
             "A_in_registers": a_in_regs, "wgmma_pendings": pendings, "n_dots": len(dots),
+            "serialized": ptxas_serializes(cubin.with_suffix(".ptx")),
+            "waits": f"{sass.count('WARPGROUP.DEPBAR')}/{len(re.findall(r'[HIQ]GMMA', sass))}",
             "ops": dict(ops.most_common())}
+
+
+GLUON_TILES = [(128, 128, 128, 4, 4), (128, 128, 128, 8, 3), (128, 64, 128, 4, 4)]  # W1A16: BLOCK_K 64
+EPILOGUE_ARGS = {"rs_ptr": "*fp32", "ro_ptr": "*fp32", "xsum_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32",
+                 "K": "i32", "KC": "i32"}
+
+
+def gluon_variants():
+    """The warp-specialized Gluon kernels (gluon_ws.py), as variants() gives the others."""
+    from triton.experimental.gluon import language as gl
+
+    module = importlib.import_module("bonsai.kernels.triton.gluon_ws")
+    out = []
+    for bm, bn, bk, warps, stages in GLUON_TILES:
+        consts = {"HAS_OFFSET": False, "HAS_BIAS": False, "BLOCK_N": bn, "STAGES": stages, "GROUP_M": 8,
+                  "num_warps": warps}
+        for label, kernel, dtype, block_k, extra in (
+                ("w1a8 gluon ws", module.w1a8_ws_kernel, gl.int8, bk, {"xs_ptr": "*fp32", "qsum_ptr": "*i32"}),
+                ("w1a16 gluon ws", module.w1a16_ws_kernel, gl.bfloat16, bk // 2, {})):
+            layout = gl.NVMMASharedLayout.get_default_for([bm, block_k], dtype)
+            types = {kernel.arg_names[0]: f"tensordesc<{'i8' if dtype == gl.int8 else 'bf16'}[{bm}, {block_k}],{layout!r}>",
+                     "w_ptr": "*i32", "out_ptr": "*bf16", **extra, **EPILOGUE_ARGS}
+            sig = {k: types[k] for k in kernel.arg_names if k in types}  # in the kernel's order
+            extra_consts = {} if dtype == gl.int8 else {"ONE_BITS": 0x3F80}
+            out.append((label, kernel, sig, {**extra_consts, **consts}, (bm, bn, block_k, warps, stages)))
+    return out
+
+
+def compile_gluon_sm90(kernel, signature: dict, consts: dict, tile: tuple):
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = {**signature, **{k: "constexpr" for k in consts}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    src = GluonASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile[3]})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/triton_sass"), help="folder for ttgir/ptx/sass")
+    parser.add_argument("--gluon", action="store_true", help="also the warp-specialized Gluon W1A8 kernel")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__}, target sm_90")
     head = (f"{'kernel':<15} {'tile (BMxBNxBK)':<20} {'regs':>4} {'instr':>5} {'w/thr':>5} {'alu':>4} {'STS':>3} "
-            f"{'LDS':>3} {'BAR':>3} {'GMMA':>5}  A in regs, wgmma in flight")
+            f"{'LDS':>3} {'BAR':>3} {'GMMA':>5}  A in regs, wgmma in flight (TTGIR); ptxas: serialized, waits/GMMA")
     print(head)
-    for i, (label, kernel, sig, consts, tile) in enumerate(variants()):
-        ck = compile_sm90(kernel, sig, consts, tile)
+    todo = [(v, compile_sm90) for v in variants()]
+    if args.gluon:
+        kernel_modules()
+        todo += [(v, compile_gluon_sm90) for v in gluon_variants()]
+    for i, ((label, kernel, sig, consts, tile), compile_fn) in enumerate(todo):
+        ck = compile_fn(kernel, sig, consts, tile)
         stem = args.out / f"{i:02d}_{label.replace(' ', '_')}"
         for ext in ("ttgir", "ptx"):
             stem.with_suffix("." + ext).write_text(ck.asm[ext])
@@ -159,7 +213,7 @@ def main() -> None:
         stem.with_suffix(".sass").write_text(_tool("cuobjdump", "-sass", str(cubin)))
         print(f"{s['kernel']:<15} {s['tile']:<20} {s['regs']:>4} {s['loop_instr']:>5} {s['weights_per_thread']:>5} "
               f"{s['unpack_alu']:>4} {s['STS']:>3} {s['LDS']:>3} {s['BAR']:>3} {s['GMMA']:>5}  "
-              f"{s['A_in_registers']}, pendings {s['wgmma_pendings']}")
+              f"{s['A_in_registers']}, pendings {s['wgmma_pendings']}; {s['serialized'] or 'async'}, {s['waits']}")
         print(f"    {s['ops']}")
 
 

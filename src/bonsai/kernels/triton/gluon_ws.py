@@ -1,0 +1,236 @@
+"""W1A8 and W1A16 on Hopper in Gluon, warp-specialized: the tensor cores never wait for the weights' unpacking.
+
+In every single-partition kernel that expands the weights inside its wgmma loop (Triton's fragment and
+k-major kernels, Gluon kernels that unpack into registers or into shared memory) ptxas either keeps the
+wgmmas synchronous or serializes them itself, reporting C7513 / C7515 ("wgmma.mma_async instructions are
+serialized due to non wgmma instructions defining input / accumulator registers of a wgmma between start
+and end of the pipeline stage"). Either way the tensor cores idle while the weights are expanded
+(benchmarks/triton_sass.py shows which kernel gets which).
+
+Here the work is split between the warps of one program (Gluon's warp_specialize):
+- the default partition (the MMA warps) only waits for full buffers, issues wgmma with both operands in
+  shared memory, keeps one in flight, and frees the buffers of the step before; then the epilogue;
+- a worker partition of 4 warps expands the 1-bit weights from the fragment words (fragments.py) into
+  int8 {0, 1} or bf16/fp16 +-1 tiles in a ring of shared-memory buffers;
+- a worker partition of 1 warp loads the activation tiles (int8 or bf16/fp16, [BLOCK_M, BLOCK_K]) into
+  their ring with TMA.
+ptxas keeps this wgmma loop asynchronous (tests/test_kernel_gluon.py).
+
+Each program computes out^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] @ x^T[K, BLOCK_M], then the plain epilogue:
+row scale, row offset x row sums, bias (not the fused row operations of kernels._epilogue). No group
+scales; column scales are folded into x before (as ops.w1a16 does for the fragment kernel).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+# TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6 (the lent GPUs'), async_load from 3.7.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+PRODUCER_WARPS = gl.constexpr(4)
+
+# ---- int8 {0, 1} from the W1A8 fragment words (fragments.int8_words; as fragment_kernels._int8_operand)
+
+
+@gluon.jit
+def _quad(w, Q: gl.constexpr):
+    """Bits q, q+8, q+16, q+24 of every word -> int8 {0, 1} [..., i % 2, i // 2]."""
+    v = (w >> Q) & 0x01010101
+    lo = gl.join(v.to(gl.int8), (v >> 8).to(gl.int8))
+    hi = gl.join((v >> 16).to(gl.int8), (v >> 24).to(gl.int8))
+    return gl.join(lo, hi)
+
+
+@gluon.jit
+def _int8_word(w, RS: gl.constexpr):
+    t0 = gl.join(_quad(w, 4 * RS + 0), _quad(w, 4 * RS + 1))
+    t1 = gl.join(_quad(w, 4 * RS + 2), _quad(w, 4 * RS + 3))
+    return gl.join(t0, t1)
+
+
+@gluon.jit
+def _int8_tile(words, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    """int32 words [G, KCH * 64] -> int8 {0, 1} [BLOCK_N, BLOCK_K]."""
+    w0, w1 = gl.split(gl.reshape(words, (BLOCK_N // 16, BLOCK_K // 128, 8, 4, 2)))
+    r0 = gl.join(_int8_word(w0, 0), _int8_word(w1, 0))
+    r1 = gl.join(_int8_word(w0, 1), _int8_word(w1, 1))
+    t = gl.join(r0, r1)  # [g, kch, r0, c, il, ih, h, tl, th, rs]
+    t = gl.permute(t, (0, 9, 2, 1, 8, 7, 6, 3, 5, 4))  # [g, rs, r0, kch, th, tl, h, c, ih, il]
+    return gl.reshape(t, (BLOCK_N, BLOCK_K))
+
+
+# ---- +-1 as bf16/fp16 bit patterns from the W1A16 fragment words (fragments.bf16_words; as _bf16_operand)
+
+
+@gluon.jit
+def _half_pair(w, P: gl.constexpr, ONES: gl.constexpr):
+    v = ((w << (15 - P)) & -2147450880) ^ ONES  # 0x80008000: the sign bits of two 16-bit floats
+    return gl.join(v.to(gl.int16), (v >> 16).to(gl.int16))
+
+
+@gluon.jit
+def _half_rows(w, RS: gl.constexpr, ONES: gl.constexpr):
+    j0 = gl.join(_half_pair(w, 8 * RS + 0, ONES), _half_pair(w, 8 * RS + 1, ONES))
+    j1 = gl.join(_half_pair(w, 8 * RS + 2, ONES), _half_pair(w, 8 * RS + 3, ONES))
+    j2 = gl.join(_half_pair(w, 8 * RS + 4, ONES), _half_pair(w, 8 * RS + 5, ONES))
+    j3 = gl.join(_half_pair(w, 8 * RS + 6, ONES), _half_pair(w, 8 * RS + 7, ONES))
+    return gl.join(gl.join(j0, j1), gl.join(j2, j3))
+
+
+@gluon.jit
+def _half_tile(words, ONES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    """int32 words [G, KCH * 32] -> int16 bit patterns of +-1 [BLOCK_N, BLOCK_K]."""
+    w = gl.reshape(words, (BLOCK_N // 16, BLOCK_K // 64, 8, 4))
+    t = gl.join(_half_rows(w, 0, ONES), _half_rows(w, 1, ONES))  # [g, kch, r0, c, e, h, jl, jh, rs]
+    t = gl.permute(t, (0, 8, 2, 1, 7, 6, 5, 3, 4))  # [g, rs, r0, kch, jh, jl, h, c, e]
+    return gl.reshape(t, (BLOCK_N, BLOCK_K))
+
+
+# ---- partitions
+
+
+@gluon.jit
+def _tile(M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """Program id -> (first token, weight-row block), grouped along M as kernels._tile_ids."""
+    pid = gl.program_id(0)
+    num_m = gl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * gl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return (first_m + (pid % per_group) % size_m) * BLOCK_M, (pid % per_group) // size_m
+
+
+@gluon.jit
+def _mma_partition(a_smem, x_smem, a_ready, x_ready, empty, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr,
+                   bias_ptr, M, N, K, off_m, pid_n, INT8: gl.constexpr, HAS_OFFSET: gl.constexpr,
+                   HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                   STAGES: gl.constexpr, WARPS: gl.constexpr):
+    if INT8:  # int8 wgmma: K 32 per instruction, N up to 224 (token tiles are powers of two)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, min(BLOCK_M, 128), 32])
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, mma)
+    else:
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, min(BLOCK_M, 256), 16])
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+    for ki in range(gl.cdiv(K, BLOCK_K)):
+        s = ki % STAGES
+        mbarrier.wait(a_ready.index(s), (ki // STAGES) & 1)
+        mbarrier.wait(x_ready.index(s), (ki // STAGES) & 1)
+        acc = warpgroup_mma(a_smem.index(s), x_smem.index(s).permute((1, 0)), acc, is_async=True)
+        # Step ki - 1's wgmma is done after this: its two buffers go back to the producers.
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((ki + STAGES - 1) % STAGES), pred=ki > 0)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    # Epilogue in a layout whose threads run along N, so that out's rows are written in contiguous pieces.
+    out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[16, 2],
+                                                warps_per_cta=[1, WARPS], order=[0, 1])
+    acc = gl.convert_layout(acc, out_layout)
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_layout))
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    if INT8:  # sum_k q (2 b - 1) from the {0, 1} product, then the token's quantization scale
+        qsum = gl.load(qsum_ptr + offs_m, mask=mask_m, other=0)
+        y = (2 * acc - qsum[None, :]).to(gl.float32) * gl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
+    else:
+        y = acc
+    y = y * gl.load(rs_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    if HAS_OFFSET:
+        xsum = gl.load(xsum_ptr + offs_m, mask=mask_m, other=0.0)
+        y += gl.load(ro_ptr + offs_n, mask=mask_n, other=0.0)[:, None] * xsum[None, :]
+    if HAS_BIAS:
+        y += gl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[:, None]
+    ptrs = out_ptr + offs_m[None, :] * N + offs_n[:, None]
+    gl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+
+
+@gluon.jit
+def _weight_partition(a_smem, a_ready, empty, w_ptr, N, K, KC, pid_n, ONES: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """ONES == 0: int8 tiles from W1A8 words (64 per 128 columns); else +-1 in the 16-bit float whose 1.0 is
+    ONES, from W1A16 words (32 per 64 columns)."""
+    G: gl.constexpr = BLOCK_N // 16
+    WORDS: gl.constexpr = BLOCK_K // 2  # per 16-row group and K step
+    # Lane 4 r0 + c of the warp holding group g loads, of each chunk, words 2 (4 r0 + c) + th (int8, 64 a chunk)
+    # or word 4 r0 + c (16-bit, 32 a chunk).
+    PER_LANE: gl.constexpr = 2 if ONES == 0 else 1
+    w_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, PER_LANE], threads_per_warp=[1, 32],
+                                              warps_per_cta=[PRODUCER_WARPS, 1], order=[1, 0])
+    offs_g = pid_n * G + gl.arange(0, G, layout=gl.SliceLayout(1, w_layout))
+    offs_j = gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_layout))
+    w_ptrs = w_ptr + offs_g[:, None] * (KC * (32 * PER_LANE)) + offs_j[None, :]
+    w_mask = (offs_g < gl.cdiv(N, 16))[:, None]
+    n_k = gl.cdiv(K, BLOCK_K)
+    words = gl.load(w_ptrs, mask=w_mask, other=0)
+    for ki in range(n_k):
+        s = ki % STAGES
+        if ONES == 0:
+            tile = _int8_tile(words, BLOCK_N, BLOCK_K)
+        else:
+            tile = _half_tile(words, ONES * 0x10001, BLOCK_N, BLOCK_K).to(a_smem.dtype, bitcast=True)
+        words = gl.load(w_ptrs + (ki + 1) * WORDS, mask=w_mask & (ki + 1 < n_k), other=0)  # next step's, early
+        mbarrier.wait(empty.index(s), ((ki // STAGES) & 1) ^ 1)  # the first pass finds every buffer free
+        a_smem.index(s).store(tile)
+        fence_async_shared()
+        mbarrier.arrive(a_ready.index(s))
+
+
+@gluon.jit
+def _activation_partition(x_desc, x_smem, x_ready, empty, K, off_m, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    for ki in range(gl.cdiv(K, BLOCK_K)):
+        s = ki % STAGES
+        mbarrier.wait(empty.index(s), ((ki // STAGES) & 1) ^ 1)
+        mbarrier.expect(x_ready.index(s), x_desc.block_type.nbytes)
+        _tma_load(x_desc, [off_m, ki * BLOCK_K], x_ready.index(s), x_smem.index(s))
+
+
+@gluon.jit
+def _ws_kernel(x_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, M, N, K, KC,
+               ONES: gl.constexpr, HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    off_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    a_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_N, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], x_desc.dtype))
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    a_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(a_ready.index(i), count=1)
+        mbarrier.init(x_ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize((
+        (_mma_partition, (a_smem, x_smem, a_ready, x_ready, empty, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr,
+                          bias_ptr, M, N, K, off_m, pid_n, ONES == 0, HAS_OFFSET, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K,
+                          STAGES, num_warps)),
+        (_weight_partition, (a_smem, a_ready, empty, w_ptr, N, K, KC, pid_n, ONES, BLOCK_N, BLOCK_K, STAGES)),
+        (_activation_partition, (x_desc, x_smem, x_ready, empty, K, off_m, BLOCK_K, STAGES)),
+    ), [PRODUCER_WARPS, 1], [96, 24])
+
+
+@gluon.jit
+def w1a8_ws_kernel(q_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, M, N, K, KC,
+                   HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+    """q int8 [M, K] through q_desc (block [BLOCK_M, BLOCK_K], BLOCK_K 128; K a multiple of 16), its scales xs
+    and row sums qsum; w int32 [NG, KC, 64] W1A8 fragment words -> out [M, N]. num_warps: the MMA warps (4 per
+    64 weight rows of the tile); 5 more are added."""
+    _ws_kernel(q_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, M, N, K, KC, 0,
+               HAS_OFFSET, HAS_BIAS, BLOCK_N, STAGES, GROUP_M, num_warps)
+
+
+@gluon.jit
+def w1a16_ws_kernel(x_desc, w_ptr, out_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, M, N, K, KC, ONE_BITS: gl.constexpr,
+                    HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+    """x bf16/fp16 [M, K] (column scales applied) through x_desc (block [BLOCK_M, BLOCK_K], BLOCK_K 64; K a
+    multiple of 8); w int32 [NG, KC, 32] W1A16 fragment words; ONE_BITS: 1.0 in x's dtype -> out [M, N]."""
+    _ws_kernel(x_desc, w_ptr, out_ptr, rs_ptr, rs_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, M, N, K, KC, ONE_BITS,
+               HAS_OFFSET, HAS_BIAS, BLOCK_N, STAGES, GROUP_M, num_warps)

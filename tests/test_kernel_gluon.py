@@ -1,0 +1,64 @@
+"""The warp-specialized Gluon kernels, checked without a GPU: they compile for sm_90 and ptxas keeps their
+wgmma loop asynchronous (the reason they exist; see gluon_ws.py). Their numbers come from the GPU script
+benchmarks/bench_gluon_ws.py (results in benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+gluon_language = pytest.importorskip("triton.experimental.gluon.language")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+
+PTXAS = Path(get_ptxas(90).path)  # the one Triton compiles sm_90 with (3.9 ships two)
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+pytestmark = pytest.mark.skipif(not (PTXAS.exists() and CUOBJDUMP.exists()), reason="Triton's wheel ships no ptxas here")
+
+
+def compile_sm90(kernel, dtype, tile: tuple):
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    gl = gluon_language
+    bm, bn, bk, warps, stages = tile
+    layout = gl.NVMMASharedLayout.get_default_for([bm, bk], dtype)
+    types = {kernel.arg_names[0]: f"tensordesc<{'i8' if dtype == gl.int8 else 'bf16'}[{bm}, {bk}],{layout!r}>",
+             "w_ptr": "*i32", "out_ptr": "*bf16", "xs_ptr": "*fp32", "qsum_ptr": "*i32", "rs_ptr": "*fp32",
+             "ro_ptr": "*fp32", "xsum_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KC": "i32"}
+    sig = {k: types[k] for k in kernel.arg_names if k in types}
+    consts = {"HAS_OFFSET": True, "HAS_BIAS": True, "BLOCK_N": bn, "STAGES": stages, "GROUP_M": 8, "num_warps": warps}
+    if dtype != gl.int8:
+        consts["ONE_BITS"] = 0x3F80
+    sig.update({k: "constexpr" for k in consts})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    src = GluonASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+@pytest.mark.parametrize("kernel, tile", [("w1a8", (128, 128, 128, 4, 4)), ("w1a8", (256, 128, 128, 8, 3)),
+                                          ("w1a16", (128, 128, 64, 4, 4)), ("w1a16", (128, 128, 64, 8, 3))])
+def test_ws_kernel_keeps_its_wgmmas_in_flight(kernel, tile, tmp_path):
+    from bonsai.kernels.triton import gluon_ws
+
+    gl = gluon_language
+    int8 = kernel == "w1a8"
+    compiled = compile_sm90(gluon_ws.w1a8_ws_kernel if int8 else gluon_ws.w1a16_ws_kernel, gl.int8 if int8 else gl.bfloat16, tile)
+    ptx = tmp_path / "kernel.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    run = subprocess.run([str(PTXAS), "-arch=sm_90a", str(ptx), "-o", str(tmp_path / "kernel.cubin")],
+                         capture_output=True, text=True, check=True)
+    assert not re.search(r"C75\d\d\) Potential Performance Loss: wgmma", run.stderr), run.stderr
+    sass = subprocess.run([str(CUOBJDUMP), "-sass", str(tmp_path / "kernel.cubin")],
+                          capture_output=True, text=True, check=True).stdout
+    bm, bn, bk, warps, _ = tile
+    # One K step's products: 16 weight rows per MMA warp; per instruction 32 (int8) or 16 columns, and up to
+    # 128 (int8) or 256 tokens.
+    k_step, n_max = (32, 128) if int8 else (16, 256)
+    gmma = len(re.findall(r"[IH]GMMA\.", sass))
+    assert gmma == bn // (16 * warps) * (bk // k_step) * (bm // min(bm, n_max))
+    # One wait inside the loop (for the step before: one product in flight) and one after it.
+    assert sass.count("WARPGROUP.DEPBAR") == 2
