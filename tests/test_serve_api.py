@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bonsai.limits import HIRES_STRENGTH, IMG2IMG_STRENGTH
+
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from conftest import transparent_image, write_tiny_lora  # noqa: E402
@@ -98,6 +100,7 @@ def test_models_config_loras(client, tiny_checkpoint, tmp_path):
     assert "bonsai-emoji" in [m["name"] for m in doc["models"]]
     config = client.get("/api/config").json()
     assert config["size_presets"] == ["512x512", "768x512", "512x768", "1024x1024"]
+    assert config["defaults"] == {"strength": IMG2IMG_STRENGTH, "hires_strength": HIRES_STRENGTH}
     assert client.get("/api/loras").json()["loras"] == []
     (tmp_path / "home" / "loras").mkdir(parents=True)
     (tmp_path / "home" / "loras" / "style.safetensors").write_bytes(b"x")

@@ -173,6 +173,8 @@ def test_reusing_a_text_to_image_job_drops_a_chosen_init_image(live, browser, tm
     page = open_page(live, browser)
     bodies = posted_jobs(page)
     expect = sync_api.expect
+    expect(page.locator("#strength")).to_have_value("0.75")  # the server's defaults (/api/config)
+    expect(page.locator("#hires_strength")).to_have_value("0.5")
     generate(page, "a rowan")
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "init.png")
     page.click("#img2img_box summary")

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import FileResponse
 
+from bonsai.limits import HIRES_STRENGTH, IMG2IMG_STRENGTH
 from bonsai.sampling import SAMPLERS
 
 from .config import SIZE_PRESETS
@@ -89,12 +90,13 @@ def loras(s: Server = Depends(server)) -> dict[str, Any]:
 
 @router.get("/config")
 def config(s: Server = Depends(server)) -> dict[str, Any]:
-    """What the web UI needs: size presets, limits, samplers, upscalers."""
+    """What the web UI needs: size presets, limits, samplers, upscalers, the denoising strengths' defaults."""
     c = s.config
     return {
         "size_presets": [f"{w}x{h}" for w, h in SIZE_PRESETS],
         "samplers": list(SAMPLERS),
         "upscalers": list(UPSCALERS),
+        "defaults": {"strength": IMG2IMG_STRENGTH, "hires_strength": HIRES_STRENGTH},
         "limits": {
             "max_batch": c.max_batch, "max_side": c.max_side, "max_pixels": c.max_pixels, "max_steps": c.max_steps,
             "max_queue": c.max_queue, "max_body_bytes": c.max_body_bytes, "max_hires_scale": c.max_hires_scale,

@@ -94,6 +94,8 @@ async function init() {
   $("model").replaceChildren(...state.models.map((m) => option(m.name)));
   if (models.default) $("model").value = models.default;
   $("sampler").replaceChildren(...config.samplers.map((s) => option(s)));
+  $("strength").value = config.defaults.strength;
+  $("hires_strength").value = config.defaults.hires_strength;
   $("steps").max = config.limits.max_steps;
   $("batch").max = config.limits.max_batch;
   $("lora").append(...loras.loras.map((n) => option(n)));
