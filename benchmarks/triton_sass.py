@@ -154,8 +154,8 @@ def summarize(label: str, ck, tile: tuple, cubin: Path) -> dict:
 
 
 GLUON_TILES = [(128, 128, 128, 4, 4), (128, 128, 128, 8, 3), (128, 64, 128, 4, 4)]  # W1A16: BLOCK_K 64
-EPILOGUE_ARGS = {"rs_ptr": "*fp32", "ro_ptr": "*fp32", "xsum_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32",
-                 "K": "i32", "KC": "i32"}
+EPILOGUE_ARGS = {"rs_ptr": "*fp32", "ro_ptr": "*fp32", "xsum_ptr": "*fp32", "bias_ptr": "*bf16", "res_ptr": "*bf16",
+                 "gate_ptr": "*bf16", "nw_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KC": "i32", **SCALARS}
 
 
 def gluon_variants():
@@ -165,8 +165,8 @@ def gluon_variants():
     module = importlib.import_module("bonsai.kernels.triton.gluon_ws")
     out = []
     for bm, bn, bk, warps, stages in GLUON_TILES:
-        consts = {"HAS_OFFSET": False, "HAS_BIAS": False, "BLOCK_N": bn, "STAGES": stages, "GROUP_M": 8,
-                  "num_warps": warps}
+        consts = {**{k: v for k, v in PLAIN.items() if k not in ("RANK", "EVEN_K", "GROUP", "GROUP_M")},
+                  "BLOCK_N": bn, "STAGES": stages, "GROUP_M": 8, "num_warps": warps}
         for label, kernel, dtype, block_k, extra in (
                 ("w1a8 gluon ws", module.w1a8_ws_kernel, gl.int8, bk, {"xs_ptr": "*fp32", "qsum_ptr": "*i32"}),
                 ("w1a16 gluon ws", module.w1a16_ws_kernel, gl.bfloat16, bk // 2, {})):

@@ -20,7 +20,7 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 pytestmark = pytest.mark.skipif(not (PTXAS.exists() and CUOBJDUMP.exists()), reason="Triton's wheel ships no ptxas here")
 
 
-def compile_sm90(kernel, dtype, tile: tuple):
+def compile_sm90(kernel, dtype, tile: tuple, fusion: dict):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     gl = gluon_language
@@ -28,9 +28,11 @@ def compile_sm90(kernel, dtype, tile: tuple):
     layout = gl.NVMMASharedLayout.get_default_for([bm, bk], dtype)
     types = {kernel.arg_names[0]: f"tensordesc<{'i8' if dtype == gl.int8 else 'bf16'}[{bm}, {bk}],{layout!r}>",
              "w_ptr": "*i32", "out_ptr": "*bf16", "xs_ptr": "*fp32", "qsum_ptr": "*i32", "rs_ptr": "*fp32",
-             "ro_ptr": "*fp32", "xsum_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KC": "i32"}
+             "ro_ptr": "*fp32", "xsum_ptr": "*fp32", "bias_ptr": "*bf16", "res_ptr": "*bf16", "gate_ptr": "*bf16",
+             "nw_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KC": "i32", "RPS": "i32", "NORM_COLS": "i32",
+             "NORM_PART": "i32", "norm_eps": "fp32"}
     sig = {k: types[k] for k in kernel.arg_names if k in types}
-    consts = {"HAS_OFFSET": True, "HAS_BIAS": True, "BLOCK_N": bn, "STAGES": stages, "GROUP_M": 8, "num_warps": warps}
+    consts = {"BLOCK_N": bn, "STAGES": stages, "GROUP_M": 8, "num_warps": warps, **fusion}
     if dtype != gl.int8:
         consts["ONE_BITS"] = 0x3F80
     sig.update({k: "constexpr" for k in consts})
@@ -39,14 +41,22 @@ def compile_sm90(kernel, dtype, tile: tuple):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-@pytest.mark.parametrize("kernel, tile", [("w1a8", (128, 128, 128, 4, 4)), ("w1a8", (256, 128, 128, 8, 3)),
-                                          ("w1a16", (128, 128, 64, 4, 4)), ("w1a16", (128, 128, 64, 8, 3))])
-def test_ws_kernel_keeps_its_wgmmas_in_flight(kernel, tile, tmp_path):
+PLAIN = {"HAS_OFFSET": False, "HAS_BIAS": False, "GELU": False, "HEAD_DIM": 0, "HAS_RESIDUAL": False, "HAS_GATE": False}
+# bonsai-4b's epilogues: qkv (row offset, bias, head norms), fc1 (GELU), attention out and fc2 (residual + gate)
+QKV = {**PLAIN, "HAS_OFFSET": True, "HAS_BIAS": True, "HEAD_DIM": 128}
+FC1 = {**PLAIN, "HAS_OFFSET": True, "HAS_BIAS": True, "GELU": True}
+GATED = {**PLAIN, "HAS_OFFSET": True, "HAS_BIAS": True, "HAS_RESIDUAL": True, "HAS_GATE": True}
+
+
+@pytest.mark.parametrize("kernel, tile, fusion", [
+    ("w1a8", (128, 128, 128, 4, 4), QKV), ("w1a8", (256, 128, 128, 8, 3), GATED), ("w1a8", (128, 64, 128, 4, 4), PLAIN),
+    ("w1a16", (128, 128, 64, 4, 4), FC1), ("w1a16", (128, 128, 64, 8, 3), QKV)])
+def test_ws_kernel_keeps_its_wgmmas_in_flight(kernel, tile, fusion, tmp_path):
     from bonsai.kernels.triton import gluon_ws
 
     gl = gluon_language
     int8 = kernel == "w1a8"
-    compiled = compile_sm90(gluon_ws.w1a8_ws_kernel if int8 else gluon_ws.w1a16_ws_kernel, gl.int8 if int8 else gl.bfloat16, tile)
+    compiled = compile_sm90(gluon_ws.w1a8_ws_kernel if int8 else gluon_ws.w1a16_ws_kernel, gl.int8 if int8 else gl.bfloat16, tile, fusion)
     ptx = tmp_path / "kernel.ptx"
     ptx.write_text(compiled.asm["ptx"])
     run = subprocess.run([str(PTXAS), "-arch=sm_90a", str(ptx), "-o", str(tmp_path / "kernel.cubin")],

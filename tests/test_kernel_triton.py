@@ -411,6 +411,12 @@ def _every_tile(tiles: dict[str, list]) -> list[tuple]:
     return sorted({t for ts in tiles.values() for t in ts})
 
 
+def ws_tiles(name: str) -> list[tuple]:
+    from bonsai.kernels.triton import ws
+
+    return ws.TILES[name]
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("name,tile", [("w1a16", t) for t in _every_tile(triton_ops._W1A16_FRAG_TILES)]
@@ -425,6 +431,33 @@ def test_cuda_every_fragment_tile_matches_reference(name, tile):
     w = random_weight(1000, 6144, offset=True, gen=gen).to("cuda")
     x = (torch.randn(300 if not split else 5, 6144, generator=gen) * 2 + 0.3).bfloat16().cuda()
     y = getattr(triton_ops, name)(x, w, config=config, variant="fragment")
+    assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < (1e-2 if name == "w1a16" else 2e-2)
+
+
+@pytest.mark.parametrize("name", ["w1a16", "w1a8"])
+def test_ws_variant_falls_back_to_fragment_off_hopper(interp, name):
+    """The warp-specialized Gluon kernels run on Hopper only (gluon_ws.py; checked on CPU by compiling them,
+    tests/test_kernel_gluon.py); elsewhere, here under the interpreter, "ws" is the fragment kernel."""
+    gen = torch.Generator().manual_seed(7)
+    w = random_weight(48, 256, gen=gen, offset=True)
+    x = torch.randn(40, 256, generator=gen).bfloat16()
+    fn = getattr(interp, name)
+    assert torch.equal(fn(x, w, config=TILE, variant="ws"), fn(x, w, config=TILE, variant="fragment"))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name,tile", [(name, t) for name in ("w1a16", "w1a8") for t in ws_tiles(name)])
+def test_cuda_every_ws_tile_matches_reference(name, tile):
+    """Each tile of the warp-specialized kernels (variant "ws"), M and N off the tile, K off BLOCK_K."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the ws kernels run on Hopper")
+    bm, bn, _, warps, stages = tile
+    config = triton_ops.TileConfig(bm, bn, 64, warps, stages)
+    gen = torch.Generator().manual_seed(sum(tile))
+    w = random_weight(1040, 6160, offset=True, gen=gen).to("cuda")
+    x = (torch.randn(300, 6160, generator=gen) * 2 + 0.3).bfloat16().cuda()
+    y = getattr(triton_ops, name)(x, w, config=config, variant="ws")
     assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < (1e-2 if name == "w1a16" else 2e-2)
 
 

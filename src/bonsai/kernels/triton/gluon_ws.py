@@ -16,9 +16,10 @@ Here the work is split between the warps of one program (Gluon's warp_specialize
   their ring with TMA.
 ptxas keeps this wgmma loop asynchronous (tests/test_kernel_gluon.py).
 
-Each program computes out^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] @ x^T[K, BLOCK_M], then the plain epilogue:
-row scale, row offset x row sums, bias (not the fused row operations of kernels._epilogue). No group
-scales; column scales are folded into x before (as ops.w1a16 does for the fragment kernel).
+Each program computes out^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] @ x^T[K, BLOCK_M], then kernels._epilogue's
+formula and fused row operations (row scale, row offset x row sums, bias, GELU, head norms, residual +
+gate) except the low-rank term. No group scales; column scales are folded into x before (as ops.w1a16 does
+for the fragment kernel).
 """
 
 from __future__ import annotations
@@ -104,9 +105,44 @@ def _tile(M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.conste
 
 
 @gluon.jit
+def _epilogue(y, offs_n, offs_m, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr, RPS,
+              NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
+              HEAD_DIM: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, BLOCK_N: gl.constexpr):
+    """kernels._epilogue on the transposed tile y [BLOCK_N, BLOCK_M] (without the low-rank term)."""
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    y = y * gl.load(rs_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    if HAS_OFFSET:
+        xsum = gl.load(xsum_ptr + offs_m, mask=mask_m, other=0.0)
+        y += gl.load(ro_ptr + offs_n, mask=mask_n, other=0.0)[:, None] * xsum[None, :]
+    if HAS_BIAS:
+        y += gl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[:, None]
+    if GELU:  # as kernels._gelu_tanh
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = y / (1.0 + gl.exp(-2.0 * u))
+    if HEAD_DIM > 0:  # as kernels._head_norms, heads along the first dimension
+        head = (offs_n % BLOCK_N // HEAD_DIM)[:, None]  # the tile holds whole heads
+        rstd = gl.zeros_like(y)
+        for h in gl.static_range(BLOCK_N // HEAD_DIM):
+            mean_sq = gl.sum(gl.where(head == h, y * y, 0.0), axis=0) / HEAD_DIM
+            rstd = gl.where(head == h, gl.rsqrt(mean_sq + norm_eps)[None, :], rstd)
+        normed = offs_n < NORM_COLS
+        w = gl.load(nw_ptr + (offs_n // NORM_PART) * HEAD_DIM + offs_n % HEAD_DIM, mask=normed, other=1.0)
+        y = gl.where(normed[:, None], y * rstd * w.to(gl.float32)[:, None], y)
+    mask = mask_n[:, None] & mask_m[None, :]
+    if HAS_RESIDUAL:
+        if HAS_GATE:
+            y = y * gl.load(gate_ptr + (offs_m // RPS)[None, :] * N + offs_n[:, None], mask=mask, other=0.0).to(gl.float32)
+        y += gl.load(res_ptr + offs_m[None, :] * N + offs_n[:, None], mask=mask, other=0.0).to(gl.float32)
+    gl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
 def _mma_partition(a_smem, x_smem, a_ready, x_ready, empty, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr,
-                   bias_ptr, M, N, K, off_m, pid_n, INT8: gl.constexpr, HAS_OFFSET: gl.constexpr,
-                   HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                   bias_ptr, res_ptr, gate_ptr, nw_ptr, M, N, K, RPS, NORM_COLS, NORM_PART, norm_eps, off_m, pid_n,
+                   INT8: gl.constexpr, HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
+                   HEAD_DIM: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                    STAGES: gl.constexpr, WARPS: gl.constexpr):
     if INT8:  # int8 wgmma: K 32 per instruction, N up to 224 (token tiles are powers of two)
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
@@ -126,27 +162,20 @@ def _mma_partition(a_smem, x_smem, a_ready, x_ready, empty, out_ptr, xs_ptr, qsu
         mbarrier.arrive(empty.index((ki + STAGES - 1) % STAGES), pred=ki > 0)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-    # Epilogue in a layout whose threads run along N, so that out's rows are written in contiguous pieces.
+    # The epilogue in a layout whose threads run along N, so that out's rows are written in contiguous pieces.
     out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[16, 2],
                                                 warps_per_cta=[1, WARPS], order=[0, 1])
     acc = gl.convert_layout(acc, out_layout)
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_layout))
-    mask_n = offs_n < N
-    mask_m = offs_m < M
     if INT8:  # sum_k q (2 b - 1) from the {0, 1} product, then the token's quantization scale
+        mask_m = offs_m < M
         qsum = gl.load(qsum_ptr + offs_m, mask=mask_m, other=0)
         y = (2 * acc - qsum[None, :]).to(gl.float32) * gl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
     else:
         y = acc
-    y = y * gl.load(rs_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
-    if HAS_OFFSET:
-        xsum = gl.load(xsum_ptr + offs_m, mask=mask_m, other=0.0)
-        y += gl.load(ro_ptr + offs_n, mask=mask_n, other=0.0)[:, None] * xsum[None, :]
-    if HAS_BIAS:
-        y += gl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[:, None]
-    ptrs = out_ptr + offs_m[None, :] * N + offs_n[:, None]
-    gl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+    _epilogue(y, offs_n, offs_m, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr, RPS,
+              NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, HAS_BIAS, GELU, HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
 
 
 @gluon.jit
@@ -190,9 +219,11 @@ def _activation_partition(x_desc, x_smem, x_ready, empty, K, off_m, BLOCK_K: gl.
 
 
 @gluon.jit
-def _ws_kernel(x_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, M, N, K, KC,
-               ONES: gl.constexpr, HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
-               STAGES: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+def _ws_kernel(x_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr,
+               M, N, K, KC, RPS, NORM_COLS, NORM_PART, norm_eps, ONES: gl.constexpr, HAS_OFFSET: gl.constexpr,
+               HAS_BIAS: gl.constexpr, GELU: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
+               HAS_GATE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+               num_warps: gl.constexpr):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     off_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -208,29 +239,36 @@ def _ws_kernel(x_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_pt
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize((
         (_mma_partition, (a_smem, x_smem, a_ready, x_ready, empty, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr,
-                          bias_ptr, M, N, K, off_m, pid_n, ONES == 0, HAS_OFFSET, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K,
-                          STAGES, num_warps)),
+                          bias_ptr, res_ptr, gate_ptr, nw_ptr, M, N, K, RPS, NORM_COLS, NORM_PART, norm_eps, off_m,
+                          pid_n, ONES == 0, HAS_OFFSET, HAS_BIAS, GELU, HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_M,
+                          BLOCK_N, BLOCK_K, STAGES, num_warps)),
         (_weight_partition, (a_smem, a_ready, empty, w_ptr, N, K, KC, pid_n, ONES, BLOCK_N, BLOCK_K, STAGES)),
         (_activation_partition, (x_desc, x_smem, x_ready, empty, K, off_m, BLOCK_K, STAGES)),
     ), [PRODUCER_WARPS, 1], [96, 24])
 
 
 @gluon.jit
-def w1a8_ws_kernel(q_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, M, N, K, KC,
-                   HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+def w1a8_ws_kernel(q_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr,
+                   nw_ptr, M, N, K, KC, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET: gl.constexpr,
+                   HAS_BIAS: gl.constexpr, GELU: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
+                   HAS_GATE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                   num_warps: gl.constexpr):
     """q int8 [M, K] through q_desc (block [BLOCK_M, BLOCK_K], BLOCK_K 128; K a multiple of 16), its scales xs
-    and row sums qsum; w int32 [NG, KC, 64] W1A8 fragment words -> out [M, N]. num_warps: the MMA warps (4 per
-    64 weight rows of the tile); 5 more are added."""
-    _ws_kernel(q_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, M, N, K, KC, 0,
-               HAS_OFFSET, HAS_BIAS, BLOCK_N, STAGES, GROUP_M, num_warps)
+    and row sums qsum; w int32 [NG, KC, 64] W1A8 fragment words -> out [M, N], with kernels._epilogue's
+    arguments. num_warps: the MMA warps (4 per 64 weight rows of the tile); 5 more are added."""
+    _ws_kernel(q_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr,
+               M, N, K, KC, RPS, NORM_COLS, NORM_PART, norm_eps, 0, HAS_OFFSET, HAS_BIAS, GELU, HEAD_DIM,
+               HAS_RESIDUAL, HAS_GATE, BLOCK_N, STAGES, GROUP_M, num_warps)
 
 
 @gluon.jit
-def w1a16_ws_kernel(x_desc, w_ptr, out_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, M, N, K, KC, ONE_BITS: gl.constexpr,
-                    HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+def w1a16_ws_kernel(x_desc, w_ptr, out_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr, M, N, K, KC,
+                    RPS, NORM_COLS, NORM_PART, norm_eps, ONE_BITS: gl.constexpr, HAS_OFFSET: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, GELU: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
+                    HAS_GATE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                    num_warps: gl.constexpr):
     """x bf16/fp16 [M, K] (column scales applied) through x_desc (block [BLOCK_M, BLOCK_K], BLOCK_K 64; K a
     multiple of 8); w int32 [NG, KC, 32] W1A16 fragment words; ONE_BITS: 1.0 in x's dtype -> out [M, N]."""
-    _ws_kernel(x_desc, w_ptr, out_ptr, rs_ptr, rs_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, M, N, K, KC, ONE_BITS,
-               HAS_OFFSET, HAS_BIAS, BLOCK_N, STAGES, GROUP_M, num_warps)
+    _ws_kernel(x_desc, w_ptr, out_ptr, rs_ptr, rs_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr,
+               M, N, K, KC, RPS, NORM_COLS, NORM_PART, norm_eps, ONE_BITS, HAS_OFFSET, HAS_BIAS, GELU, HEAD_DIM,
+               HAS_RESIDUAL, HAS_GATE, BLOCK_N, STAGES, GROUP_M, num_warps)

@@ -25,7 +25,7 @@ import triton.testing
 
 from ..fusion import PROLOGUE, Epilogue, Prologue, apply_epilogue, epilogue_parts, rows_per_sample, split
 from ..packed import PackedWeight
-from . import fragment_kernels, kernels
+from . import fragment_kernels, kernels, ws
 from .fragments import BF16_CHUNK, INT8_CHUNK, bf16_words, int8_words
 from .layout import kmajor_signs, layout_of
 
@@ -34,7 +34,9 @@ MID_M = 256
 # "k-major": kernels.py (weight expanded into shared memory, the B operand). "fragment":
 # fragment_kernels.py (weight expanded into the A-operand registers; see benchmarks/triton_sass.py).
 # "fragment" is the default: 1.3-1.6x faster than "k-major" on bonsai-4b's GEMMs (benchmarks/RESULTS.md).
-VARIANTS = ("k-major", "fragment")
+# "ws": the warp-specialized Gluon kernels (ws.py, gluon_ws.py) where they apply (Hopper; see ws.supports),
+# else "fragment". Not the default until a GPU has timed it.
+VARIANTS = ("k-major", "fragment", "ws")
 DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "fragment")
 # Row operations each kernel fuses (fusion.PARTS).
 W1A16_FUSES = frozenset({"gelu", "head_norm", "residual"})
@@ -352,6 +354,13 @@ def _variant(variant: str | None) -> str:
     return variant
 
 
+def _ws_tile(config: TileConfig | None, chunk: int) -> tuple | None:
+    """A fixed tile for the "ws" kernels: BLOCK_K one chunk (their K step)."""
+    if config is None:
+        return None
+    return config.block_m, config.block_n, chunk, config.num_warps, config.num_stages
+
+
 def _fragment_config(config: TileConfig | None, chunk: int) -> TileConfig | None:
     """A fixed tile for the fragment kernels: BLOCK_K at least one chunk, BLOCK_N a multiple of 16."""
     if config is None:
@@ -365,8 +374,9 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
     """y = epilogue(x @ W.T (+ bias)) for x [..., K] bf16/fp16/fp32 (fp32 is computed in bf16); returns
     x.dtype. The epilogue may have the parts of W1A16_FUSES (GELU, head norms, residual + gate); no prologue.
 
-    variant: "k-major" or "fragment" (default DEFAULT_VARIANT); "fragment" falls back to "k-major" for
-    group sizes that are not a multiple of 64."""
+    variant: "k-major", "fragment" or "ws" (default DEFAULT_VARIANT); "ws" falls back to "fragment" where it
+    does not apply (ws.supports; and at M <= SMALL_M), "fragment" to "k-major" for group sizes that are not a
+    multiple of 64."""
     _check_share("triton-w1a16", W1A16_FUSES, prologue, epilogue)
     epilogue, after = _kernel_share(epilogue, W1A16_FUSES)
     ops = _with_epilogue(_operands(x, weight, bias), x, weight.out_features, prologue, epilogue)
@@ -380,10 +390,14 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         gsb = layout.group_bits_bf16 if xc.dtype == torch.bfloat16 else layout.group_bits_f16
     epi_args = _epilogue_args(weight, ops)
     consts = {"ONE_BITS": _ONE_BITS[xc.dtype], "GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
-    if _variant(variant) == "fragment" and fragment_supports_group(weight.group_size, BF16_CHUNK):
+    variant = _variant(variant)
+    if variant in ("fragment", "ws") and fragment_supports_group(weight.group_size, BF16_CHUNK):
         if weight.col_scale is not None:  # x^T goes to shared memory as loaded: scale x first (as k-major does, in fp32)
             xc = (xc.float() * weight.col_scale).to(xc.dtype)
         words = weight.prepared("triton-fragment-bf16", bf16_words)
+        if variant == "ws" and m > SMALL_M and ws.supports(xc, weight, ops.head_dim, consts["RANK"]):
+            ws.w1a16(xc, words, ops.out, epi_args, _epilogue_scalars(ops), consts, _ws_tile(config, BF16_CHUNK))
+            return _finish(x, ops.out, n, after)
         config = _fragment_config(config, BF16_CHUNK)
         most = config.split_k if config else MAX_SPLIT_K if m <= SMALL_M and xc.is_cuda else 1
         part, counts = ops.out, ops.out
@@ -464,8 +478,9 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     e4m3 (col_scale folded in); returns x.dtype. The epilogue may have the parts of W1A8_FUSES (GELU, head norms, residual +
     gate).
 
-    variant: "k-major" or "fragment" (default DEFAULT_VARIANT); "fragment" falls back to "k-major" for
-    group sizes that are not a multiple of 128. activation: "int8" or "fp8" (float8 e4m3 per token,
+    variant: "k-major", "fragment" or "ws" (default DEFAULT_VARIANT); "ws" falls back to "fragment" where it
+    does not apply (ws.supports, fp8; and at M <= SMALL_M), "fragment" to "k-major" for group sizes that are
+    not a multiple of 128. activation: "int8" or "fp8" (float8 e4m3 per token,
     fragment kernel only; see ACTIVATIONS)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown W1A8 activation format {activation!r}; choose from {ACTIVATIONS}")
@@ -492,8 +507,12 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     gs = _or(layout.group_scale_t, weight.row_scale)
     r_s, *rest = _epilogue_args(weight, ops)
     consts = {"GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
-    if _variant(variant) == "fragment" and fragment_supports_group(weight.group_size, INT8_CHUNK):
+    variant = _variant(variant)
+    if variant in ("fragment", "ws") and fragment_supports_group(weight.group_size, INT8_CHUNK):
         words = weight.prepared("triton-fragment-int8", int8_words)  # fp8 reads the same words
+        if variant == "ws" and not fp8 and m > SMALL_M and ws.supports(q, weight, ops.head_dim, consts["RANK"]):
+            ws.w1a8(q, xs, qsum, words, ops.out, (r_s, *rest), _epilogue_scalars(ops), consts, _ws_tile(config, INT8_CHUNK))
+            return _finish(x, ops.out, n, after)
         args = (q, xs, _or(qsum, xs), words, ops.out, r_s, gs, *rest, m, n, k, words.shape[0], words.shape[1],
                 m_bucket(m), *_epilogue_scalars(ops))
         _launch(_w1a8_frag_tuned, fragment_kernels.w1a8_frag_kernel, args, {**consts, "FP8": fp8}, m, n, k,

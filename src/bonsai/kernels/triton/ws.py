@@ -1,0 +1,98 @@
+"""Launchers for the warp-specialized Gluon kernels (gluon_ws.py), ops.py's variant "ws".
+
+They take what ops.w1a16 / ops.w1a8 have prepared (x or its int8 quantization, the fragment words, the
+epilogue's operands) and run on Hopper (compute capability 9.0: wgmma, TMA) for products the kernels
+cover: no group scales, no low-rank term, K a multiple of 16 (TMA's row alignment for int8) and head
+norms whose heads fit the tile. supports() says whether a product is covered; ops falls back to the
+fragment kernels otherwise. The tile is chosen per (kernel, M bucket, N, K, epilogue) by timing TILES
+on the first call, as Triton's autotuner does (so the first call must not be captured in a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.testing
+
+from ..packed import PackedWeight
+
+# (BLOCK_M tokens, BLOCK_N weight rows, BLOCK_K, MMA warps, stages). 8 MMA warps take 64 weight rows per
+# warpgroup; with the 5 producer warps a program is padded to 16 warps and gets at most 128 registers a
+# thread, which rules out 256-token tiles for W1A16 (a 64 x 256 float32 accumulator alone is 128).
+TILES = {
+    "w1a8": [(128, 128, 128, 4, 4), (128, 128, 128, 4, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3),
+             (128, 64, 128, 4, 4), (64, 128, 128, 4, 4)],
+    "w1a16": [(128, 128, 64, 4, 4), (128, 128, 64, 4, 6), (128, 128, 64, 8, 4), (128, 64, 64, 4, 6),
+              (64, 128, 64, 4, 6)],
+}
+HOPPER = (9, 0)
+_chosen: dict[tuple, tuple] = {}
+
+
+def supports(x: torch.Tensor, weight: PackedWeight, head_dim: int, rank: int) -> bool:
+    """Whether the "ws" kernels cover x [M, K] @ W.T with this epilogue (else: the fragment kernels). TMA
+    reads x: 16-byte aligned rows. Head norms need whole heads in a 128-row tile (powers of two up to 128)."""
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device) == HOPPER and weight.group_size == 0
+            and rank == 0 and weight.in_features % 16 == 0 and x.is_contiguous() and x.data_ptr() % 16 == 0
+            and head_dim <= 128)
+
+
+def _descriptor(x: torch.Tensor, block_m: int, block_k: int):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    dtype = {torch.int8: gl.int8, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[x.dtype]
+    layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], dtype)
+    return TensorDescriptor.from_tensor(x, [block_m, block_k], layout)
+
+
+def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: tuple | None) -> None:
+    """launch(tile) with `tile`, or the fastest of TILES for this product (timed once, then remembered)."""
+    if tile is None:
+        from .ops import m_bucket
+
+        key = (kind, m_bucket(m), n, k, tuple(sorted(consts.items())))
+        tile = _chosen.get(key)
+        if tile is None:
+            head_dim = consts["HEAD_DIM"]
+            tiles = [t for t in TILES[kind] if not head_dim or t[1] % head_dim == 0]
+            times = [triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20) for t in tiles]
+            tile = _chosen[key] = tiles[times.index(min(times))]
+    launch(tile)
+
+
+def w1a16(xc: torch.Tensor, words: torch.Tensor, out: torch.Tensor, epi: tuple, scalars: tuple, consts: dict,
+          tile: tuple | None = None) -> None:
+    """out = epilogue(xc @ W.T) for xc bf16/fp16 [M, K] (column scales applied); epi: ops._epilogue_args."""
+    from .gluon_ws import w1a16_ws_kernel
+
+    (m, k), n = xc.shape, out.shape[1]
+    rs, ro, xsum, _xv, _ut, bias, res, gate, nw = epi
+    flags = {key: consts[key] for key in ("HAS_OFFSET", "HAS_BIAS", "GELU", "HEAD_DIM", "HAS_RESIDUAL", "HAS_GATE")}
+
+    def launch(t: tuple) -> None:
+        bm, bn, bk, warps, stages = t
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        w1a16_ws_kernel[grid](_descriptor(xc, bm, bk), words, out, rs, ro, xsum, bias, res, gate, nw, m, n, k,
+                              words.shape[1], *scalars, ONE_BITS=consts["ONE_BITS"], **flags, BLOCK_N=bn,
+                              STAGES=stages, GROUP_M=8, num_warps=warps)
+
+    _run("w1a16", launch, m, n, k, flags, tile)
+
+
+def w1a8(q: torch.Tensor, xs: torch.Tensor, qsum: torch.Tensor, words: torch.Tensor, out: torch.Tensor, epi: tuple,
+         scalars: tuple, consts: dict, tile: tuple | None = None) -> None:
+    """out = epilogue(dequantized q @ W.T) for q int8 [M, K] with per-row scales xs and row sums qsum."""
+    from .gluon_ws import w1a8_ws_kernel
+
+    (m, k), n = q.shape, out.shape[1]
+    rs, ro, xsum, _xv, _ut, bias, res, gate, nw = epi
+    flags = {key: consts[key] for key in ("HAS_OFFSET", "HAS_BIAS", "GELU", "HEAD_DIM", "HAS_RESIDUAL", "HAS_GATE")}
+
+    def launch(t: tuple) -> None:
+        bm, bn, bk, warps, stages = t
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        w1a8_ws_kernel[grid](_descriptor(q, bm, bk), words, out, xs, qsum, rs, ro, xsum, bias, res, gate, nw, m, n, k,
+                             words.shape[1], *scalars, **flags, BLOCK_N=bn, STAGES=stages, GROUP_M=8, num_warps=warps)
+
+    _run("w1a8", launch, m, n, k, flags, tile)
