@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.testing
+from triton.runtime.errors import OutOfResources
 
 from ..packed import PackedWeight
 
@@ -55,9 +56,17 @@ def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: tuple | 
         tile = _chosen.get(key)
         if tile is None:
             head_dim = consts["HEAD_DIM"]
-            tiles = [t for t in TILES[kind] if not head_dim or t[1] % head_dim == 0]
-            times = [triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20) for t in tiles]
-            tile = _chosen[key] = tiles[times.index(min(times))]
+            times = {}
+            for t in TILES[kind]:
+                if head_dim and t[1] % head_dim:
+                    continue
+                try:
+                    times[t] = triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20)
+                except OutOfResources:  # as the autotuner: such a tile is left out
+                    continue
+            if not times:
+                raise RuntimeError(f"no {kind} ws tile launches for M={m}, N={n}, K={k} on this GPU")
+            tile = _chosen[key] = min(times, key=times.get)
     launch(tile)
 
 
