@@ -29,65 +29,27 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from .fragment_kernels import _bf16_operand, _int8_operand
+
 # TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6 (the lent GPUs'), async_load from 3.7.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 PRODUCER_WARPS = gl.constexpr(4)
 
-# ---- int8 {0, 1} from the W1A8 fragment words (fragments.int8_words; as fragment_kernels._int8_operand)
-
-
-@gluon.jit
-def _quad(w, Q: gl.constexpr):
-    """Bits q, q+8, q+16, q+24 of every word -> int8 {0, 1} [..., i % 2, i // 2]."""
-    v = (w >> Q) & 0x01010101
-    lo = gl.join(v.to(gl.int8), (v >> 8).to(gl.int8))
-    hi = gl.join((v >> 16).to(gl.int8), (v >> 24).to(gl.int8))
-    return gl.join(lo, hi)
-
-
-@gluon.jit
-def _int8_word(w, RS: gl.constexpr):
-    t0 = gl.join(_quad(w, 4 * RS + 0), _quad(w, 4 * RS + 1))
-    t1 = gl.join(_quad(w, 4 * RS + 2), _quad(w, 4 * RS + 3))
-    return gl.join(t0, t1)
+# ---- the weight tiles, by the Triton fragment kernels' own expansion (elementwise ops and joins: Gluon infers
+# their layouts)
 
 
 @gluon.jit
 def _int8_tile(words, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
     """int32 words [G, KCH * 64] -> int8 {0, 1} [BLOCK_N, BLOCK_K]."""
     w0, w1 = gl.split(gl.reshape(words, (BLOCK_N // 16, BLOCK_K // 128, 8, 4, 2)))
-    r0 = gl.join(_int8_word(w0, 0), _int8_word(w1, 0))
-    r1 = gl.join(_int8_word(w0, 1), _int8_word(w1, 1))
-    t = gl.join(r0, r1)  # [g, kch, r0, c, il, ih, h, tl, th, rs]
-    t = gl.permute(t, (0, 9, 2, 1, 8, 7, 6, 3, 5, 4))  # [g, rs, r0, kch, th, tl, h, c, ih, il]
-    return gl.reshape(t, (BLOCK_N, BLOCK_K))
-
-
-# ---- +-1 as bf16/fp16 bit patterns from the W1A16 fragment words (fragments.bf16_words; as _bf16_operand)
-
-
-@gluon.jit
-def _half_pair(w, P: gl.constexpr, ONES: gl.constexpr):
-    v = ((w << (15 - P)) & -2147450880) ^ ONES  # 0x80008000: the sign bits of two 16-bit floats
-    return gl.join(v.to(gl.int16), (v >> 16).to(gl.int16))
-
-
-@gluon.jit
-def _half_rows(w, RS: gl.constexpr, ONES: gl.constexpr):
-    j0 = gl.join(_half_pair(w, 8 * RS + 0, ONES), _half_pair(w, 8 * RS + 1, ONES))
-    j1 = gl.join(_half_pair(w, 8 * RS + 2, ONES), _half_pair(w, 8 * RS + 3, ONES))
-    j2 = gl.join(_half_pair(w, 8 * RS + 4, ONES), _half_pair(w, 8 * RS + 5, ONES))
-    j3 = gl.join(_half_pair(w, 8 * RS + 6, ONES), _half_pair(w, 8 * RS + 7, ONES))
-    return gl.join(gl.join(j0, j1), gl.join(j2, j3))
+    return _int8_operand(w0, w1, BLOCK_N, BLOCK_K, False)
 
 
 @gluon.jit
 def _half_tile(words, ONES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
     """int32 words [G, KCH * 32] -> int16 bit patterns of +-1 [BLOCK_N, BLOCK_K]."""
-    w = gl.reshape(words, (BLOCK_N // 16, BLOCK_K // 64, 8, 4))
-    t = gl.join(_half_rows(w, 0, ONES), _half_rows(w, 1, ONES))  # [g, kch, r0, c, e, h, jl, jh, rs]
-    t = gl.permute(t, (0, 8, 2, 1, 7, 6, 5, 3, 4))  # [g, rs, r0, kch, jh, jl, h, c, e]
-    return gl.reshape(t, (BLOCK_N, BLOCK_K))
+    return _bf16_operand(gl.reshape(words, (BLOCK_N // 16, BLOCK_K // 64, 8, 4)), ONES, ONES, BLOCK_N, BLOCK_K)
 
 
 # ---- partitions

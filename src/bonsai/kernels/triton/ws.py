@@ -70,23 +70,18 @@ def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: tuple | 
     launch(tile)
 
 
+FLAGS = ("HAS_OFFSET", "HAS_BIAS", "GELU", "HEAD_DIM", "HAS_RESIDUAL", "HAS_GATE")  # the kernels' epilogue switches
+
+
 def w1a16(xc: torch.Tensor, words: torch.Tensor, out: torch.Tensor, epi: tuple, scalars: tuple, consts: dict,
           tile: tuple | None = None) -> None:
-    """out = epilogue(xc @ W.T) for xc bf16/fp16 [M, K] (column scales applied); epi: ops._epilogue_args."""
+    """out = epilogue(xc @ W.T) for xc bf16/fp16 [M, K] (column scales applied); epi: ops._epilogue_args,
+    scalars: ops._epilogue_scalars, consts: ops' kernel constants."""
     from .gluon_ws import w1a16_ws_kernel
 
-    (m, k), n = xc.shape, out.shape[1]
     rs, ro, xsum, _xv, _ut, bias, res, gate, nw = epi
-    flags = {key: consts[key] for key in ("HAS_OFFSET", "HAS_BIAS", "GELU", "HEAD_DIM", "HAS_RESIDUAL", "HAS_GATE")}
-
-    def launch(t: tuple) -> None:
-        bm, bn, bk, warps, stages = t
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        w1a16_ws_kernel[grid](_descriptor(xc, bm, bk), words, out, rs, ro, xsum, bias, res, gate, nw, m, n, k,
-                              words.shape[1], *scalars, ONE_BITS=consts["ONE_BITS"], **flags, BLOCK_N=bn,
-                              STAGES=stages, GROUP_M=8, num_warps=warps)
-
-    _run("w1a16", launch, m, n, k, flags, tile)
+    _launch("w1a16", w1a16_ws_kernel, xc, (words, out, rs, ro, xsum, bias, res, gate, nw), scalars,
+            {"ONE_BITS": consts["ONE_BITS"]}, consts, tile)
 
 
 def w1a8(q: torch.Tensor, xs: torch.Tensor, qsum: torch.Tensor, words: torch.Tensor, out: torch.Tensor, epi: tuple,
@@ -94,14 +89,22 @@ def w1a8(q: torch.Tensor, xs: torch.Tensor, qsum: torch.Tensor, words: torch.Ten
     """out = epilogue(dequantized q @ W.T) for q int8 [M, K] with per-row scales xs and row sums qsum."""
     from .gluon_ws import w1a8_ws_kernel
 
-    (m, k), n = q.shape, out.shape[1]
     rs, ro, xsum, _xv, _ut, bias, res, gate, nw = epi
-    flags = {key: consts[key] for key in ("HAS_OFFSET", "HAS_BIAS", "GELU", "HEAD_DIM", "HAS_RESIDUAL", "HAS_GATE")}
+    _launch("w1a8", w1a8_ws_kernel, q, (words, out, xs, qsum, rs, ro, xsum, bias, res, gate, nw), scalars, {}, consts,
+            tile)
+
+
+def _launch(kind: str, kernel, x: torch.Tensor, pointers: tuple, scalars: tuple, extra: dict, consts: dict,
+            tile: tuple | None) -> None:
+    """kernel(x's descriptor, words, out, ..., M, N, K, KC, scalars) on `tile` or the fastest of TILES[kind]."""
+    words, out = pointers[:2]
+    (m, k), n = x.shape, out.shape[1]
+    flags = {key: consts[key] for key in FLAGS}
 
     def launch(t: tuple) -> None:
         bm, bn, bk, warps, stages = t
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        w1a8_ws_kernel[grid](_descriptor(q, bm, bk), words, out, xs, qsum, rs, ro, xsum, bias, res, gate, nw, m, n, k,
-                             words.shape[1], *scalars, **flags, BLOCK_N=bn, STAGES=stages, GROUP_M=8, num_warps=warps)
+        kernel[grid](_descriptor(x, bm, bk), *pointers, m, n, k, words.shape[1], *scalars, **extra, **flags, BLOCK_N=bn,
+                     STAGES=stages, GROUP_M=8, num_warps=warps)
 
-    _run("w1a8", launch, m, n, k, flags, tile)
+    _run(kind, launch, m, n, k, flags, tile)
