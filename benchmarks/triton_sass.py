@@ -191,7 +191,7 @@ def compile_gluon_sm90(kernel, signature: dict, consts: dict, tile: tuple):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/triton_sass"), help="folder for ttgir/ptx/sass")
-    parser.add_argument("--gluon", action="store_true", help="also the warp-specialized Gluon W1A8 kernel")
+    parser.add_argument("--gluon", action="store_true", help="also the warp-specialized Gluon kernels (gluon_ws.py)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__}, target sm_90")
