@@ -3,8 +3,10 @@
 Each program computes a transposed tile out^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, BLOCK_K] @ x^T[BLOCK_K,
 BLOCK_M]. x^T streams through shared memory with the pipelined asynchronous loads; the weight is
 expanded from the fragment words of fragments.py straight into the A-operand registers, which
-Hopper's wgmma reads from registers. So the unpack needs no shared-memory store and no barrier, and
-it overlaps the previous step's asynchronous wgmma. Per pair of bf16 (or quad of int8) weights the
+Hopper's wgmma reads from registers. So the unpack needs no shared-memory store and no barrier. It does
+not overlap the tensor cores within a program, though: Triton leaves the bf16 wgmma in flight, but ptxas
+then serializes it (C7515; benchmarks/triton_sass.py), so the overlap comes from the other program on the
+SM (gluon_ws.py splits the work between warps instead). Per pair of bf16 (or quad of int8) weights the
 expansion is one shift and one or two logic ops; the tl.join / tl.permute / tl.reshape chain only
 names which register holds which element (compiled, it moves no data: see benchmarks/triton_sass.py).
 
@@ -12,8 +14,8 @@ names which register holds which element (compiled, it moves no data: see benchm
   Column scales are folded into x by the launcher (x^T goes to shared memory untouched).
 - w1a8_frag_kernel: int8 x from quantize_rows_kernel; {0, 1} weights, finished with the row sums
   of q as in kernels.w1a8_kernel. With FP8, x is float8 e4m3 instead (quantize_rows_kernel's FP8) and
-  the weights are the e4m3 bytes of +-1, accumulated in float32: Triton keeps a float32-accumulating
-  wgmma asynchronous (in flight while the next step unpacks), an int32-accumulating one it does not.
+  the weights are the e4m3 bytes of +-1, accumulated in float32: Triton leaves a float32-accumulating
+  wgmma in flight while the next step unpacks (ptxas too, for fp8), an int32-accumulating one it does not.
   FP8 runs under the interpreter only: Triton 3.6 compiled it wrong on an H200 (ops.ACTIVATIONS).
 Both need GROUP == 0 or GROUP % BLOCK_K == 0 (the launcher falls back to kernels.py otherwise).
 """
