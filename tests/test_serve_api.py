@@ -8,6 +8,7 @@ import json
 import re
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -665,6 +666,21 @@ def test_a1111_endpoints(client, gate):
     assert client.post("/sdapi/v1/interrupt").json() == {"interrupted": True}
     gate.open()
     assert wait(client, job_id)["status"] == "cancelled"
+
+
+def test_a1111_call_interrupted_answers_without_images(client, gate):
+    # It answered 409: A1111 answers an interrupted txt2img with what it has, and its clients treat errors as failures.
+    gate.close()
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.post, "/sdapi/v1/txt2img", json={"prompt": "cat", "steps": 4})
+        assert gate.reached.wait(30)
+        assert client.post("/sdapi/v1/interrupt").json() == {"interrupted": True}
+        gate.open()
+        r = call.result(timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["images"] == [] and json.loads(body["info"])["interrupted"] is True
+    assert client.get(f"/api/jobs/{json.loads(body['info'])['job_id']}").json()["status"] == "cancelled"
 
 
 def test_a1111_errors_name_a1111_fields(client):

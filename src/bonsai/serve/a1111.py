@@ -138,7 +138,14 @@ async def _generate(req: JobRequest, s: Server, echo: dict[str, Any]) -> dict[st
         job = s.submit(req, "a1111")
     except FieldError as exc:
         raise NAMES.translate(exc) from None
-    rec = await s.finished(job)
+    try:
+        rec = await s.finished(job)
+    except FieldError:
+        if s.record(job.id).status != "cancelled":
+            raise
+        # Interrupted (/sdapi/v1/interrupt): A1111 answers such a call with what it has, not an error, and its
+        # clients take an error for a failure. Bonsai stops at once, so there is no image to give.
+        return {"images": [], "parameters": echo, "info": json.dumps({"job_id": job.id, "interrupted": True})}
     spec = rec.spec
     seeds = [spec["seed"] + i for i in range(rec.images)]
     info = {
