@@ -1,6 +1,6 @@
 """The warp-specialized Gluon kernels, checked without a GPU: they compile for sm_90 and ptxas keeps their
-wgmma loop asynchronous (the reason they exist; see gluon_ws.py). Their numbers come from the GPU script
-benchmarks/bench_gluon_ws.py (results in benchmarks/RESULTS.md)."""
+wgmma loop asynchronous (the reason they exist; see gluon_ws.py), and ws.py's tile choice. Their results
+and numbers come from the GPU tests in test_kernel_triton*.py and benchmarks/bench_gluon_ws.py."""
 
 from __future__ import annotations
 
@@ -78,3 +78,33 @@ def test_ws_kernel_keeps_its_wgmmas_in_flight(kernel, tile, fusion, tmp_path):
     assert gmma == bn // (16 * warps) * (bk // k_step) * (bm // min(bm, n_max))
     # One wait inside the loop (for the step before: one product in flight) and one after it.
     assert sass.count("WARPGROUP.DEPBAR") == 2
+
+
+def test_ws_tile_timing_picks_the_fastest_that_launches(monkeypatch):
+    """ws._run on the first call of a shape times every tile that fits (Triton's OutOfResources: left out, as
+    the autotuner does), remembers the fastest, and launches it; later calls launch it without timing."""
+    from triton.runtime.errors import OutOfResources
+
+    from bonsai.kernels.triton import ws
+
+    tiles = ws.TILES["w1a8"]
+    cost = {t: 10.0 - i for i, t in enumerate(tiles)}  # the last tile is the fastest...
+    too_big = tiles[-1]  # ...but does not fit
+    launched = []
+
+    def launch(tile):
+        if tile == too_big:
+            raise OutOfResources(300000, 232448, "shared memory")
+        launched.append(tile)
+
+    monkeypatch.setattr(ws, "_chosen", {})
+    monkeypatch.setattr(ws.triton.testing, "do_bench", lambda fn, **_: (fn(), cost[launched[-1]])[1])
+    flags = {"HEAD_DIM": 0}
+    ws._run("w1a8", launch, 2048, 3072, 3072, flags, None)
+    assert launched[-1] == tiles[-2]  # the fastest that fits, launched after the timing
+    launched.clear()
+    ws._run("w1a8", launch, 2048, 3072, 3072, flags, None)
+    assert launched == [tiles[-2]]  # remembered
+    # Head norms keep to tiles holding whole heads.
+    ws._run("w1a8", launch, 2048, 3072, 3072, {"HEAD_DIM": 128}, None)
+    assert launched[-1][1] % 128 == 0
