@@ -136,8 +136,19 @@ def _mma_partition(a_smem, x_smem, a_ready, x_ready, empty, out_ptr, xs_ptr, qsu
         y = (2 * acc - qsum[None, :]).to(gl.float32) * gl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
     else:
         y = acc
-    _epilogue(y, offs_n, offs_m, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr, RPS,
-              NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, HAS_BIAS, GELU, HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
+    if HAS_RESIDUAL:  # one half of the tokens after the other: the whole tile's residual and gate beside it spill
+        HALF: gl.constexpr = BLOCK_M // 2
+        y0, y1 = gl.split(gl.permute(gl.reshape(y, (BLOCK_N, 2, HALF)), (0, 2, 1)))
+        halves = gl.arange(0, HALF, layout=gl.SliceLayout(0, out_layout))
+        _epilogue(gl.convert_layout(y0, out_layout, assert_trivial=True), offs_n, off_m + halves, M, N, out_ptr, rs_ptr,
+                  ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET,
+                  HAS_BIAS, GELU, HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
+        _epilogue(gl.convert_layout(y1, out_layout, assert_trivial=True), offs_n, off_m + HALF + halves, M, N, out_ptr,
+                  rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr, RPS, NORM_COLS, NORM_PART, norm_eps,
+                  HAS_OFFSET, HAS_BIAS, GELU, HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
+    else:
+        _epilogue(y, offs_n, offs_m, M, N, out_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr, RPS,
+                  NORM_COLS, NORM_PART, norm_eps, HAS_OFFSET, HAS_BIAS, GELU, HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N)
 
 
 @gluon.jit
