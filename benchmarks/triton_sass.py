@@ -154,8 +154,9 @@ def summarize(label: str, ck, tile: tuple, cubin: Path) -> dict:
 
 
 GLUON_TILES = [(128, 128, 128, 4, 4), (128, 128, 128, 8, 3), (128, 64, 128, 4, 4)]  # W1A16: BLOCK_K 64
-EPILOGUE_ARGS = {"rs_ptr": "*fp32", "ro_ptr": "*fp32", "xsum_ptr": "*fp32", "bias_ptr": "*bf16", "res_ptr": "*bf16",
-                 "gate_ptr": "*bf16", "nw_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KC": "i32", **SCALARS}
+# The Gluon kernels take EPILOGUE's pointers but the low-rank ones.
+EPILOGUE_ARGS = {**{k: v for k, v in EPILOGUE.items() if k not in ("xv_ptr", "ut_ptr")},
+                 "M": "i32", "N": "i32", "K": "i32", "KC": "i32", **SCALARS}
 
 
 def gluon_variants():

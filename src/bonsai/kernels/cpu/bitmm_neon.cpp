@@ -2,8 +2,9 @@
 // widening multiplies (vmull_s8) with pairwise accumulation (vpadalq_s16). Built for a CPU with the
 // dot product extension (__ARM_FEATURE_DOTPROD: setup.py builds for Apple M1 and later on Apple Silicon
 // Macs, which all have it; elsewhere -march=...+dotprod in CFLAGS), it uses sdot instead: 16
-// multiply-adds per instruction where the baseline needs a widening multiply and a pairwise add per 8. Quantization, panel expansion and the tile write reuse the scalar
-// versions. The scalar kernel in bitmm.cpp is its reference.
+// multiply-adds per instruction where the baseline needs a widening multiply and a pairwise add per 8.
+// Quantization, panel expansion and the tile write reuse the scalar versions. The scalar kernel in
+// bitmm.cpp is its reference.
 #include "bitmm.h"
 
 #if defined(__aarch64__)

@@ -158,7 +158,6 @@ TARGET_AVX512 void gelu_avx512(float* y, int n) {
   }
 }
 
-
 // The same on 8 lanes for AVX2, 2^n applied through the exponent bits.
 TARGET_AVX2 void gelu_avx2(float* y, int n) {
   const __m256 one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f);
