@@ -100,18 +100,21 @@ def main() -> None:
             "commit": commit(), "torch": torch.__version__, "triton": triton.__version__,
             "floor_us": launch_floor(timer, "cuda") * 1e3}
     print(json.dumps(meta), flush=True)
-    checks = check()
-    rows = []
+    checks, rows = check(), []
+
+    def save() -> None:  # after each row: a run cut short by its time limit keeps what it measured
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gluon_ws.json").write_text(json.dumps({"meta": meta, "checks": checks, "rows": rows}, indent=1))
+            (args.out / "gluon_ws.txt").write_text(json.dumps(meta) + "\n" + table(rows) + "\n")
+
+    save()
     for k, n in SHAPES["4b"]:
         for m in (int(s) for s in args.ms.split(",")):
             rows.append(time_shape(k, n, m, timer))
             print(json.dumps(rows[-1]), flush=True)
-    text = table(rows)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gluon_ws.json").write_text(json.dumps({"meta": meta, "checks": checks, "rows": rows}, indent=1))
-        (args.out / "gluon_ws.txt").write_text(json.dumps(meta) + "\n" + text + "\n")
+            save()
+    print(table(rows))
 
 
 if __name__ == "__main__":
