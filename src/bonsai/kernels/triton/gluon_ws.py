@@ -10,10 +10,10 @@ and end of the pipeline stage"). Either way the tensor cores idle while the weig
 Here the work is split between the warps of one program (Gluon's warp_specialize):
 - the default partition (the MMA warps) only waits for full buffers, issues wgmma with both operands in
   shared memory, keeps one in flight, and frees the buffers of the step before; then the epilogue;
-- a worker partition of 4 warps expands the 1-bit weights from the fragment words (fragments.py) into
-  int8 {0, 1} or bf16/fp16 +-1 tiles in a ring of shared-memory buffers;
-- a worker partition of 1 warp loads the activation tiles (int8 or bf16/fp16, [BLOCK_M, BLOCK_K]) into
-  their ring with TMA.
+- a worker partition of 4 load warps expands the 1-bit weights from the fragment words (fragments.py) into
+  int8 {0, 1} or bf16/fp16 +-1 tiles in a ring of shared-memory buffers, and has TMA copy the activation
+  tiles (int8 or bf16/fp16, [BLOCK_M, BLOCK_K]) into theirs. (A separate 1-warp TMA partition would pad
+  an 8-MMA-warp program to 16 warps, where ptxas gives each thread 128 registers instead of 168.)
 ptxas keeps this wgmma loop asynchronous (tests/test_kernel_gluon.py).
 
 Each program computes out^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] @ x^T[K, BLOCK_M], then kernels._epilogue's
@@ -33,7 +33,8 @@ from .fragment_kernels import _bf16_operand, _int8_operand
 
 # TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6 (the lent GPUs'), async_load from 3.7.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-PRODUCER_WARPS = gl.constexpr(4)
+LOAD_WARPS = gl.constexpr(4)
+LOAD_REGS = gl.constexpr(96)  # setmaxnreg of the load warps (the MMA warps get the rest of the register file)
 
 # ---- the weight tiles, by the Triton fragment kernels' own expansion (elementwise ops and joins: Gluon infers
 # their layouts)
@@ -119,7 +120,7 @@ def _mma_partition(a_smem, x_smem, a_ready, x_ready, empty, out_ptr, xs_ptr, qsu
         mbarrier.wait(a_ready.index(s), (ki // STAGES) & 1)
         mbarrier.wait(x_ready.index(s), (ki // STAGES) & 1)
         acc = warpgroup_mma(a_smem.index(s), x_smem.index(s).permute((1, 0)), acc, is_async=True)
-        # Step ki - 1's wgmma is done after this: its two buffers go back to the producers.
+        # Step ki - 1's wgmma is done after this: its two buffers go back to the load warps.
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         mbarrier.arrive(empty.index((ki + STAGES - 1) % STAGES), pred=ki > 0)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -152,17 +153,18 @@ def _mma_partition(a_smem, x_smem, a_ready, x_ready, empty, out_ptr, xs_ptr, qsu
 
 
 @gluon.jit
-def _weight_partition(a_smem, a_ready, empty, w_ptr, N, K, KC, pid_n, ONES: gl.constexpr,
-                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    """ONES == 0: int8 tiles from W1A8 words (64 per 128 columns); else +-1 in the 16-bit float whose 1.0 is
-    ONES, from W1A16 words (32 per 64 columns)."""
+def _load_partition(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, N, K, KC, off_m, pid_n,
+                    ONES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """Fills both rings: the activation tile by TMA, the weight tile expanded from the fragment words. ONES == 0:
+    int8 tiles from W1A8 words (64 per 128 columns); else +-1 in the 16-bit float whose 1.0 is ONES, from W1A16
+    words (32 per 64 columns)."""
     G: gl.constexpr = BLOCK_N // 16
     WORDS: gl.constexpr = BLOCK_K // 2  # per 16-row group and K step
     # Lane 4 r0 + c of the warp holding group g loads, of each chunk, words 2 (4 r0 + c) + th (int8, 64 a chunk)
     # or word 4 r0 + c (16-bit, 32 a chunk).
     PER_LANE: gl.constexpr = 2 if ONES == 0 else 1
     w_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, PER_LANE], threads_per_warp=[1, 32],
-                                              warps_per_cta=[PRODUCER_WARPS, 1], order=[1, 0])
+                                              warps_per_cta=[LOAD_WARPS, 1], order=[1, 0])
     offs_g = pid_n * G + gl.arange(0, G, layout=gl.SliceLayout(1, w_layout))
     offs_j = gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_layout))
     w_ptrs = w_ptr + offs_g[:, None] * (KC * (32 * PER_LANE)) + offs_j[None, :]
@@ -177,18 +179,11 @@ def _weight_partition(a_smem, a_ready, empty, w_ptr, N, K, KC, pid_n, ONES: gl.c
             tile = _half_tile(words, ONES * 0x10001, BLOCK_N, BLOCK_K).to(a_smem.dtype, bitcast=True)
         words = gl.load(w_ptrs + (ki + 1) * WORDS, mask=w_mask & (ki + 1 < n_k), other=0)  # next step's, early
         mbarrier.wait(empty.index(s), ((ki // STAGES) & 1) ^ 1)  # the first pass finds every buffer free
+        mbarrier.expect(x_ready.index(s), x_desc.block_type.nbytes)
+        _tma_load(x_desc, [off_m, ki * BLOCK_K], x_ready.index(s), x_smem.index(s))
         a_smem.index(s).store(tile)
         fence_async_shared()
         mbarrier.arrive(a_ready.index(s))
-
-
-@gluon.jit
-def _activation_partition(x_desc, x_smem, x_ready, empty, K, off_m, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    for ki in range(gl.cdiv(K, BLOCK_K)):
-        s = ki % STAGES
-        mbarrier.wait(empty.index(s), ((ki // STAGES) & 1) ^ 1)
-        mbarrier.expect(x_ready.index(s), x_desc.block_type.nbytes)
-        _tma_load(x_desc, [off_m, ki * BLOCK_K], x_ready.index(s), x_smem.index(s))
 
 
 @gluon.jit
@@ -215,9 +210,9 @@ def _ws_kernel(x_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_pt
                           bias_ptr, res_ptr, gate_ptr, nw_ptr, M, N, K, RPS, NORM_COLS, NORM_PART, norm_eps, off_m,
                           pid_n, ONES == 0, HAS_OFFSET, HAS_BIAS, GELU, HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_M,
                           BLOCK_N, BLOCK_K, STAGES, num_warps)),
-        (_weight_partition, (a_smem, a_ready, empty, w_ptr, N, K, KC, pid_n, ONES, BLOCK_N, BLOCK_K, STAGES)),
-        (_activation_partition, (x_desc, x_smem, x_ready, empty, K, off_m, BLOCK_K, STAGES)),
-    ), [PRODUCER_WARPS, 1], [96, 24])
+        (_load_partition, (a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, N, K, KC, off_m, pid_n, ONES,
+                           BLOCK_N, BLOCK_K, STAGES)),
+    ), [LOAD_WARPS], [LOAD_REGS])
 
 
 @gluon.jit
@@ -228,7 +223,7 @@ def w1a8_ws_kernel(q_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsu
                    num_warps: gl.constexpr):
     """q int8 [M, K] through q_desc (block [BLOCK_M, BLOCK_K], BLOCK_K 128; K a multiple of 16), its scales xs
     and row sums qsum; w int32 [NG, KC, 64] W1A8 fragment words -> out [M, N], with kernels._epilogue's
-    arguments. num_warps: the MMA warps (4 per 64 weight rows of the tile); 5 more are added."""
+    arguments. num_warps: the MMA warps (4 per 64 weight rows of the tile); 4 load warps are added."""
     _ws_kernel(q_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr,
                M, N, K, KC, RPS, NORM_COLS, NORM_PART, norm_eps, 0, HAS_OFFSET, HAS_BIAS, GELU, HEAD_DIM,
                HAS_RESIDUAL, HAS_GATE, BLOCK_N, STAGES, GROUP_M, num_warps)

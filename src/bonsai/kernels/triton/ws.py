@@ -18,13 +18,15 @@ from triton.runtime.errors import OutOfResources
 from ..packed import PackedWeight
 
 # (BLOCK_M tokens, BLOCK_N weight rows, BLOCK_K, MMA warps, stages). 8 MMA warps take 64 weight rows per
-# warpgroup; with the 5 producer warps a program is padded to 16 warps and gets at most 128 registers a
-# thread, which rules out 256-token tiles for W1A16 (a 64 x 256 float32 accumulator alone is 128).
+# warpgroup; with the 4 load warps a program has 12 warps and ptxas gives each thread at most 168 registers,
+# enough for a 64 x 256 float32 accumulator (128). By arithmetic, at the tensor cores' peak a 128 x 128 tile
+# moves 128 bytes of shared memory a clock per SM (written by the loads, read by wgmma), the whole of its
+# bandwidth; a 256 x 128 tile (cuBLAS's shape) moves 96.
 TILES = {
     "w1a8": [(128, 128, 128, 4, 4), (128, 128, 128, 4, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3),
-             (128, 64, 128, 4, 4), (64, 128, 128, 4, 4)],
-    "w1a16": [(128, 128, 64, 4, 4), (128, 128, 64, 4, 6), (128, 128, 64, 8, 4), (128, 64, 64, 4, 6),
-              (64, 128, 64, 4, 6)],
+             (256, 128, 128, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4)],
+    "w1a16": [(128, 128, 64, 4, 4), (128, 128, 64, 4, 6), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
+              (256, 128, 64, 8, 4), (128, 64, 64, 4, 6), (64, 128, 64, 4, 6)],
 }
 HOPPER = (9, 0)
 _chosen: dict[tuple, tuple] = {}
