@@ -445,6 +445,18 @@ def test_ws_variant_falls_back_to_fragment_off_hopper(interp, name):
     assert torch.equal(fn(x, w, config=TILE, variant="ws"), fn(x, w, config=TILE, variant="fragment"))
 
 
+def test_auto_variant_is_ws_from_the_rows_it_was_timed_at(monkeypatch):
+    """The default "auto" takes "ws" from WS_MIN_ROWS rows on (where the H100 timed it faster), below that
+    "fragment"; a variant asked for by name is kept, and a wrong name is refused."""
+    ops = triton_ops
+    monkeypatch.setattr(ops, "DEFAULT_VARIANT", "auto")
+    assert ops._variant(None, ops.WS_MIN_ROWS - 1) == "fragment"
+    assert ops._variant(None, ops.WS_MIN_ROWS) == "ws"
+    assert ops._variant("fragment", 4096) == "fragment" and ops._variant("ws", 17) == "ws"
+    with pytest.raises(ValueError, match="unknown Triton kernel variant"):
+        ops._variant("fast", 4096)
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("name,tile", [(name, t) for name in ("w1a16", "w1a8") for t in ws_tiles(name)])

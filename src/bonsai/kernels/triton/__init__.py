@@ -42,7 +42,7 @@ def _supports_w1a16(x: torch.Tensor, weight: PackedWeight) -> bool:
 
 def _supports_w1a8(x: torch.Tensor, weight: PackedWeight) -> bool:
     rows = x.numel() // max(1, x.shape[-1])
-    return (_supports_w1a16(x, weight) and rows >= W1A8_MIN_ROWS and ops.DEFAULT_VARIANT in ("fragment", "ws")
+    return (_supports_w1a16(x, weight) and rows >= W1A8_MIN_ROWS and ops.DEFAULT_VARIANT != "k-major"
             and fragment_supports_group(weight.group_size, INT8_CHUNK))
 
 

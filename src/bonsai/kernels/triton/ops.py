@@ -33,11 +33,13 @@ SMALL_M = 16
 MID_M = 256
 # "k-major": kernels.py (weight expanded into shared memory, the B operand). "fragment":
 # fragment_kernels.py (weight expanded into the A-operand registers; see benchmarks/triton_sass.py).
-# "fragment" is the default: 1.3-1.6x faster than "k-major" on bonsai-4b's GEMMs (benchmarks/RESULTS.md).
-# "ws": the warp-specialized Gluon kernels (ws.py, gluon_ws.py) where they apply (Hopper; see ws.supports),
-# else "fragment". Not the default until a GPU has timed it.
-VARIANTS = ("k-major", "fragment", "ws")
-DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "fragment")
+# "fragment": 1.3-1.6x faster than "k-major" on bonsai-4b's GEMMs. "ws": the warp-specialized Gluon kernels
+# (ws.py, gluon_ws.py) where they apply (Hopper; see ws.supports), else "fragment"; on an H100 1.01-1.22x
+# faster than "fragment" on bonsai-4b's GEMMs at 1024-4096 rows (benchmarks/RESULTS.md). "auto", the default:
+# "ws" from WS_MIN_ROWS rows on, where it was timed, else "fragment".
+VARIANTS = ("k-major", "fragment", "ws", "auto")
+DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "auto")
+WS_MIN_ROWS = 1024
 # Row operations each kernel fuses (fusion.PARTS).
 W1A16_FUSES = frozenset({"gelu", "head_norm", "residual"})
 W1A8_FUSES = frozenset({PROLOGUE, "gelu", "head_norm", "residual"})
@@ -347,10 +349,13 @@ def fragment_supports_group(group_size: int, chunk: int) -> bool:
     return group_size == 0 or group_size % chunk == 0
 
 
-def _variant(variant: str | None) -> str:
+def _variant(variant: str | None, m: int) -> str:
+    """The variant asked for (else DEFAULT_VARIANT) for m rows, "auto" resolved."""
     variant = variant or DEFAULT_VARIANT
     if variant not in VARIANTS:
         raise ValueError(f"unknown Triton kernel variant {variant!r}; choose from {VARIANTS}")
+    if variant == "auto":
+        return "ws" if m >= WS_MIN_ROWS else "fragment"
     return variant
 
 
@@ -374,8 +379,8 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
     """y = epilogue(x @ W.T (+ bias)) for x [..., K] bf16/fp16/fp32 (fp32 is computed in bf16); returns
     x.dtype. The epilogue may have the parts of W1A16_FUSES (GELU, head norms, residual + gate); no prologue.
 
-    variant: "k-major", "fragment" or "ws" (default DEFAULT_VARIANT); "ws" falls back to "fragment" where it
-    does not apply (ws.supports; and at M <= SMALL_M), "fragment" to "k-major" for group sizes that are not a
+    variant: one of VARIANTS (default DEFAULT_VARIANT); "ws" falls back to "fragment" where it does not
+    apply (ws.supports; and at M <= SMALL_M), "fragment" to "k-major" for group sizes that are not a
     multiple of 64."""
     _check_share("triton-w1a16", W1A16_FUSES, prologue, epilogue)
     epilogue, after = _kernel_share(epilogue, W1A16_FUSES)
@@ -390,7 +395,7 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         gsb = layout.group_bits_bf16 if xc.dtype == torch.bfloat16 else layout.group_bits_f16
     epi_args = _epilogue_args(weight, ops)
     consts = {"ONE_BITS": _ONE_BITS[xc.dtype], "GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
-    variant = _variant(variant)
+    variant = _variant(variant, m)
     if variant in ("fragment", "ws") and fragment_supports_group(weight.group_size, BF16_CHUNK):
         if weight.col_scale is not None:  # x^T goes to shared memory as loaded: scale x first (as k-major does, in fp32)
             xc = (xc.float() * weight.col_scale).to(xc.dtype)
@@ -478,15 +483,15 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     e4m3 (col_scale folded in); returns x.dtype. The epilogue may have the parts of W1A8_FUSES (GELU, head norms, residual +
     gate).
 
-    variant: "k-major", "fragment" or "ws" (default DEFAULT_VARIANT); "ws" falls back to "fragment" where it
-    does not apply (ws.supports, fp8; and at M <= SMALL_M), "fragment" to "k-major" for group sizes that are
+    variant: one of VARIANTS (default DEFAULT_VARIANT); "ws" falls back to "fragment" where it does not
+    apply (ws.supports, fp8; and at M <= SMALL_M), "fragment" to "k-major" for group sizes that are
     not a multiple of 128. activation: "int8" or "fp8" (float8 e4m3 per token,
     fragment kernel only; see ACTIVATIONS)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown W1A8 activation format {activation!r}; choose from {ACTIVATIONS}")
     fp8 = activation == "fp8"
     if fp8:
-        _check_fp8(x, weight, _variant(variant))
+        _check_fp8(x, weight, _variant(variant, 0))  # fp8 has no "ws" kernel: "auto" is "fragment" there
     if not w1a8_supports_group(weight.group_size):
         raise ValueError(f"triton-w1a8 needs group_size 0 or a multiple of 32, got {weight.group_size}; "
                          "use triton-w1a16")
@@ -507,7 +512,7 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     gs = _or(layout.group_scale_t, weight.row_scale)
     r_s, *rest = _epilogue_args(weight, ops)
     consts = {"GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
-    variant = _variant(variant)
+    variant = _variant(variant, m)
     if variant in ("fragment", "ws") and fragment_supports_group(weight.group_size, INT8_CHUNK):
         words = weight.prepared("triton-fragment-int8", int8_words)  # fp8 reads the same words
         if variant == "ws" and not fp8 and m > SMALL_M and ws.supports(q, weight, ops.head_dim, consts["RANK"]):

@@ -22,11 +22,12 @@ from ..packed import PackedWeight
 # enough for a 64 x 256 float32 accumulator (128). By arithmetic, at the tensor cores' peak a 128 x 128 tile
 # moves 128 bytes of shared memory a clock per SM (written by the loads, read by wgmma), the whole of its
 # bandwidth; a 256 x 128 tile (cuBLAS's shape) moves 96.
+# On an H100 the 256 x 128 tiles were the fastest for every bonsai-4b GEMM at 1024-4096 rows, out of these
+# and four more 128- and 64-token tiles (benchmarks/RESULTS.md); the 128 x 128 one stays for narrower shapes.
+# Each tile is compiled for each epilogue on first use: fewer tiles, a shorter first image.
 TILES = {
-    "w1a8": [(128, 128, 128, 4, 4), (128, 128, 128, 4, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3),
-             (256, 128, 128, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4)],
-    "w1a16": [(128, 128, 64, 4, 4), (128, 128, 64, 4, 6), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
-              (256, 128, 64, 8, 4), (128, 64, 64, 4, 6), (64, 128, 64, 4, 6)],
+    "w1a8": [(256, 128, 128, 8, 3), (256, 128, 128, 8, 4), (128, 128, 128, 4, 4)],
+    "w1a16": [(256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 128, 64, 4, 4)],
 }
 HOPPER = (9, 0)
 _chosen: dict[tuple, tuple] = {}
