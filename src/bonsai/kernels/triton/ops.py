@@ -34,9 +34,9 @@ MID_M = 256
 # "k-major": kernels.py (weight expanded into shared memory, the B operand). "fragment":
 # fragment_kernels.py (weight expanded into the A-operand registers; see benchmarks/triton_sass.py).
 # "fragment": 1.3-1.6x faster than "k-major" on bonsai-4b's GEMMs. "ws": the warp-specialized Gluon kernels
-# (ws.py, gluon_ws.py) where they apply (Hopper; see ws.supports), else "fragment"; on an H100 1.01-1.22x
-# faster than "fragment" on bonsai-4b's GEMMs at 1024-4096 rows (benchmarks/RESULTS.md). "auto", the default:
-# "ws" from WS_MIN_ROWS rows on, where it was timed, else "fragment".
+# (ws.py, gluon_ws.py) where they apply (Hopper; see ws.supports), else "fragment"; on an H100, on bonsai-4b's
+# GEMMs at 1024-4096 rows, 1.12-1.27x (W1A16) and 1.01-1.19x (W1A8) faster than "fragment"
+# (benchmarks/RESULTS.md). "auto", the default: "ws" from WS_MIN_ROWS rows on, where it was timed, else "fragment".
 VARIANTS = ("k-major", "fragment", "ws", "auto")
 DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "auto")
 WS_MIN_ROWS = 1024
