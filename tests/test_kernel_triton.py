@@ -459,16 +459,18 @@ def test_auto_variant_is_ws_from_the_rows_it_was_timed_at(monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("name,tile", [(name, t) for name in ("w1a16", "w1a8") for t in ws_tiles(name)])
-def test_cuda_every_ws_tile_matches_reference(name, tile):
-    """Each tile of the warp-specialized kernels (variant "ws"), M and N off the tile, K off BLOCK_K."""
+@pytest.mark.parametrize("name,tile,dtype", [(name, t, torch.bfloat16) for name in ("w1a16", "w1a8") for t in ws_tiles(name)]
+                         + [("w1a16", t, torch.float16) for t in ws_tiles("w1a16")])
+def test_cuda_every_ws_tile_matches_reference(name, tile, dtype):
+    """Each tile of the warp-specialized kernels (variant "ws"), M and N off the tile, K off BLOCK_K; W1A16
+    also on fp16 activations (its weight tiles then hold fp16 +-1)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the ws kernels run on Hopper")
     bm, bn, _, warps, stages = tile
     config = triton_ops.TileConfig(bm, bn, 64, warps, stages)
     gen = torch.Generator().manual_seed(sum(tile))
     w = random_weight(1040, 6160, offset=True, gen=gen).to("cuda")
-    x = (torch.randn(300, 6160, generator=gen) * 2 + 0.3).bfloat16().cuda()
+    x = (torch.randn(300, 6160, generator=gen) * 2 + 0.3).to(dtype).cuda()
     y = getattr(triton_ops, name)(x, w, config=config, variant="ws")
     assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < (1e-2 if name == "w1a16" else 2e-2)
 
