@@ -109,3 +109,31 @@ def test_ws_tile_timing_picks_the_fastest_that_launches(monkeypatch):
     # Head norms keep to tiles holding whole heads.
     ws._run("w1a8", launch, 2048, 3072, 3072, {"HEAD_DIM": 128}, None)
     assert launched[-1][1] % 128 == 0
+
+
+def test_ws_tiles_that_do_not_build_are_left_out(monkeypatch):
+    """A tile this Triton cannot build is left out of the timing as the autotuner leaves it (ptxas errors);
+    when none builds, ws says so (ws.Unbuildable), naming the first error, and ops' "auto" can fall back."""
+    from triton.runtime.errors import PTXASError
+
+    from bonsai.kernels.triton import ws
+
+    tiles = ws.TILES["w1a16"]
+    launched = []
+
+    def launch(tile):
+        if tile != tiles[1]:
+            raise PTXASError("ptxas fatal: C7602 insufficient registers")
+        launched.append(tile)
+
+    monkeypatch.setattr(ws, "_chosen", {})
+    monkeypatch.setattr(ws.triton.testing, "do_bench", lambda fn, **_: (fn(), 1.0)[1])
+    ws._run("w1a16", launch, 2048, 3072, 3072, {"HEAD_DIM": 0}, None)
+    assert launched[-1] == tiles[1]
+
+    def never(tile):
+        raise AttributeError("module 'gluon' has no attribute 'warp_specialize'")
+
+    with pytest.raises(ws.Unbuildable, match="no w1a16 ws tile builds with Triton .*AttributeError"):
+        ws._run("w1a16", never, 4096, 3072, 3072, {"HEAD_DIM": 0}, None)
+

@@ -457,6 +457,35 @@ def test_auto_variant_is_ws_from_the_rows_it_was_timed_at(monkeypatch):
         ops._variant("fast", 4096)
 
 
+@pytest.mark.parametrize("name", ["w1a16", "w1a8"])
+def test_auto_variant_falls_back_when_ws_does_not_build(interp, monkeypatch, name):
+    """Gluon's API moves between Triton versions: where the "ws" kernels do not build, "auto" warns once and
+    the fragment kernels run from then on, with their results; "ws" asked for by name raises."""
+    from bonsai.kernels.triton import ws
+
+    gen = torch.Generator().manual_seed(11)
+    w = random_weight(48, 256, gen=gen, offset=True)
+    x = torch.randn(40, 256, generator=gen).bfloat16()
+    expected = getattr(interp, name)(x, w, config=TILE, variant="fragment")
+    tries = []
+
+    def unbuildable(*args, **kwargs):
+        tries.append(1)
+        raise ws.Unbuildable("no ws tile builds with Triton x.y")
+
+    monkeypatch.setattr(ws, "supports", lambda *args: True)
+    monkeypatch.setattr(ws, name, unbuildable)
+    monkeypatch.setattr(interp, "_ws_failure", [])
+    monkeypatch.setattr(interp, "DEFAULT_VARIANT", "auto")
+    monkeypatch.setattr(interp, "WS_MIN_ROWS", 32)
+    with pytest.warns(RuntimeWarning, match="do not build with Triton"):
+        assert torch.equal(getattr(interp, name)(x, w, config=TILE), expected)
+    assert torch.equal(getattr(interp, name)(x, w, config=TILE), expected)
+    assert len(tries) == 1  # not tried again
+    with pytest.raises(ws.Unbuildable):
+        getattr(interp, name)(x, w, config=TILE, variant="ws")
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("name,tile,dtype", [(name, t, torch.bfloat16) for name in ("w1a16", "w1a8") for t in ws_tiles(name)]

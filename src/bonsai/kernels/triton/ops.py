@@ -16,6 +16,7 @@ shape instead, which is how the tests run the kernels under TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, replace
 from functools import cache
 
@@ -40,6 +41,8 @@ MID_M = 256
 VARIANTS = ("k-major", "fragment", "ws", "auto")
 DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "auto")
 WS_MIN_ROWS = 1024
+# Why the "ws" kernels did not build here, once they did not: "auto" then keeps to "fragment".
+_ws_failure: list[str] = []
 # Row operations each kernel fuses (fusion.PARTS).
 W1A16_FUSES = frozenset({"gelu", "head_norm", "residual"})
 W1A8_FUSES = frozenset({PROLOGUE, "gelu", "head_norm", "residual"})
@@ -355,8 +358,23 @@ def _variant(variant: str | None, m: int) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"unknown Triton kernel variant {variant!r}; choose from {VARIANTS}")
     if variant == "auto":
-        return "ws" if m >= WS_MIN_ROWS else "fragment"
+        return "ws" if m >= WS_MIN_ROWS and not _ws_failure else "fragment"
     return variant
+
+
+def _ws_ran(launch, auto: bool) -> bool:
+    """launch() of a "ws" kernel: True. Under "auto", kernels that do not build with this Triton are reported
+    once and the fragment kernels take over: False (a variant asked for by name raises)."""
+    try:
+        launch()
+    except ws.BUILD_ERRORS as err:
+        if not auto:
+            raise
+        _ws_failure.append(f"{type(err).__name__}: {err}")
+        warnings.warn(f"the warp-specialized Triton kernels do not build with Triton {triton.__version__}; the "
+                      f"fragment kernels run instead ({_ws_failure[0][:300]})", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def _ws_tile(config: TileConfig | None, chunk: int) -> tuple | None:
@@ -395,13 +413,14 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
         gsb = layout.group_bits_bf16 if xc.dtype == torch.bfloat16 else layout.group_bits_f16
     epi_args = _epilogue_args(weight, ops)
     consts = {"ONE_BITS": _ONE_BITS[xc.dtype], "GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
-    variant = _variant(variant, m)
+    auto, variant = (variant or DEFAULT_VARIANT) == "auto", _variant(variant, m)
     if variant in ("fragment", "ws") and fragment_supports_group(weight.group_size, BF16_CHUNK):
         if weight.col_scale is not None:  # x^T goes to shared memory as loaded: scale x first (as k-major does, in fp32)
             xc = (xc.float() * weight.col_scale).to(xc.dtype)
         words = weight.prepared("triton-fragment-bf16", bf16_words)
-        if variant == "ws" and m > SMALL_M and ws.supports(xc, weight, ops.head_dim, consts["RANK"]):
-            ws.w1a16(xc, words, ops.out, epi_args, _epilogue_scalars(ops), consts, _ws_tile(config, BF16_CHUNK))
+        if (variant == "ws" and m > SMALL_M and ws.supports(xc, weight, ops.head_dim, consts["RANK"])
+                and _ws_ran(lambda: ws.w1a16(xc, words, ops.out, epi_args, _epilogue_scalars(ops), consts,
+                                             _ws_tile(config, BF16_CHUNK)), auto)):
             return _finish(x, ops.out, n, after)
         config = _fragment_config(config, BF16_CHUNK)
         most = config.split_k if config else MAX_SPLIT_K if m <= SMALL_M and xc.is_cuda else 1
@@ -512,11 +531,12 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     gs = _or(layout.group_scale_t, weight.row_scale)
     r_s, *rest = _epilogue_args(weight, ops)
     consts = {"GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
-    variant = _variant(variant, m)
+    auto, variant = (variant or DEFAULT_VARIANT) == "auto", _variant(variant, m)
     if variant in ("fragment", "ws") and fragment_supports_group(weight.group_size, INT8_CHUNK):
         words = weight.prepared("triton-fragment-int8", int8_words)  # fp8 reads the same words
-        if variant == "ws" and not fp8 and m > SMALL_M and ws.supports(q, weight, ops.head_dim, consts["RANK"]):
-            ws.w1a8(q, xs, qsum, words, ops.out, (r_s, *rest), _epilogue_scalars(ops), consts, _ws_tile(config, INT8_CHUNK))
+        if (variant == "ws" and not fp8 and m > SMALL_M and ws.supports(q, weight, ops.head_dim, consts["RANK"])
+                and _ws_ran(lambda: ws.w1a8(q, xs, qsum, words, ops.out, (r_s, *rest), _epilogue_scalars(ops), consts,
+                                            _ws_tile(config, INT8_CHUNK)), auto)):
             return _finish(x, ops.out, n, after)
         args = (q, xs, _or(qsum, xs), words, ops.out, r_s, gs, *rest, m, n, k, words.shape[0], words.shape[1],
                 m_bucket(m), *_epilogue_scalars(ops))

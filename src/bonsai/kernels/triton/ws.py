@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.testing
-from triton.runtime.errors import OutOfResources
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from ..packed import PackedWeight
 
@@ -31,6 +32,15 @@ TILES = {
 }
 HOPPER = (9, 0)
 _chosen: dict[tuple, tuple] = {}
+
+
+class Unbuildable(RuntimeError):
+    """No tile of a "ws" kernel builds with this Triton."""
+
+
+# What a kernel that does not build raises: Gluon's front end, ptxas, and Gluon's API (experimental: it moves
+# between Triton versions) missing a name or taking other arguments.
+BUILD_ERRORS = (Unbuildable, CompilationError, PTXASError, ImportError, AttributeError, TypeError)
 
 
 def supports(x: torch.Tensor, weight: PackedWeight, head_dim: int, rank: int) -> bool:
@@ -59,7 +69,7 @@ def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: tuple | 
         tile = _chosen.get(key)
         if tile is None:
             head_dim = consts["HEAD_DIM"]
-            times = {}
+            times, failed = {}, []
             for t in TILES[kind]:
                 if head_dim and t[1] % head_dim:
                     continue
@@ -67,7 +77,12 @@ def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: tuple | 
                     times[t] = triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20)
                 except OutOfResources:  # as the autotuner: such a tile is left out
                     continue
+                except BUILD_ERRORS as err:  # and so is one that does not build
+                    failed.append(err)
             if not times:
+                if failed:
+                    raise Unbuildable(f"no {kind} ws tile builds with Triton {triton.__version__}: "
+                                      f"{type(failed[0]).__name__}: {failed[0]}") from failed[0]
                 raise RuntimeError(f"no {kind} ws tile launches for M={m}, N={n}, K={k} on this GPU")
             tile = _chosen[key] = min(times, key=times.get)
     launch(tile)
