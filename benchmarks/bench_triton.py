@@ -1,14 +1,15 @@
 """Benchmark the Triton bitmatmul kernels against cuBLAS bf16, torch._int_mm and torch._scaled_mm on one CUDA GPU.
 
     PYTHONPATH=src python benchmarks/bench_triton.py [--out DIR] [--models 4b,emoji] [--ms 1,16,1024,2048,4096]
-        [--variants k-major,fragment] [--timing do_bench|graph] [--split-ks 1,16]
+        [--variants fragment,ws] [--timing do_bench|graph] [--split-ks 1,16]
 
 For every GEMM shape of bonsai-4b and bonsai-emoji and every M it times, in one run with
 triton.testing.do_bench (median; do_bench clears L2 before each repetition, so weights are read
 from memory every time): torch.matmul in bf16 (cuBLAS), torch._int_mm in int8 and torch._scaled_mm
 in float8 e4m3 (GEMMs only, no activation quantization), and for each kernel variant (ops.VARIANTS:
-"k-major" expands the weight into shared memory, "fragment" into the A-operand registers) our W1A16
-and our W1A8 (including its activation quantization kernel). `--models 4b --ms 1024,2048,4096`
+"k-major" expands the weight into shared memory, "fragment" into the A-operand registers, "ws" has
+warps specialized to expand it; the default "auto" is "ws" from ops.WS_MIN_ROWS rows on, else "fragment")
+our W1A16 and our W1A8 (including its activation quantization kernel). `--models 4b --ms 1024,2048,4096`
 restricts to the 4B compute-bound shapes.
 It first checks every kernel's relative error against a float64 reference. Prints a table last;
 with --out, writes the full results as JSON and the table as text. It also times a kernel that does
@@ -256,7 +257,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for results.json and table.txt")
     parser.add_argument("--models", default="4b,emoji")
     parser.add_argument("--ms", default="1,16,1024,2048,4096")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
+    parser.add_argument("--variants", default="fragment,ws", help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--timing", choices=("do_bench", "graph"), default="do_bench",
                         help="do_bench: one call at a time, L2 cleared; graph: calls on weight copies in one CUDA graph")
