@@ -30,6 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from .fragment_kernels import _bf16_operand, _int8_operand
+from .kernels import _tile_ids
 
 # TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6 (the lent GPUs'), async_load from 3.7.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -54,17 +55,6 @@ def _half_tile(words, ONES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.con
 
 
 # ---- partitions
-
-
-@gluon.jit
-def _tile(M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """Program id -> (first token, weight-row block), grouped along M as kernels._tile_ids."""
-    pid = gl.program_id(0)
-    num_m = gl.cdiv(M, BLOCK_M)
-    per_group = GROUP_M * gl.cdiv(N, BLOCK_N)
-    first_m = (pid // per_group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    return (first_m + (pid % per_group) % size_m) * BLOCK_M, (pid % per_group) // size_m
 
 
 @gluon.jit
@@ -194,7 +184,8 @@ def _ws_kernel(x_desc, w_ptr, out_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_pt
                num_warps: gl.constexpr):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-    off_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
     a_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_N, BLOCK_K],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], x_desc.dtype))
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
