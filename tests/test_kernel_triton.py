@@ -27,6 +27,7 @@ pytest.importorskip("triton")
 from bonsai.kernels import PackedWeight, available_kernels, bitmatmul, pack_signs, set_kernel  # noqa: E402
 from bonsai.kernels.dispatch import select_kernel  # noqa: E402
 from bonsai.kernels.triton import ops as triton_ops  # noqa: E402
+from bonsai.kernels.triton import ws  # noqa: E402
 
 BF16_UNIT = 2.0**-8  # bf16 keeps 8 significant bits
 
@@ -411,12 +412,6 @@ def _every_tile(tiles: dict[str, list]) -> list[tuple]:
     return sorted({t for ts in tiles.values() for t in ts})
 
 
-def ws_tiles(name: str) -> list[tuple]:
-    from bonsai.kernels.triton import ws
-
-    return ws.TILES[name]
-
-
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("name,tile", [("w1a16", t) for t in _every_tile(triton_ops._W1A16_FRAG_TILES)]
@@ -461,8 +456,6 @@ def test_auto_variant_is_ws_from_the_rows_it_was_timed_at(monkeypatch):
 def test_auto_variant_falls_back_when_ws_does_not_build(interp, monkeypatch, name):
     """Gluon's API moves between Triton versions: where the "ws" kernels do not build, "auto" warns once and
     the fragment kernels run from then on, with their results; "ws" asked for by name raises."""
-    from bonsai.kernels.triton import ws
-
     gen = torch.Generator().manual_seed(11)
     w = random_weight(48, 256, gen=gen, offset=True)
     x = torch.randn(40, 256, generator=gen).bfloat16()
@@ -488,8 +481,8 @@ def test_auto_variant_falls_back_when_ws_does_not_build(interp, monkeypatch, nam
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("name,tile,dtype", [(name, t, torch.bfloat16) for name in ("w1a16", "w1a8") for t in ws_tiles(name)]
-                         + [("w1a16", t, torch.float16) for t in ws_tiles("w1a16")])
+@pytest.mark.parametrize("name,tile,dtype", [(name, t, torch.bfloat16) for name in ("w1a16", "w1a8") for t in ws.TILES[name]]
+                         + [("w1a16", t, torch.float16) for t in ws.TILES["w1a16"]])
 def test_cuda_every_ws_tile_matches_reference(name, tile, dtype):
     """Each tile of the warp-specialized kernels (variant "ws"), M and N off the tile, K off BLOCK_K; W1A16
     also on fp16 activations (its weight tiles then hold fp16 +-1)."""
