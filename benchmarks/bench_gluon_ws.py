@@ -3,13 +3,14 @@ and the default fragment kernels, W1A16 and W1A8, in one run.
 
     PYTHONPATH=src python benchmarks/bench_gluon_ws.py [--ms 1024,2048,4096] [--out DIR]
 
-1. Correctness of every "ws" tile (ws.TILES): relative error against float64 (x @ W.T on the dequantized
-   weight, with a row offset) on fresh random inputs, M and N off the tile, K a multiple of 16 but not of
-   BLOCK_K.
+1. Correctness of every "ws" tile (ws.TILES and ws.STREAM_K_TILES): relative error against float64 (x @ W.T
+   on the dequantized weight, with a row offset) on fresh random inputs, M and N off the tile, K a multiple of
+   16 but not of BLOCK_K.
 2. Timing of bonsai-4b's GEMM shapes under CUDA graphs as bench_triton.py --timing graph (each call on its
    own weight copy, the copies together over twice the L2): cuBLAS bf16, and W1A16 / W1A8 in the "fragment"
-   and "ws" variants, each tuned by its own launcher first (autotuner / ws's tile timing); W1A8 includes the
-   activation quantization kernel. Each timed "ws" call's output is also checked against float64.
+   and "ws" variants, and "ws+sk": "ws" choosing among its tiles and their stream-K versions (ws.STREAM_K),
+   each tuned by its own launcher first (autotuner / ws's tile timing); W1A8 includes the activation
+   quantization kernel. Each timed "ws" call's output is also checked against float64.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from bonsai.kernels.triton import ops as triton_ops
 from bonsai.kernels.triton import ws
 
 KINDS = ("w1a16", "w1a8")
-VARIANTS = ("fragment", "ws")
+VARIANTS = ("fragment", "ws", "ws+sk")
 
 
-def run(kind: str, variant: str, x: torch.Tensor, w, tile: tuple | None = None) -> torch.Tensor:
-    config = None if tile is None else triton_ops.TileConfig(tile[0], tile[1], tile[2], tile[3], tile[4])
-    return getattr(triton_ops, kind)(x, w, config=config, variant=variant)
+def run(kind: str, variant: str, x: torch.Tensor, w, tile: ws.Tile | None = None) -> torch.Tensor:
+    ws.STREAM_K = variant == "ws+sk"  # which tiles the first call of a shape times (each setting remembers its own)
+    config = None if tile is None else triton_ops.TileConfig(*tile[:5], stream_k=tile.stream_k)
+    return getattr(triton_ops, kind)(x, w, config=config, variant=variant.removesuffix("+sk"))
 
 
 def check() -> list[dict]:
@@ -43,7 +45,7 @@ def check() -> list[dict]:
     x = (torch.randn(m, k, device="cuda") * 2 + 0.3).bfloat16()
     ref = x.double() @ w.dequantize(torch.float64).t()
     for kind in KINDS:
-        for tile in ws.TILES[kind]:
+        for tile in ws.TILES[kind] + ws.STREAM_K_TILES[kind]:
             row = {"kernel": kind, "M": m, "K": k, "N": n, "tile": tile}
             try:
                 row["rel_err"] = rel_err(run(kind, "ws", x, w, tile), ref)
@@ -74,7 +76,8 @@ def time_shape(k: int, n: int, m: int, timer: Timer) -> dict:
                 row[key] = timer(lambda i, kind=kind, variant=variant: run(kind, variant, x, weights[i]), packed)
             except Exception as err:  # report and go on with the other paths
                 row[key], row[f"{key} error"] = None, f"{type(err).__name__}: {str(err)[-300:]}"
-    row["ws tiles"] = {key[0]: tile for key, tile in ws._chosen.items() if key[1:4] == (triton_ops.m_bucket(m), n, k)}
+    row["ws tiles"] = {f"{key[0]}{'+sk' if key[-1] else ''}": tile for key, tile in ws._chosen.items()
+                       if key[1:4] == (triton_ops.m_bucket(m), n, k)}
     return row
 
 

@@ -481,20 +481,46 @@ def test_auto_variant_falls_back_when_ws_does_not_build(interp, monkeypatch, nam
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("name,tile,dtype", [(name, t, torch.bfloat16) for name in ("w1a16", "w1a8") for t in ws.TILES[name]]
-                         + [("w1a16", t, torch.float16) for t in ws.TILES["w1a16"]])
+@pytest.mark.parametrize("name,tile,dtype", [(name, t, torch.bfloat16) for name in ("w1a16", "w1a8")
+                                              for t in ws.TILES[name] + ws.STREAM_K_TILES[name]]
+                         + [("w1a16", t, torch.float16) for t in ws.TILES["w1a16"] + ws.STREAM_K_TILES["w1a16"]])
 def test_cuda_every_ws_tile_matches_reference(name, tile, dtype):
     """Each tile of the warp-specialized kernels (variant "ws"), M and N off the tile, K off BLOCK_K; W1A16
-    also on fp16 activations (its weight tiles then hold fp16 +-1)."""
+    also on fp16 activations (its weight tiles then hold fp16 +-1). Under stream-K (schedule.py) each of the 18
+    tiles is split among 7-8 of 132 programs."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the ws kernels run on Hopper")
-    bm, bn, _, warps, stages = tile
-    config = triton_ops.TileConfig(bm, bn, 64, warps, stages)
+    config = triton_ops.TileConfig(tile.block_m, tile.block_n, 64, tile.warps, tile.stages, stream_k=tile.stream_k)
     gen = torch.Generator().manual_seed(sum(tile))
     w = random_weight(1040, 6160, offset=True, gen=gen).to("cuda")
     x = (torch.randn(300, 6160, generator=gen) * 2 + 0.3).to(dtype).cuda()
     y = getattr(triton_ops, name)(x, w, config=config, variant="ws")
     assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < (1e-2 if name == "w1a16" else 2e-2)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", ["w1a16", "w1a8"])
+@pytest.mark.parametrize("m", [333, 4096])  # 32 tiles, 4-5 pieces each; 256 tiles, whole and split ones
+def test_cuda_stream_k_counts_every_piece_once(name, m):
+    """The last piece of a split tile adds the others from the workspace: were a piece's stores not visible
+    before its count, or a count lost, results would differ between launches or counters stay set. 60
+    launches back to back on one stream, two inputs in turn, against each input's first launch bit for bit."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the ws kernels run on Hopper")
+    gen = torch.Generator().manual_seed(m)
+    w = random_weight(2048, 3088, offset=True, gen=gen).to("cuda")
+    xs = [(torch.randn(m, 3088, generator=gen) * 2 + 0.3).bfloat16().cuda() for _ in range(2)]
+    tile = ws.STREAM_K_TILES[name][0]
+    config = triton_ops.TileConfig(tile.block_m, tile.block_n, 64, tile.warps, tile.stages, stream_k=True)
+    run = lambda x: getattr(triton_ops, name)(x, w, config=config, variant="ws")  # noqa: E731
+    firsts = [run(x) for x in xs]
+    runs = torch.stack([run(xs[i % 2]) for i in range(60)])
+    for x, first in zip(xs, firsts):
+        assert rel_err(first, x.double() @ w.dequantize(torch.float64).T) < (1e-2 if name == "w1a16" else 2e-2)
+    assert bool((runs == torch.stack(firsts * 30)).all())
+    torch.cuda.synchronize()
+    assert not triton_ops._tile_counters(xs[0].device, 1).any()
 
 
 @pytest.mark.gpu

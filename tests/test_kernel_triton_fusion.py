@@ -253,10 +253,17 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 @pytest.mark.parametrize("kernel,m,tol", [("triton-w1a16", 300, 1e-2), ("triton-w1a8", 1024, 3e-2)])
 @pytest.mark.parametrize("pro,epi", [("modulated", "gelu"), ("affine", "heads-qk+gated"), (None, "gelu+heads-q+gated")])
-@pytest.mark.parametrize("variant", ["fragment", "ws"])
+@pytest.mark.parametrize("variant", ["fragment", "ws", "ws stream-k"])
 def test_cuda_fused_rows_match_float64(kernel, m, tol, pro, epi, variant, monkeypatch):
     """bonsai-4b's shapes (K = 3072, two samples), autotuned kernels through the dispatcher (which splits the
-    row operations: W1A16 gets no prologue), in the default variant and in "ws" (Hopper; else it is "fragment")."""
+    row operations: W1A16 gets no prologue), in the default variant and in "ws" (Hopper; else it is "fragment"),
+    there also with the stream-K tiles alone (their split tiles finish the epilogue from the workspace)."""
+    if variant == "ws stream-k":
+        from bonsai.kernels.triton import ws
+
+        monkeypatch.setattr(ws, "candidates", lambda kind: ws.STREAM_K_TILES[kind])
+        monkeypatch.setattr(ws, "_chosen", {})
+        variant = "ws"
     monkeypatch.setattr(triton_ops, "DEFAULT_VARIANT", variant)
     gen = torch.Generator().manual_seed(m)
     b, k, n = 2, 3072, 9216

@@ -25,7 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _epilogue, _tile_ids
+from .kernels import _epilogue
+from .schedule import _tile_ids
 
 SIGN_PAIR = tl.constexpr(-2147450880)  # 0x80008000 as int32: the sign bits of two bf16 in one 32-bit register
 LOW_BYTES = tl.constexpr(0x01010101)

@@ -24,19 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (row block, column block), grouped along M so neighbours share weight tiles in L2."""
-    pid = tl.program_id(0)
-    num_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit'd helper; plain ops keep the interpreter simple
-    num_n = (N + BLOCK_N - 1) // BLOCK_N
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
-    return pid_m, pid_n
+from .schedule import _tile_ids
 
 
 @triton.jit

@@ -65,6 +65,7 @@ class TileConfig:
     num_stages: int = 3
     group_m: int = 8
     split_k: int = 1  # W1A16 fragment kernel only: K shares, summed by the last program of each tile
+    stream_k: bool = False  # "ws" kernels only: one program per SM over all the tiles' K steps (schedule.py)
 
 
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -377,11 +378,11 @@ def _ws_ran(launch, auto: bool) -> bool:
     return True
 
 
-def _ws_tile(config: TileConfig | None, chunk: int) -> tuple | None:
+def _ws_tile(config: TileConfig | None, chunk: int) -> ws.Tile | None:
     """A fixed tile for the "ws" kernels: BLOCK_K one chunk (their K step)."""
     if config is None:
         return None
-    return config.block_m, config.block_n, chunk, config.num_warps, config.num_stages
+    return ws.Tile(config.block_m, config.block_n, chunk, config.num_warps, config.num_stages, config.stream_k)
 
 
 def _fragment_config(config: TileConfig | None, chunk: int) -> TileConfig | None:

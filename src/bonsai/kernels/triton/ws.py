@@ -6,9 +6,14 @@ cover: no group scales, no low-rank term, K a multiple of 16 (TMA's row alignmen
 norms whose heads fit the tile. supports() says whether a product is covered; ops falls back to the
 fragment kernels otherwise. The tile is chosen per (kernel, M bucket, N, K, epilogue) by timing TILES
 on the first call, as Triton's autotuner does (so the first call must not be captured in a CUDA graph).
+A tile runs one program per output tile, or (stream_k) one per SM over all the tiles' K steps
+(schedule.py), with a workspace of two partial tiles per program.
 """
 
 from __future__ import annotations
+
+import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -18,18 +23,39 @@ from triton.runtime.errors import OutOfResources, PTXASError
 
 from ..packed import PackedWeight
 
-# (BLOCK_M tokens, BLOCK_N weight rows, BLOCK_K, MMA warps, stages). 8 MMA warps take 64 weight rows per
-# warpgroup; with the 4 load warps a program has 12 warps and ptxas gives each thread at most 168 registers,
-# enough for a 64 x 256 float32 accumulator (128). By arithmetic, at the tensor cores' peak a 128 x 128 tile
-# moves 128 bytes of shared memory a clock per SM (written by the loads, read by wgmma), the whole of its
-# bandwidth; a 256 x 128 tile (cuBLAS's shape) moves 96.
+
+class Tile(NamedTuple):
+    block_m: int  # tokens
+    block_n: int  # weight rows
+    block_k: int
+    warps: int  # MMA warps; 4 load warps are added
+    stages: int
+    stream_k: bool = False  # one program per SM over all the tiles' K steps, else one per tile
+
+
+# 8 MMA warps take 64 weight rows per warpgroup; with the 4 load warps a program has 12 warps and ptxas gives
+# each thread at most 168 registers, enough for a 64 x 256 float32 accumulator (128). By arithmetic, at the
+# tensor cores' peak a 128 x 128 tile moves 128 bytes of shared memory a clock per SM (written by the loads,
+# read by wgmma), the whole of its bandwidth; a 256 x 128 tile (cuBLAS's shape) moves 96.
 # On an H100 the 256 x 128 tiles were the fastest for every bonsai-4b GEMM at 1024-4096 rows, out of these
 # and four more 128- and 64-token tiles (benchmarks/RESULTS.md); the 128 x 128 one stays for narrower shapes.
 # Each tile is compiled for each epilogue on first use: fewer tiles, a shorter first image.
 TILES = {
-    "w1a8": [(256, 128, 128, 8, 3), (256, 128, 128, 8, 4), (128, 128, 128, 4, 4)],
-    "w1a16": [(256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 128, 64, 4, 4)],
+    "w1a8": [Tile(256, 128, 128, 8, 3), Tile(256, 128, 128, 8, 4), Tile(128, 128, 128, 4, 4)],
+    "w1a16": [Tile(256, 128, 64, 8, 3), Tile(256, 128, 64, 8, 4), Tile(128, 128, 64, 4, 4)],
 }
+# The 256-token tiles under stream-K, for shapes whose tiles leave the last wave part empty (3072 -> 3072 at
+# 1024 tokens: 96 tiles for 132 SMs). The tile timing takes them with BONSAI_WS_STREAM_K=1 only, until a GPU
+# has checked and timed them (the GPU tests and bench_gluon_ws.py cover them either way).
+STREAM_K_TILES = {kind: [t._replace(stream_k=True) for t in tiles if t.block_m == 256] for kind, tiles in TILES.items()}
+STREAM_K = os.environ.get("BONSAI_WS_STREAM_K", "0") == "1"
+
+
+def candidates(kind: str) -> list[Tile]:
+    """The tiles the first call of a shape times."""
+    return TILES[kind] + (STREAM_K_TILES[kind] if STREAM_K else [])
+
+
 HOPPER = (9, 0)
 _chosen: dict[tuple, tuple] = {}
 
@@ -60,18 +86,19 @@ def _descriptor(x: torch.Tensor, block_m: int, block_k: int):
     return TensorDescriptor.from_tensor(x, [block_m, block_k], layout)
 
 
-def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: tuple | None) -> None:
-    """launch(tile) with `tile`, or the fastest of TILES for this product (timed once, then remembered)."""
+def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: Tile | None) -> None:
+    """launch(tile) with `tile`, or the fastest of candidates(kind) for this product (timed once, then
+    remembered)."""
     if tile is None:
         from .ops import m_bucket
 
-        key = (kind, m_bucket(m), n, k, tuple(sorted(consts.items())))
+        key = (kind, m_bucket(m), n, k, tuple(sorted(consts.items())), STREAM_K)
         tile = _chosen.get(key)
         if tile is None:
             head_dim = consts["HEAD_DIM"]
             times, failed = {}, []
-            for t in TILES[kind]:
-                if head_dim and t[1] % head_dim:
+            for t in candidates(kind):
+                if head_dim and t.block_n % head_dim:
                     continue
                 try:
                     times[t] = triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20)
@@ -92,7 +119,7 @@ FLAGS = ("HAS_OFFSET", "HAS_BIAS", "GELU", "HEAD_DIM", "HAS_RESIDUAL", "HAS_GATE
 
 
 def w1a16(xc: torch.Tensor, words: torch.Tensor, out: torch.Tensor, epi: tuple, scalars: tuple, consts: dict,
-          tile: tuple | None = None) -> None:
+          tile: Tile | None = None) -> None:
     """out = epilogue(xc @ W.T) for xc bf16/fp16 [M, K] (column scales applied); epi: ops._epilogue_args,
     scalars: ops._epilogue_scalars, consts: ops' kernel constants."""
     from .gluon_ws import w1a16_ws_kernel
@@ -103,7 +130,7 @@ def w1a16(xc: torch.Tensor, words: torch.Tensor, out: torch.Tensor, epi: tuple, 
 
 
 def w1a8(q: torch.Tensor, xs: torch.Tensor, qsum: torch.Tensor, words: torch.Tensor, out: torch.Tensor, epi: tuple,
-         scalars: tuple, consts: dict, tile: tuple | None = None) -> None:
+         scalars: tuple, consts: dict, tile: Tile | None = None) -> None:
     """out = epilogue(dequantized q @ W.T) for q int8 [M, K] with per-row scales xs and row sums qsum."""
     from .gluon_ws import w1a8_ws_kernel
 
@@ -113,16 +140,28 @@ def w1a8(q: torch.Tensor, xs: torch.Tensor, qsum: torch.Tensor, words: torch.Ten
 
 
 def _launch(kind: str, kernel, x: torch.Tensor, pointers: tuple, scalars: tuple, extra: dict, consts: dict,
-            tile: tuple | None) -> None:
-    """kernel(x's descriptor, words, out, ..., M, N, K, KC, scalars) on `tile` or the fastest of TILES[kind]."""
+            tile: Tile | None) -> None:
+    """kernel(x's descriptor, words, out, part, count, ..., M, N, K, KC, scalars) on `tile` or the fastest of
+    candidates(kind)."""
+    from .ops import _sm_count, _tile_counters
+
     words, out = pointers[:2]
     (m, k), n = x.shape, out.shape[1]
     flags = {key: consts[key] for key in FLAGS}
 
-    def launch(t: tuple) -> None:
-        bm, bn, bk, warps, stages = t
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        kernel[grid](_descriptor(x, bm, bk), *pointers, m, n, k, words.shape[1], *scalars, **extra, **flags, BLOCK_N=bn,
-                     STAGES=stages, GROUP_M=8, num_warps=warps)
+    def launch(t: Tile) -> None:
+        bm, bn, bk, warps, stages, stream_k = Tile(*t)
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        steps = tiles * triton.cdiv(k, bk)
+        programs = min(_sm_count(x.device), steps)
+        if stream_k and programs * steps < 2**31:  # schedule.py's arithmetic is int32
+            part = torch.empty(2 * programs, bm * bn, dtype=torch.int32 if kind == "w1a8" else torch.float32,
+                               device=x.device)
+            count = _tile_counters(x.device, tiles)
+        else:
+            stream_k, programs, part, count = False, tiles, out, out
+        kernel[(programs,)](_descriptor(x, bm, bk), words, out, part, count, *pointers[2:], m, n, k, words.shape[1],
+                            *scalars, **extra, **flags, BLOCK_N=bn, STAGES=stages, GROUP_M=8, STREAM_K=stream_k,
+                            num_warps=warps)
 
     _run(kind, launch, m, n, k, flags, tile)
