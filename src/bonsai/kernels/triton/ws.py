@@ -57,7 +57,7 @@ def candidates(kind: str) -> list[Tile]:
 
 
 HOPPER = (9, 0)
-_chosen: dict[tuple, tuple] = {}
+_chosen: dict[tuple, Tile] = {}
 
 
 class Unbuildable(RuntimeError):
@@ -153,7 +153,7 @@ def _launch(kind: str, kernel, x: torch.Tensor, pointers: tuple, scalars: tuple,
         bm, bn, bk, warps, stages, stream_k = Tile(*t)
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         steps = tiles * triton.cdiv(k, bk)
-        programs = min(_sm_count(x.device), steps)
+        programs = min(_sm_count(x.device), steps) if stream_k else tiles
         if stream_k and programs * steps < 2**31:  # schedule.py's arithmetic is int32
             part = torch.empty(2 * programs, bm * bn, dtype=torch.int32 if kind == "w1a8" else torch.float32,
                                device=x.device)
