@@ -2,6 +2,7 @@
 and the default fragment kernels, W1A16 and W1A8, in one run.
 
     PYTHONPATH=src python benchmarks/bench_gluon_ws.py [--ms 1024,2048,4096] [--out DIR]
+    PYTHONPATH=src python benchmarks/bench_gluon_ws.py --per-tile 3072x3072x1024,12288x3072x2048 [--out DIR]
 
 1. Correctness of every "ws" tile (ws.TILES and ws.STREAM_K_TILES): relative error against float64 (x @ W.T
    on the dequantized weight, with a row offset) on fresh random inputs, M and N off the tile, K a multiple of
@@ -11,6 +12,8 @@ and the default fragment kernels, W1A16 and W1A8, in one run.
    and "ws" variants, and "ws+sk": "ws" choosing among its tiles and their stream-K versions (ws.STREAM_K),
    each tuned by its own launcher first (autotuner / ws's tile timing); W1A8 includes the activation
    quantization kernel. Each timed "ws" call's output is also checked against float64.
+--per-tile K x N x M,...: instead of 2., every tile of both lists on these shapes, one at a time, the same way,
+   beside cuBLAS bf16 (what the tile timing's choice rests on, without its noise).
 """
 
 from __future__ import annotations
@@ -81,6 +84,36 @@ def time_shape(k: int, n: int, m: int, timer: Timer) -> dict:
     return row
 
 
+def time_tiles(k: int, n: int, m: int, timer: Timer) -> dict:
+    """Every "ws" tile, one and stream-K, on one shape under CUDA graphs, beside cuBLAS bf16."""
+    packed = copies_for(n * k // 8)
+    weights = [random_weight(n, k, False, "cuda") for _ in range(packed)]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w_bf16 = [w.dequantize(torch.bfloat16) for w in weights[:copies_for(n * k * 2)]]
+    row = {"K": k, "N": n, "M": m, "copies": packed, "bf16": timer(lambda i: torch.matmul(x, w_bf16[i].t()), len(w_bf16))}
+    del w_bf16
+    ref = x.double() @ weights[0].dequantize(torch.float64).t()
+    for kind in KINDS:
+        for tile in ws.TILES[kind] + ws.STREAM_K_TILES[kind]:
+            key = f"{kind} {'x'.join(map(str, tile[:5]))}{' sk' if tile.stream_k else ''}"
+            try:
+                row[f"{key} rel_err"] = rel_err(run(kind, "ws", x, weights[0], tile), ref)
+                row[key] = timer(lambda i, kind=kind, tile=tile: run(kind, "ws", x, weights[i], tile), packed)
+            except Exception as err:  # report and go on with the other tiles
+                row[key], row[f"{key} error"] = None, f"{type(err).__name__}: {str(err)[-300:]}"
+    return row
+
+
+def tile_table(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        lines.append(f"{r['K']}->{r['N']} M={r['M']}: bf16 {r['bf16'] * 1e3:.1f} us")
+        for key, t in r.items():
+            if key.startswith("w1a") and not key.endswith(("rel_err", "error")):
+                lines.append(f"  {key:<32} " + (f"{t * 1e3:8.1f} us {r['bf16'] / t:5.2f}x bf16" if t else "fail"))
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     cols = [f"{kind}:{variant}" for kind in KINDS for variant in VARIANTS]
     lines = [f"{'K->N':>12} {'M':>5} | {'bf16 us':>8} {'TF/s':>5} | " + " | ".join(f"{c:>21}" for c in cols),
@@ -96,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ms", default="1024,2048,4096")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--per-tile", default="", help="K x N x M shapes, comma-separated: time every tile there")
     args = parser.parse_args()
     torch.manual_seed(0)
     timer = Timer("graph")
@@ -112,6 +146,16 @@ def main() -> None:
             (args.out / "gluon_ws.txt").write_text(json.dumps(meta) + "\n" + table(rows) + "\n")
 
     save()
+    if args.per_tile:
+        for shape in args.per_tile.split(","):
+            k, n, m = (int(v) for v in shape.split("x"))
+            rows.append(time_tiles(k, n, m, timer))
+            print(json.dumps(rows[-1]), flush=True)
+            if args.out:
+                (args.out / "gluon_ws_tiles.txt").write_text(json.dumps(meta) + "\n" + tile_table(rows) + "\n")
+            save()
+        print(tile_table(rows))
+        return
     for k, n in SHAPES["4b"]:
         for m in (int(s) for s in args.ms.split(",")):
             rows.append(time_shape(k, n, m, timer))
