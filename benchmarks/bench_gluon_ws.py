@@ -2,7 +2,8 @@
 and the default fragment kernels, W1A16 and W1A8, in one run.
 
     PYTHONPATH=src python benchmarks/bench_gluon_ws.py [--ms 1024,2048,4096] [--out DIR]
-    PYTHONPATH=src python benchmarks/bench_gluon_ws.py --per-tile 3072x3072x1024,12288x3072x2048 [--out DIR]
+    PYTHONPATH=src python benchmarks/bench_gluon_ws.py --per-tile 3072x3072x1024,12288x3072x2048 \
+        [--tiles w1a16:128x256x64x8x4,w1a8:128x256x128x8x4x1] [--out DIR]
 
 1. Correctness of every "ws" tile (ws.TILES and ws.STREAM_K_TILES): relative error against float64 (x @ W.T
    on the dequantized weight, with a row offset) on fresh random inputs, M and N off the tile, K a multiple of
@@ -13,7 +14,8 @@ and the default fragment kernels, W1A16 and W1A8, in one run.
    each tuned by its own launcher first (autotuner / ws's tile timing); W1A8 includes the activation
    quantization kernel. Each timed "ws" call's output is also checked against float64.
 --per-tile K x N x M,...: instead of 2., every tile of both lists on these shapes, one at a time, the same way,
-   beside cuBLAS bf16 (what the tile timing's choice rests on, without its noise).
+   beside cuBLAS bf16 (what the tile timing's choice rests on, without its noise); --tiles adds tiles to try
+   (kernel:BLOCK_M x BLOCK_N x BLOCK_K x MMA warps x stages[x 1 for stream-K]), each checked against float64.
 """
 
 from __future__ import annotations
@@ -84,8 +86,8 @@ def time_shape(k: int, n: int, m: int, timer: Timer) -> dict:
     return row
 
 
-def time_tiles(k: int, n: int, m: int, timer: Timer) -> dict:
-    """Every "ws" tile, one and stream-K, on one shape under CUDA graphs, beside cuBLAS bf16."""
+def time_tiles(k: int, n: int, m: int, timer: Timer, extra: dict[str, list]) -> dict:
+    """Every "ws" tile, one and stream-K, and the extra ones, on one shape under CUDA graphs, beside cuBLAS."""
     packed = copies_for(n * k // 8)
     weights = [random_weight(n, k, False, "cuda") for _ in range(packed)]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -94,7 +96,7 @@ def time_tiles(k: int, n: int, m: int, timer: Timer) -> dict:
     del w_bf16
     ref = x.double() @ weights[0].dequantize(torch.float64).t()
     for kind in KINDS:
-        for tile in ws.TILES[kind] + ws.STREAM_K_TILES[kind]:
+        for tile in ws.TILES[kind] + ws.STREAM_K_TILES[kind] + extra.get(kind, []):
             key = f"{kind} {'x'.join(map(str, tile[:5]))}{' sk' if tile.stream_k else ''}"
             try:
                 row[f"{key} rel_err"] = rel_err(run(kind, "ws", x, weights[0], tile), ref)
@@ -130,7 +132,12 @@ def main() -> None:
     parser.add_argument("--ms", default="1024,2048,4096")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--per-tile", default="", help="K x N x M shapes, comma-separated: time every tile there")
+    parser.add_argument("--tiles", default="", help="with --per-tile, more tiles: kernel:BMxBNxBKxWARPSxSTAGES[x1]")
     args = parser.parse_args()
+    extra: dict[str, list] = {}
+    for spec in filter(None, args.tiles.split(",")):
+        kind, dims = spec.split(":")
+        extra.setdefault(kind, []).append(ws.Tile(*(int(v) for v in dims.split("x"))))
     torch.manual_seed(0)
     timer = Timer("graph")
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -149,7 +156,7 @@ def main() -> None:
     if args.per_tile:
         for shape in args.per_tile.split(","):
             k, n, m = (int(v) for v in shape.split("x"))
-            rows.append(time_tiles(k, n, m, timer))
+            rows.append(time_tiles(k, n, m, timer, extra))
             print(json.dumps(rows[-1]), flush=True)
             if args.out:
                 (args.out / "gluon_ws_tiles.txt").write_text(json.dumps(meta) + "\n" + tile_table(rows) + "\n")
