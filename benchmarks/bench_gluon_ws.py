@@ -63,16 +63,19 @@ def check() -> list[dict]:
     return rows
 
 
-def time_shape(k: int, n: int, m: int, timer: Timer) -> dict:
+def operands(k: int, n: int, m: int, timer: Timer) -> tuple[dict, list, torch.Tensor, torch.Tensor]:
+    """(the row with cuBLAS bf16's time, the packed weight copies, x, x @ W.T in float64) for one shape."""
     packed = copies_for(n * k // 8)
     weights = [random_weight(n, k, False, "cuda") for _ in range(packed)]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    dense = copies_for(n * k * 2)
-    w_bf16 = [w.dequantize(torch.bfloat16) for w in weights[:dense]]
-    row = {"K": k, "N": n, "M": m, "copies": packed}
-    row["bf16"] = timer(lambda i: torch.matmul(x, w_bf16[i].t()), len(w_bf16))
-    del w_bf16
-    ref = x.double() @ weights[0].dequantize(torch.float64).t()
+    w_bf16 = [w.dequantize(torch.bfloat16) for w in weights[:copies_for(n * k * 2)]]
+    row = {"K": k, "N": n, "M": m, "copies": packed, "bf16": timer(lambda i: torch.matmul(x, w_bf16[i].t()), len(w_bf16))}
+    return row, weights, x, x.double() @ weights[0].dequantize(torch.float64).t()
+
+
+def time_shape(k: int, n: int, m: int, timer: Timer) -> dict:
+    row, weights, x, ref = operands(k, n, m, timer)
+    packed = len(weights)
     for kind in KINDS:
         for variant in VARIANTS:
             key = f"{kind}:{variant}"
@@ -88,13 +91,8 @@ def time_shape(k: int, n: int, m: int, timer: Timer) -> dict:
 
 def time_tiles(k: int, n: int, m: int, timer: Timer, extra: dict[str, list]) -> dict:
     """Every "ws" tile, one and stream-K, and the extra ones, on one shape under CUDA graphs, beside cuBLAS."""
-    packed = copies_for(n * k // 8)
-    weights = [random_weight(n, k, False, "cuda") for _ in range(packed)]
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w_bf16 = [w.dequantize(torch.bfloat16) for w in weights[:copies_for(n * k * 2)]]
-    row = {"K": k, "N": n, "M": m, "copies": packed, "bf16": timer(lambda i: torch.matmul(x, w_bf16[i].t()), len(w_bf16))}
-    del w_bf16
-    ref = x.double() @ weights[0].dequantize(torch.float64).t()
+    row, weights, x, ref = operands(k, n, m, timer)
+    packed = len(weights)
     for kind in KINDS:
         for tile in ws.TILES[kind] + ws.STREAM_K_TILES[kind] + extra.get(kind, []):
             key = f"{kind} {'x'.join(map(str, tile[:5]))}{' sk' if tile.stream_k else ''}"
