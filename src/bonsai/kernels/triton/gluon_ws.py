@@ -35,7 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from .fragment_kernels import _bf16_operand, _int8_operand
-from .schedule import _next_piece, _piece_slot, _share_start, _step_owner, _tile_coords, _tile_ids
+from .schedule import _next_piece, _piece_slot, _step_owner, _this_share, _tile_coords, _tile_ids
 
 # TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6 (the lent GPUs'), async_load from 3.7.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -229,10 +229,7 @@ def _mma_stream_k(a_smem, x_smem, a_ready, x_ready, empty, part_ptr, count_ptr, 
     epilogue of a whole tile, or _piece_out for a piece of a split one."""
     mma: gl.constexpr = _acc_layout(INT8, BLOCK_M, WARPS)
     out_layout: gl.constexpr = _out_layout(WARPS)
-    tile_steps = gl.cdiv(K, BLOCK_K)
-    steps = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * tile_steps
-    start = _share_start(gl.program_id(0), gl.num_programs(0), steps)
-    end = _share_start(gl.program_id(0) + 1, gl.num_programs(0), steps)
+    tile_steps, steps, start, end = _this_share(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     step = 0  # ring position
     while start < end:
         tile, k_first, n_steps = _next_piece(start, end, tile_steps)
@@ -302,10 +299,7 @@ def _load_stream_k(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, M, N,
                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
     """The load warps of a stream-K program: the pieces of its share, as _mma_stream_k walks them."""
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-    tile_steps = gl.cdiv(K, BLOCK_K)
-    steps = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * tile_steps
-    start = _share_start(gl.program_id(0), gl.num_programs(0), steps)
-    end = _share_start(gl.program_id(0) + 1, gl.num_programs(0), steps)
+    tile_steps, _, start, end = _this_share(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     step = 0
     while start < end:
         tile, k_first, n_steps = _next_piece(start, end, tile_steps)

@@ -12,7 +12,8 @@ A program's share holds at most two pieces: the one its share starts in and the 
 tiles in between are whole. So the workspace has two slots per program.
 
 These helpers use integer arithmetic only: the tests run them as Python functions (`.fn`) against a
-plain model of the schedule; the Gluon kernels call them as they are.
+plain model of the schedule (all but _tile_ids and _this_share, which read the program id); the Gluon
+kernels call them as they are.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def _share_start(program, programs, steps):
     ends where the next program's starts. programs <= steps, so no share is empty (the launcher keeps
     programs * steps below 2**31)."""
     return program * steps // programs
+
+
+@triton.jit
+def _this_share(M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(K steps per tile, K steps in all, this program's share [start, end)): what both partitions of a
+    stream-K program walk, from one definition so that they walk the same pieces."""
+    tile_steps = (K + BLOCK_K - 1) // BLOCK_K
+    steps = (M + BLOCK_M - 1) // BLOCK_M * ((N + BLOCK_N - 1) // BLOCK_N) * tile_steps
+    program, programs = tl.program_id(0), tl.num_programs(0)
+    return tile_steps, steps, _share_start(program, programs, steps), _share_start(program + 1, programs, steps)
 
 
 @triton.jit

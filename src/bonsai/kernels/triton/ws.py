@@ -150,7 +150,7 @@ def _launch(kind: str, kernel, x: torch.Tensor, pointers: tuple, scalars: tuple,
     flags = {key: consts[key] for key in FLAGS}
 
     def launch(t: Tile) -> None:
-        bm, bn, bk, warps, stages, stream_k = Tile(*t)
+        bm, bn, bk, warps, stages, stream_k = t
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         steps = tiles * triton.cdiv(k, bk)
         programs = min(_sm_count(x.device), steps) if stream_k else tiles
