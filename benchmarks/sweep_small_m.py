@@ -1,0 +1,90 @@
+"""Every tile and K split of the W1A16 fragment kernel at M <= 16, under CUDA graphs, beside cuBLAS bf16.
+
+    PYTHONPATH=src python benchmarks/sweep_small_m.py [--ms 1,16] [--out DIR]
+
+What the small-M path could reach by its configuration alone: the autotuner picks among a few tiles with
+do_bench (L2 cleared, host launch in the time) and ops.split_k picks the shares by a rule; here each
+(BLOCK_N, BLOCK_K, stages, shares) runs on its own under graphs (bench_triton.py's Timer: each call on its own
+weight copy, the copies over twice the L2), checked against float64. Prints, per bonsai-4b shape, cuBLAS,
+the default path (autotuned tile, ops.split_k's shares), the best configuration and the five after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from bench_triton import SHAPES, Timer, commit, copies_for, launch_floor, random_weight, rel_err
+from bonsai.kernels.triton import ops, w1a16
+
+BLOCK_NS = (32, 64, 128)
+BLOCK_KS = (128, 256, 512)
+STAGES = (2, 4)
+SPLITS = (1, 2, 4, 8, 16)
+
+
+def configs(k: int) -> list[ops.TileConfig]:
+    """Every combination whose shares each get at least one K block."""
+    return [ops.TileConfig(ops.SMALL_M, bn, bk, 4, st, split_k=s)
+            for bn, bk, st, s in itertools.product(BLOCK_NS, BLOCK_KS, STAGES, SPLITS) if -(-k // bk) >= s]
+
+
+def sweep(k: int, n: int, m: int, timer: Timer) -> dict:
+    packed = copies_for(n * k // 8)
+    weights = [random_weight(n, k, False, "cuda") for _ in range(packed)]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w_bf16 = [w.dequantize(torch.bfloat16) for w in weights[:copies_for(n * k * 2)]]
+    ref = x.double() @ weights[0].dequantize(torch.float64).t()
+    row = {"K": k, "N": n, "M": m, "copies": packed,
+           "bf16": timer(lambda i: torch.matmul(x, w_bf16[i].t()), len(w_bf16))}
+    w1a16(x, weights[0], variant="fragment")  # tunes
+    row["default"] = timer(lambda i: w1a16(x, weights[i], variant="fragment"), packed)
+    row["default rel_err"] = rel_err(w1a16(x, weights[0], variant="fragment"), ref)
+    row["configs"] = []
+    for c in configs(k):
+        entry = {"block_n": c.block_n, "block_k": c.block_k, "stages": c.num_stages, "split_k": c.split_k}
+        try:
+            entry["rel_err"] = rel_err(w1a16(x, weights[0], config=c, variant="fragment"), ref)
+            entry["ms"] = timer(lambda i, c=c: w1a16(x, weights[i], config=c, variant="fragment"), packed)
+        except Exception as err:  # e.g. out of shared memory: report and go on
+            entry["error"] = f"{type(err).__name__}: {str(err)[-200:]}"
+        row["configs"].append(entry)
+        print(json.dumps({"K": k, "N": n, "M": m, **entry}), flush=True)
+    return row
+
+
+def table(rows: list[dict], floor: float) -> str:
+    lines = [f"empty kernel under graphs: {floor * 1e3:.2f} us"]
+    for r in rows:
+        lines.append(f"{r['K']}->{r['N']} M={r['M']}: bf16 {r['bf16'] * 1e3:.1f} us; default {r['default'] * 1e3:.1f} us "
+                     f"({r['bf16'] / r['default']:.2f}x, rel err {r['default rel_err']:.2e})")
+        ok = sorted((c for c in r["configs"] if c.get("ms")), key=lambda c: c["ms"])
+        for c in ok[:6]:
+            lines.append(f"  BN {c['block_n']:>3} BK {c['block_k']:>3} stages {c['stages']} shares {c['split_k']:>2}: "
+                         f"{c['ms'] * 1e3:6.1f} us {r['bf16'] / c['ms']:5.2f}x bf16 (rel err {c['rel_err']:.2e})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ms", default="1,16")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    timer = Timer("graph")
+    floor = launch_floor(timer, "cuda")
+    rows = [sweep(k, n, int(m), timer) for m in args.ms.split(",") for k, n in SHAPES["4b"]]
+    text = table(rows, floor)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"device": torch.cuda.get_device_name(), "commit": commit(), "floor_ms": floor}
+        (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (args.out / "table.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
