@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from bench_triton import SHAPES, Timer, commit, copies_for, launch_floor, random_weight, rel_err
+from bench_gluon_ws import operands
+from bench_triton import SHAPES, Timer, commit, launch_floor, rel_err
 from bonsai.kernels.triton import ops, w1a16
 
 BLOCK_NS = (32, 64, 128)
@@ -34,13 +35,8 @@ def configs(k: int) -> list[ops.TileConfig]:
 
 
 def sweep(k: int, n: int, m: int, timer: Timer) -> dict:
-    packed = copies_for(n * k // 8)
-    weights = [random_weight(n, k, False, "cuda") for _ in range(packed)]
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w_bf16 = [w.dequantize(torch.bfloat16) for w in weights[:copies_for(n * k * 2)]]
-    ref = x.double() @ weights[0].dequantize(torch.float64).t()
-    row = {"K": k, "N": n, "M": m, "copies": packed,
-           "bf16": timer(lambda i: torch.matmul(x, w_bf16[i].t()), len(w_bf16))}
+    row, weights, x, ref = operands(k, n, m, timer)
+    packed = len(weights)
     w1a16(x, weights[0], variant="fragment")  # tunes
     row["default"] = timer(lambda i: w1a16(x, weights[i], variant="fragment"), packed)
     row["default rel_err"] = rel_err(w1a16(x, weights[0], variant="fragment"), ref)
