@@ -40,6 +40,7 @@ def sweep(k: int, n: int, m: int, timer: Timer) -> dict:
     w1a16(x, weights[0], variant="fragment")  # tunes
     row["default"] = timer(lambda i: w1a16(x, weights[i], variant="fragment"), packed)
     row["default rel_err"] = rel_err(w1a16(x, weights[0], variant="fragment"), ref)
+    print(json.dumps(row), flush=True)  # before the configurations: a run cut short keeps its baseline
     row["configs"] = []
     for c in configs(k):
         entry = {"block_n": c.block_n, "block_k": c.block_k, "stages": c.num_stages, "split_k": c.split_k}
