@@ -37,16 +37,18 @@ class Tile(NamedTuple):
 # each thread at most 168 registers, enough for a 64 x 256 float32 accumulator (128). By arithmetic, at the
 # tensor cores' peak a 128 x 128 tile moves 128 bytes of shared memory a clock per SM (written by the loads,
 # read by wgmma), the whole of its bandwidth; a 256 x 128 tile (cuBLAS's shape) moves 96.
-# On an H100 the 256 x 128 tiles were the fastest for every bonsai-4b GEMM at 1024-4096 rows, out of these
-# and four more 128- and 64-token tiles (benchmarks/RESULTS.md); the 128 x 128 one stays for narrower shapes.
+# On an H100 the 256 x 128 tiles were the fastest for every bonsai-4b GEMM at 1024-4096 rows, out of these,
+# four more 128- and 64-token tiles, and 128 tokens x 256 rows (benchmarks/RESULTS.md, fifth and seventh
+# sessions); the 128 x 128 one stays for narrower shapes.
 # Each tile is compiled for each epilogue on first use: fewer tiles, a shorter first image.
 TILES = {
     "w1a8": [Tile(256, 128, 128, 8, 3), Tile(256, 128, 128, 8, 4), Tile(128, 128, 128, 4, 4)],
     "w1a16": [Tile(256, 128, 64, 8, 3), Tile(256, 128, 64, 8, 4), Tile(128, 128, 64, 4, 4)],
 }
-# The 256-token tiles under stream-K, for shapes whose tiles leave the last wave part empty (3072 -> 3072 at
-# 1024 tokens: 96 tiles for 132 SMs). The tile timing takes them with BONSAI_WS_STREAM_K=1 only, until a GPU
-# has checked and timed them (the GPU tests and bench_gluon_ws.py cover them either way).
+# The 256-token tiles under stream-K, for shapes whose tiles leave the last wave part empty. Timed one by one on
+# an H100 (benchmarks/RESULTS.md, seventh session) they lost where they were meant to win (3072 -> 3072 at 1024
+# tokens: 1.6-2.1x slower, each split tile writing and re-reading its partial sums) and won 4-5% on one shape,
+# so the tile timing takes them with BONSAI_WS_STREAM_K=1 only.
 STREAM_K_TILES = {kind: [t._replace(stream_k=True) for t in tiles if t.block_m == 256] for kind, tiles in TILES.items()}
 STREAM_K = os.environ.get("BONSAI_WS_STREAM_K", "0") == "1"
 
