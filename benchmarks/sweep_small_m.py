@@ -29,9 +29,17 @@ SPLITS = (1, 2, 4, 8, 16)
 
 
 def configs(k: int) -> list[ops.TileConfig]:
-    """Every combination whose shares each get at least one K block."""
+    """Every combination whose shares each get at least one K block. The kernel gives each share
+    ceil(blocks / shares) blocks, so a count that leaves the last shares empty (6 blocks in 4 shares of 2) is
+    left out, as ops.split_k leaves it out: it would launch programs with no work under a misleading label."""
     return [ops.TileConfig(ops.SMALL_M, bn, bk, 4, st, split_k=s)
-            for bn, bk, st, s in itertools.product(BLOCK_NS, BLOCK_KS, STAGES, SPLITS) if -(-k // bk) >= s]
+            for bn, bk, st, s in itertools.product(BLOCK_NS, BLOCK_KS, STAGES, SPLITS)
+            if _fills(-(-k // bk), s)]
+
+
+def _fills(blocks: int, shares: int) -> bool:
+    """Whether `shares` shares of ceil(blocks / shares) K blocks each all hold work."""
+    return blocks >= shares and -(-blocks // -(-blocks // shares)) == shares
 
 
 def sweep(k: int, n: int, m: int, timer: Timer) -> dict:
