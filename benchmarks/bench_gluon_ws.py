@@ -15,8 +15,7 @@ and the default fragment kernels, W1A16 and W1A8, in one run.
    quantization kernel. Each timed "ws" call's output is also checked against float64.
 --per-tile K x N x M,...: instead of 2., every tile of both lists on these shapes, one at a time, the same way,
    beside cuBLAS bf16 (what the tile timing's choice rests on, without its noise); --tiles adds tiles to try
-   (kernel:BLOCK_M x BLOCK_N x BLOCK_K x MMA warps x stages[x 1 for stream-K, else 0[x words_ahead]]), each
-   checked against float64.
+   (kernel:BLOCK_M x BLOCK_N x BLOCK_K x MMA warps x stages[x 1 for stream-K]), each checked against float64.
 """
 
 from __future__ import annotations
@@ -39,8 +38,7 @@ VARIANTS = ("fragment", "ws", "ws+sk")
 
 def run(kind: str, variant: str, x: torch.Tensor, w, tile: ws.Tile | None = None) -> torch.Tensor:
     ws.STREAM_K = variant == "ws+sk"  # which tiles the first call of a shape times (each setting remembers its own)
-    config = None if tile is None else triton_ops.TileConfig(*tile[:5], stream_k=tile.stream_k,
-                                                             words_ahead=tile.words_ahead)
+    config = None if tile is None else triton_ops.TileConfig(*tile[:5], stream_k=tile.stream_k)
     return getattr(triton_ops, kind)(x, w, config=config, variant=variant.removesuffix("+sk"))
 
 
@@ -97,8 +95,7 @@ def time_tiles(k: int, n: int, m: int, timer: Timer, extra: dict[str, list]) -> 
     packed = len(weights)
     for kind in KINDS:
         for tile in ws.TILES[kind] + ws.STREAM_K_TILES[kind] + extra.get(kind, []):
-            key = (f"{kind} {'x'.join(map(str, tile[:5]))}{' sk' if tile.stream_k else ''}"
-                   f"{f' tma{tile.words_ahead}' if tile.words_ahead else ''}")
+            key = f"{kind} {'x'.join(map(str, tile[:5]))}{' sk' if tile.stream_k else ''}"
             try:
                 row[f"{key} rel_err"] = rel_err(run(kind, "ws", x, weights[0], tile), ref)
                 row[key] = timer(lambda i, kind=kind, tile=tile: run(kind, "ws", x, weights[i], tile), packed)
@@ -133,7 +130,7 @@ def main() -> None:
     parser.add_argument("--ms", default="1024,2048,4096")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--per-tile", default="", help="K x N x M shapes, comma-separated: time every tile there")
-    parser.add_argument("--tiles", default="", help="with --per-tile, more tiles: kernel:BMxBNxBKxWARPSxSTAGES[xSK[xAHEAD]]")
+    parser.add_argument("--tiles", default="", help="with --per-tile, more tiles: kernel:BMxBNxBKxWARPSxSTAGES[x1]")
     args = parser.parse_args()
     extra: dict[str, list] = {}
     for spec in filter(None, args.tiles.split(",")):

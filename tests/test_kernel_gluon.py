@@ -32,19 +32,16 @@ def compile_sm90(kernel, dtype, tile: tuple, fusion: dict):
     from bonsai.kernels.triton.ws import Tile
 
     gl = gluon_language
-    bm, bn, bk, warps, stages, stream_k, ahead = Tile(*tile)
+    bm, bn, bk, warps, stages, stream_k = Tile(*tile)
     layout = gl.NVMMASharedLayout.get_default_for([bm, bk], dtype)
-    words_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # as ws._words_descriptor
     types = {kernel.arg_names[0]: f"tensordesc<{'i8' if dtype == gl.int8 else 'bf16'}[{bm}, {bk}],{layout!r}>",
-             "w_ptr": "*i32", "w_desc": f"tensordesc<i32[{bn // 16}, {bk // 2}],{words_layout!r}>" if ahead else "*i32",
-             "out_ptr": "*bf16", "part_ptr": "*i32" if dtype == gl.int8 else "*fp32",
+             "w_ptr": "*i32", "out_ptr": "*bf16", "part_ptr": "*i32" if dtype == gl.int8 else "*fp32",
              "count_ptr": "*i32", "xs_ptr": "*fp32", "qsum_ptr": "*i32", "rs_ptr": "*fp32",
              "ro_ptr": "*fp32", "xsum_ptr": "*fp32", "bias_ptr": "*bf16", "res_ptr": "*bf16", "gate_ptr": "*bf16",
              "nw_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KC": "i32", "RPS": "i32", "NORM_COLS": "i32",
              "NORM_PART": "i32", "norm_eps": "fp32"}
     sig = {k: types[k] for k in kernel.arg_names if k in types}
-    consts = {"BLOCK_N": bn, "STAGES": stages, "GROUP_M": 8, "STREAM_K": stream_k, "WORDS_AHEAD": ahead, "num_warps": warps,
-              **fusion}
+    consts = {"BLOCK_N": bn, "STAGES": stages, "GROUP_M": 8, "STREAM_K": stream_k, "num_warps": warps, **fusion}
     if dtype != gl.int8:
         consts["ONE_BITS"] = 0x3F80
     sig.update({k: "constexpr" for k in consts})

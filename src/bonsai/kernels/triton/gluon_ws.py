@@ -253,14 +253,12 @@ def _mma_stream_k(a_smem, x_smem, a_ready, x_ready, empty, part_ptr, count_ptr, 
 
 
 @gluon.jit
-def _load_steps(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, w_desc, w_smem, w_ready, N, KC, off_m, pid_n,
-                k_first, n_steps, step, ONES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                STAGES: gl.constexpr, AHEAD: gl.constexpr):
+def _load_steps(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, N, KC, off_m, pid_n, k_first, n_steps, step,
+                ONES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
     """Fills both rings for n_steps K steps of one tile from K step k_first and ring position `step` on: the
     activation tile by TMA, the weight tile expanded from the fragment words. ONES == 0: int8 tiles from W1A8
     words (64 per 128 columns); else +-1 in the 16-bit float whose 1.0 is ONES, from W1A16 words (32 per 64
-    columns). AHEAD == 0: each step's words are loaded into registers during the step before; else TMA
-    copies them into the words ring (w_smem, w_ready: AHEAD slots) AHEAD steps before they are expanded."""
+    columns)."""
     G: gl.constexpr = BLOCK_N // 16
     WORDS: gl.constexpr = BLOCK_K // 2  # per 16-row group and K step
     # Lane 4 r0 + c of the warp holding group g loads, of each chunk, words 2 (4 r0 + c) + th (int8, 64 a chunk)
@@ -268,58 +266,37 @@ def _load_steps(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, w_desc, 
     PER_LANE: gl.constexpr = 2 if ONES == 0 else 1
     w_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, PER_LANE], threads_per_warp=[1, 32],
                                               warps_per_cta=[LOAD_WARPS, 1], order=[1, 0])
-    if AHEAD == 0:
-        offs_g = pid_n * G + gl.arange(0, G, layout=gl.SliceLayout(1, w_layout))
-        offs_j = gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_layout))
-        w_ptrs = w_ptr + offs_g[:, None] * (KC * (32 * PER_LANE)) + k_first * WORDS + offs_j[None, :]
-        w_mask = (offs_g < gl.cdiv(N, 16))[:, None]
-        words = gl.load(w_ptrs, mask=w_mask, other=0)
-    else:
-        for j in gl.static_range(AHEAD):
-            _load_words(w_desc, w_smem, w_ready, pid_n * G, k_first + j, step + j, j < n_steps, WORDS, AHEAD)
+    offs_g = pid_n * G + gl.arange(0, G, layout=gl.SliceLayout(1, w_layout))
+    offs_j = gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_layout))
+    w_ptrs = w_ptr + offs_g[:, None] * (KC * (32 * PER_LANE)) + k_first * WORDS + offs_j[None, :]
+    w_mask = (offs_g < gl.cdiv(N, 16))[:, None]
+    words = gl.load(w_ptrs, mask=w_mask, other=0)
     for i in range(n_steps):
         s = (step + i) % STAGES
-        if AHEAD > 0:
-            mbarrier.wait(w_ready.index((step + i) % AHEAD), ((step + i) // AHEAD) & 1)
-            words = w_smem.index((step + i) % AHEAD).load(w_layout)
         if ONES == 0:
             tile = _int8_tile(words, BLOCK_N, BLOCK_K)
         else:
             tile = _half_tile(words, ONES * 0x10001, BLOCK_N, BLOCK_K).to(a_smem.dtype, bitcast=True)
-        if AHEAD == 0:  # next step's, early
-            words = gl.load(w_ptrs + (i + 1) * WORDS, mask=w_mask & (i + 1 < n_steps), other=0)
+        words = gl.load(w_ptrs + (i + 1) * WORDS, mask=w_mask & (i + 1 < n_steps), other=0)  # next step's, early
         mbarrier.wait(empty.index(s), (((step + i) // STAGES) & 1) ^ 1)  # the first pass finds every buffer free
         mbarrier.expect(x_ready.index(s), x_desc.block_type.nbytes)
         _tma_load(x_desc, [off_m, (k_first + i) * BLOCK_K], x_ready.index(s), x_smem.index(s))
         a_smem.index(s).store(tile)
         fence_async_shared()
         mbarrier.arrive(a_ready.index(s))
-        if AHEAD > 0:  # into the slot this step's words came from: every load warp has read them (the arrive's barrier)
-            _load_words(w_desc, w_smem, w_ready, pid_n * G, k_first + i + AHEAD, step + i + AHEAD,
-                        i + AHEAD < n_steps, WORDS, AHEAD)
 
 
 @gluon.jit
-def _load_words(w_desc, w_smem, w_ready, group, k_step, position, pred, WORDS: gl.constexpr, AHEAD: gl.constexpr):
-    """TMA: one K step's words of the tile's groups [G, WORDS] into slot position % AHEAD of the words ring."""
-    slot = position % AHEAD
-    mbarrier.expect(w_ready.index(slot), w_desc.block_type.nbytes, pred=pred)
-    _tma_load(w_desc, [group, k_step * WORDS], w_ready.index(slot), w_smem.index(slot), pred=pred)
-
-
-@gluon.jit
-def _load_partition(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, w_desc, w_smem, w_ready, N, K, KC, off_m,
-                    pid_n, ONES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                    AHEAD: gl.constexpr):
+def _load_partition(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, N, K, KC, off_m, pid_n,
+                    ONES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
     """The load warps of a one-tile program."""
-    _load_steps(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, w_desc, w_smem, w_ready, N, KC, off_m, pid_n, 0,
-                gl.cdiv(K, BLOCK_K), 0, ONES, BLOCK_N, BLOCK_K, STAGES, AHEAD)
+    _load_steps(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, N, KC, off_m, pid_n, 0, gl.cdiv(K, BLOCK_K), 0,
+                ONES, BLOCK_N, BLOCK_K, STAGES)
 
 
 @gluon.jit
-def _load_stream_k(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, w_desc, w_smem, w_ready, M, N, K, KC,
-                   ONES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-                   STAGES: gl.constexpr, AHEAD: gl.constexpr):
+def _load_stream_k(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, M, N, K, KC, ONES: gl.constexpr,
+                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
     """The load warps of a stream-K program: the pieces of its share, as _mma_stream_k walks them."""
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     tile_steps, _, start, end = _this_share(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -327,18 +304,18 @@ def _load_stream_k(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, w_des
     while start < end:
         tile, k_first, n_steps = _next_piece(start, end, tile_steps)
         pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        _load_steps(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, w_desc, w_smem, w_ready, N, KC,
-                    pid_m * BLOCK_M, pid_n, k_first, n_steps, step, ONES, BLOCK_N, BLOCK_K, STAGES, AHEAD)
+        _load_steps(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, N, KC, pid_m * BLOCK_M, pid_n, k_first,
+                    n_steps, step, ONES, BLOCK_N, BLOCK_K, STAGES)
         step += n_steps
         start += n_steps
 
 
 @gluon.jit
-def _ws_kernel(x_desc, w_ptr, w_desc, out_ptr, part_ptr, count_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr,
+def _ws_kernel(x_desc, w_ptr, out_ptr, part_ptr, count_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr,
                res_ptr, gate_ptr, nw_ptr, M, N, K, KC, RPS, NORM_COLS, NORM_PART, norm_eps, ONES: gl.constexpr,
                HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, HEAD_DIM: gl.constexpr,
                HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-               GROUP_M: gl.constexpr, STREAM_K: gl.constexpr, WORDS_AHEAD: gl.constexpr, num_warps: gl.constexpr):
+               GROUP_M: gl.constexpr, STREAM_K: gl.constexpr, num_warps: gl.constexpr):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     a_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_N, BLOCK_K],
@@ -351,22 +328,14 @@ def _ws_kernel(x_desc, w_ptr, w_desc, out_ptr, part_ptr, count_ptr, xs_ptr, qsum
         mbarrier.init(a_ready.index(i), count=1)
         mbarrier.init(x_ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    if WORDS_AHEAD > 0:
-        w_smem = gl.allocate_shared_memory(gl.int32, [WORDS_AHEAD] + w_desc.block_type.shape, w_desc.layout)
-        w_ready = gl.allocate_shared_memory(gl.int64, [WORDS_AHEAD, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(WORDS_AHEAD):
-            mbarrier.init(w_ready.index(i), count=1)
-    else:  # unused
-        w_smem = w_ptr
-        w_ready = w_ptr
     if STREAM_K:
         gl.warp_specialize((
             (_mma_stream_k, (a_smem, x_smem, a_ready, x_ready, empty, part_ptr, count_ptr, out_ptr, xs_ptr, qsum_ptr,
                              rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr, M, N, K, RPS, NORM_COLS,
                              NORM_PART, norm_eps, ONES == 0, HAS_OFFSET, HAS_BIAS, GELU, HEAD_DIM, HAS_RESIDUAL,
                              HAS_GATE, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, num_warps)),
-            (_load_stream_k, (a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, w_desc, w_smem, w_ready, M, N,
-                              K, KC, ONES, BLOCK_N, BLOCK_K, GROUP_M, STAGES, WORDS_AHEAD)),
+            (_load_stream_k, (a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, M, N, K, KC, ONES, BLOCK_N,
+                              BLOCK_K, GROUP_M, STAGES)),
         ), [LOAD_WARPS], [LOAD_REGS])
     else:
         pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -376,41 +345,36 @@ def _ws_kernel(x_desc, w_ptr, w_desc, out_ptr, part_ptr, count_ptr, xs_ptr, qsum
                               xsum_ptr, bias_ptr, res_ptr, gate_ptr, nw_ptr, M, N, K, RPS, NORM_COLS, NORM_PART,
                               norm_eps, off_m, pid_n, ONES == 0, HAS_OFFSET, HAS_BIAS, GELU, HEAD_DIM, HAS_RESIDUAL,
                               HAS_GATE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps)),
-            (_load_partition, (a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, w_desc, w_smem, w_ready, N, K,
-                               KC, off_m, pid_n, ONES, BLOCK_N, BLOCK_K, STAGES, WORDS_AHEAD)),
+            (_load_partition, (a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, N, K, KC, off_m, pid_n, ONES,
+                               BLOCK_N, BLOCK_K, STAGES)),
         ), [LOAD_WARPS], [LOAD_REGS])
 
 
 @gluon.jit
-def w1a8_ws_kernel(q_desc, w_ptr, w_desc, out_ptr, part_ptr, count_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr,
+def w1a8_ws_kernel(q_desc, w_ptr, out_ptr, part_ptr, count_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr,
                    res_ptr, gate_ptr, nw_ptr, M, N, K, KC, RPS, NORM_COLS, NORM_PART, norm_eps,
                    HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, HEAD_DIM: gl.constexpr,
                    HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   GROUP_M: gl.constexpr, STREAM_K: gl.constexpr, WORDS_AHEAD: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   GROUP_M: gl.constexpr, STREAM_K: gl.constexpr, num_warps: gl.constexpr):
     """q int8 [M, K] through q_desc (block [BLOCK_M, BLOCK_K], BLOCK_K 128; K a multiple of 16), its scales xs
     and row sums qsum; w int32 [NG, KC, 64] W1A8 fragment words -> out [M, N], with kernels._epilogue's
     arguments. num_warps: the MMA warps (4 per 64 weight rows of the tile); 4 load warps are added.
     STREAM_K: one program per SM (grid), with part int32 [2 programs, BLOCK_M x BLOCK_N] and count int32 [tiles],
-    zero; else one program per tile (part and count unused). WORDS_AHEAD > 0: w_desc, the words as [NG, KC * 64]
-    with block [BLOCK_N / 16, 64], brings each K step's words into shared memory that many steps ahead (else
-    unused)."""
-    _ws_kernel(q_desc, w_ptr, w_desc, out_ptr, part_ptr, count_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr,
+    zero; else one program per tile (part and count unused)."""
+    _ws_kernel(q_desc, w_ptr, out_ptr, part_ptr, count_ptr, xs_ptr, qsum_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr,
                res_ptr, gate_ptr, nw_ptr, M, N, K, KC, RPS, NORM_COLS, NORM_PART, norm_eps, 0, HAS_OFFSET, HAS_BIAS,
-               GELU, HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N, STAGES, GROUP_M, STREAM_K, WORDS_AHEAD, num_warps)
+               GELU, HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N, STAGES, GROUP_M, STREAM_K, num_warps)
 
 
 @gluon.jit
-def w1a16_ws_kernel(x_desc, w_ptr, w_desc, out_ptr, part_ptr, count_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr,
+def w1a16_ws_kernel(x_desc, w_ptr, out_ptr, part_ptr, count_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr, gate_ptr,
                     nw_ptr, M, N, K, KC, RPS, NORM_COLS, NORM_PART, norm_eps, ONE_BITS: gl.constexpr,
                     HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, HEAD_DIM: gl.constexpr,
                     HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    GROUP_M: gl.constexpr, STREAM_K: gl.constexpr, WORDS_AHEAD: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    GROUP_M: gl.constexpr, STREAM_K: gl.constexpr, num_warps: gl.constexpr):
     """x bf16/fp16 [M, K] (column scales applied) through x_desc (block [BLOCK_M, BLOCK_K], BLOCK_K 64; K a
     multiple of 8); w int32 [NG, KC, 32] W1A16 fragment words; ONE_BITS: 1.0 in x's dtype -> out [M, N].
-    STREAM_K as w1a8_ws_kernel's, part float32; WORDS_AHEAD and w_desc as w1a8_ws_kernel's ([NG, KC * 32],
-    block [BLOCK_N / 16, 32])."""
-    _ws_kernel(x_desc, w_ptr, w_desc, out_ptr, part_ptr, count_ptr, rs_ptr, rs_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr,
+    STREAM_K as w1a8_ws_kernel's, part float32."""
+    _ws_kernel(x_desc, w_ptr, out_ptr, part_ptr, count_ptr, rs_ptr, rs_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr,
                gate_ptr, nw_ptr, M, N, K, KC, RPS, NORM_COLS, NORM_PART, norm_eps, ONE_BITS, HAS_OFFSET, HAS_BIAS,
-               GELU, HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N, STAGES, GROUP_M, STREAM_K, WORDS_AHEAD, num_warps)
+               GELU, HEAD_DIM, HAS_RESIDUAL, HAS_GATE, BLOCK_N, STAGES, GROUP_M, STREAM_K, num_warps)

@@ -66,7 +66,6 @@ class TileConfig:
     group_m: int = 8
     split_k: int = 1  # W1A16 fragment kernel only: K shares, summed by the last program of each tile
     stream_k: bool = False  # "ws" kernels only: one program per SM over all the tiles' K steps (schedule.py)
-    words_ahead: int = 0  # "ws" kernels only: > 0, TMA brings the weight words this many K steps ahead
 
 
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -383,8 +382,7 @@ def _ws_tile(config: TileConfig | None, chunk: int) -> ws.Tile | None:
     """A fixed tile for the "ws" kernels: BLOCK_K one chunk (their K step)."""
     if config is None:
         return None
-    return ws.Tile(config.block_m, config.block_n, chunk, config.num_warps, config.num_stages, config.stream_k,
-                   config.words_ahead)
+    return ws.Tile(config.block_m, config.block_n, chunk, config.num_warps, config.num_stages, config.stream_k)
 
 
 def _fragment_config(config: TileConfig | None, chunk: int) -> TileConfig | None:

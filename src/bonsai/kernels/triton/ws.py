@@ -31,7 +31,6 @@ class Tile(NamedTuple):
     warps: int  # MMA warps; 4 load warps are added
     stages: int
     stream_k: bool = False  # one program per SM over all the tiles' K steps, else one per tile
-    words_ahead: int = 0  # > 0: TMA brings the weight words into shared memory this many K steps ahead
 
 
 # 8 MMA warps take 64 weight rows per warpgroup; with the 4 load warps a program has 12 warps and ptxas gives
@@ -87,16 +86,6 @@ def _descriptor(x: torch.Tensor, block_m: int, block_k: int):
     dtype = {torch.int8: gl.int8, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[x.dtype]
     layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], dtype)
     return TensorDescriptor.from_tensor(x, [block_m, block_k], layout)
-
-
-def _words_descriptor(words: torch.Tensor, block_n: int):
-    """The fragment words [NG, KC, W] as [NG, KC * W] int32, one K step of the tile's 16-row groups a block."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    ng, kc, width = words.shape
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    return TensorDescriptor.from_tensor(words.view(ng, kc * width), [block_n // 16, width], layout)
 
 
 def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: Tile | None) -> None:
@@ -163,7 +152,7 @@ def _launch(kind: str, kernel, x: torch.Tensor, pointers: tuple, scalars: tuple,
     flags = {key: consts[key] for key in FLAGS}
 
     def launch(t: Tile) -> None:
-        bm, bn, bk, warps, stages, stream_k, ahead = t
+        bm, bn, bk, warps, stages, stream_k = t
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         steps = tiles * triton.cdiv(k, bk)
         programs = min(_sm_count(x.device), steps) if stream_k else tiles
@@ -173,9 +162,8 @@ def _launch(kind: str, kernel, x: torch.Tensor, pointers: tuple, scalars: tuple,
             count = _tile_counters(x.device, tiles)
         else:
             stream_k, programs, part, count = False, tiles, out, out
-        w_desc = _words_descriptor(words, bn) if ahead else words  # (unused without)
-        kernel[(programs,)](_descriptor(x, bm, bk), words, w_desc, out, part, count, *pointers[2:], m, n, k,
-                            words.shape[1], *scalars, **extra, **flags, BLOCK_N=bn, STAGES=stages, GROUP_M=8,
-                            STREAM_K=stream_k, WORDS_AHEAD=ahead, num_warps=warps)
+        kernel[(programs,)](_descriptor(x, bm, bk), words, out, part, count, *pointers[2:], m, n, k, words.shape[1],
+                            *scalars, **extra, **flags, BLOCK_N=bn, STAGES=stages, GROUP_M=8, STREAM_K=stream_k,
+                            num_warps=warps)
 
     _run(kind, launch, m, n, k, flags, tile)
