@@ -264,3 +264,15 @@ def test_stream_k_beyond_int32_runs_one_program_per_tile(monkeypatch):
     ws.w1a16(x, torch.zeros(n // 16, k // 64, 32, dtype=torch.int32), torch.empty(1, n).expand(m, n), epi,
              (1, 0, 1, 1e-6), {"ONE_BITS": 0x3F80, **{flag: 0 for flag in ws.FLAGS}}, ws.STREAM_K_TILES["w1a16"][0])
     assert grids == [((6144,), False)]
+
+
+def test_the_diagnostic_patch_still_applies():
+    """benchmarks/ws_parts.patch (the switches behind RESULTS.md's "where the time goes") against gluon_ws.py."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None:
+        pytest.skip("no git here")
+    done = subprocess.run(["git", "apply", "--check", "benchmarks/ws_parts.patch"], cwd=root, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
