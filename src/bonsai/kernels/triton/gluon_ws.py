@@ -277,7 +277,9 @@ def _load_steps(a_smem, a_ready, x_desc, x_smem, x_ready, empty, w_ptr, N, KC, o
             tile = _int8_tile(words, BLOCK_N, BLOCK_K)
         else:
             tile = _half_tile(words, ONES * 0x10001, BLOCK_N, BLOCK_K).to(a_smem.dtype, bitcast=True)
-        words = gl.load(w_ptrs + (i + 1) * WORDS, mask=w_mask & (i + 1 < n_steps), other=0)  # next step's, early
+        # Next step's, early. (By TMA into shared memory a few steps ahead instead, no load is in flight at the
+        # fence below; on an H100 that was no faster: benchmarks/RESULTS.md, eighth session.)
+        words = gl.load(w_ptrs + (i + 1) * WORDS, mask=w_mask & (i + 1 < n_steps), other=0)
         mbarrier.wait(empty.index(s), (((step + i) // STAGES) & 1) ^ 1)  # the first pass finds every buffer free
         mbarrier.expect(x_ready.index(s), x_desc.block_type.nbytes)
         _tma_load(x_desc, [off_m, (k_first + i) * BLOCK_K], x_ready.index(s), x_smem.index(s))
