@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+import triton
 
 from bench_gluon_ws import operands
 from bench_triton import SHAPES, Timer, commit, launch_floor, rel_err
@@ -34,12 +35,7 @@ def configs(k: int) -> list[ops.TileConfig]:
     left out, as ops.split_k leaves it out: it would launch programs with no work under a misleading label."""
     return [ops.TileConfig(ops.SMALL_M, bn, bk, 4, st, split_k=s)
             for bn, bk, st, s in itertools.product(BLOCK_NS, BLOCK_KS, STAGES, SPLITS)
-            if _fills(-(-k // bk), s)]
-
-
-def _fills(blocks: int, shares: int) -> bool:
-    """Whether `shares` shares of ceil(blocks / shares) K blocks each all hold work."""
-    return blocks >= shares and -(-blocks // -(-blocks // shares)) == shares
+            if ops.filled_shares(triton.cdiv(k, bk), s) == s]
 
 
 def sweep(k: int, n: int, m: int, timer: Timer) -> dict:

@@ -161,6 +161,12 @@ def split_k(m: int, n: int, k: int, block_n: int, block_k: int, sms: int) -> int
     if m > SMALL_M or blocks < 4:
         return 1
     shares = min(MAX_SPLIT_K, max(1, PROGRAMS_PER_SM * sms // triton.cdiv(n, block_n)), blocks // 2)
+    return filled_shares(blocks, shares)
+
+
+def filled_shares(blocks: int, shares: int) -> int:
+    """How many of `shares` K shares hold work when each takes ceil(blocks / shares) of the K blocks (as the
+    kernel splits them): 6 blocks in 4 shares are 3 shares of 2."""
     return triton.cdiv(blocks, triton.cdiv(blocks, shares))
 
 
