@@ -41,9 +41,8 @@ def configs(k: int) -> list[ops.TileConfig]:
 def sweep(k: int, n: int, m: int, timer: Timer) -> dict:
     row, weights, x, ref = operands(k, n, m, timer)
     packed = len(weights)
-    w1a16(x, weights[0], variant="fragment")  # tunes
+    row["default rel_err"] = rel_err(w1a16(x, weights[0], variant="fragment"), ref)  # (tunes first)
     row["default"] = timer(lambda i: w1a16(x, weights[i], variant="fragment"), packed)
-    row["default rel_err"] = rel_err(w1a16(x, weights[0], variant="fragment"), ref)
     print(json.dumps(row), flush=True)  # before the configurations: a run cut short keeps its baseline
     row["configs"] = []
     for c in configs(k):

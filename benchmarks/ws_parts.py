@@ -1,6 +1,7 @@
 """Where the "ws" kernels' time goes: the 256 x 128 tiles of W1A16 and W1A8 beside cuBLAS bf16 on two of
 bonsai-4b's shapes and on 3072 -> 4224 (whose 132 tiles fill an H100's SMs once), under CUDA graphs (each call
-on its own weight copy), with the switches of benchmarks/ws_parts.patch set in the environment. One setting per process (the switches are read at import).
+on its own weight copy), with the switches of benchmarks/ws_parts.patch set in the environment. One setting
+per process (the switches are read at import).
 
     git apply benchmarks/ws_parts.patch
     bash benchmarks/ws_parts.sh          # every setting, each in its own process and Triton cache

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # benchmarks/ws_parts.py for each setting of benchmarks/ws_parts.patch's switches (apply it first), each in
-# its own process and Triton cache (the switches change the compiled kernels; not all of them reach Triton's cache key).
+# its own process and Triton cache (the switches change the compiled kernels; not all of them reach Triton's
+# cache key).
 cd "$(dirname "$0")"
 grep -q BONSAI_WS_DIAG ../src/bonsai/kernels/triton/gluon_ws.py || { echo "apply benchmarks/ws_parts.patch first" >&2; exit 2; }
 run() {  # label, then the switches
