@@ -4,8 +4,9 @@
 # cache key).
 cd "$(dirname "$0")"
 grep -q BONSAI_WS_DIAG ../src/bonsai/kernels/triton/gluon_ws.py || { echo "apply benchmarks/ws_parts.patch first" >&2; exit 2; }
-run() {  # label, then the switches
+run() {  # label, then the switches; SETTINGS="mode0 n128 ..." runs only those labels
     local label=$1; shift
+    [[ -z "${SETTINGS:-}" || " $SETTINGS " == *" $label "* ]] || return 0
     env "$@" TRITON_CACHE_DIR="/tmp/ws_parts_cache/$label" PYTHONPATH=../src${SITE:+:$SITE} \
         timeout "${LIMIT:-100}" python3 ws_parts.py "$label" 2>&1 | grep -v Warning
 }
