@@ -276,3 +276,46 @@ def test_the_diagnostic_patch_still_applies():
     done = subprocess.run(["git", "apply", "--check", "benchmarks/ws_parts.patch"], cwd=root, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
+
+
+def compile_small(tile, fusion: dict, dtype=None):
+    """gluon_small's kernel for sm_90 on one small.SmallTile (rows, chunks, warps)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from bonsai.kernels.triton import gluon_small
+
+    gl = gluon_language
+    dtype = dtype or gl.bfloat16
+    rows, chunks, warps = tile
+    name = "bf16" if dtype == gl.bfloat16 else "fp16"
+    x_layout = gl.NVMMASharedLayout.get_default_for([16, 64], dtype)
+    w_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+    types = {"x_desc": f"tensordesc<{name}[16, 64],{x_layout!r}>", "w_desc": f"tensordesc<i32[{rows // 16}, 1, 32],{w_layout!r}>",
+             "out_ptr": f"*{name}", "part_ptr": "*fp32", "count_ptr": "*i32", "rs_ptr": "*fp32", "ro_ptr": "*fp32",
+             "xsum_ptr": "*fp32", "bias_ptr": "*bf16", "res_ptr": "*bf16", "gate_ptr": "*bf16", "nw_ptr": "*bf16",
+             "M": "i32", "N": "i32", "K": "i32", "RPS": "i32", "NORM_COLS": "i32", "NORM_PART": "i32",
+             "norm_eps": "fp32", "sign": "i32", "base": "i32"}
+    kernel = gluon_small.w1a16_small_kernel
+    sig = {k: types[k] for k in kernel.arg_names if k in types}
+    consts = {**fusion, "CH": chunks, "SPLIT_K": 3, "num_warps": warps}
+    sig.update({k: "constexpr" for k in consts})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    src = GluonASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+@pytest.mark.parametrize("tile, fusion", [((64, 2, 4), PLAIN), ((64, 8, 4), GATED), ((128, 16, 8), FC1)])
+def test_small_m_kernel_keeps_the_weights_in_registers(tile, fusion, tmp_path):
+    """The few-row kernel (gluon_small.py) expands the words straight into mma.sync's A registers: one
+    HMMA.16816 per chunk, 16 rows of a warp, 8 tokens and 16 columns; between the first and the last of them
+    nothing is stored to shared memory (the activations come by ldmatrix, the words by plain loads); nothing
+    spills."""
+    rows, chunks, warps = tile
+    compiled = compile_small(tile, fusion)
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    sass = subprocess.run([str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    assert sass.count("HMMA.16816") == chunks * rows // (16 * warps) * 2 * 4
+    products = sass[sass.index("HMMA.16816"):sass.rindex("HMMA.16816")]
+    assert "LDSM" in products and not re.search(r"\b(STS|STL|LDL)\b", products)
+    assert not re.search(r"\b(STL|LDL)\b", sass), "registers spill"

@@ -1,17 +1,15 @@
-"""W1A16 for few rows (M <= 16) in Gluon, with mma.sync: the weights go from their words straight into the
-tensor cores' A-operand registers, and nothing waits on an asynchronous wgmma.
+"""W1A16 for few rows (M <= 16) in Gluon, by mma.sync: the weights go from their words straight into the
+tensor cores' A-operand registers, and each program's whole K share is in flight at once.
 
-The fragment kernel at M <= 16 expands the same words into wgmma's register operand; ptxas then waits for each
-wgmma before the next step's expansion may write its registers (17 waits for 16 wgmmas a step; 375 instructions
-per thread and 128 weight bits, benchmarks/RESULTS.md). mma.sync (Ampere's m16n8k16, which Hopper runs too)
-takes its A operand from registers with the same lane layout as wgmma's (fragments.py), and is an ordinary
-instruction: the scheduler overlaps it with the expansion of the next rows.
-
-A program computes out^T[R, M] for R weight rows and one K share (SPLIT_K shares). Its warps do not split the
-rows: each warp takes its own part of the share (a batched mma.sync, the batch being the warp), so that a warp
-reads each activation once for all R rows (the activations, 16 tokens x 16 bits a column, outweigh the R bits
-of weight a column), and the warps' sums are added through shared memory at the end. Each warp loads the words
-and activations of its next K step before it expands and multiplies the present one.
+At M <= 16 the work is the weights' bytes, and what limits a kernel is how many of them are on their way from
+memory at a time. The fragment kernel at M <= 16 keeps 4 K steps in flight (cp.async) and expands the words
+into wgmma's register operand, where ptxas waits for each wgmma before the next expansion (17 waits for 16
+wgmmas a step, benchmarks/RESULTS.md). Here a program of R weight rows and CH chunks of 64 columns (its K
+share; SPLIT_K shares) asks TMA for all of its words and activations at the start, one mbarrier per chunk,
+then expands each chunk's words into mma.sync's A registers (Ampere's m16n8k16, the same lane layout as
+wgmma's: fragments.py) and multiplies them with the activations read by ldmatrix. Loading the words and the
+activations straight into registers instead, one or two steps ahead, was 1.2-1.6x slower than the fragment
+kernel (commit a8a8056; benchmarks/RESULTS.md, ninth session).
 
 Per pair of weights the expansion is one shift and one LOP3: ((w << s) & sign) ^ base, with sign and base
 passed as arguments so that ptxas can fuse the AND and the XOR (two immediates do not fit one LOP3).
@@ -22,8 +20,9 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from .gluon_ws import _barrier, _epilogue
+from .gluon_ws import _barrier, _epilogue, _tma_load
 
 TOKENS = gl.constexpr(16)  # the tile's columns: mma.sync's N is 8, two of them
 
@@ -57,78 +56,58 @@ def _operand(words, sign, base, W: gl.constexpr, R: gl.constexpr, BLOCK_K: gl.co
 
 
 @gluon.jit
-def w1a16_small_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr,
-                       gate_ptr, nw_ptr, M, N, K, KC, RPS, NORM_COLS, NORM_PART, norm_eps, sign, base,
+def w1a16_small_kernel(x_desc, w_desc, out_ptr, part_ptr, count_ptr, rs_ptr, ro_ptr, xsum_ptr, bias_ptr, res_ptr,
+                       gate_ptr, nw_ptr, M, N, K, RPS, NORM_COLS, NORM_PART, norm_eps, sign, base,
                        HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, HEAD_DIM: gl.constexpr,
-                       HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, R: gl.constexpr, KCH: gl.constexpr,
+                       HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, CH: gl.constexpr,
                        SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
-    """x bf16/fp16 [M, K], M <= 16 (column scales applied); w int32 [NG, KC, 32] W1A16 fragment words; sign
-    0x80008000 and base the bit pattern of 1.0 twice (int32) -> out [M, N], with kernels._epilogue's
-    arguments. Grid (cdiv(N, R), SPLIT_K). SPLIT_K > 1: part float32 [SPLIT_K, M, N], count int32 [cdiv(N, R)]
-    zero (the last share of a row tile adds all of them, in order, and zeroes its counter)."""
+    """x bf16/fp16 [M, K], M <= 16 (column scales applied), through x_desc (block [16, 64]); the W1A16 fragment
+    words int32 [NG, KC, 32] through w_desc (block [R / 16, 1, 32]: R rows; CH chunks of 64 columns a
+    program); sign 0x80008000 and base the bit pattern of 1.0 twice (int32) -> out [M, N], with
+    kernels._epilogue's arguments. Grid (cdiv(N, R), SPLIT_K), SPLIT_K * CH >= KC. SPLIT_K > 1: part float32
+    [SPLIT_K, M, N], count int32 [cdiv(N, R)] zero (the last share of a row tile adds all of them, in order,
+    and zeroes its counter). TMA brings the program's whole share at once (zero past M, K and the words)."""
     W: gl.constexpr = num_warps
-    BLOCK_K: gl.constexpr = 64 * KCH
-    G: gl.constexpr = R // 16
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
-    x_layout: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
-    # Lane 4 r0 + c of each warp loads word 4 r0 + c of each of its chunks (fragments.py)
-    w_layout: gl.constexpr = gl.BlockedLayout([1, 1, KCH, 1], [1, 1, 1, 32], [W, 1, 1, 1], [3, 2, 1, 0])
+    G: gl.constexpr = w_desc.block_type.shape[0]
+    R: gl.constexpr = 16 * G
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
+    # Group g's words on warp g % W, lane 4 r0 + c holding word 4 r0 + c: the A operand's rows (fragments.py)
+    w_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 1, 32], [W, 1, 1], [2, 1, 0])
     pid = gl.program_id(0)
-    # This program's K steps (BLOCK_K columns): [first, end); warp b takes steps first + i W + b. The steps
-    # that every warp has whole (inside K) run without masks, the rest after them with masks.
-    steps = gl.cdiv(K, BLOCK_K)
-    per_share = gl.cdiv(steps, SPLIT_K)
-    first = gl.program_id(1) * per_share
-    end = gl.minimum(first + per_share, steps)
-    unmasked = gl.maximum(gl.minimum(end, K // BLOCK_K) - first, 0) // W  # whole steps of all W warps
-    rounds = gl.cdiv(end - first, W)
+    chunk0 = gl.program_id(1) * CH
 
-    # Rows past N and tokens past M read the last ones (never stored), so that the loads need no mask.
-    b = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, w_layout))))[:, None, None, None]
-    g = gl.minimum(pid * G + gl.arange(0, G, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, w_layout)))),
-                   gl.cdiv(N, 16) - 1)[None, :, None, None]
-    kc = gl.arange(0, KCH, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, w_layout))))[None, None, :, None]
-    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, w_layout))))
-    w_chunk = (first + b) * KCH + kc  # [W, 1, KCH, 1] at round 0
-    w_ptrs = w_ptr + (g * KC + w_chunk) * 32 + lane[None, None, None, :]
-    bx = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))[:, None, None]
-    offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout)))[None, :, None]
-    tokens = gl.minimum(gl.arange(0, TOKENS, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout))), M - 1)
-    x_col = (first + bx) * BLOCK_K + offs_k  # [W, BLOCK_K, 1] at round 0
-    x_ptrs = x_ptr + tokens[None, None, :] * K + x_col
-    W_ROUND: gl.constexpr = W * KCH * 32  # words and columns a round moves on
-    X_ROUND: gl.constexpr = W * BLOCK_K
+    words = gl.allocate_shared_memory(gl.int32, [CH, G, 1, 32], w_desc.layout)
+    xs = gl.allocate_shared_memory(x_desc.dtype, [CH, TOKENS, 64], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [CH, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(CH):
+        mbarrier.init(ready.index(c), count=1)
+    # Everything in flight at once, a barrier per chunk of 64 columns.
+    for c in gl.static_range(CH):
+        mbarrier.expect(ready.index(c), w_desc.block_type.nbytes + x_desc.block_type.nbytes)
+        _tma_load(w_desc, [pid * G, chunk0 + c, 0], ready.index(c), words.index(c))
+        _tma_load(x_desc, [0, (chunk0 + c) * 64], ready.index(c), xs.index(c))
 
-    acc = gl.zeros([W, R, TOKENS], gl.float32, mma)
-    # Two rounds in flight: this one's operands are loaded two rounds before its arithmetic.
-    words = gl.load(w_ptrs)
-    xt = gl.load(x_ptrs)
-    words_next = words
-    x_next = xt
-    if 1 < unmasked:
-        words_next = gl.load(w_ptrs + W_ROUND)
-        x_next = gl.load(x_ptrs + X_ROUND)
-    for i in range(unmasked):
-        w_now = words
-        x_now = xt
-        words = words_next
-        xt = x_next
-        if i + 2 < unmasked:
-            words_next = gl.load(w_ptrs + (i + 2) * W_ROUND)
-            x_next = gl.load(x_ptrs + (i + 2) * X_ROUND)
-        a = _operand(w_now, sign, base, W, R, BLOCK_K).to(x_ptr.dtype.element_ty, bitcast=True)
-        acc = mma_v2(gl.convert_layout(a, gl.DotOperandLayout(0, mma, 2)), x_now, acc)
-    for i in range(unmasked, rounds):  # steps past this share or past K: zero words and activations
-        w_in = (first + i * W + b < end) & (w_chunk + i * W * KCH < KC)
-        words = gl.load(w_ptrs + i * W_ROUND, mask=w_in, other=0)
-        xt = gl.load(x_ptrs + i * X_ROUND, mask=(first + i * W + bx < end) & (x_col + i * X_ROUND < K), other=0.0)
-        a = _operand(words, sign, base, W, R, BLOCK_K).to(x_ptr.dtype.element_ty, bitcast=True)
-        acc = mma_v2(gl.convert_layout(a, gl.DotOperandLayout(0, mma, 2)), xt, acc)
+    # Chunks past K hold zero words and zero activations: they add nothing, so every share runs all CH of them
+    # (unrolled), into two sums, so that each chain of dependent mma.sync is half as long.
+    acc0 = gl.zeros([R, TOKENS], gl.float32, mma)
+    acc1 = gl.zeros([R, TOKENS], gl.float32, mma)
+    for c in gl.static_range(CH):
+        mbarrier.wait(ready.index(c), 0)
+        w = words.index(c).load(w_layout)
+        a = gl.reshape(_operand(w, sign, base, 1, R, 64), (R, 64)).to(x_desc.dtype, bitcast=True)
+        a = gl.convert_layout(a, gl.DotOperandLayout(0, mma, 2))
+        xt = xs.index(c).permute((1, 0)).load(gl.DotOperandLayout(1, mma, 2))
+        if c % 2 == 0:
+            acc0 = mma_v2(a, xt, acc0)
+        else:
+            acc1 = mma_v2(a, xt, acc1)
+    acc = acc0 + acc1
+    for c in gl.static_range(CH):
+        mbarrier.invalidate(ready.index(c))
 
-    # The warps' parts of the share, [R, TOKENS], spread over the warps again (each holds all of the sum),
-    # threads along N: out's rows are written in contiguous pieces.
+    # Threads along N: out's rows are written in contiguous pieces.
     out_layout: gl.constexpr = gl.BlockedLayout([R // 32, 1], [32, 1], [1, W], [0, 1])
-    y = gl.convert_layout(gl.sum(acc, axis=0), out_layout)
+    y = gl.convert_layout(acc, out_layout)
     offs_n = pid * R + gl.arange(0, R, layout=gl.SliceLayout(1, out_layout))
     offs_m = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, out_layout))
     last = True

@@ -394,8 +394,8 @@ def _ws_tile(config: TileConfig | None, chunk: int) -> ws.Tile | None:
 
 
 def _small_tile(config: TileConfig | None) -> small.SmallTile | None:
-    """A fixed tile for the few-row kernel: BLOCK_N rows, split_k shares, num_warps warps."""
-    return None if config is None else small.SmallTile(config.block_n, config.split_k, config.num_warps)
+    """A fixed tile for the few-row kernel: BLOCK_N rows, a K share of BLOCK_K columns, num_warps warps."""
+    return None if config is None else small.SmallTile(config.block_n, config.block_k // 64, config.num_warps)
 
 
 def _fragment_config(config: TileConfig | None, chunk: int) -> TileConfig | None:
