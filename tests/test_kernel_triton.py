@@ -27,7 +27,7 @@ pytest.importorskip("triton")
 from bonsai.kernels import PackedWeight, available_kernels, bitmatmul, pack_signs, set_kernel  # noqa: E402
 from bonsai.kernels.dispatch import select_kernel  # noqa: E402
 from bonsai.kernels.triton import ops as triton_ops  # noqa: E402
-from bonsai.kernels.triton import small, ws  # noqa: E402
+from bonsai.kernels.triton import ws  # noqa: E402
 
 BF16_UNIT = 2.0**-8  # bf16 keeps 8 significant bits
 
@@ -496,23 +496,6 @@ def test_cuda_every_ws_tile_matches_reference(name, tile, dtype):
     x = (torch.randn(300, 6160, generator=gen) * 2 + 0.3).to(dtype).cuda()
     y = getattr(triton_ops, name)(x, w, config=config, variant="ws")
     assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < (1e-2 if name == "w1a16" else 2e-2)
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("tile", small.candidates(6160))
-@pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (13, torch.float16)])
-def test_cuda_every_small_m_tile_matches_reference(tile, m, dtype):
-    """Each tile of the few-row mma.sync kernel (variant "mma"), N off the tile, K off the 64-column chunk and
-    split into shares of which the last is partly empty, M = 1 and 13 of its 16 tokens."""
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the mma variant's kernel needs Hopper's TMA")
-    config = triton_ops.TileConfig(16, tile.rows, 64 * tile.chunks, tile.warps)
-    gen = torch.Generator().manual_seed(sum(tile) + m)
-    w = random_weight(1040, 6160, offset=True, gen=gen).to("cuda")
-    x = (torch.randn(m, 6160, generator=gen) * 2 + 0.3).to(dtype).cuda()
-    y = triton_ops.w1a16(x, w, config=config, variant="mma")
-    assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < 1e-2
 
 
 @pytest.mark.gpu

@@ -322,27 +322,3 @@ def test_cuda_dit_fused_blocks_match_dit_forward(monkeypatch):
         unfused = model(*inputs)
     assert torch.isfinite(fused).all()
     assert rel_err(fused, unfused.double()) < 3e-2
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("epi", ["gelu", "heads16-q+gated", "gelu+residual"])
-def test_cuda_small_m_fused_epilogue_matches_float64(epi):
-    """The few-row mma.sync kernel (variant "mma", Hopper) with the epilogue fused: two samples of 5 tokens
-    (M = 10), bonsai-4b's K, every tile of small.candidates."""
-    from bonsai.kernels.triton import small
-
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the mma variant's kernel needs Hopper's TMA")
-    gen = torch.Generator().manual_seed(len(epi))
-    b, t, k, n = 2, 5, 3072, 1040
-    w = random_weight(n, k, offset=True, gen=gen).to("cuda")
-    x = (torch.randn(b, t, k, generator=gen) * 2 + 0.3).bfloat16().cuda()
-    bias = torch.randn(n, generator=gen).bfloat16().cuda()
-    epilogue = cast(make_epilogue(epi, b, t, n, gen), torch.bfloat16)
-    epilogue = type(epilogue)(**{f: (v.cuda() if isinstance(v, torch.Tensor) else v) for f, v in vars(epilogue).items()})
-    ref = float64_reference(x, w, bias, None, epilogue)
-    for tile in small.candidates(k):
-        config = triton_ops.TileConfig(16, tile.rows, 64 * tile.chunks, tile.warps)
-        y = triton_ops.w1a16(x, w, bias, epilogue=epilogue, config=config, variant="mma")
-        assert rel_err(y, ref) < 1e-2, tile

@@ -26,7 +26,7 @@ import triton.testing
 
 from ..fusion import PROLOGUE, Epilogue, Prologue, apply_epilogue, epilogue_parts, rows_per_sample, split
 from ..packed import PackedWeight
-from . import fragment_kernels, kernels, small, ws
+from . import fragment_kernels, kernels, ws
 from .fragments import BF16_CHUNK, INT8_CHUNK, bf16_words, int8_words
 from .layout import kmajor_signs, layout_of
 
@@ -37,10 +37,8 @@ MID_M = 256
 # "fragment": 1.3-1.6x faster than "k-major" on bonsai-4b's GEMMs. "ws": the warp-specialized Gluon kernels
 # (ws.py, gluon_ws.py) where they apply (Hopper; see ws.supports), else "fragment"; on an H100, on bonsai-4b's
 # GEMMs at 1024-4096 rows, 1.12-1.27x (W1A16) and 1.01-1.19x (W1A8) faster than "fragment"
-# (benchmarks/RESULTS.md). "mma": W1A16 at M <= SMALL_M by mma.sync (small.py, gluon_small.py) where it applies
-# (small.supports), else "fragment". "auto", the default: "ws" from WS_MIN_ROWS rows on, where it was timed,
-# else "fragment".
-VARIANTS = ("k-major", "fragment", "ws", "mma", "auto")
+# (benchmarks/RESULTS.md). "auto", the default: "ws" from WS_MIN_ROWS rows on, where it was timed, else "fragment".
+VARIANTS = ("k-major", "fragment", "ws", "auto")
 DEFAULT_VARIANT = os.environ.get("BONSAI_TRITON_VARIANT", "auto")
 WS_MIN_ROWS = 1024
 # Why the "ws" kernels did not build here, once they did not: "auto" then keeps to "fragment".
@@ -393,11 +391,6 @@ def _ws_tile(config: TileConfig | None, chunk: int) -> ws.Tile | None:
     return ws.Tile(config.block_m, config.block_n, chunk, config.num_warps, config.num_stages, config.stream_k)
 
 
-def _small_tile(config: TileConfig | None) -> small.SmallTile | None:
-    """A fixed tile for the few-row kernel: BLOCK_N rows, a K share of BLOCK_K columns, num_warps warps."""
-    return None if config is None else small.SmallTile(config.block_n, config.block_k // 64, config.num_warps)
-
-
 def _fragment_config(config: TileConfig | None, chunk: int) -> TileConfig | None:
     """A fixed tile for the fragment kernels: BLOCK_K at least one chunk, BLOCK_N a multiple of 16."""
     if config is None:
@@ -412,8 +405,8 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
     x.dtype. The epilogue may have the parts of W1A16_FUSES (GELU, head norms, residual + gate); no prologue.
 
     variant: one of VARIANTS (default DEFAULT_VARIANT); "ws" falls back to "fragment" where it does not
-    apply (ws.supports; and at M <= SMALL_M), "mma" where small.supports does not hold, and "fragment" to
-    "k-major" for group sizes that are not a multiple of 64."""
+    apply (ws.supports; and at M <= SMALL_M), "fragment" to "k-major" for group sizes that are not a
+    multiple of 64."""
     _check_share("triton-w1a16", W1A16_FUSES, prologue, epilogue)
     epilogue, after = _kernel_share(epilogue, W1A16_FUSES)
     ops = _with_epilogue(_operands(x, weight, bias), x, weight.out_features, prologue, epilogue)
@@ -428,17 +421,13 @@ def w1a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = Non
     epi_args = _epilogue_args(weight, ops)
     consts = {"ONE_BITS": _ONE_BITS[xc.dtype], "GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
     auto, variant = (variant or DEFAULT_VARIANT) == "auto", _variant(variant, m)
-    if variant in ("fragment", "ws", "mma") and fragment_supports_group(weight.group_size, BF16_CHUNK):
+    if variant in ("fragment", "ws") and fragment_supports_group(weight.group_size, BF16_CHUNK):
         if weight.col_scale is not None:  # x^T goes to shared memory as loaded: scale x first (as k-major does, in fp32)
             xc = (xc.float() * weight.col_scale).to(xc.dtype)
         words = weight.prepared("triton-fragment-bf16", bf16_words)
         if (variant == "ws" and m > SMALL_M and ws.supports(xc, weight, ops.head_dim, consts["RANK"])
                 and _ws_ran(lambda: ws.w1a16(xc, words, ops.out, epi_args, _epilogue_scalars(ops), consts,
                                              _ws_tile(config, BF16_CHUNK)), auto)):
-            return _finish(x, ops.out, n, after)
-        if (variant == "mma" and small.supports(xc, weight, ops.head_dim, consts["RANK"])
-                and _ws_ran(lambda: small.w1a16(xc, words, ops.out, epi_args, _epilogue_scalars(ops), consts,
-                                                _small_tile(config)), auto)):
             return _finish(x, ops.out, n, after)
         config = _fragment_config(config, BF16_CHUNK)
         most = config.split_k if config else MAX_SPLIT_K if m <= SMALL_M and xc.is_cuda else 1
@@ -521,8 +510,8 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     gate).
 
     variant: one of VARIANTS (default DEFAULT_VARIANT); "ws" falls back to "fragment" where it does not
-    apply (ws.supports, fp8; and at M <= SMALL_M), "mma" always (it is W1A16's), "fragment" to "k-major" for
-    group sizes that are not a multiple of 128. activation: "int8" or "fp8" (float8 e4m3 per token,
+    apply (ws.supports, fp8; and at M <= SMALL_M), "fragment" to "k-major" for group sizes that are
+    not a multiple of 128. activation: "int8" or "fp8" (float8 e4m3 per token,
     fragment kernel only; see ACTIVATIONS)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown W1A8 activation format {activation!r}; choose from {ACTIVATIONS}")
@@ -550,7 +539,7 @@ def w1a8(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     r_s, *rest = _epilogue_args(weight, ops)
     consts = {"GROUP": weight.group_size, **_epilogue_consts(weight, ops)}
     auto, variant = (variant or DEFAULT_VARIANT) == "auto", _variant(variant, m)
-    if variant in ("fragment", "ws", "mma") and fragment_supports_group(weight.group_size, INT8_CHUNK):
+    if variant in ("fragment", "ws") and fragment_supports_group(weight.group_size, INT8_CHUNK):
         words = weight.prepared("triton-fragment-int8", int8_words)  # fp8 reads the same words
         if (variant == "ws" and not fp8 and m > SMALL_M and ws.supports(q, weight, ops.head_dim, consts["RANK"])
                 and _ws_ran(lambda: ws.w1a8(q, xs, qsum, words, ops.out, (r_s, *rest), _epilogue_scalars(ops), consts,

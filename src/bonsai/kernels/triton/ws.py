@@ -89,23 +89,19 @@ def _descriptor(x: torch.Tensor, block_m: int, block_k: int):
 
 
 def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: Tile | None) -> None:
-    """launch(tile) with `tile`, or the fastest of candidates(kind) that hold whole heads."""
-    head_dim = consts["HEAD_DIM"]
-    tiles = [t for t in candidates(kind) if not head_dim or t.block_n % head_dim == 0]
-    timed_choice(f"{kind} ws", launch, tiles, m, n, k, {**consts, "STREAM_K": STREAM_K}, tile)
-
-
-def timed_choice(kind: str, launch, tiles: list, m: int, n: int, k: int, consts: dict, tile=None) -> None:
-    """launch(tile) with `tile`, or the fastest of `tiles` for this product (timed once, then remembered per
-    kind, M bucket, N, K and consts). Tiles that do not fit (OutOfResources) or do not build are left out."""
+    """launch(tile) with `tile`, or the fastest of candidates(kind) for this product (timed once, then
+    remembered)."""
     if tile is None:
         from .ops import m_bucket
 
-        key = (kind, m_bucket(m), n, k, tuple(sorted(consts.items())))
+        key = (kind, m_bucket(m), n, k, tuple(sorted(consts.items())), STREAM_K)
         tile = _chosen.get(key)
         if tile is None:
+            head_dim = consts["HEAD_DIM"]
             times, failed = {}, []
-            for t in tiles:
+            for t in candidates(kind):
+                if head_dim and t.block_n % head_dim:
+                    continue
                 try:
                     times[t] = triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20)
                 except OutOfResources:  # as the autotuner: such a tile is left out
@@ -114,9 +110,9 @@ def timed_choice(kind: str, launch, tiles: list, m: int, n: int, k: int, consts:
                     failed.append(err)
             if not times:
                 if failed:
-                    raise Unbuildable(f"no {kind} tile builds with Triton {triton.__version__}: "
+                    raise Unbuildable(f"no {kind} ws tile builds with Triton {triton.__version__}: "
                                       f"{type(failed[0]).__name__}: {failed[0]}") from failed[0]
-                raise RuntimeError(f"no {kind} tile launches for M={m}, N={n}, K={k} on this GPU")
+                raise RuntimeError(f"no {kind} ws tile launches for M={m}, N={n}, K={k} on this GPU")
             tile = _chosen[key] = min(times, key=times.get)
     launch(tile)
 
