@@ -143,6 +143,48 @@ def test_ws_tile_timing_picks_the_fastest_that_launches(monkeypatch):
     assert launched[-1][1] % 128 == 0
 
 
+def test_ws_tile_choice_is_kept_for_later_processes(monkeypatch, tmp_path):
+    """The tile timing's choice is saved in Triton's cache folder (TRITON_CACHE_DIR) under a name made of the
+    GPU, Triton, the kernels' source and the product, so that a later process launches it without timing; on
+    another GPU, or when the saved record is unreadable or names no candidate tile, the tiles are timed again."""
+    import json
+
+    from bonsai.kernels.triton import ws
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    tiles = ws.TILES["w1a16"]
+    timed, launched = [], []
+    cost = {t: 10.0 - i for i, t in enumerate(tiles)}  # the last is the fastest
+
+    def bench(fn, **_):
+        fn()
+        timed.append(launched[-1])
+        return cost[launched[-1]]
+
+    monkeypatch.setattr(ws.triton.testing, "do_bench", bench)
+    flags = {"HEAD_DIM": 0}
+
+    def new_process(gpu="NVIDIA H100 80GB HBM3"):
+        monkeypatch.setattr(ws, "_chosen", {})
+        timed.clear()
+        launched.clear()
+        ws._run("w1a16", launched.append, 2048, 3072, 3072, flags, None, gpu)
+        return launched[-1]
+
+    assert new_process() == tiles[-1] and len(timed) == len(tiles)
+    assert new_process() == tiles[-1] and not timed  # the saved choice, launched without timing
+    assert new_process("NVIDIA H200") == tiles[-1] and len(timed) == len(tiles)  # another GPU: timed
+    records = list(tmp_path.rglob("ws_tile.json"))
+    assert len(records) == 2
+    for record in records:
+        record.write_text(json.dumps({"tile": [1, 2, 3, 4, 5, False]}))  # no candidate tile
+    assert new_process() == tiles[-1] and len(timed) == len(tiles)
+    for record in tmp_path.rglob("ws_tile.json"):
+        record.write_text("{not json")
+    assert new_process() == tiles[-1] and len(timed) == len(tiles)
+    assert new_process() == tiles[-1] and not timed  # saved again after the timing
+
+
 def test_ws_tiles_that_do_not_build_are_left_out(monkeypatch):
     """A tile this Triton cannot build is left out of the timing as the autotuner leaves it (ptxas errors);
     when none builds, ws says so (ws.Unbuildable), naming the first error, and ops' "auto" can fall back."""

@@ -182,7 +182,8 @@ def _autotuned(kernel, tiles: dict[str, list], per_group: bool, splits_k: bool =
     even_k = triton.heuristics(heuristics)(kernel)
     prune = lambda c, n, **kw: _prune(tiles, per_group, c, n, **kw)  # noqa: E731
     return triton.autotune(configs=_configs(all_tiles), key=["M_BUCKET", "N", "K", "GROUP", "HEAD_DIM"],
-                           prune_configs_by={"early_config_prune": prune}, do_bench=_bench)(even_k)
+                           prune_configs_by={"early_config_prune": prune}, do_bench=_bench,
+                           cache_results=True)(even_k)  # the choices outlive the process, as ws.py's
 
 
 _w1a16_tuned = _autotuned(kernels.w1a16_kernel, _W1A16_TILES, per_group=False)

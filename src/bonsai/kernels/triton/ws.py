@@ -5,14 +5,18 @@ epilogue's operands) and run on Hopper (compute capability 9.0: wgmma, TMA) for 
 cover: no group scales, no low-rank term, K a multiple of 16 (TMA's row alignment for int8) and head
 norms whose heads fit the tile. supports() says whether a product is covered; ops falls back to the
 fragment kernels otherwise. The tile is chosen per (kernel, M bucket, N, K, epilogue) by timing TILES
-on the first call, as Triton's autotuner does (so the first call must not be captured in a CUDA graph).
+on the first call, as Triton's autotuner does (so the first call must not be captured in a CUDA graph), and
+the choice is kept in Triton's cache folder for later processes on the same GPU and Triton.
 A tile runs one program per output tile, or (stream_k) one per SM over all the tiles' K steps
 (schedule.py), with a workspace of two partial tiles per program.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -88,9 +92,9 @@ def _descriptor(x: torch.Tensor, block_m: int, block_k: int):
     return TensorDescriptor.from_tensor(x, [block_m, block_k], layout)
 
 
-def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: Tile | None) -> None:
-    """launch(tile) with `tile`, or the fastest of candidates(kind) for this product (timed once, then
-    remembered)."""
+def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: Tile | None, gpu: str = "") -> None:
+    """launch(tile) with `tile`, or the fastest of candidates(kind) for this product: timed once, then
+    remembered, and on `gpu` (its name; "" for none) also saved in Triton's cache folder for later processes."""
     if tile is None:
         from .ops import m_bucket
 
@@ -98,23 +102,68 @@ def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: Tile | N
         tile = _chosen.get(key)
         if tile is None:
             head_dim = consts["HEAD_DIM"]
-            times, failed = {}, []
-            for t in candidates(kind):
-                if head_dim and t.block_n % head_dim:
-                    continue
-                try:
-                    times[t] = triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20)
-                except OutOfResources:  # as the autotuner: such a tile is left out
-                    continue
-                except BUILD_ERRORS as err:  # and so is one that does not build
-                    failed.append(err)
-            if not times:
-                if failed:
-                    raise Unbuildable(f"no {kind} ws tile builds with Triton {triton.__version__}: "
-                                      f"{type(failed[0]).__name__}: {failed[0]}") from failed[0]
-                raise RuntimeError(f"no {kind} ws tile launches for M={m}, N={n}, K={k} on this GPU")
-            tile = _chosen[key] = min(times, key=times.get)
+            tiles = [t for t in candidates(kind) if not head_dim or t.block_n % head_dim == 0]
+            record = _record_name(gpu, key, tiles) if gpu else None
+            tile = _saved_choice(record, tiles) if record else None
+            if tile is None:
+                tile = _time_tiles(kind, launch, tiles, m, n, k)
+                if record:
+                    _save_choice(record, tile)
+            _chosen[key] = tile
     launch(tile)
+
+
+def _time_tiles(kind: str, launch, tiles: list[Tile], m: int, n: int, k: int) -> Tile:
+    """The fastest of `tiles` that launches (do_bench, as Triton's autotuner)."""
+    times, failed = {}, []
+    for t in tiles:
+        try:
+            times[t] = triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20)
+        except OutOfResources:  # as the autotuner: such a tile is left out
+            continue
+        except BUILD_ERRORS as err:  # and so is one that does not build
+            failed.append(err)
+    if not times:
+        if failed:
+            raise Unbuildable(f"no {kind} ws tile builds with Triton {triton.__version__}: "
+                              f"{type(failed[0]).__name__}: {failed[0]}") from failed[0]
+        raise RuntimeError(f"no {kind} ws tile launches for M={m}, N={n}, K={k} on this GPU")
+    return min(times, key=times.get)
+
+
+# The tile timing's choices outlive the process, as Triton's compiled kernels do (the first image of a process
+# otherwise times every shape's tiles again): one small JSON file per product in Triton's cache folder, named by
+# everything the choice rests on.
+_RECORD = "ws_tile.json"
+
+
+def _record_name(gpu: str, key: tuple, tiles: list[Tile]) -> str:
+    """Triton's version, the GPU, the kernels' source, the product and its candidate tiles, hashed."""
+    from triton.runtime.cache import triton_key
+
+    source = hashlib.sha256(Path(__file__).with_name("gluon_ws.py").read_bytes()).hexdigest()
+    return hashlib.sha256("-".join((triton_key(), gpu, source, repr(key), repr(tiles))).encode()).hexdigest()
+
+
+def _saved_choice(record: str, tiles: list[Tile]) -> Tile | None:
+    """The tile saved under `record`, if it is one of `tiles` (anything else in the file: None, time again)."""
+    from triton.runtime.cache import get_cache_manager
+
+    path = get_cache_manager(record).get_file(_RECORD)
+    if path is None:
+        return None
+    try:
+        saved = json.loads(Path(path).read_text())["tile"]
+        tile = Tile(*saved)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tile if tile in tiles else None
+
+
+def _save_choice(record: str, tile: Tile) -> None:
+    from triton.runtime.cache import get_cache_manager
+
+    get_cache_manager(record).put(json.dumps({"tile": list(tile)}), _RECORD, binary=False)  # written atomically
 
 
 FLAGS = ("HAS_OFFSET", "HAS_BIAS", "GELU", "HEAD_DIM", "HAS_RESIDUAL", "HAS_GATE")  # the kernels' epilogue switches
@@ -166,4 +215,4 @@ def _launch(kind: str, kernel, x: torch.Tensor, pointers: tuple, scalars: tuple,
                             *scalars, **extra, **flags, BLOCK_N=bn, STAGES=stages, GROUP_M=8, STREAM_K=stream_k,
                             num_warps=warps)
 
-    _run(kind, launch, m, n, k, flags, tile)
+    _run(kind, launch, m, n, k, flags, tile, torch.cuda.get_device_name(x.device) if x.is_cuda else "")
