@@ -183,7 +183,7 @@ def _autotuned(kernel, tiles: dict[str, list], per_group: bool, splits_k: bool =
     prune = lambda c, n, **kw: _prune(tiles, per_group, c, n, **kw)  # noqa: E731
     return triton.autotune(configs=_configs(all_tiles), key=["M_BUCKET", "N", "K", "GROUP", "HEAD_DIM"],
                            prune_configs_by={"early_config_prune": prune}, do_bench=_bench,
-                           cache_results=True)(even_k)  # the choices outlive the process, as ws.py's
+                           cache_results=True)(even_k)  # kept for later processes (per GPU architecture)
 
 
 _w1a16_tuned = _autotuned(kernels.w1a16_kernel, _W1A16_TILES, per_group=False)
