@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -215,4 +216,9 @@ def _launch(kind: str, kernel, x: torch.Tensor, pointers: tuple, scalars: tuple,
                             *scalars, **extra, **flags, BLOCK_N=bn, STAGES=stages, GROUP_M=8, STREAM_K=stream_k,
                             num_warps=warps)
 
-    _run(kind, launch, m, n, k, flags, tile, torch.cuda.get_device_name(x.device) if x.is_cuda else "")
+    _run(kind, launch, m, n, k, flags, tile, _gpu_name(x.device) if x.is_cuda else "")
+
+
+@cache
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
