@@ -33,6 +33,7 @@ class LoRALayer(nn.Module):
         self.scales: dict[str, float] = {}  # alpha / r
         self.weights: dict[str, float] = {}  # user weight (e.g. 0.8 from <lora:name:0.8>)
         self._folded: tuple[tuple, PackedWeight] | None = None  # (what it was built from, folded weight)
+        self._added = 0  # counts add() calls: a LoRA added again under its name refolds
 
     def add(self, name: str, factors: LoRAFactors, weight: float, dtype: torch.dtype, trainable: bool = False) -> None:
         down, up = fit_factors(self.base, factors, name)
@@ -40,6 +41,7 @@ class LoRALayer(nn.Module):
         self.downs[name] = nn.Parameter(down.to(device=device, dtype=dtype), requires_grad=trainable)
         self.ups[name] = nn.Parameter(up.to(device=device, dtype=dtype), requires_grad=trainable)
         self.scales[name], self.weights[name] = factors.scale, weight
+        self._added += 1
 
     def _branch_weights(self) -> dict[str, float]:
         """name -> weight * scale of the branches that add something (a LoRA at weight 0 is loaded, switched off)."""
@@ -55,10 +57,11 @@ class LoRALayer(nn.Module):
         fused row operations runs the LoRA there too. Kept until the weights change."""
         packed = self.base.packed
         active = list(self._branch_weights().items())
-        # factors count by object and version: a LoRA added again under its name, or trained in place, refolds
-        factors = [(id(t), t._version) for name, _ in active for t in (self.downs[name], self.ups[name])]
-        key = (id(packed), tuple(active), tuple(factors))
-        if self._folded is None or self._folded[0] != key:
+        # Not ids: a freed tensor's id comes back for the next one. The packed weight itself, the adds (a LoRA
+        # added again under its name) and the factors' versions (trained in place) say when to refold.
+        versions = tuple(t._version for name, _ in active for t in (self.downs[name], self.ups[name]))
+        key = (packed, self._added, tuple(active), versions)
+        if self._folded is None or self._folded[0][0] is not packed or self._folded[0][1:] != key[1:]:
             us = [] if packed.lowrank_u is None else [packed.lowrank_u]
             vs = [] if packed.lowrank_v is None else [packed.lowrank_v]
             us += [(w * self.ups[name].float()).to(LOWRANK_DTYPE) for name, w in active]
