@@ -32,7 +32,8 @@ class LoRALayer(nn.Module):
         self.ups = nn.ParameterDict()
         self.scales: dict[str, float] = {}  # alpha / r
         self.weights: dict[str, float] = {}  # user weight (e.g. 0.8 from <lora:name:0.8>)
-        self._folded: tuple[tuple, PackedWeight] | None = None  # (what it was built from, folded weight)
+        # (the packed weight, the rest it was built from, the folded weight)
+        self._folded: tuple[PackedWeight, tuple, PackedWeight] | None = None
         self._added = 0  # counts add() calls: a LoRA added again under its name refolds
 
     def add(self, name: str, factors: LoRAFactors, weight: float, dtype: torch.dtype, trainable: bool = False) -> None:
@@ -60,15 +61,16 @@ class LoRALayer(nn.Module):
         # Not ids: a freed tensor's id comes back for the next one. The packed weight itself, the adds (a LoRA
         # added again under its name) and the factors' versions (trained in place) say when to refold.
         versions = tuple(t._version for name, _ in active for t in (self.downs[name], self.ups[name]))
-        key = (packed, self._added, tuple(active), versions)
-        if self._folded is None or self._folded[0][0] is not packed or self._folded[0][1:] != key[1:]:
+        key = (self._added, tuple(active), versions)
+        if self._folded is None or self._folded[0] is not packed or self._folded[1] != key:
             us = [] if packed.lowrank_u is None else [packed.lowrank_u]
             vs = [] if packed.lowrank_v is None else [packed.lowrank_v]
             us += [(w * self.ups[name].float()).to(LOWRANK_DTYPE) for name, w in active]
             vs += [self.downs[name].to(LOWRANK_DTYPE) for name, _ in active]
             fields = {**packed.tensors(), "lowrank_u": torch.cat(us, 1), "lowrank_v": torch.cat(vs, 0)}
-            self._folded = (key, PackedWeight(in_features=packed.in_features, group_size=packed.group_size, **fields))
-        return self._folded[1]
+            folded = PackedWeight(in_features=packed.in_features, group_size=packed.group_size, **fields)
+            self._folded = (packed, key, folded)
+        return self._folded[2]
 
     def remove(self, name: str) -> None:
         del self.downs[name], self.ups[name], self.scales[name], self.weights[name]
