@@ -142,8 +142,13 @@ def _record_name(gpu: str, key: tuple, tiles: list[Tile]) -> str:
     """Triton's version, the GPU, the kernels' source, the product and its candidate tiles, hashed."""
     from triton.runtime.cache import triton_key
 
-    source = hashlib.sha256(Path(__file__).with_name("gluon_ws.py").read_bytes()).hexdigest()
-    return hashlib.sha256("-".join((triton_key(), gpu, source, repr(key), repr(tiles))).encode()).hexdigest()
+    return hashlib.sha256("-".join((triton_key(), gpu, _kernel_source(), repr(key), repr(tiles))).encode()).hexdigest()
+
+
+@cache
+def _kernel_source() -> str:
+    """gluon_ws.py's hash, read once a process (not once a product)."""
+    return hashlib.sha256(Path(__file__).with_name("gluon_ws.py").read_bytes()).hexdigest()
 
 
 def _saved_choice(record: str, tiles: list[Tile]) -> Tile | None:
