@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute on one bitmatmul call (benchmarks/profile_kernels.py): where a kernel's time goes (throughput
 # against the chip's peaks, warp stall reasons, occupancy), as a report and as text.
-#   bash benchmarks/profile_kernels.sh OUT 12288x3072x16 [w1a16|w1a8] [auto|fragment|ws]
+#   bash benchmarks/profile_kernels.sh OUT 12288x3072x16 [w1a16|w1a8|bf16] [auto|fragment|ws]
 # --clock-control none: the card's clocks as they are (ncu would otherwise lock them to base for the run).
 set -euo pipefail
 out=$1 shape=$2 kernel=${3:-w1a16} variant=${4:-auto}
