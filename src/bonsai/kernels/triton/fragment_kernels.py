@@ -22,6 +22,8 @@ Both need GROUP == 0 or GROUP % BLOCK_K == 0 (the launcher falls back to kernels
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -32,12 +34,25 @@ SIGN_PAIR = tl.constexpr(-2147450880)  # 0x80008000 as int32: the sign bits of t
 LOW_BYTES = tl.constexpr(0x01010101)
 SIGN_BYTES = tl.constexpr(-2139062144)  # 0x80808080: the sign bits of four 8-bit floats in one int32
 E4M3_MINUS_ONES = tl.constexpr(-1195853640)  # 0xB8B8B8B8: four e4m3 -1.0 (0x38 is +1.0)
+# Compiled kernels merge the sign mask and the bits they go onto in one LOP3 by inline PTX: ptxas merges the AND
+# and the XOR itself only when one of the two is in a register, and as Triton constants both are immediates.
+# The interpreter (decided, as here, when the module is imported) runs no PTX and takes the plain expression.
+PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+@triton.jit
+def _signs_onto(v, base):
+    """(v & SIGN_PAIR) ^ base: the sign bits of v's two 16-bit halves onto base's (int32, broadcast to v)."""
+    if PTX:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, -2147450880, $2, 0x6a;", "=r,r,r", [v, base],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return (v & SIGN_PAIR) ^ base
 
 
 @triton.jit
 def _bf16_pair(w, P: tl.constexpr, base):
     """Pair p of every word -> int16 [..., 2 (e)]: bit p (e=0) and p+16 (e=1) become the sign bits of base."""
-    v = ((w << (15 - P)) & SIGN_PAIR) ^ base
+    v = _signs_onto(w << (15 - P), base)
     return tl.join(v.to(tl.int16), (v >> 16).to(tl.int16))
 
 
@@ -154,7 +169,8 @@ def w1a16_frag_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, rs_ptr, gsb_pt
         w_ptrs, w_mask = _word_ptrs(w_ptr, pid_n, k0, NG, KC, 32, 64, BLOCK_N, BLOCK_K)
         w = tl.reshape(tl.load(w_ptrs, mask=w_mask, other=0), (G, KCH, 8, 4))
         if GROUP == 0:
-            a = _bf16_operand(w, ONE_BITS * 0x10001, ONE_BITS * 0x10001, BLOCK_N, BLOCK_K)
+            ones = tl.full((1, 1, 1, 1), ONE_BITS * 0x10001, tl.int32)
+            a = _bf16_operand(w, ones, ones, BLOCK_N, BLOCK_K)
         else:
             base0, base1 = _row_bases(gsb_ptr, pid_n, k0, N, GROUP, BLOCK_N)
             a = _bf16_operand(w, base0, base1, BLOCK_N, BLOCK_K)
