@@ -1,5 +1,6 @@
 """The warp-specialized Gluon kernels, checked without a GPU: they compile for sm_90 and ptxas keeps their
-wgmma loop asynchronous (the reason they exist; see gluon_ws.py), and ws.py's tile choice. Their results
+wgmma loop asynchronous (the reason they exist; see gluon_ws.py), and ws.py's tile choice. Also the fragment
+kernels' compiled expansion of the weights (one LOP3 per pair of bf16 weights). Their results
 and numbers come from the GPU tests in test_kernel_triton*.py and benchmarks/bench_gluon_ws.py."""
 
 from __future__ import annotations
@@ -92,6 +93,43 @@ def test_ws_kernel_keeps_its_wgmmas_in_flight(kernel, tile, fusion, tmp_path):
     assert gmma == bn // (16 * warps) * (bk // k_step) * (bm // min(bm, n_max))
     # One wait inside the loop (for the step before: one product in flight) and one after it.
     assert sass.count("WARPGROUP.DEPBAR") == 2
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the longest loop (backward branch) that holds a wgmma: the K loop."""
+    ins = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m.group(1), 16), a) for a, text in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", text))
+             and int(m.group(1), 16) < a]
+    lo, hi = max((lp for lp in loops if any(lp[0] <= a <= lp[1] and "GMMA" in t for a, t in ins)),
+                 key=lambda lp: lp[1] - lp[0])
+    return [t for a, t in ins if lo <= a <= hi]
+
+
+@pytest.mark.parametrize("split_k, tile", [(4, (16, 64, 256, 4, 4)), (1, (128, 128, 64, 4, 4))])
+def test_fragment_kernel_expands_each_pair_of_bf16_weights_in_one_lop3(split_k, tile, tmp_path):
+    """fragment_kernels._signs_onto: the sign mask (an immediate) and 1.0's bits (a register) in one LOP3 per
+    register of two weights. As two Triton constants, ptxas spent a LOP3 on each (and one shift either way)."""
+    from bonsai.kernels.triton import fragment_kernels
+
+    kernel = fragment_kernels.w1a16_frag_kernel
+    bm, bn, bk, warps, stages = tile
+    types = {"x_ptr": "*bf16", "w_ptr": "*i32", "count_ptr": "*i32", "gsb_ptr": "*i16", "norm_eps": "fp32"}
+    sig = {p.name: types.get(p.name, "*fp32" if p.name.endswith("_ptr") else "i32") for p in kernel.params
+           if not p.is_constexpr}
+    consts = {"ONE_BITS": 0x3F80, "GROUP": 0, "HAS_OFFSET": False, "RANK": 0, "HAS_BIAS": False, "GELU": False,
+              "HEAD_DIM": 0, "HAS_RESIDUAL": False, "HAS_GATE": False, "EVEN_K": True, "SPLIT_K": split_k,
+              "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    sig.update({k: "constexpr" for k in consts})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t != "constexpr"}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    (tmp_path / "kernel.cubin").write_bytes(compiled.asm["cubin"])
+    sass = subprocess.run([str(CUOBJDUMP), "-sass", str(tmp_path / "kernel.cubin")],
+                          capture_output=True, text=True, check=True).stdout
+    loop = main_loop(sass)
+    sign_ops = [t for t in loop if "LOP3" in t and "0x80008000" in t]
+    assert len(sign_ops) == bn * bk // (32 * warps) // 2  # one per pair of this thread's weights in a K step
+    assert not [t for t in loop if "LOP3" in t and "0x3f803f80" in t], "1.0's bits put on by a LOP3 of their own"
 
 
 @pytest.mark.parametrize("kernel, tile, fusion", STREAM_K_CASES)
