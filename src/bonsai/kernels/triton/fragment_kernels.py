@@ -6,9 +6,10 @@ expanded from the fragment words of fragments.py straight into the A-operand reg
 Hopper's wgmma reads from registers. So the unpack needs no shared-memory store and no barrier. It does
 not overlap the tensor cores within a program, though: Triton leaves the bf16 wgmma in flight, but ptxas
 then serializes it (C7515; benchmarks/triton_sass.py), so the overlap comes from the other program on the
-SM (gluon_ws.py splits the work between warps instead). Per pair of bf16 (or quad of int8) weights the
-expansion is one shift and one or two logic ops; the tl.join / tl.permute / tl.reshape chain only
-names which register holds which element (compiled, it moves no data: see benchmarks/triton_sass.py).
+SM (gluon_ws.py splits the work between warps instead). Per pair of bf16 weights the expansion is one
+shift and one LOP3 (_signs_onto), per quad of int8 one shift and one AND; the tl.join / tl.permute /
+tl.reshape chain only names which register holds which element (compiled, it moves no data: see
+benchmarks/triton_sass.py).
 
 - w1a16_frag_kernel: bf16/fp16 x; signs become the bit pattern of +-1 or of +-group_scale.
   Column scales are folded into x by the launcher (x^T goes to shared memory untouched).
