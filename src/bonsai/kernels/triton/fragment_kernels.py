@@ -44,7 +44,7 @@ PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 @triton.jit
 def _signs_onto(v, base):
     """(v & SIGN_PAIR) ^ base: the sign bits of v's two 16-bit halves onto base's (int32, broadcast to v)."""
-    if PTX:
+    if PTX:  # -2147450880 is SIGN_PAIR; LUT 0x6a is (a & b) ^ c
         return tl.inline_asm_elementwise("lop3.b32 $0, $1, -2147450880, $2, 0x6a;", "=r,r,r", [v, base],
                                          dtype=tl.int32, is_pure=True, pack=1)
     return (v & SIGN_PAIR) ^ base
