@@ -465,6 +465,13 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return sets[-1]
 
 
+def quantize_warps(block: int) -> int:
+    """Warps for quantize_rows_kernel's one row of `block` columns (a power of two): 32 columns a thread, at most 8
+    warps. On an H100 that was as fast or up to 11% faster than 16 columns a thread at 1024-4096 rows of bonsai-4b's
+    widths (3072, 12288), and fewer warps were slower (benchmarks/bench_quant.py, RESULTS.md)."""
+    return min(8, max(1, block // 1024))
+
+
 def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None, xsum: torch.Tensor | None = None,
                   prologue: Prologue | None = None, rows_per_sample: int = 1,
                   xn: torch.Tensor | None = None, fp8: bool = False) -> tuple[torch.Tensor, ...]:
@@ -486,7 +493,7 @@ def quantize_rows(x2: torch.Tensor, col_scale: torch.Tensor | None, xsum: torch.
         _or(ln_bias, scale), _or(shift, scale), _or(mod_scale, scale), _or(xn, scale), k, rows_per_sample, pro.eps,
         HAS_COL=col_scale is not None, HAS_XSUM=xsum is not None, NORM=prologue is not None,
         LN_WEIGHT=ln_weight is not None, LN_BIAS=ln_bias is not None, MODULATE=shift is not None,
-        STORE_XN=xn is not None, FP8=fp8, BLOCK=block, num_warps=min(16, max(1, block // 512)))
+        STORE_XN=xn is not None, FP8=fp8, BLOCK=block, num_warps=quantize_warps(block))
     return q, scale, qsum
 
 
