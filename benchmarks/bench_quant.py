@@ -2,8 +2,8 @@
 
     PYTHONPATH=src python benchmarks/bench_quant.py [--per-thread 8,16,32,64] [--out DIR]
 
-quantize_rows_kernel takes one row per program and spreads it over ops.quantize_warps(BLOCK) warps (16
-columns a thread). For bonsai-4b's activation widths and 1024-4096 rows, this times the kernel with 8-64 columns a
+quantize_rows_kernel takes one row per program and spreads it over ops.quantize_warps(BLOCK) warps. For
+bonsai-4b's activation widths and 1024-4096 rows, this times the kernel with each --per-thread count of columns a
 thread (warps = BLOCK / 32 / columns, 1 to 32) beside that default, in one run: a CUDA graph of calls on one x,
 which stays in L2 where it fits, as the previous layer's output would. Every setting's q, scales and row sums
 are checked against the default's, bit for bit.

@@ -466,9 +466,9 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def quantize_warps(block: int) -> int:
-    """Warps for quantize_rows_kernel's one row of `block` columns (a power of two): 32 columns a thread, at most 8
-    warps. On an H100 that was as fast or up to 11% faster than 16 columns a thread at 1024-4096 rows of bonsai-4b's
-    widths (3072, 12288), and fewer warps were slower (benchmarks/bench_quant.py, RESULTS.md)."""
+    """Warps for quantize_rows_kernel's one row of `block` columns (a power of two): 1024 columns a warp, at most 8
+    warps. On an H100 that was as fast or up to 11% faster than 512 a warp (at most 16) at 1024-4096 rows of
+    bonsai-4b's widths (3072, 12288), and fewer warps were slower (benchmarks/bench_quant.py, RESULTS.md)."""
     return min(8, max(1, block // 1024))
 
 
