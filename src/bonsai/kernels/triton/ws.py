@@ -115,11 +115,13 @@ def _run(kind: str, launch, m: int, n: int, k: int, consts: dict, tile: Tile | N
 
 
 def _time_tiles(kind: str, launch, tiles: list[Tile], m: int, n: int, k: int) -> Tile:
-    """The fastest of `tiles` that launches (do_bench, as Triton's autotuner)."""
+    """The fastest of `tiles` that launches, timed as ops' Triton autotuners time their configs (ops._bench)."""
+    from .ops import _bench
+
     times, failed = {}, []
     for t in tiles:
         try:
-            times[t] = triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20)
+            times[t] = _bench(lambda t=t: launch(t), None)
         except OutOfResources:  # as the autotuner: such a tile is left out
             continue
         except BUILD_ERRORS as err:  # and so is one that does not build
