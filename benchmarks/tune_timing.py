@@ -12,8 +12,9 @@ the best tile's (1.00 = it picked the fastest):
 - "do_bench 25": the same with Triton's default 25 ms of warm-up;
 - "cudagraph": triton.testing.do_bench_cudagraph (launches replayed from a CUDA graph, no host, L2 warm).
 --idle S leaves the GPU idle for S seconds before each tuning. The card then lowers its clocks, as it may have
-between a process's start and its first product; a timing that starts before they are back up can pick the tiles
-it times last (a hypothesis for the bad picks seen in bench_triton.py processes, RESULTS.md tenth session).
+between a process's start and its first product. On an H100 (RESULTS.md, eleventh session) 2 s of idling made
+every timing's picks worse: 1.064-1.075x the best tile's time on average, against 1.006-1.023 without; 25 ms of
+warm-up instead of 5 did not help (1.065 against 1.064 over the same 48 tunings).
 """
 
 from __future__ import annotations
