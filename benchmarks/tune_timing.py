@@ -11,8 +11,8 @@ the best tile's (1.00 = it picked the fastest):
   time, L2 cleared before each);
 - "do_bench 25": the same with Triton's default 25 ms of warm-up;
 - "cudagraph": triton.testing.do_bench_cudagraph (launches replayed from a CUDA graph, no host, L2 warm).
---idle S leaves the GPU idle for S seconds before each tuning. The card then lowers its clocks, as it may have
-between a process's start and its first product. On an H100 (RESULTS.md, eleventh session) 2 s of idling made
+--idle S leaves the GPU idle for S seconds before each tuning, as it may be between a process's start and its first
+product (its clocks may drop meanwhile; not measured). On an H100 (RESULTS.md, eleventh session) 2 s of idling made
 every timing's picks worse: 1.064-1.075x the best tile's time on average, against 1.006-1.023 without; 25 ms of
 warm-up instead of 5 did not help (1.065 against 1.064 over the same 48 tunings).
 """
