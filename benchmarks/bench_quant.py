@@ -36,8 +36,9 @@ def main() -> None:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         block = triton.next_power_of_2(k)
         ref = ops.quantize_rows(x, None)
+        settings = {}  # warps -> {"us", "same"}
         row = {"M": m, "K": k, "default_warps": default(block),
-               "default_us": timer(lambda i: ops.quantize_rows(x, None), 1) * 1e3}
+               "default_us": timer(lambda i: ops.quantize_rows(x, None), 1) * 1e3, "settings": settings}
         for per in (int(v) for v in args.per_thread.split(",")):
             warps = block // 32 // per
             if not 1 <= warps <= 32:
@@ -45,12 +46,12 @@ def main() -> None:
             ops.quantize_warps = lambda b, w=warps: w  # noqa: E731
             try:
                 same = all(torch.equal(a, b) for a, b in zip(ops.quantize_rows(x, None), ref))
-                row[f"{warps} warps"] = {"us": timer(lambda i: ops.quantize_rows(x, None), 1) * 1e3, "same": same}
+                settings[warps] = {"us": timer(lambda i: ops.quantize_rows(x, None), 1) * 1e3, "same": same}
             finally:
                 ops.quantize_warps = default
         rows.append(row)
         line = f"M={m:5d} K={k:6d}: default ({row['default_warps']} warps) {row['default_us']:6.1f} us | " + " | ".join(
-            f"{key} {v['us']:6.1f} us{'' if v['same'] else ' DIFFERS'}" for key, v in row.items() if key.endswith("warps") and isinstance(v, dict))
+            f"{w} warps {v['us']:6.1f} us{'' if v['same'] else ' DIFFERS'}" for w, v in settings.items())
         print(line, flush=True)
         lines.append(line)
     if args.out:
